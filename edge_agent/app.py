@@ -1,0 +1,168 @@
+"""The supervisor: builds the components from config, starts them, restarts a crashed one with capped
+exponential backoff, stops them in reverse order within a bound, and talks to systemd.
+
+Start order: store, uplink, southbound adapters; stop order is the reverse, so an adapter's last
+batch is committed and acknowledged before the uplink stops draining and the store closes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any, Protocol
+
+from edge_agent import __version__
+from edge_agent.config import Config
+from edge_agent.metrics import Metrics
+from edge_agent.southbound.mqtt import MqttIngest
+from edge_agent.store import Store
+from edge_agent.systemd import Notifier
+from edge_agent.uplink import Uplink
+
+log = logging.getLogger(__name__)
+LAG_INTERVAL_S = 0.5
+STATUS_INTERVAL_S = 10.0
+
+
+class Component(Protocol):
+    name: str
+
+    async def run(self) -> None: ...   # runs until stop(); raising means it crashed
+
+    async def stop(self) -> None: ...  # drain and make run() return
+
+
+class App:
+    def __init__(self, cfg: Config, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self.store = Store(cfg.store, cfg.gateway.state_dir, self.metrics)
+        self.components: list[Any] = []
+        self.state: dict[str, str] = {}
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._metrics_server = None
+        self.uplink: Uplink | None = None
+        self.ingest: MqttIngest | None = None
+
+    def build(self) -> None:
+        """Make the components; raises TlsConfigError/ConfigError for what the user must fix."""
+        cfg = self.cfg
+        if cfg.uplink.enabled:
+            self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics)
+            self.components.append(self.uplink)
+        if cfg.southbound.mqtt.enabled:
+            self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.store.write, self.store.dead_letter,
+                                     self.metrics)
+            self.components.append(self.ingest)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):  # not the main thread (tests, demo)
+                pass
+        if not self.components:
+            self.build()
+        if self.cfg.metrics.enabled:
+            self._metrics_server, _ = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        await self.store.open()
+        for comp in self.components:
+            self.state[comp.name] = "starting"
+            self._tasks[comp.name] = asyncio.create_task(self._supervise(comp), name=comp.name)
+        helpers = [asyncio.create_task(self._loop_lag()), asyncio.create_task(self._status_lines())]
+        if self.notifier.watchdog_s:
+            helpers.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s / 2)))
+        self.notifier.ready(self.status_line())
+        log.info("edge agent started", extra={"version": __version__, "gateway": self.cfg.gateway.id,
+                                              "components": ",".join(c.name for c in self.components)})
+        try:
+            await self._stop.wait()
+        finally:
+            self.notifier.stopping()
+            log.info("stopping")
+            await self._shutdown()
+            for h in helpers:
+                h.cancel()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+            self.notifier.close()
+
+    async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.cfg.supervisor.stop_timeout_s
+        for comp in reversed(self.components):
+            task = self._tasks.get(comp.name)
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(comp.stop(), left)
+                if task is not None:
+                    await asyncio.wait_for(task, max(0.1, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, TimeoutError):
+                log.warning("component did not stop in time; cancelled", extra={"comp": comp.name})
+            except Exception as e:  # noqa: BLE001 - a failing stop must not block the others
+                log.error("component stop failed", extra={"comp": comp.name, "error": str(e)})
+            if task is not None and not task.done():
+                task.cancel()
+            self.state[comp.name] = "stopped"
+        await self.store.close()
+        log.info("stopped")
+
+    async def _supervise(self, comp: Any) -> None:
+        min_s, max_s = self.cfg.supervisor.restart_min_s, self.cfg.supervisor.restart_max_s
+        delay = min_s
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.state[comp.name] = "running"
+            try:
+                await comp.run()
+                if self._stop.is_set():
+                    return
+                raise RuntimeError("run() returned while the agent was running")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self._stop.is_set():
+                    return
+                if time.monotonic() - started > 10 * max_s:
+                    delay = min_s  # it had been healthy for a long while
+                self.state[comp.name] = "restarting"
+                self.metrics.restarts.labels(comp.name).inc()
+                log.exception("component crashed; restarting", extra={"comp": comp.name, "retry_s": round(delay, 2)})
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except (asyncio.TimeoutError, TimeoutError):
+                    pass
+                delay = min(delay * 2, max_s)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Fed from the event loop: a stalled loop stops the pings and systemd restarts the process.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(LAG_INTERVAL_S)
+            self.metrics.loop_lag.set(max(0.0, loop.time() - t - LAG_INTERVAL_S))
+
+    async def _status_lines(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        m = self.metrics
+        up = "up" if (self.uplink and self.uplink.connected) else "down"
+        return (f"received={int(m.value('edge_agent_readings_received_total', {'source': 'mqtt'}))} "
+                f"committed={int(m.value('edge_agent_readings_committed_total'))} "
+                f"acked={int(m.value('edge_agent_uplink_readings_acked_total'))} "
+                f"outbox={self.store.outbox_readings} uplink={up}")

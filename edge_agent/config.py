@@ -1,0 +1,334 @@
+"""Typed configuration from TOML.
+
+Each section is a dataclass; `load()` walks the TOML tables against the dataclass fields, so an
+unknown key or a wrong type becomes one line that names the key and says what is expected. Field
+metadata carries the bounds (`ge`, `le`) and the allowed values (`choices`) and a line of doc that
+`edge-agent check` and the example config share.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A user error in the configuration: one line that names the key."""
+
+
+def opt(default: Any = dataclasses.MISSING, *, doc: str = "", ge: float | None = None,
+        le: float | None = None, choices: tuple | None = None, factory: Any = None,
+        secret: bool = False) -> Any:
+    meta = {"doc": doc, "ge": ge, "le": le, "choices": choices, "secret": secret}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class GatewayConfig:
+    id: str = opt("gateway-1", doc="gateway id: the uplink client id and the topic segment")
+    state_dir: str = opt("/var/lib/edge-agent", doc="where the SQLite store lives")
+
+
+@dataclass
+class LogConfig:
+    level: str = opt("info", doc="debug|info|warning|error", choices=("debug", "info", "warning", "error"))
+    format: str = opt("auto", doc="auto (journal under systemd, else text) | journal | text",
+                      choices=("auto", "journal", "text"))
+
+
+@dataclass
+class StoreConfig:
+    batch_max_rows: int = opt(5000, doc="readings per commit at most", ge=1, le=1_000_000)
+    batch_max_delay_ms: float = opt(5.0, doc="how long a commit waits to fill before it goes", ge=0, le=10_000)
+    queue_max_batches: int = opt(1024, doc="write requests waiting for the writer; beyond, writers wait",
+                                 ge=1, le=1_000_000)
+    synchronous: str = opt("full", doc="full: a commit survives a power cut; normal: the last commits may not",
+                           choices=("full", "normal"))
+    quota_bytes: int = opt(1 << 30, doc="disk quota for the database; beyond it the oldest outbox rows go",
+                           ge=1 << 20)
+    outbox_chunk_readings: int = opt(500, doc="readings per outbox row (an uplink batch holds one or more)",
+                                     ge=1, le=100_000)
+    retention_s: int = opt(7 * 86400, doc="readings window: keep this many seconds", ge=60)
+    retention_rows: int = opt(5_000_000, doc="readings window: keep at most this many rows", ge=1000)
+    dead_letter_rows: int = opt(1000, doc="rejected payloads kept for inspection (oldest go first)",
+                                ge=0, le=1_000_000)
+    dead_letter_payload_bytes: int = opt(4096, doc="bytes of a rejected payload kept", ge=0, le=1 << 20)
+
+
+@dataclass
+class TopicConfig:
+    filter: str = opt(doc="MQTT topic filter to subscribe to, e.g. devices/+/telemetry")
+    device: str = opt("{device}", doc="topic pattern naming the device segment, e.g. devices/{device}/telemetry")
+    decoder: str = opt("json", doc="json | number", choices=("json", "number"))
+    ts_path: str = opt("ts", doc="json: dotted path of the timestamp ('' = receive time)")
+    ts_unit: str = opt("ms", doc="unit of the timestamp", choices=("s", "ms", "us", "ns"))
+    values_path: str = opt("values", doc="json: dotted path of an object of point -> value")
+    value_path: str = opt("value", doc="json: dotted path of a single value (used when values_path is absent)")
+    point: str = opt("value", doc="point name for a single value (number decoder, or json value_path)")
+    unit: str = opt("", doc="unit given to every point of this topic ('' = none)")
+
+
+@dataclass
+class TlsClientConfig:
+    ca_file: str = opt("", doc="CA bundle that signed the broker's certificate")
+    cert_file: str = opt("", doc="client certificate (PEM)")
+    key_file: str = opt("", doc="client private key (PEM); must not be readable by group or others")
+    server_hostname: str = opt("", doc="name to verify in the broker's certificate ('' = host)")
+
+
+@dataclass
+class MqttIngestConfig:
+    enabled: bool = opt(True, doc="take in readings from the local MQTT broker")
+    host: str = opt("127.0.0.1", doc="local broker host")
+    port: int = opt(1883, doc="local broker port", ge=1, le=65535)
+    protocol: str = opt("5", doc="MQTT protocol version: 5 | 3.1.1", choices=("5", "3.1.1"))
+    client_id: str = opt("", doc="client id ('' = <gateway.id>-ingest); the persistent session is keyed on it")
+    username: str = opt("", doc="username ('' = none)")
+    password: str = opt("", doc="password", secret=True)
+    keepalive_s: int = opt(30, doc="MQTT keepalive", ge=5, le=3600)
+    receive_maximum: int = opt(1000, doc="unacknowledged QoS 1 messages in flight (MQTT 5 receive maximum)",
+                               ge=1, le=65535)
+    max_payload_bytes: int = opt(65536, doc="larger payloads are rejected and counted", ge=16, le=16 << 20)
+    reconnect_min_s: float = opt(0.5, doc="first reconnect delay", ge=0.05)
+    reconnect_max_s: float = opt(30.0, doc="reconnect delay cap", ge=0.1)
+    tls: bool = opt(False, doc="use TLS to the local broker (the [southbound.mqtt.tls_files] section)")
+    tls_files: TlsClientConfig = opt(factory=TlsClientConfig, doc="TLS files for the local broker")
+    topics: list[TopicConfig] = opt(factory=lambda: [TopicConfig(filter="devices/+/telemetry",
+                                                                 device="devices/{device}/telemetry")],
+                                    doc="topic filters and their decoders")
+
+
+@dataclass
+class SouthboundConfig:
+    mqtt: MqttIngestConfig = opt(factory=MqttIngestConfig, doc="local MQTT ingest")
+
+
+@dataclass
+class UplinkConfig:
+    enabled: bool = opt(True, doc="forward the outbox to the cloud")
+    host: str = opt("localhost", doc="cloud broker host")
+    port: int = opt(8883, doc="cloud broker port", ge=1, le=65535)
+    protocol: str = opt("5", doc="MQTT protocol version: 5 | 3.1.1", choices=("5", "3.1.1"))
+    topic_prefix: str = opt("edge", doc="topics are <prefix>/<gateway>/{status,telemetry}")
+    ca_file: str = opt("/etc/edge-agent/ca.pem", doc="CA bundle that signed the cloud broker's certificate")
+    cert_file: str = opt("/etc/edge-agent/client.pem", doc="this gateway's client certificate")
+    key_file: str = opt("/etc/edge-agent/client.key", doc="its private key; mode 0600 or stricter")
+    server_hostname: str = opt("", doc="name to verify in the cloud broker's certificate ('' = host)")
+    keepalive_s: int = opt(30, doc="MQTT keepalive", ge=5, le=3600)
+    batch_max_readings: int = opt(2000, doc="readings per telemetry message at most", ge=1, le=1_000_000)
+    batch_max_bytes: int = opt(256 * 1024, doc="bytes per telemetry message at most (one outbox row always fits)",
+                               ge=1024, le=64 << 20)
+    max_inflight: int = opt(32, doc="telemetry messages awaiting PUBACK at once", ge=1, le=65535)
+    reconnect_min_s: float = opt(0.5, doc="first reconnect delay (jittered)", ge=0.05)
+    reconnect_max_s: float = opt(60.0, doc="reconnect delay cap", ge=0.1)
+    cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = opt(True, doc="serve Prometheus metrics")
+    host: str = opt("127.0.0.1", doc="listen address (loopback by default)")
+    port: int = opt(9108, doc="listen port (0 = any free port)", ge=0, le=65535)
+
+
+@dataclass
+class SupervisorConfig:
+    stop_timeout_s: float = opt(10.0, doc="bound on a graceful stop (flush included)", ge=0.1, le=600)
+    restart_min_s: float = opt(0.5, doc="first restart delay of a crashed component", ge=0.01)
+    restart_max_s: float = opt(60.0, doc="restart delay cap", ge=0.1)
+
+
+@dataclass
+class Config:
+    gateway: GatewayConfig = opt(factory=GatewayConfig, doc="identity and state")
+    log: LogConfig = opt(factory=LogConfig, doc="logging")
+    store: StoreConfig = opt(factory=StoreConfig, doc="the durable store")
+    southbound: SouthboundConfig = opt(factory=SouthboundConfig, doc="device-side adapters")
+    uplink: UplinkConfig = opt(factory=UplinkConfig, doc="mutual-TLS link to the cloud")
+    metrics: MetricsConfig = opt(factory=MetricsConfig, doc="Prometheus endpoint")
+    supervisor: SupervisorConfig = opt(factory=SupervisorConfig, doc="component supervision")
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _convert(key: str, hint: Any, raw: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}: expected a table ([{key}]), got {_describe(raw)}")
+        return _build(hint, raw, key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(raw, list):
+            raise ConfigError(f"{key}: expected an array ([[{key}]] tables), got {_describe(raw)}")
+        return [_convert(f"{key}[{i}]", item, v) for i, v in enumerate(raw)]
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(raw)}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(raw)}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(raw)}")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(raw)}")
+        return raw
+    raise TypeError(f"unsupported config type {hint!r} at {key}")  # a programming error, not a user one
+
+
+def _describe(raw: Any) -> str:
+    if isinstance(raw, dict):
+        return "a table"
+    if isinstance(raw, list):
+        return "an array"
+    if isinstance(raw, bool):
+        return f"boolean {str(raw).lower()}"
+    if isinstance(raw, (int, float)):
+        return f"number {raw}"
+    if isinstance(raw, str):
+        return f"string {raw!r}"
+    return type(raw).__name__
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key (known in {prefix or 'the top level'}: "
+                              f"{', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: required key is missing ({f.metadata.get('doc', '')})")
+            continue
+        value = _convert(key, hints[name], raw[name])
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        if meta.get("ge") is not None and value < meta["ge"]:
+            raise ConfigError(f"{key}: must be >= {meta['ge']}, got {value}")
+        if meta.get("le") is not None and value > meta["le"]:
+            raise ConfigError(f"{key}: must be <= {meta['le']}, got {value}")
+        values[name] = value
+    return cls(**values)
+
+
+def _check(cfg: Config) -> None:
+    if not _ID_RE.match(cfg.gateway.id):
+        raise ConfigError("gateway.id: expected 1-128 characters of letters, digits, '_', '.', '-' "
+                          f"(it becomes an MQTT topic segment), got {cfg.gateway.id!r}")
+    for name, lo, hi in (("southbound.mqtt", cfg.southbound.mqtt.reconnect_min_s, cfg.southbound.mqtt.reconnect_max_s),
+                         ("uplink", cfg.uplink.reconnect_min_s, cfg.uplink.reconnect_max_s),
+                         ("supervisor", cfg.supervisor.restart_min_s, cfg.supervisor.restart_max_s)):
+        if lo > hi:
+            raise ConfigError(f"{name}: the minimum delay ({lo}) is above the maximum ({hi})")
+    mq = cfg.southbound.mqtt
+    if mq.enabled and not mq.topics:
+        raise ConfigError("southbound.mqtt.topics: at least one [[southbound.mqtt.topics]] is needed "
+                          "when southbound.mqtt.enabled = true")
+    for i, t in enumerate(mq.topics):
+        key = f"southbound.mqtt.topics[{i}]"
+        if not t.filter or "#" in t.filter[:-1] or any(len(s) > 1 and ("+" in s or "#" in s)
+                                                        for s in t.filter.split("/")):
+            raise ConfigError(f"{key}.filter: expected a valid MQTT topic filter, got {t.filter!r}")
+        if t.device.count("{device}") != 1:
+            raise ConfigError(f"{key}.device: expected a pattern with exactly one {{device}}, got {t.device!r}")
+    if mq.tls and not mq.tls_files.ca_file:
+        raise ConfigError("southbound.mqtt.tls_files.ca_file: required when southbound.mqtt.tls = true "
+                          "(verification cannot be turned off)")
+    up = cfg.uplink
+    if up.enabled:
+        for k in ("ca_file", "cert_file", "key_file"):
+            if not getattr(up, k):
+                raise ConfigError(f"uplink.{k}: required when uplink.enabled = true "
+                                  "(the uplink is mutual TLS only; verification cannot be turned off)")
+        if "/" in up.topic_prefix or "+" in up.topic_prefix or "#" in up.topic_prefix or not up.topic_prefix:
+            raise ConfigError(f"uplink.topic_prefix: expected one topic segment without / + #, got {up.topic_prefix!r}")
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    _check(cfg)
+    return cfg
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found (pass --config PATH)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config: {e}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return from_dict(raw)
+
+
+def to_dict(obj: Any, redact: bool = True) -> Any:
+    """The effective config as plain data, secrets replaced by '***' when set."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            out[f.name] = "***" if (redact and f.metadata.get("secret") and v) else to_dict(v, redact)
+        return out
+    if isinstance(obj, list):
+        return [to_dict(v, redact) for v in obj]
+    return obj
+
+
+def to_toml(data: dict, prefix: str = "") -> str:
+    """Render plain config data as TOML (for `edge-agent check`)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict]] = []
+    arrays: list[tuple[str, list]] = []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            arrays.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in tables:
+        name = f"{prefix}.{k}" if prefix else k
+        body = to_toml(v, name)
+        lines.append(f"\n[{name}]\n{body}" if not body.startswith("\n[") else f"\n[{name}]{body}")
+    for k, items in arrays:
+        name = f"{prefix}.{k}" if prefix else k
+        for item in items:
+            lines.append(f"\n[[{name}]]\n{to_toml(item, name)}")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+

@@ -1,0 +1,57 @@
+"""Prometheus metrics: one registry per agent, served on loopback by prometheus-client."""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "edge_agent_"
+        self.readings_received = Counter(p + "readings_received", "Readings decoded from devices", ["source"], registry=r)
+        self.readings_committed = Counter(p + "readings_committed", "Readings committed to the store", registry=r)
+        self.messages_rejected = Counter(p + "messages_rejected", "Device messages rejected, by reason",
+                                         ["source", "reason"], registry=r)
+        self.ingest_overflow = Counter(p + "ingest_overflow", "Messages left unacknowledged at the ingest "
+                                       "queue bound (the broker redelivers them)", ["source"], registry=r)
+        self.dead_letters_dropped = Counter(p + "dead_letters_dropped", "Dead letters removed at the table bound",
+                                            registry=r)
+        self.store_commits = Counter(p + "store_commits", "Store transactions committed", registry=r)
+        self.store_commit_seconds = Histogram(p + "store_commit_seconds", "Store commit duration", registry=r,
+                                              buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
+        self.store_bytes = Gauge(p + "store_bytes", "Bytes in use in the database", registry=r)
+        self.outbox_readings = Gauge(p + "outbox_readings", "Readings waiting for the cloud", registry=r)
+        self.outbox_bytes = Gauge(p + "outbox_bytes", "Payload bytes waiting for the cloud", registry=r)
+        self.outbox_evicted = Counter(p + "outbox_evicted_readings", "Readings evicted from the outbox "
+                                      "at the disk quota (never reach the cloud)", registry=r)
+        self.window_evicted = Counter(p + "window_evicted_readings", "Readings trimmed from the local window",
+                                      ["reason"], registry=r)
+        self.uplink_connected = Gauge(p + "uplink_connected", "1 while the cloud link is up", registry=r)
+        self.uplink_connects = Counter(p + "uplink_connects", "Cloud connections established", registry=r)
+        self.uplink_errors = Counter(p + "uplink_errors", "Cloud link failures, by reason", ["reason"], registry=r)
+        self.batches_sent = Counter(p + "uplink_batches_sent", "Telemetry batches published", registry=r)
+        self.batches_acked = Counter(p + "uplink_batches_acked", "Telemetry batches acknowledged by the cloud",
+                                     registry=r)
+        self.readings_acked = Counter(p + "uplink_readings_acked", "Readings acknowledged by the cloud", registry=r)
+        self.uplink_ack_seq = Gauge(p + "uplink_acked_seq", "Highest seq acknowledged by the cloud", registry=r)
+        self.ingest_connected = Gauge(p + "ingest_connected", "1 while connected to the local broker",
+                                      ["source"], registry=r)
+        self.restarts = Counter(p + "component_restarts", "Component restarts after a crash", ["component"],
+                                registry=r)
+        self.loop_lag = Gauge(p + "event_loop_lag_seconds", "Latest event-loop scheduling lag", registry=r)
+        self.cert_days_left = Gauge(p + "cert_days_left", "Days until a certificate expires", ["cert"], registry=r)
+        self.cert_expiring = Gauge(p + "cert_expiring", "1 when a certificate expires within the warning window",
+                                   ["cert"], registry=r)
+
+    def serve(self, host: str, port: int):
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("metrics listening", extra={"addr": f"{host}:{server.server_port}"})
+        return server, thread
+
+    def value(self, name: str, labels: dict | None = None) -> float:
+        v = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v

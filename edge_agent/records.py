@@ -1,0 +1,30 @@
+"""Value types that cross module lines.
+
+`Reading` is the one record every southbound adapter produces and everything downstream consumes.
+It is a NamedTuple rather than a dataclass: ingest makes hundreds of thousands a second, and tuple
+construction is several times cheaper than a (frozen) dataclass's.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+Value = Union[float, int, bool, str]
+
+
+class Reading(NamedTuple):
+    device: str
+    point: str
+    value: Value
+    unit: str | None
+    ts_ns: int
+    quality: str = "good"
+    source: str = ""
+
+
+class RejectedInput(Exception):
+    """Untrusted input that cannot become readings; `reason` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

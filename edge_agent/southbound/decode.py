@@ -1,0 +1,161 @@
+"""Payload decoders: untrusted bytes in, `Reading`s out, or `RejectedInput(reason, detail)`.
+
+Reasons are short metric labels: not_utf8, bad_json, non_finite, bad_shape, no_values, bad_value,
+bad_point, bad_timestamp, bad_device, topic_mismatch, too_large.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Callable
+
+from edge_agent.config import TopicConfig
+from edge_agent.records import Reading, RejectedInput
+
+MAX_NAME = 128
+MAX_STRING_VALUE = 1024
+_TS_SCALE = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+_MIN_TS_NS = 946_684_800 * 1_000_000_000   # 2000-01-01
+_MAX_FUTURE_NS = 86400 * 1_000_000_000      # one day ahead of our clock at most
+
+
+def _reject_constant(name: str) -> Any:
+    raise RejectedInput("non_finite", f"{name} is not a number the agent accepts")
+
+
+_json_loads = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
+def _check_name(kind: str, name: Any) -> str:
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isprintable() \
+            or any(c in name for c in "/+#"):
+        raise RejectedInput(f"bad_{kind}", f"{kind} name must be 1-{MAX_NAME} printable characters "
+                                           f"without / + #, got {str(name)[:40]!r}")
+    return name
+
+
+def _check_value(point: str, v: Any) -> Any:
+    t = type(v)
+    if t is float:
+        if not math.isfinite(v):  # 1e400 parses as inf without parse_constant
+            raise RejectedInput("non_finite", f"{point}: {v}")
+        return v
+    if t is int or t is bool:
+        if t is int and not -(1 << 63) <= v < (1 << 63):
+            raise RejectedInput("bad_value", f"{point}: integer out of 64-bit range")
+        return v
+    if t is str:
+        if len(v) > MAX_STRING_VALUE:
+            raise RejectedInput("bad_value", f"{point}: string longer than {MAX_STRING_VALUE}")
+        return v
+    raise RejectedInput("bad_value", f"{point}: expected a number, boolean or string, got {type(v).__name__}")
+
+
+def _path(obj: Any, path: list[str]) -> Any:
+    for k in path:
+        if not isinstance(obj, dict) or k not in obj:
+            return _MISSING
+        obj = obj[k]
+    return obj
+
+
+_MISSING = object()
+
+
+class DevicePattern:
+    """`devices/{device}/telemetry` → the device segment of a matching topic."""
+
+    def __init__(self, pattern: str) -> None:
+        self.segments = pattern.split("/")
+        self.index = next(i for i, s in enumerate(self.segments) if "{device}" in s)
+        seg = self.segments[self.index]
+        self.prefix, self.suffix = seg.split("{device}")
+
+    def device(self, topic: str) -> str:
+        parts = topic.split("/")
+        if len(parts) != len(self.segments) or any(
+                p != s for i, (p, s) in enumerate(zip(parts, self.segments)) if i != self.index):
+            raise RejectedInput("topic_mismatch", f"topic {topic[:80]!r} does not match "
+                                                  f"{'/'.join(self.segments)!r}")
+        seg = parts[self.index]
+        if not (seg.startswith(self.prefix) and seg.endswith(self.suffix)) or \
+                len(seg) <= len(self.prefix) + len(self.suffix):
+            raise RejectedInput("topic_mismatch", f"topic {topic[:80]!r} has no device segment")
+        return _check_name("device", seg[len(self.prefix):len(seg) - len(self.suffix)])
+
+
+Decoder = Callable[[str, bytes, int], list[Reading]]
+
+
+def make_decoder(cfg: TopicConfig, source: str) -> Decoder:
+    """Build the decoder for one topic: (topic, payload, receive time ns) -> readings."""
+    pattern = DevicePattern(cfg.device)
+    unit = cfg.unit or None
+    scale = _TS_SCALE[cfg.ts_unit]
+    ts_path = cfg.ts_path.split(".") if cfg.ts_path else []
+    values_path = cfg.values_path.split(".") if cfg.values_path else []
+    value_path = cfg.value_path.split(".") if cfg.value_path else []
+    point = _check_name("point", cfg.point)
+
+    def timestamp(raw: Any, recv_ns: int) -> int:
+        if raw is _MISSING:
+            return recv_ns
+        if type(raw) not in (int, float):
+            raise RejectedInput("bad_timestamp", f"timestamp must be a number of {cfg.ts_unit}, got {raw!r:.40}")
+        ts = int(raw * scale)
+        if ts < _MIN_TS_NS or ts > recv_ns + _MAX_FUTURE_NS:
+            raise RejectedInput("bad_timestamp", f"timestamp {raw!r:.40} {cfg.ts_unit} is before 2000 or "
+                                                 "more than a day ahead")
+        return ts
+
+    def text(payload: bytes) -> str:
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RejectedInput("not_utf8", f"payload is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def decode_json(topic: str, payload: bytes, recv_ns: int) -> list[Reading]:
+        device = pattern.device(topic)
+        try:
+            doc = _json_loads(text(payload))
+        except ValueError as e:
+            raise RejectedInput("bad_json", f"not valid JSON: {e}"[:200]) from None
+        except RecursionError:
+            raise RejectedInput("bad_json", "JSON nested too deeply") from None
+        if not isinstance(doc, dict):
+            if value_path:
+                raise RejectedInput("bad_shape", f"expected a JSON object, got {type(doc).__name__}")
+            doc = {"": doc}
+        ts = timestamp(_path(doc, ts_path) if ts_path else _MISSING, recv_ns)
+        values = _path(doc, values_path) if values_path else _MISSING
+        if values is _MISSING:
+            v = _path(doc, value_path) if value_path else doc.get("", _MISSING)
+            if v is _MISSING:
+                raise RejectedInput("no_values", f"neither '{cfg.values_path}' nor '{cfg.value_path}' in the payload")
+            return [Reading(device, point, _check_value(point, v), unit, ts, "good", source)]
+        if not isinstance(values, dict):
+            raise RejectedInput("bad_shape", f"'{cfg.values_path}' must be an object of point: value")
+        if not values:
+            raise RejectedInput("no_values", f"'{cfg.values_path}' is empty")
+        return [Reading(device, _check_name("point", p), _check_value(p, v), unit, ts, "good", source)
+                for p, v in values.items()]
+
+    def decode_number(topic: str, payload: bytes, recv_ns: int) -> list[Reading]:
+        device = pattern.device(topic)
+        s = text(payload).strip()
+        if s in ("true", "false"):
+            return [Reading(device, point, s == "true", unit, recv_ns, "good", source)]
+        try:
+            v = int(s) if s.lstrip("-").isdigit() and len(s) < 20 else float(s)
+        except ValueError:
+            raise RejectedInput("bad_value", f"not a number: {s[:40]!r}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise RejectedInput("non_finite", f"{s[:40]!r} is not a finite number")
+        return [Reading(device, point, v, unit, recv_ns, "good", source)]
+
+    return decode_json if cfg.decoder == "json" else decode_number
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,185 @@
+"""MQTT ingest from the local broker (paho-mqtt through `edge_agent.mqttio`).
+
+Persistent session, QoS 1, manual acknowledgement: a message is PUBACKed only after its readings
+are committed to the store, so a crash at any point leaves it with the broker, which redelivers it.
+Messages are decoded as they arrive (on the loop thread, by the paho callback); everything decoded
+in one loop turn goes to the store as one write, and the PUBACKs of a batch go out in arrival order
+once that write is durable. Rejected payloads are counted, logged (rate-limited), kept in the
+dead-letter table and acknowledged, so a poison message is not redelivered forever.
+
+Bounds: the broker sends at most `receive_maximum` unacknowledged messages (MQTT 5; with 3.1.1 the
+broker's `max_inflight_messages`); the adapter holds at most twice that many undecided messages.
+Beyond that (a broker ignoring the limit, or QoS 0 floods) a message is left unacknowledged and
+counted (`edge_agent_ingest_overflow`): QoS 1 ones come back on the next connection, which the
+adapter then forces; QoS 0 ones are lost, as QoS 0 allows.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from paho.mqtt.client import MQTTMessage, topic_matches_sub
+
+from edge_agent import tls
+from edge_agent.config import MqttIngestConfig
+from edge_agent.logs import RateLimited
+from edge_agent.metrics import Metrics
+from edge_agent.mqttio import ConnectError, MqttConnection
+from edge_agent.records import Reading, RejectedInput
+from edge_agent.southbound import DeadLetter, Sink, WriteRefused
+from edge_agent.southbound.decode import Decoder, make_decoder
+
+log = logging.getLogger(__name__)
+SOURCE = "mqtt"
+
+
+class MqttIngest:
+    name = "mqtt"
+
+    def __init__(self, cfg: MqttIngestConfig, gateway_id: str, sink: Sink, dead_letter: DeadLetter,
+                 metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.client_id = cfg.client_id or f"{gateway_id}-ingest"
+        self.sink, self.dead_letter, self.metrics = sink, dead_letter, metrics
+        self.routes: list[tuple[str, Decoder]] = [(t.filter, make_decoder(t, SOURCE)) for t in cfg.topics]
+        self.ssl_context = None
+        if cfg.tls:
+            f = cfg.tls_files
+            self.ssl_context = tls.client_context(f.ca_file, f.cert_file, f.key_file,
+                                                  prefix="southbound.mqtt.tls_files.")
+        self.max_pending = 2 * cfg.receive_maximum
+        self._stopping = asyncio.Event()
+        self._conn: MqttConnection | None = None
+        self._batch: list[tuple[int, int]] = []      # (mid, qos) in arrival order
+        self._readings: list[Reading] = []
+        self._dead: list[tuple[str, str, str, str, bytes]] = []
+        self._pending = 0
+        self._flush_scheduled = False
+        self._last_flush: asyncio.Future | None = None
+        self._rl = RateLimited(log)
+        self._received = metrics.readings_received.labels(SOURCE)
+        self._connected = metrics.ingest_connected.labels(SOURCE)
+
+    async def run(self) -> None:
+        delay = self.cfg.reconnect_min_s
+        while not self._stopping.is_set():
+            conn = self._conn = MqttConnection(
+                client_id=self.client_id, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
+                keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, username=self.cfg.username,
+                password=self.cfg.password, clean_start=False, receive_maximum=self.cfg.receive_maximum,
+                manual_ack=True, on_message=self._on_message)
+            try:
+                present = await conn.connect()
+                await conn.subscribe([(f, 1) for f, _ in self.routes])
+            except (ConnectError, asyncio.TimeoutError) as e:
+                conn.close()
+                log.warning("local broker connection failed", extra={"host": self.cfg.host, "port": self.cfg.port,
+                                                                     "error": str(e), "retry_s": round(delay, 2)})
+                await self._sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                continue
+            delay = self.cfg.reconnect_min_s
+            self._connected.set(1)
+            log.info("connected to local broker", extra={"host": self.cfg.host, "port": self.cfg.port,
+                                                         "client_id": self.client_id, "session_present": present})
+            stop = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait([conn.disconnected, stop], return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            self._connected.set(0)
+            if self._stopping.is_set():
+                return  # stop() takes the connection down after the flush
+            log.warning("local broker connection lost", extra={"reason": conn.disconnected.result()})
+            await self._sleep(delay)
+
+    async def _sleep(self, s: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), s)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+
+    async def stop(self) -> None:
+        """Stop taking messages, commit and acknowledge what was taken, then disconnect."""
+        self._stopping.set()
+        self._flush()
+        if self._last_flush is not None:
+            try:
+                await self._last_flush
+            except Exception:  # noqa: BLE001 - logged by the flush; the broker redelivers
+                pass
+        if self._conn is not None:
+            await self._conn.disconnect()
+
+    async def write_point(self, device: str, point: str, value: object) -> None:
+        raise WriteRefused("MQTT devices take no point writes through the ingest adapter")
+
+    # -- the hot path (loop thread, called by paho through mqttio) --------------------------------
+    def _on_message(self, msg: MQTTMessage) -> None:
+        if self._stopping.is_set():
+            return  # not acknowledged: the broker redelivers after the restart
+        if self._pending >= self.max_pending:
+            self.metrics.ingest_overflow.labels(SOURCE).inc()
+            if msg.qos and self._conn is not None:
+                self._conn.close()  # get the unacknowledged messages redelivered on a new session
+            return
+        self._pending += 1
+        self._batch.append((msg.mid, msg.qos))
+        topic, payload = msg.topic, msg.payload
+        try:
+            if len(payload) > self.cfg.max_payload_bytes:
+                raise RejectedInput("too_large", f"{len(payload)} bytes > max_payload_bytes "
+                                                 f"{self.cfg.max_payload_bytes}")
+            for flt, decode in self.routes:
+                if topic_matches_sub(flt, topic):
+                    readings = decode(topic, payload, time.time_ns())
+                    break
+            else:
+                raise RejectedInput("topic_mismatch", f"no topic filter matches {topic[:80]!r}")
+            self._readings.extend(readings)
+            self._received.inc(len(readings))
+        except RejectedInput as e:
+            self._reject(topic, payload, e)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _reject(self, topic: str, payload: bytes, e: RejectedInput) -> None:
+        self.metrics.messages_rejected.labels(SOURCE, e.reason).inc()
+        self._rl.warning(e.reason, "payload rejected", reason=e.reason, topic=topic[:120], detail=e.detail[:200])
+        self._dead.append((SOURCE, topic[:256], e.reason, e.detail, payload))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._batch:
+            return
+        batch, readings, dead = self._batch, self._readings, self._dead
+        self._batch, self._readings, self._dead = [], [], []
+        prev, conn = self._last_flush, self._conn
+        self._last_flush = asyncio.ensure_future(self._commit_and_ack(conn, batch, readings, dead, prev))
+
+    async def _commit_and_ack(self, conn: MqttConnection | None, batch: list[tuple[int, int]],
+                              readings: list[Reading], dead: list, prev: asyncio.Future | None) -> None:
+        try:
+            if readings:
+                await self.sink(readings)
+            for d in dead:
+                await self.dead_letter(*d)
+            if prev is not None:
+                try:
+                    await prev  # PUBACKs leave in arrival order
+                except Exception:  # noqa: BLE001 - the earlier batch logged its own failure
+                    pass
+        except Exception as e:
+            # not committed: leave the messages unacknowledged and reconnect so the broker redelivers
+            log.error("commit failed; messages stay with the broker", extra={"messages": len(batch),
+                                                                              "error": str(e)})
+            if conn is not None:
+                conn.close()
+            return
+        finally:
+            self._pending -= len(batch)
+        if conn is not None:
+            for mid, qos in batch:
+                if qos:
+                    conn.ack(mid, qos)

@@ -1,0 +1,454 @@
+"""The durable store: SQLite in WAL mode, one writer thread, batched commits.
+
+Tables
+- `readings`: the local window (seq, device, point, value, unit, ts_ns, quality, source); retention by
+  age and by row count.
+- `outbox`: what the cloud has not acknowledged, as pre-encoded JSON chunks of consecutive seqs
+  (first_seq, last_seq, count, payload). A row leaves only when the uplink reports the cloud's PUBACK
+  for it, or when the disk quota evicts it (counted, logged).
+- `devices`, `points`: the registry, filled as readings arrive.
+- `dead_letters`: rejected payloads, bounded.
+- `meta`: the next seq; `seq_marks`: (time, seq) marks that make age-based retention a primary-key
+  range delete.
+
+Durability: `synchronous=FULL` by default, so a commit is on disk (the WAL is fsynced) before the
+writer reports it, and a reading is acknowledged to its source only after that. A power cut then
+loses nothing acknowledged; it costs the unacknowledged messages in flight, which the source
+redelivers. With `synchronous=NORMAL` commits are cheaper but the last few (those since the last
+WAL checkpoint sync) can be rolled back by a power cut although they were acknowledged.
+
+All SQLite work happens on the writer thread (writes) and one reader thread (queries); the event
+loop only awaits futures.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import StoreConfig
+from edge_agent.metrics import Metrics
+from edge_agent.records import Reading
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS readings (
+    seq INTEGER PRIMARY KEY, device TEXT NOT NULL, point TEXT NOT NULL, value, unit TEXT,
+    ts_ns INTEGER NOT NULL, quality TEXT NOT NULL, source TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS readings_device_point ON readings (device, point, ts_ns);
+CREATE TABLE IF NOT EXISTS outbox (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, count INTEGER NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY, source TEXT NOT NULL, first_seen_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS points (
+    device TEXT NOT NULL, point TEXT NOT NULL, unit TEXT, first_seen_ns INTEGER NOT NULL,
+    last_seen_ns INTEGER NOT NULL, PRIMARY KEY (device, point)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY, ts_ns INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS seq_marks (ts_ns INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+"""
+
+_STOP = object()
+MAINTENANCE_INTERVAL_S = 1.0
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass
+class OutboxRow:
+    first_seq: int
+    last_seq: int
+    count: int
+    payload: bytes
+
+
+def encode_readings(rows: list[tuple]) -> bytes:
+    """JSON objects of (seq, device, point, value, unit, ts_ns, quality, source) rows, comma-joined
+    without the enclosing brackets, so that consecutive chunks concatenate into one array."""
+    items = [{"seq": r[0], "device": r[1], "point": r[2], "value": r[3], "unit": r[4], "ts": r[5],
+              "quality": r[6], "source": r[7]} for r in rows]
+    try:
+        text = json.dumps(items, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except ValueError:  # a non-finite float from an adapter that did not validate: never lose the row
+        for it in items:
+            v = it["value"]
+            if isinstance(v, float) and not math.isfinite(v):
+                it["value"], it["quality"] = None, "bad"
+        text = json.dumps(items, separators=(",", ":"), ensure_ascii=False)
+    return text[1:-1].encode()
+
+
+class Store:
+    def __init__(self, cfg: StoreConfig, state_dir: str | Path, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.path = Path(state_dir) / "edge-agent.db"
+        self.metrics = metrics
+        self._q: queue.Queue = queue.Queue()
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: threading.Thread | None = None
+        self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self.new_data: asyncio.Event | None = None
+        self.next_seq = 1
+        self.outbox_readings = 0
+        self.outbox_bytes = 0
+        self.acked_seq = 0
+        self._known_devices: set[str] = set()
+        self._last_maintenance = 0.0
+        self.fatal: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self.cfg.queue_max_batches)
+        self.new_data = asyncio.Event()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._writer = threading.Thread(target=self._writer_main, args=(ready,), name="store-writer", daemon=True)
+        self._writer.start()
+        await asyncio.wrap_future(ready)
+        self._reader_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        await self._read(self._open_reader)
+        log.info("store open", extra={"path": str(self.path), "next_seq": self.next_seq,
+                                      "outbox_readings": self.outbox_readings})
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.cfg.synchronous.upper()}")
+        conn.execute("PRAGMA journal_size_limit=67108864")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        return conn
+
+    def _open_reader(self) -> None:
+        self._rconn = self._connect()
+        self._rconn.execute("PRAGMA query_only=ON")
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop the writer and close the connections."""
+        if self._writer is not None:
+            self._q.put(_STOP)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._reader_pool is not None:
+            if self._rconn is not None:
+                await self._read(self._rconn.close)
+            self._reader_pool.shutdown(wait=True)
+            self._reader_pool = None
+        log.info("store closed", extra={"next_seq": self.next_seq})
+
+    # -- API for the event loop ------------------------------------------------------------------
+    async def write(self, readings: list[Reading]) -> int:
+        """Commit readings; returns the seq of the last one once it is durable."""
+        assert self._slots is not None and self._loop is not None
+        if self.fatal is not None:
+            raise StoreError(f"store writer stopped: {self.fatal}")
+        async with self._slots:
+            fut = self._loop.create_future()
+            self._q.put(("w", readings, fut))
+            return await fut
+
+    async def dead_letter(self, source: str, topic: str, reason: str, detail: str, payload: bytes) -> None:
+        """Keep a rejected payload (truncated) in the bounded dead-letter table."""
+        if self.cfg.dead_letter_rows == 0:
+            return
+        assert self._slots is not None and self._loop is not None
+        async with self._slots:
+            fut = self._loop.create_future()
+            self._q.put(("d", (time.time_ns(), source, topic, reason, detail[:500],
+                               bytes(payload[:self.cfg.dead_letter_payload_bytes])), fut))
+            await fut
+
+    def ack_outbox(self, upto_seq: int) -> None:
+        """The cloud acknowledged every reading up to `upto_seq`: drop those outbox rows (in the next commit)."""
+        self._q.put(("a", upto_seq, None))
+
+    async def read_outbox(self, after_seq: int, max_readings: int, max_bytes: int) -> list[OutboxRow]:
+        """Consecutive outbox rows after `after_seq`: at least one row, then up to the bounds."""
+        return await self._read(self._read_outbox, after_seq, max_readings, max_bytes)
+
+    def _read_outbox(self, after_seq: int, max_readings: int, max_bytes: int) -> list[OutboxRow]:
+        assert self._rconn is not None
+        out: list[OutboxRow] = []
+        n = size = 0
+        cur = self._rconn.execute("SELECT first_seq, last_seq, count, payload FROM outbox WHERE first_seq > ? "
+                                  "ORDER BY first_seq LIMIT 1000", (after_seq,))
+        for first, last, count, payload in cur:
+            if out and (n + count > max_readings or size + len(payload) > max_bytes):
+                break
+            out.append(OutboxRow(first, last, count, payload))
+            n += count
+            size += len(payload)
+        cur.close()
+        return out
+
+    async def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Read-only query on the reader connection (for the CLI, commands and tests)."""
+        return await self._read(lambda: self._rconn.execute(sql, params).fetchall())  # type: ignore[union-attr]
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        assert self._reader_pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, fn, *args)
+
+    # -- writer thread ---------------------------------------------------------------------------
+    def _writer_main(self, ready: concurrent.futures.Future) -> None:
+        try:
+            conn = self._connect()
+            conn.executescript(SCHEMA)
+            self._load_state(conn)
+        except Exception as e:  # noqa: BLE001 - reported to open()
+            ready.set_exception(StoreError(f"cannot open store {self.path}: {e}"))
+            return
+        ready.set_result(None)
+        max_rows = self.cfg.batch_max_rows
+        delay = self.cfg.batch_max_delay_ms / 1000
+        stopping = False
+        while not stopping:
+            job = self._q.get()
+            if job is _STOP:
+                break
+            jobs = [job]
+            rows = len(job[1]) if job[0] == "w" else 0
+            deadline = time.monotonic() + delay
+            while rows < max_rows:
+                try:
+                    remaining = deadline - time.monotonic()
+                    nxt = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                jobs.append(nxt)
+                if nxt[0] == "w":
+                    rows += len(nxt[1])
+            self._commit(conn, jobs)
+            if time.monotonic() - self._last_maintenance >= MAINTENANCE_INTERVAL_S:
+                self._maintain(conn)
+        # drain whatever arrived with or after STOP, so nothing handed to the store is dropped
+        rest = []
+        while True:
+            try:
+                j = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if j is not _STOP:
+                rest.append(j)
+        if rest:
+            self._commit(conn, rest)
+        self._maintain(conn)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def _load_state(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+        self.next_seq = int(row[0]) if row else 1
+        row = conn.execute("SELECT value FROM meta WHERE key='acked_seq'").fetchone()
+        self.acked_seq = int(row[0]) if row else 0
+        n, b = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox").fetchone()
+        self.outbox_readings, self.outbox_bytes = n, b
+        self._known_devices = {r[0] for r in conn.execute("SELECT device FROM devices")}
+        self._publish_gauges(conn)
+
+    def _commit(self, conn: sqlite3.Connection, jobs: list[tuple]) -> None:
+        t0 = time.perf_counter()
+        seq = self.next_seq
+        rows: list[tuple] = []
+        dead: list[tuple] = []
+        ack = 0
+        results: list[tuple[asyncio.Future, int]] = []
+        for kind, payload, fut in jobs:
+            if kind == "w":
+                for r in payload:
+                    rows.append((seq, r.device, r.point, r.value, r.unit, r.ts_ns, r.quality, r.source))
+                    seq += 1
+                results.append((fut, seq - 1))
+            elif kind == "d":
+                dead.append(payload)
+                results.append((fut, 0))
+            else:
+                ack = max(ack, payload)
+        now_ns = time.time_ns()
+        chunk = self.cfg.outbox_chunk_readings
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if rows:
+                conn.executemany("INSERT INTO readings VALUES (?,?,?,?,?,?,?,?)", rows)
+                out_rows = []
+                for i in range(0, len(rows), chunk):
+                    part = rows[i:i + chunk]
+                    out_rows.append((part[0][0], part[-1][0], len(part), encode_readings(part)))
+                conn.executemany("INSERT INTO outbox VALUES (?,?,?,?)", out_rows)
+                new_devices = self._register(conn, rows, now_ns)
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (seq,))
+            if dead:
+                conn.executemany("INSERT INTO dead_letters (ts_ns, source, topic, reason, detail, payload) "
+                                 "VALUES (?,?,?,?,?,?)", dead)
+            acked = (0, 0)
+            if ack > self.acked_seq:
+                acked = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox "
+                                     "WHERE first_seq <= ?", (ack,)).fetchone()
+                conn.execute("DELETE FROM outbox WHERE first_seq <= ?", (ack,))
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('acked_seq', ?)", (ack,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            log.error("store commit failed; the sources will redeliver", extra={"error": str(e)})
+            self._resolve(results, StoreError(f"commit failed: {e}"))
+            return
+        self.next_seq = seq
+        if ack > self.acked_seq:
+            self.acked_seq = ack
+            self.outbox_readings -= acked[0]
+            self.outbox_bytes -= acked[1]
+        if rows:
+            self.outbox_readings += len(rows)
+            self.outbox_bytes += sum(len(o[3]) for o in out_rows)
+            self.metrics.readings_committed.inc(len(rows))
+            for d, src in new_devices:
+                log.info("device registered", extra={"device": d, "source": src})
+        self.metrics.store_commits.inc()
+        self.metrics.store_commit_seconds.observe(time.perf_counter() - t0)
+        self.metrics.outbox_readings.set(self.outbox_readings)
+        self.metrics.outbox_bytes.set(self.outbox_bytes)
+        self._resolve(results, None, notify=bool(rows))
+
+    def _register(self, conn: sqlite3.Connection, rows: list[tuple], now_ns: int) -> list[tuple[str, str]]:
+        devices: dict[str, str] = {}
+        points: dict[tuple[str, str], Any] = {}
+        for r in rows:
+            devices[r[1]] = r[7]
+            points[(r[1], r[2])] = r[4]
+        conn.executemany("INSERT INTO devices VALUES (?,?,?,?) ON CONFLICT(device) DO UPDATE SET "
+                         "last_seen_ns=excluded.last_seen_ns",
+                         [(d, s, now_ns, now_ns) for d, s in devices.items()])
+        conn.executemany("INSERT INTO points VALUES (?,?,?,?,?) ON CONFLICT(device, point) DO UPDATE SET "
+                         "last_seen_ns=excluded.last_seen_ns, unit=excluded.unit",
+                         [(d, p, u, now_ns, now_ns) for (d, p), u in points.items()])
+        new = [(d, s) for d, s in devices.items() if d not in self._known_devices]
+        self._known_devices.update(devices)
+        return new
+
+    def _resolve(self, results: list, error: BaseException | None, notify: bool = False) -> None:
+        def done() -> None:
+            for fut, value in results:
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(error)
+            if notify and self.new_data is not None:
+                self.new_data.set()
+        if results or notify:
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(done)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+    # -- maintenance (writer thread) -------------------------------------------------------------
+    def _maintain(self, conn: sqlite3.Connection) -> None:
+        self._last_maintenance = time.monotonic()
+        try:
+            self._retention(conn)
+            self._enforce_quota(conn)
+            self._trim_dead_letters(conn)
+            self._publish_gauges(conn)
+        except sqlite3.Error as e:
+            log.error("store maintenance failed", extra={"error": str(e)})
+
+    def _retention(self, conn: sqlite3.Connection) -> None:
+        now = time.time_ns()
+        last = conn.execute("SELECT max(ts_ns) FROM seq_marks").fetchone()[0]
+        if last is None or now - last >= 60 * 1_000_000_000:
+            conn.execute("INSERT OR REPLACE INTO seq_marks VALUES (?, ?)", (now, self.next_seq))
+        cutoff_ns = now - self.cfg.retention_s * 1_000_000_000
+        row = conn.execute("SELECT max(seq) FROM seq_marks WHERE ts_ns <= ?", (cutoff_ns,)).fetchone()
+        by_age = row[0] or 0
+        by_rows = self.next_seq - self.cfg.retention_rows
+        for reason, below in (("age", by_age), ("rows", by_rows)):
+            if below > 0:
+                n = conn.execute("DELETE FROM readings WHERE seq < ?", (below,)).rowcount
+                if n > 0:
+                    self.metrics.window_evicted.labels(reason).inc(n)
+        conn.execute("DELETE FROM seq_marks WHERE ts_ns < ?", (cutoff_ns - 86400 * 1_000_000_000,))
+
+    def used_bytes(self, conn: sqlite3.Connection) -> int:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            wal_size = os.path.getsize(wal)
+        except OSError:
+            wal_size = 0
+        return (pages - free) * page_size + wal_size
+
+    def _enforce_quota(self, conn: sqlite3.Connection) -> None:
+        """Over the quota: first drop window rows the cloud already has, then evict the oldest outbox
+        rows (and their window rows) until 10 % under the quota. Counted and logged."""
+        quota = self.cfg.quota_bytes
+        if self.used_bytes(conn) <= quota:
+            return
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        target = int(quota * 0.9)
+        n = conn.execute("DELETE FROM readings WHERE seq <= ?", (self.acked_seq,)).rowcount
+        if n > 0:
+            self.metrics.window_evicted.labels("quota").inc(n)
+        evicted = 0
+        step = max(1, self.outbox_readings // self.cfg.outbox_chunk_readings // 10)
+        while self.used_bytes(conn) > target:
+            rows = conn.execute("SELECT first_seq, last_seq, count, length(payload) FROM outbox ORDER BY first_seq "
+                                "LIMIT ?", (step,)).fetchall()
+            if not rows:
+                # nothing left for the cloud: trim the window alone
+                lo = conn.execute("SELECT min(seq) FROM readings").fetchone()[0]
+                if lo is None:
+                    break
+                k = conn.execute("DELETE FROM readings WHERE seq < ?", (lo + 10000,)).rowcount
+                self.metrics.window_evicted.labels("quota").inc(k)
+                continue
+            upto = rows[-1][1]
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM outbox WHERE first_seq <= ?", (rows[-1][0],))
+            conn.execute("DELETE FROM readings WHERE seq <= ?", (upto,))
+            conn.execute("COMMIT")
+            cnt = sum(r[2] for r in rows)
+            evicted += cnt
+            self.outbox_readings -= cnt
+            self.outbox_bytes -= sum(r[3] for r in rows)
+        if evicted:
+            self.metrics.outbox_evicted.inc(evicted)
+            log.warning("disk quota reached: evicted the oldest outbox readings; they will not reach the cloud",
+                        extra={"evicted": evicted, "quota_bytes": quota, "used_bytes": self.used_bytes(conn)})
+
+    def _trim_dead_letters(self, conn: sqlite3.Connection) -> None:
+        n = conn.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",
+                         (self.cfg.dead_letter_rows,)).rowcount
+        if n > 0:
+            self.metrics.dead_letters_dropped.inc(n)
+
+    def _publish_gauges(self, conn: sqlite3.Connection) -> None:
+        self.metrics.store_bytes.set(self.used_bytes(conn))
+        self.metrics.outbox_readings.set(self.outbox_readings)
+        self.metrics.outbox_bytes.set(self.outbox_bytes)

@@ -1,0 +1,194 @@
+"""The link to the cloud: MQTT over mutual TLS, draining the outbox in seq order.
+
+Topics (`P` = uplink.topic_prefix, `G` = gateway.id):
+- `P/G/status`: retained JSON `{"state": "online"|"offline", "gateway", "version", "ts"}`; the
+  broker publishes the offline one (the will) when the link dies without a DISCONNECT.
+- `P/G/telemetry`: JSON batches `{"gateway", "first_seq", "last_seq", "count", "readings": [...]}`
+  at QoS 1; every reading carries its `seq`.
+
+Delivery: at most `max_inflight` batches await PUBACK at once; a batch leaves the outbox only after
+the cloud's PUBACK, and the acknowledgement is applied in seq order. After a disconnect or a
+restart, sending resumes after the highest acknowledged seq, so the cloud sees every seq at least
+once and a duplicate only as a resend of the same seq. Reconnects back off exponentially with
+jitter, capped.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import json
+import logging
+import random
+import time
+
+from edge_agent import __version__, tls
+from edge_agent.config import UplinkConfig
+from edge_agent.metrics import Metrics
+from edge_agent.mqttio import ConnectError, MqttConnection, PublishError, Will
+from edge_agent.store import Store
+
+log = logging.getLogger(__name__)
+CERT_CHECK_INTERVAL_S = 3600
+
+
+class Uplink:
+    name = "uplink"
+
+    def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics) -> None:
+        self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
+        # Refuses (TlsConfigError) an unreadable CA, a key readable by others, an expired certificate.
+        self.ssl_context = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, prefix="uplink.")
+        self.cert = tls.load_cert(cfg.cert_file, "uplink.cert_file")
+        base = f"{cfg.topic_prefix}/{gateway_id}"
+        self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
+        self._stopping = asyncio.Event()
+        self._conn: MqttConnection | None = None
+        self._acked = 0
+        self._last_cert_check = 0.0
+        self.connected = False
+        self.check_certificate()
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps({"state": state, "gateway": self.gateway, "version": __version__,
+                           "ts": time.time_ns()}).encode()
+
+    def check_certificate(self) -> None:
+        self._last_cert_check = time.monotonic()
+        days = self.cert.days_left()
+        self.metrics.cert_days_left.labels("uplink").set(round(days, 2))
+        expiring = days < self.cfg.cert_warn_days
+        self.metrics.cert_expiring.labels("uplink").set(1 if expiring else 0)
+        if expiring:
+            log.warning("uplink client certificate expires soon", extra={
+                "cert": self.cert.path, "days_left": round(days, 1),
+                "not_after": self.cert.not_after.astimezone(dt.timezone.utc).isoformat()})
+
+    async def run(self) -> None:
+        delay = self.cfg.reconnect_min_s
+        while not self._stopping.is_set():
+            if time.monotonic() - self._last_cert_check > CERT_CHECK_INTERVAL_S:
+                self.check_certificate()
+            conn = self._conn = MqttConnection(
+                client_id=self.gateway, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
+                keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, clean_start=True,
+                will=Will(self.status_topic, self._status("offline")), max_inflight=self.cfg.max_inflight)
+            try:
+                await conn.connect()
+                await conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+            except (ConnectError, PublishError, asyncio.TimeoutError) as e:
+                conn.close()
+                reason = str(e)
+                self.metrics.uplink_errors.labels(_reason_label(reason)).inc()
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning("cloud connection failed", extra={"host": self.cfg.host, "port": self.cfg.port,
+                                                             "error": reason, "retry_s": round(wait, 2)})
+                await self._sleep(wait)
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                continue
+            delay = self.cfg.reconnect_min_s
+            self.connected = True
+            self.metrics.uplink_connected.set(1)
+            self.metrics.uplink_connects.inc()
+            log.info("connected to cloud", extra={"host": self.cfg.host, "port": self.cfg.port,
+                                                  "resume_after_seq": max(self._acked, self.store.acked_seq)})
+            try:
+                await self._pump(conn)
+            finally:
+                self.connected = False
+                self.metrics.uplink_connected.set(0)
+            if not self._stopping.is_set():
+                reason = conn.disconnected.result() if conn.disconnected.done() else "unknown"
+                self.metrics.uplink_errors.labels("disconnected").inc()
+                log.warning("cloud connection lost", extra={"reason": reason})
+                conn.close()
+                await self._sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _sleep(self, s: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), s)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+
+    async def _pump(self, conn: MqttConnection) -> None:
+        store, cfg = self.store, self.cfg
+        assert store.new_data is not None
+        sent = max(self._acked, store.acked_seq)
+        inflight: collections.deque[tuple[int, int, asyncio.Future]] = collections.deque()
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                while len(inflight) < cfg.max_inflight and not self._stopping.is_set():
+                    store.new_data.clear()
+                    rows = await store.read_outbox(sent, cfg.batch_max_readings, cfg.batch_max_bytes)
+                    if not rows:
+                        break
+                    first, last = rows[0].first_seq, rows[-1].last_seq
+                    count = sum(r.count for r in rows)
+                    payload = (f'{{"gateway":"{self.gateway}","first_seq":{first},"last_seq":{last},'
+                               f'"count":{count},"readings":[').encode() + b",".join(r.payload for r in rows) + b"]}"
+                    inflight.append((last, count, conn.publish(self.telemetry_topic, payload, qos=1)))
+                    self.metrics.batches_sent.inc()
+                    sent = last
+                if self._stopping.is_set() and not inflight:
+                    return
+                waits: list[asyncio.Future] = [conn.disconnected]
+                if inflight:
+                    waits.append(inflight[0][2])
+                new = None
+                if not self._stopping.is_set():
+                    waits.append(stop)
+                    if len(inflight) < cfg.max_inflight:
+                        new = asyncio.ensure_future(store.new_data.wait())
+                        waits.append(new)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if new is not None:
+                    new.cancel()
+                acked_to = 0
+                while inflight and inflight[0][2].done():
+                    last, count, fut = inflight.popleft()
+                    if fut.exception() is not None:
+                        if not conn.disconnected.done():
+                            log.error("cloud refused a telemetry batch; reconnecting to resend",
+                                      extra={"last_seq": last, "error": str(fut.exception())})
+                            self.metrics.uplink_errors.labels("publish_refused").inc()
+                            conn.close()
+                        return
+                    acked_to = last
+                    self.metrics.batches_acked.inc()
+                    self.metrics.readings_acked.inc(count)
+                if acked_to:
+                    self._acked = acked_to
+                    store.ack_outbox(acked_to)
+                    self.metrics.uplink_ack_seq.set(acked_to)
+                if conn.disconnected.done():
+                    return
+        finally:
+            stop.cancel()
+            for _, _, fut in inflight:
+                if fut.done():
+                    fut.exception()  # retrieved: the batch is resent on the next connection
+
+    async def stop(self) -> None:
+        """Stop sending, wait (bounded by the supervisor) for in-flight PUBACKs, say offline, disconnect."""
+        self._stopping.set()
+        conn = self._conn
+        if conn is not None and not conn.disconnected.done():
+            # the pump returns once its in-flight batches are acknowledged; then say goodbye
+            for _ in range(100):
+                if conn.inflight == 0:
+                    break
+                await asyncio.sleep(0.02)
+            try:
+                await asyncio.wait_for(conn.publish(self.status_topic, self._status("offline"), qos=1,
+                                                    retain=True), 2.0)
+            except (PublishError, asyncio.TimeoutError, TimeoutError):
+                pass
+            await conn.disconnect()
+
+
+def _reason_label(reason: str) -> str:
+    for key in ("tls verification", "tls", "refused", "timed out", "CONNACK", "cannot connect"):
+        if key in reason:
+            return key.lower().replace(" ", "_")
+    return "other"
