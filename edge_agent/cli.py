@@ -19,7 +19,11 @@ def _fail(msg: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import faulthandler
+    import signal
+
     from edge_agent.app import App
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks to the journal
     try:
         cfg = config.load(args.config)
         logs.setup(cfg.log.level, cfg.log.format)

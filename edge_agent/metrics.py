@@ -16,8 +16,8 @@ class Metrics:
         self.readings_committed = Counter(p + "readings_committed", "Readings committed to the store", registry=r)
         self.messages_rejected = Counter(p + "messages_rejected", "Device messages rejected, by reason",
                                          ["source", "reason"], registry=r)
-        self.ingest_overflow = Counter(p + "ingest_overflow", "Messages left unacknowledged at the ingest "
-                                       "queue bound (the broker redelivers them)", ["source"], registry=r)
+        self.ingest_paused = Counter(p + "ingest_paused", "Times ingest stopped reading from a broker at its "
+                                     "bound of uncommitted messages", ["source"], registry=r)
         self.dead_letters_dropped = Counter(p + "dead_letters_dropped", "Dead letters removed at the table bound",
                                             registry=r)
         self.store_commits = Counter(p + "store_commits", "Store transactions committed", registry=r)

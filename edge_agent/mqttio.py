@@ -132,6 +132,7 @@ class MqttConnection:
         self._subs: dict[int, asyncio.Future] = {}
         self._sock: socket.socket | None = None
         self._writer = False
+        self._paused = False
         self._misc: asyncio.Task | None = None
 
     # -- connection ----------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class MqttConnection:
                 pass
             self._sock = None
             self._writer = False
-        if self._misc is not None and self._misc is not asyncio.current_task():
+        if self._misc is not None and not self._loop.is_closed():
             self._misc.cancel()
 
     def _want_write(self) -> None:
@@ -196,10 +197,26 @@ class MqttConnection:
             self._writer = True
             self._loop.add_writer(self._sock, self._on_writable)
 
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (TCP flow control then holds the broker back)."""
+        if not self._paused:
+            self._paused = True
+            if self._sock is not None:
+                self._loop.remove_reader(self._sock)
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._sock is not None:
+                self._loop.add_reader(self._sock, self._on_readable)
+                self._loop.call_soon(self._on_readable)  # what is already buffered
+
     def _on_readable(self) -> None:
         c = self._c
+        if self._paused or self._sock is None:
+            return
         rc = c.loop_read()
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and (
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and not self._paused and (
                 c.buffered() or (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending())):
             rc = c.loop_read()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -249,6 +266,7 @@ class MqttConnection:
     def _resolve_disconnect(self, reason: str) -> None:
         if not self._connack.done():
             self._connack.set_exception(ConnectError(reason))
+            self._connack.exception()  # retrieved: connect() reports it if it is still waiting
         if not self.disconnected.done():
             self.disconnected.set_result(reason)
         err = PublishError(f"connection lost before PUBACK ({reason})")

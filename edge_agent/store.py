@@ -119,7 +119,7 @@ class Store:
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.cfg.queue_max_batches)
         self.new_data = asyncio.Event()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._writer_main, args=(ready,), name="store-writer", daemon=True)
         self._writer.start()
@@ -133,7 +133,8 @@ class Store:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.cfg.synchronous.upper()}")
-        conn.execute("PRAGMA journal_size_limit=67108864")
+        # the WAL counts against the quota: keep it to a quarter of it (at most 64 MiB) after checkpoints
+        conn.execute(f"PRAGMA journal_size_limit={min(64 << 20, self.cfg.quota_bytes // 4)}")
         conn.execute("PRAGMA foreign_keys=OFF")
         return conn
 
@@ -221,7 +222,11 @@ class Store:
         delay = self.cfg.batch_max_delay_ms / 1000
         stopping = False
         while not stopping:
-            job = self._q.get()
+            try:
+                job = self._q.get(timeout=MAINTENANCE_INTERVAL_S)
+            except queue.Empty:  # idle: retention and the quota still apply
+                self._maintain(conn)
+                continue
             if job is _STOP:
                 break
             jobs = [job]
@@ -427,12 +432,14 @@ class Store:
                     break
                 k = conn.execute("DELETE FROM readings WHERE seq < ?", (lo + 10000,)).rowcount
                 self.metrics.window_evicted.labels("quota").inc(k)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 continue
             upto = rows[-1][1]
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("DELETE FROM outbox WHERE first_seq <= ?", (rows[-1][0],))
             conn.execute("DELETE FROM readings WHERE seq <= ?", (upto,))
             conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             cnt = sum(r[2] for r in rows)
             evicted += cnt
             self.outbox_readings -= cnt

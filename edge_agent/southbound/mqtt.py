@@ -8,10 +8,10 @@ once that write is durable. Rejected payloads are counted, logged (rate-limited)
 dead-letter table and acknowledged, so a poison message is not redelivered forever.
 
 Bounds: the broker sends at most `receive_maximum` unacknowledged messages (MQTT 5; with 3.1.1 the
-broker's `max_inflight_messages`); the adapter holds at most twice that many undecided messages.
-Beyond that (a broker ignoring the limit, or QoS 0 floods) a message is left unacknowledged and
-counted (`edge_agent_ingest_overflow`): QoS 1 ones come back on the next connection, which the
-adapter then forces; QoS 0 ones are lost, as QoS 0 allows.
+broker's `max_inflight_messages`). Not every broker holds to that, and QoS 0 has no window at all,
+so the adapter also stops reading from the socket when `receive_maximum` messages are decoded but
+not yet committed, and reads again below half of that: TCP flow control then holds the broker back.
+Nothing is dropped at the bound; each pause is counted (`edge_agent_ingest_paused_total`).
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ class MqttIngest:
             f = cfg.tls_files
             self.ssl_context = tls.client_context(f.ca_file, f.cert_file, f.key_file,
                                                   prefix="southbound.mqtt.tls_files.")
-        self.max_pending = 2 * cfg.receive_maximum
+        self.max_pending = cfg.receive_maximum
+        self._paused = False
         self._stopping = asyncio.Event()
         self._conn: MqttConnection | None = None
         self._batch: list[tuple[int, int]] = []      # (mid, qos) in arrival order
@@ -70,6 +71,7 @@ class MqttIngest:
                 keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, username=self.cfg.username,
                 password=self.cfg.password, clean_start=False, receive_maximum=self.cfg.receive_maximum,
                 manual_ack=True, on_message=self._on_message)
+            self._paused = False
             try:
                 present = await conn.connect()
                 await conn.subscribe([(f, 1) for f, _ in self.routes])
@@ -118,12 +120,11 @@ class MqttIngest:
     def _on_message(self, msg: MQTTMessage) -> None:
         if self._stopping.is_set():
             return  # not acknowledged: the broker redelivers after the restart
-        if self._pending >= self.max_pending:
-            self.metrics.ingest_overflow.labels(SOURCE).inc()
-            if msg.qos and self._conn is not None:
-                self._conn.close()  # get the unacknowledged messages redelivered on a new session
-            return
         self._pending += 1
+        if self._pending >= self.max_pending and self._conn is not None and not self._paused:
+            self._paused = True
+            self._conn.pause_reading()
+            self.metrics.ingest_paused.labels(SOURCE).inc()
         self._batch.append((msg.mid, msg.qos))
         topic, payload = msg.topic, msg.payload
         try:
@@ -179,6 +180,10 @@ class MqttIngest:
             return
         finally:
             self._pending -= len(batch)
+            if self._paused and self._pending <= self.max_pending // 2:
+                self._paused = False
+                if self._conn is not None:
+                    self._conn.resume_reading()
         if conn is not None:
             for mid, qos in batch:
                 if qos:
