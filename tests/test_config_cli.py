@@ -1,0 +1,98 @@
+"""Configuration errors are one line naming the key; `edge-agent check`; the example config."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from edge_agent import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("raw, key, expected", [
+    ({"store": {"batchsize": 10}}, "store.batchsize", "unknown key"),
+    ({"store": {"batch_max_rows": "many"}}, "store.batch_max_rows", "expected an integer, got string 'many'"),
+    ({"store": {"batch_max_rows": 0}}, "store.batch_max_rows", "must be >= 1"),
+    ({"uplink": {"port": 70000}}, "uplink.port", "must be <= 65535"),
+    ({"uplink": {"enabled": "yes"}}, "uplink.enabled", "expected true or false"),
+    ({"uplink": {"protocol": "4"}}, "uplink.protocol", "expected one of 5, 3.1.1"),
+    ({"uplink": {"ca_file": ""}}, "uplink.ca_file", "verification cannot be turned off"),
+    ({"gateway": {"id": "a/b"}}, "gateway.id", "topic segment"),
+    ({"southbound": {"mqtt": {"topics": [{"filter": "a/#/b"}]}}}, "southbound.mqtt.topics[0].filter",
+     "valid MQTT topic filter"),
+    ({"southbound": {"mqtt": {"topics": [{"filter": "a/+", "device": "a/x"}]}}},
+     "southbound.mqtt.topics[0].device", "{device}"),
+    ({"southbound": {"mqtt": {"topics": "devices/#"}}}, "southbound.mqtt.topics", "expected an array"),
+    ({"metrics": []}, "metrics", "expected a table"),
+    ({"southbound": {"mqtt": {"reconnect_min_s": 5.0, "reconnect_max_s": 1.0}}}, "southbound.mqtt",
+     "above the maximum"),
+])
+def test_config_errors_name_the_key(raw, key, expected):
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict(raw)
+    msg = str(e.value)
+    assert msg.startswith(key + ":") or msg.startswith(key), msg
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_defaults_are_complete():
+    cfg = config.from_dict({})
+    assert cfg.store.synchronous == "full"
+    assert cfg.metrics.host == "127.0.0.1"
+    assert cfg.southbound.mqtt.topics[0].device == "devices/{device}/telemetry"
+
+
+def test_example_config_documents_every_key_and_is_current():
+    text = (ROOT / "systemd" / "edge-agent.toml").read_text()
+    assert text == config.example_toml(), "regenerate systemd/edge-agent.toml (see its header)"
+    cfg = config.from_dict(tomllib.loads(text))
+    assert config.to_dict(cfg) == config.to_dict(config.Config())
+
+
+def test_check_exits_non_zero_with_one_line_naming_the_key(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[store]\nbatch_max_rows = "lots"\n')
+    r = cli("check", "--config", str(p))
+    assert r.returncode == 2
+    assert r.stderr.strip() == "edge-agent: store.batch_max_rows: expected an integer, got string 'lots'"
+    p.write_text("[store\n")
+    r = cli("check", "--config", str(p))
+    assert r.returncode == 2 and "not valid TOML" in r.stderr and "Traceback" not in r.stderr
+    r = cli("check", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "config file not found" in r.stderr
+    r = cli("run", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_check_prints_effective_config_with_secrets_redacted(tmp_path, pki):
+    cert, key = pki["gateway"]
+    p = tmp_path / "ok.toml"
+    p.write_text(f"""
+[gateway]
+id = "gw-9"
+[southbound.mqtt]
+password = "hunter2"
+[uplink]
+ca_file = "{pki['ca'].cert_path}"
+cert_file = "{cert}"
+key_file = "{key}"
+""")
+    r = cli("check", "--config", str(p))
+    assert r.returncode == 0, r.stderr
+    assert 'id = "gw-9"' in r.stdout and "hunter2" not in r.stdout and 'password = "***"' in r.stdout
+    effective = tomllib.loads(r.stdout)
+    assert effective["store"]["batch_max_rows"] == 5000
+
+
+def test_version():
+    r = cli("version")
+    assert r.returncode == 0 and r.stdout.startswith("edge-agent ")

@@ -1,0 +1,92 @@
+"""The store on its own: seqs, outbox acknowledgement, retention, registry, restart."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from edge_agent.config import StoreConfig
+from edge_agent.metrics import Metrics
+from edge_agent.records import Reading
+from edge_agent.store import Store
+
+
+def R(i: int, device: str = "d1", value=None) -> Reading:
+    return Reading(device, "p", float(i) if value is None else value, "u", time.time_ns(), "good", "test")
+
+
+async def _open(tmp_path, **kw) -> Store:
+    s = Store(StoreConfig(**kw), tmp_path, Metrics())
+    await s.open()
+    return s
+
+
+def test_seqs_are_contiguous_and_survive_restart(tmp_path):
+    async def main():
+        s = await _open(tmp_path)
+        last = await asyncio.gather(*(s.write([R(i), R(i)]) for i in range(50)))
+        assert sorted(last) == list(range(2, 101, 2))
+        await s.close()
+        s = await _open(tmp_path)
+        assert s.next_seq == 101 and s.outbox_readings == 100
+        assert await s.write([R(0)]) == 101
+        rows = await s.read_outbox(0, 10_000, 10 << 20)
+        seqs = [r["seq"] for row in rows for r in json.loads(b"[" + row.payload + b"]")]
+        assert seqs == list(range(1, 102))
+        await s.close()
+    asyncio.run(main())
+
+
+def test_outbox_rows_leave_only_when_acked(tmp_path):
+    async def main():
+        s = await _open(tmp_path, outbox_chunk_readings=10)
+        await s.write([R(i) for i in range(35)])
+        rows = await s.read_outbox(0, 20, 1 << 20)
+        assert [(r.first_seq, r.last_seq) for r in rows] == [(1, 10), (11, 20)]
+        s.ack_outbox(20)
+        await s.write([R(99)])  # the ack rides on the next commit
+        rows = await s.read_outbox(0, 1000, 1 << 20)
+        assert [(r.first_seq, r.last_seq) for r in rows] == [(21, 30), (31, 35), (36, 36)]
+        assert s.outbox_readings == 16 and s.acked_seq == 20
+        await s.close()
+        s = await _open(tmp_path)
+        assert s.acked_seq == 20 and s.outbox_readings == 16
+        await s.close()
+    asyncio.run(main())
+
+
+def test_batch_bounds_one_row_always_fits(tmp_path):
+    async def main():
+        s = await _open(tmp_path, outbox_chunk_readings=100)
+        await s.write([R(i, value="x" * 500) for i in range(100)])
+        rows = await s.read_outbox(0, 10, 1024)  # a row bigger than both bounds still goes, alone
+        assert len(rows) == 1 and rows[0].count == 100
+        await s.close()
+    asyncio.run(main())
+
+
+def test_retention_by_rows_and_registry(tmp_path):
+    async def main():
+        s = await _open(tmp_path, retention_rows=1000)
+        for k in range(5):
+            await s.write([R(i, device=f"dev-{k}") for i in range(600)])
+        await s.close()  # close runs maintenance
+        s = await _open(tmp_path, retention_rows=1000)
+        n = (await s.query("SELECT count(*) FROM readings"))[0][0]
+        assert n == 1000
+        assert s.metrics is not None
+        devs = await s.query("SELECT device FROM devices ORDER BY device")
+        assert [d for (d,) in devs] == [f"dev-{k}" for k in range(5)]
+        await s.close()
+    asyncio.run(main())
+
+
+def test_values_keep_their_json_types(tmp_path):
+    async def main():
+        s = await _open(tmp_path)
+        await s.write([R(0, value=True), R(1, value=7), R(2, value="on"), R(3, value=2.5)])
+        rows = await s.read_outbox(0, 100, 1 << 20)
+        values = [r["value"] for r in json.loads(b"[" + rows[0].payload + b"]")]
+        assert values == [True, 7, "on", 2.5]
+        await s.close()
+    asyncio.run(main())
