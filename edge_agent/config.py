@@ -45,7 +45,8 @@ class LogConfig:
 @dataclass
 class StoreConfig:
     batch_max_rows: int = opt(5000, doc="readings per commit at most", ge=1, le=1_000_000)
-    batch_max_delay_ms: float = opt(5.0, doc="how long a commit waits to fill before it goes", ge=0, le=10_000)
+    batch_max_delay_ms: float = opt(0.0, doc="how long a commit waits to fill before it goes (0: it takes what is "
+                                     "queued; the next batch gathers while it commits)", ge=0, le=10_000)
     queue_max_batches: int = opt(1024, doc="write requests waiting for the writer; beyond, writers wait",
                                  ge=1, le=1_000_000)
     synchronous: str = opt("full", doc="full: a commit survives a power cut; normal: the last commits may not",
@@ -92,8 +93,10 @@ class MqttIngestConfig:
     username: str = opt("", doc="username ('' = none)")
     password: str = opt("", doc="password", secret=True)
     keepalive_s: int = opt(30, doc="MQTT keepalive", ge=5, le=3600)
-    receive_maximum: int = opt(1000, doc="unacknowledged QoS 1 messages in flight (MQTT 5 receive maximum)",
-                               ge=1, le=65535)
+    receive_maximum: int = opt(4000, doc="unacknowledged QoS 1 messages in flight (MQTT 5 receive maximum); "
+                               "the window that keeps ingest fast while commits are in flight", ge=1, le=65535)
+    max_pending_bytes: int = opt(8 << 20, doc="payload bytes taken but not yet committed; at this bound ingest stops "
+                                 "reading from the broker until commits catch up", ge=64 << 10, le=1 << 30)
     max_payload_bytes: int = opt(65536, doc="larger payloads are rejected and counted", ge=16, le=16 << 20)
     reconnect_min_s: float = opt(0.5, doc="first reconnect delay", ge=0.05)
     reconnect_max_s: float = opt(30.0, doc="reconnect delay cap", ge=0.1)

@@ -5,10 +5,11 @@ paho runs without a thread of its own: its socket is registered with the event l
 code sees futures, never a callback thread. Only the blocking `connect()` (DNS, TCP, TLS handshake)
 runs in an executor thread.
 
-Two private paho hooks are overridden for throughput, pinned by the `paho-mqtt>=2.1,<3` range and
+Three private paho hooks are overridden for throughput, pinned by the `paho-mqtt>=2.1,<3` range and
 covered by the tests: `_sock_recv` reads the socket in 64 KiB chunks and serves paho's 1-byte
 header reads from memory (paho otherwise makes three syscalls per packet), and `_sock_send`
-coalesces the packets written in one loop turn (a burst of PUBACKs) into one send.
+coalesces the packets written in one loop turn (a burst of PUBACKs) into one send, and
+`_handle_on_message` skips paho's per-topic callback matching, which we do not use.
 """
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ class _Client(paho.Client):
         out = self._rbuf[self._rpos:end]
         self._rpos = end if end < len(self._rbuf) else len(self._rbuf)
         return out
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        # paho matches every message against per-topic callbacks first; we register none
+        on_message = self.on_message
+        if on_message is not None:
+            on_message(self, self._userdata, message)
 
     def buffered(self) -> bool:
         return self._rpos < len(self._rbuf)
@@ -125,7 +132,7 @@ class MqttConnection:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
-        c.on_message = (lambda _c, _u, msg: on_message(msg)) if on_message else None
+        c.on_message = self._guard(on_message) if on_message else None
         self._connack: asyncio.Future = self._loop.create_future()
         self.disconnected: asyncio.Future = self._loop.create_future()
         self._pubs: dict[int, asyncio.Future] = {}
@@ -134,6 +141,15 @@ class MqttConnection:
         self._writer = False
         self._paused = False
         self._misc: asyncio.Task | None = None
+
+    @staticmethod
+    def _guard(on_message: MessageCallback) -> Callable:
+        def deliver(_c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+            try:
+                on_message(msg)
+            except Exception:  # a bug in a handler must not take the connection down
+                log.exception("message handler failed")
+        return deliver
 
     # -- connection ----------------------------------------------------------------------------
     async def connect(self, timeout: float = 15.0) -> bool:

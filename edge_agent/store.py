@@ -1,8 +1,9 @@
 """The durable store: SQLite in WAL mode, one writer thread, batched commits.
 
 Tables
-- `readings`: the local window (seq, device, point, value, unit, ts_ns, quality, source); retention by
-  age and by row count.
+- `readings`: the local window (seq, series, ts_ns, value, quality), `series` being the id of the
+  (device, point) row in `points`; no secondary index (an index costs more than the row itself at
+  ingest rates); retention by age and by row count.
 - `outbox`: what the cloud has not acknowledged, as pre-encoded JSON chunks of consecutive seqs
   (first_seq, last_seq, count, payload). A row leaves only when the uplink reports the cloud's PUBACK
   for it, or when the disk quota evicts it (counted, logged).
@@ -44,18 +45,16 @@ log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS readings (
-    seq INTEGER PRIMARY KEY, device TEXT NOT NULL, point TEXT NOT NULL, value, unit TEXT,
-    ts_ns INTEGER NOT NULL, quality TEXT NOT NULL, source TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS readings_device_point ON readings (device, point, ts_ns);
-CREATE TABLE IF NOT EXISTS outbox (
-    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, count INTEGER NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY, source TEXT NOT NULL, first_seen_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS points (
-    device TEXT NOT NULL, point TEXT NOT NULL, unit TEXT, first_seen_ns INTEGER NOT NULL,
-    last_seen_ns INTEGER NOT NULL, PRIMARY KEY (device, point)) WITHOUT ROWID;
+    id INTEGER PRIMARY KEY, device TEXT NOT NULL, point TEXT NOT NULL, unit TEXT, first_seen_ns INTEGER NOT NULL,
+    last_seen_ns INTEGER NOT NULL, UNIQUE (device, point));
+CREATE TABLE IF NOT EXISTS readings (
+    seq INTEGER PRIMARY KEY, series INTEGER NOT NULL, ts_ns INTEGER NOT NULL, value, quality TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, count INTEGER NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY, ts_ns INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
@@ -78,20 +77,43 @@ class OutboxRow:
     payload: bytes
 
 
-def encode_readings(rows: list[tuple]) -> bytes:
-    """JSON objects of (seq, device, point, value, unit, ts_ns, quality, source) rows, comma-joined
-    without the enclosing brackets, so that consecutive chunks concatenate into one array."""
-    items = [{"seq": r[0], "device": r[1], "point": r[2], "value": r[3], "unit": r[4], "ts": r[5],
-              "quality": r[6], "source": r[7]} for r in rows]
-    try:
-        text = json.dumps(items, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    except ValueError:  # a non-finite float from an adapter that did not validate: never lose the row
-        for it in items:
-            v = it["value"]
-            if isinstance(v, float) and not math.isfinite(v):
-                it["value"], it["quality"] = None, "bad"
-        text = json.dumps(items, separators=(",", ":"), ensure_ascii=False)
-    return text[1:-1].encode()
+_JSON_NAMES: dict[str, str] = {}
+
+
+def _json_name(s: str | None) -> str:
+    v = _JSON_NAMES.get(s)  # type: ignore[arg-type]
+    if v is None:
+        if len(_JSON_NAMES) > 100_000:  # bounded: names are few, but never trust that
+            _JSON_NAMES.clear()
+        v = _JSON_NAMES[s] = json.dumps(s, ensure_ascii=False)  # type: ignore[index]
+    return v
+
+
+def _json_value(v: Any) -> tuple[str, bool]:
+    """(JSON text, ok); non-finite floats (adapters reject them; this is the last guard) become null."""
+    t = type(v)
+    if t is float:
+        return (repr(v), True) if math.isfinite(v) else ("null", False)
+    if t is bool:
+        return ("true" if v else "false"), True
+    if t is int:
+        return str(v), True
+    return json.dumps(v, ensure_ascii=False), True
+
+
+def encode_readings(first_seq: int, readings: list[Reading]) -> bytes:
+    """JSON objects of consecutive readings from `first_seq`, comma-joined without the enclosing
+    brackets, so that consecutive chunks concatenate into one array. Same output as json.dumps of
+    {"seq", "device", "point", "value", "unit", "ts", "quality", "source"}, three times faster."""
+    parts = []
+    seq = first_seq
+    for r in readings:
+        value, ok = _json_value(r.value)
+        parts.append(f'{{"seq":{seq},"device":{_json_name(r.device)},"point":{_json_name(r.point)},'
+                     f'"value":{value},"unit":{_json_name(r.unit)},"ts":{r.ts_ns},'
+                     f'"quality":{_json_name(r.quality if ok else "bad")},"source":{_json_name(r.source)}}}')
+        seq += 1
+    return ",".join(parts).encode()
 
 
 class Store:
@@ -111,6 +133,9 @@ class Store:
         self.outbox_bytes = 0
         self.acked_seq = 0
         self._known_devices: set[str] = set()
+        self._series: dict[tuple[str, str], int] = {}
+        self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
+        self._seen_points: dict[tuple[str, str], str | None] = {}
         self._last_maintenance = 0.0
         self.fatal: BaseException | None = None
 
@@ -269,39 +294,55 @@ class Store:
         self.acked_seq = int(row[0]) if row else 0
         n, b = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox").fetchone()
         self.outbox_readings, self.outbox_bytes = n, b
-        self._known_devices = {r[0] for r in conn.execute("SELECT device FROM devices")}
+        self._load_registry(conn)
         self._publish_gauges(conn)
+
+    def _load_registry(self, conn: sqlite3.Connection) -> None:
+        self._known_devices = {r[0] for r in conn.execute("SELECT device FROM devices")}
+        self._series = {(d, p): i for i, d, p in conn.execute("SELECT id, device, point FROM points")}
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[tuple]) -> None:
         t0 = time.perf_counter()
-        seq = self.next_seq
-        rows: list[tuple] = []
+        writes: list[tuple[int, list[Reading]]] = []   # (first seq, readings)
         dead: list[tuple] = []
         ack = 0
         results: list[tuple[asyncio.Future, int]] = []
+        seq = self.next_seq
         for kind, payload, fut in jobs:
             if kind == "w":
-                for r in payload:
-                    rows.append((seq, r.device, r.point, r.value, r.unit, r.ts_ns, r.quality, r.source))
-                    seq += 1
+                if payload:
+                    writes.append((seq, payload))
+                    seq += len(payload)
                 results.append((fut, seq - 1))
             elif kind == "d":
                 dead.append(payload)
                 results.append((fut, 0))
             else:
                 ack = max(ack, payload)
+        n_rows = seq - self.next_seq
         now_ns = time.time_ns()
         chunk = self.cfg.outbox_chunk_readings
+        out_rows: list[tuple] = []
+        new_devices: list[tuple[str, str]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if rows:
-                conn.executemany("INSERT INTO readings VALUES (?,?,?,?,?,?,?,?)", rows)
-                out_rows = []
-                for i in range(0, len(rows), chunk):
-                    part = rows[i:i + chunk]
-                    out_rows.append((part[0][0], part[-1][0], len(part), encode_readings(part)))
+            if writes:
+                series = self._register(conn, writes, now_ns, new_devices)
+                conn.executemany("INSERT INTO readings VALUES (?,?,?,?,?)",
+                                 [(first + i, series[(r.device, r.point)], r.ts_ns, r.value, r.quality)
+                                  for first, rs in writes for i, r in enumerate(rs)])
+                pending: list[Reading] = []
+                start = writes[0][0]
+                for first, rs in writes:  # chunks of consecutive seqs, at most `chunk` readings each
+                    for r in rs:
+                        pending.append(r)
+                        if len(pending) == chunk:
+                            out_rows.append((start, start + chunk - 1, chunk, encode_readings(start, pending)))
+                            start += chunk
+                            pending = []
+                if pending:
+                    out_rows.append((start, start + len(pending) - 1, len(pending), encode_readings(start, pending)))
                 conn.executemany("INSERT INTO outbox VALUES (?,?,?,?)", out_rows)
-                new_devices = self._register(conn, rows, now_ns)
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (seq,))
             if dead:
                 conn.executemany("INSERT INTO dead_letters (ts_ns, source, topic, reason, detail, payload) "
@@ -318,6 +359,7 @@ class Store:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            self._load_registry(conn)
             log.error("store commit failed; the sources will redeliver", extra={"error": str(e)})
             self._resolve(results, StoreError(f"commit failed: {e}"))
             return
@@ -326,33 +368,53 @@ class Store:
             self.acked_seq = ack
             self.outbox_readings -= acked[0]
             self.outbox_bytes -= acked[1]
-        if rows:
-            self.outbox_readings += len(rows)
+        if n_rows:
+            self.outbox_readings += n_rows
             self.outbox_bytes += sum(len(o[3]) for o in out_rows)
-            self.metrics.readings_committed.inc(len(rows))
+            self.metrics.readings_committed.inc(n_rows)
             for d, src in new_devices:
                 log.info("device registered", extra={"device": d, "source": src})
         self.metrics.store_commits.inc()
         self.metrics.store_commit_seconds.observe(time.perf_counter() - t0)
         self.metrics.outbox_readings.set(self.outbox_readings)
         self.metrics.outbox_bytes.set(self.outbox_bytes)
-        self._resolve(results, None, notify=bool(rows))
+        self._resolve(results, None, notify=bool(n_rows))
 
-    def _register(self, conn: sqlite3.Connection, rows: list[tuple], now_ns: int) -> list[tuple[str, str]]:
-        devices: dict[str, str] = {}
-        points: dict[tuple[str, str], Any] = {}
-        for r in rows:
-            devices[r[1]] = r[7]
-            points[(r[1], r[2])] = r[4]
-        conn.executemany("INSERT INTO devices VALUES (?,?,?,?) ON CONFLICT(device) DO UPDATE SET "
-                         "last_seen_ns=excluded.last_seen_ns",
-                         [(d, s, now_ns, now_ns) for d, s in devices.items()])
-        conn.executemany("INSERT INTO points VALUES (?,?,?,?,?) ON CONFLICT(device, point) DO UPDATE SET "
-                         "last_seen_ns=excluded.last_seen_ns, unit=excluded.unit",
-                         [(d, p, u, now_ns, now_ns) for (d, p), u in points.items()])
-        new = [(d, s) for d, s in devices.items() if d not in self._known_devices]
-        self._known_devices.update(devices)
-        return new
+    def _register(self, conn: sqlite3.Connection, writes: list[tuple[int, list[Reading]]], now_ns: int,
+                  new_devices: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Register new devices and points at once; returns (device, point) -> series id. `last_seen`
+        and unit changes of known ones are written by the maintenance pass, once a second, not per commit."""
+        seen_d, seen_p = self._seen_devices, self._seen_points
+        for _, rs in writes:
+            for r in rs:
+                seen_p[(r.device, r.point)] = r.unit
+                seen_d[r.device] = r.source
+        fresh_d = [(d, s) for d, s in seen_d.items() if d not in self._known_devices]
+        if fresh_d:
+            conn.executemany("INSERT OR IGNORE INTO devices VALUES (?,?,?,?)",
+                             [(d, s, now_ns, now_ns) for d, s in fresh_d])
+            new_devices.extend(fresh_d)
+            self._known_devices.update(d for d, _ in fresh_d)
+        for (d, p), u in seen_p.items():
+            if (d, p) not in self._series:
+                conn.execute("INSERT OR IGNORE INTO points (device, point, unit, first_seen_ns, last_seen_ns) "
+                             "VALUES (?,?,?,?,?)", (d, p, u, now_ns, now_ns))
+                self._series[(d, p)] = conn.execute("SELECT id FROM points WHERE device=? AND point=?",
+                                                    (d, p)).fetchone()[0]
+        return self._series
+
+    def _flush_seen(self, conn: sqlite3.Connection) -> None:
+        if not (self._seen_devices or self._seen_points):
+            return
+        now_ns = time.time_ns()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("UPDATE devices SET last_seen_ns=? WHERE device=?",
+                         [(now_ns, d) for d in self._seen_devices])
+        conn.executemany("UPDATE points SET last_seen_ns=?, unit=? WHERE device=? AND point=?",
+                         [(now_ns, u, d, p) for (d, p), u in self._seen_points.items()])
+        conn.execute("COMMIT")
+        self._seen_devices.clear()
+        self._seen_points.clear()
 
     def _resolve(self, results: list, error: BaseException | None, notify: bool = False) -> None:
         def done() -> None:
@@ -375,6 +437,7 @@ class Store:
     def _maintain(self, conn: sqlite3.Connection) -> None:
         self._last_maintenance = time.monotonic()
         try:
+            self._flush_seen(conn)
             self._retention(conn)
             self._enforce_quota(conn)
             self._trim_dead_letters(conn)

@@ -8,10 +8,11 @@ once that write is durable. Rejected payloads are counted, logged (rate-limited)
 dead-letter table and acknowledged, so a poison message is not redelivered forever.
 
 Bounds: the broker sends at most `receive_maximum` unacknowledged messages (MQTT 5; with 3.1.1 the
-broker's `max_inflight_messages`). Not every broker holds to that, and QoS 0 has no window at all,
-so the adapter also stops reading from the socket when `receive_maximum` messages are decoded but
-not yet committed, and reads again below half of that: TCP flow control then holds the broker back.
-Nothing is dropped at the bound; each pause is counted (`edge_agent_ingest_paused_total`).
+broker's `max_inflight_messages`). Not every broker holds to that, QoS 0 has no window at all, and
+the window times the payload bound could be large, so the adapter also stops reading from the
+socket when `receive_maximum` messages or `max_pending_bytes` of payload are taken but not yet
+committed, and reads again below half of both: TCP flow control then holds the broker back. Nothing
+is dropped at the bound; each pause is counted (`edge_agent_ingest_paused_total`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class MqttIngest:
         self.client_id = cfg.client_id or f"{gateway_id}-ingest"
         self.sink, self.dead_letter, self.metrics = sink, dead_letter, metrics
         self.routes: list[tuple[str, Decoder]] = [(t.filter, make_decoder(t, SOURCE)) for t in cfg.topics]
+        self._routes_cache: dict[str, Decoder] = {}
         self.ssl_context = None
         if cfg.tls:
             f = cfg.tls_files
@@ -54,6 +56,8 @@ class MqttIngest:
         self._stopping = asyncio.Event()
         self._conn: MqttConnection | None = None
         self._batch: list[tuple[int, int]] = []      # (mid, qos) in arrival order
+        self._batch_bytes = 0
+        self._pending_bytes = 0
         self._readings: list[Reading] = []
         self._dead: list[tuple[str, str, str, str, bytes]] = []
         self._pending = 0
@@ -121,29 +125,46 @@ class MqttIngest:
         if self._stopping.is_set():
             return  # not acknowledged: the broker redelivers after the restart
         self._pending += 1
-        if self._pending >= self.max_pending and self._conn is not None and not self._paused:
+        self._pending_bytes += len(msg.payload)
+        if (self._pending >= self.max_pending or self._pending_bytes >= self.cfg.max_pending_bytes) \
+                and self._conn is not None and not self._paused:
             self._paused = True
             self._conn.pause_reading()
             self.metrics.ingest_paused.labels(SOURCE).inc()
         self._batch.append((msg.mid, msg.qos))
-        topic, payload = msg.topic, msg.payload
+        payload = msg.payload
+        self._batch_bytes += len(payload)
+        topic = msg._topic.decode("utf-8", "replace")
         try:
             if len(payload) > self.cfg.max_payload_bytes:
                 raise RejectedInput("too_large", f"{len(payload)} bytes > max_payload_bytes "
                                                  f"{self.cfg.max_payload_bytes}")
-            for flt, decode in self.routes:
-                if topic_matches_sub(flt, topic):
-                    readings = decode(topic, payload, time.time_ns())
-                    break
-            else:
-                raise RejectedInput("topic_mismatch", f"no topic filter matches {topic[:80]!r}")
+            decode = self._route(topic)
+            readings = decode(topic, payload, time.time_ns())
             self._readings.extend(readings)
             self._received.inc(len(readings))
         except RejectedInput as e:
             self._reject(topic, payload, e)
+        except Exception as e:  # a decoder bug: keep the payload, count it, keep running
+            log.exception("decoder failed", extra={"topic": topic[:120]})
+            self._reject(topic, payload, RejectedInput("internal_error", f"{type(e).__name__}: {e}"))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def _route(self, topic: str) -> Decoder:
+        decode = self._routes_cache.get(topic)
+        if decode is None:
+            for flt, d in self.routes:
+                if topic_matches_sub(flt, topic):
+                    decode = d
+                    break
+            else:
+                raise RejectedInput("topic_mismatch", f"no topic filter matches {topic[:80]!r}")
+            if len(self._routes_cache) >= 10_000:  # bounded: topics are per device, devices are many
+                self._routes_cache.clear()
+            self._routes_cache[topic] = decode
+        return decode
 
     def _reject(self, topic: str, payload: bytes, e: RejectedInput) -> None:
         self.metrics.messages_rejected.labels(SOURCE, e.reason).inc()
@@ -154,12 +175,12 @@ class MqttIngest:
         self._flush_scheduled = False
         if not self._batch:
             return
-        batch, readings, dead = self._batch, self._readings, self._dead
-        self._batch, self._readings, self._dead = [], [], []
+        batch, readings, dead, size = self._batch, self._readings, self._dead, self._batch_bytes
+        self._batch, self._readings, self._dead, self._batch_bytes = [], [], [], 0
         prev, conn = self._last_flush, self._conn
-        self._last_flush = asyncio.ensure_future(self._commit_and_ack(conn, batch, readings, dead, prev))
+        self._last_flush = asyncio.ensure_future(self._commit_and_ack(conn, batch, size, readings, dead, prev))
 
-    async def _commit_and_ack(self, conn: MqttConnection | None, batch: list[tuple[int, int]],
+    async def _commit_and_ack(self, conn: MqttConnection | None, batch: list[tuple[int, int]], size: int,
                               readings: list[Reading], dead: list, prev: asyncio.Future | None) -> None:
         try:
             if readings:
@@ -180,7 +201,9 @@ class MqttIngest:
             return
         finally:
             self._pending -= len(batch)
-            if self._paused and self._pending <= self.max_pending // 2:
+            self._pending_bytes -= size
+            if self._paused and self._pending <= self.max_pending // 2 and \
+                    self._pending_bytes <= self.cfg.max_pending_bytes // 2:
                 self._paused = False
                 if self._conn is not None:
                     self._conn.resume_reading()

@@ -138,7 +138,8 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
     cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, *server).start()
     mport = free_port()
     cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")}, "log": {"level": "warning"},
-           "southbound": {"mqtt": {"port": local.port, "receive_maximum": receive_maximum}},
+           "southbound": {"mqtt": {"port": local.port, **({"receive_maximum": receive_maximum} if receive_maximum else {})}},
+           
            "uplink": {"host": "localhost", "port": cloud.port, "ca_file": str(ca.cert_path), "cert_file": str(gw[0]),
                       "key_file": str(gw[1])},
            "metrics": {"port": mport}}
@@ -189,14 +190,14 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--devices", type=int, default=100)
     ap.add_argument("--rate", type=float, default=4000, help="messages/s for the latency phase")
-    ap.add_argument("--receive-maximum", type=int, default=1000)
+    ap.add_argument("--receive-maximum", type=int, default=0, help="0 = the config default")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         ceil = ceiling(work, a.messages, a.devices) * 5
         r = agent_run(work, a.messages, a.devices, a.rate, a.receive_maximum)
     print(f"backlog: {a.messages} messages x 5 points from {a.devices} devices, QoS 1; "
-          f"agent receive_maximum {a.receive_maximum}")
+          f"agent receive_maximum {a.receive_maximum or 'default'}")
     print(f"ceiling  (mosquitto_sub -q 1 drains it)      : {ceil:9.0f} points/s")
     print(f"agent    (commit, mTLS uplink, cloud PUBACK) : {r['points_per_s']:9.0f} points/s"
           f"   ratio {r['points_per_s'] / ceil:.2f}")
