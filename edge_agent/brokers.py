@@ -16,6 +16,17 @@ from pathlib import Path
 INSTALL_HINT = "mosquitto is not installed: sudo apt-get install -y mosquitto mosquitto-clients"
 
 
+def find_mosquitto() -> str | None:
+    """$EDGE_AGENT_MOSQUITTO, else mosquitto on PATH, else Debian's /usr/sbin/mosquitto."""
+    override = os.environ.get("EDGE_AGENT_MOSQUITTO")
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -24,8 +35,7 @@ def free_port() -> int:
 
 class Mosquitto:
     def __init__(self, directory: Path, port: int, lines: list[str]) -> None:
-        self.binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto")
-                                                    else None)
+        self.binary = find_mosquitto()
         if self.binary is None:
             raise FileNotFoundError(INSTALL_HINT)
         self.dir = Path(directory)

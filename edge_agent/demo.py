@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edge_agent import config
 from edge_agent.app import App
-from edge_agent.brokers import INSTALL_HINT, Mosquitto
+from edge_agent.brokers import INSTALL_HINT, Mosquitto, find_mosquitto
 from edge_agent.certs import CA
 from edge_agent.mqttio import MqttConnection
 
@@ -85,7 +85,7 @@ class CloudViewer:
 
 
 def run_demo(duration: float = 0, devices: int = 5, rate: float = 10.0) -> int:
-    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+    if find_mosquitto() is None:
         print(f"edge-agent demo: {INSTALL_HINT}", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
