@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edge_agent.brokers import Mosquitto, free_port
+from edge_agent.brokers import Mosquitto
 from conftest import Publisher, wait_for
 
 CRASH_CYCLES = int(os.environ.get("EDGE_AGENT_CRASH_CYCLES", "20"))
@@ -101,42 +101,30 @@ def test_kill_9_loop_loses_no_acknowledged_message(local_broker, cloud_broker, m
     assert agent.stop() == 0
 
 
-def test_disk_quota_evicts_oldest_counted_and_keeps_running(local_broker, make_agent, tmp_path, pki):
-    dead_cloud = Mosquitto.local(tmp_path / "unused", port=free_port())  # nothing listens there yet
+def test_disk_quota_evicts_oldest_counted_and_keeps_running(local_broker, cloud_broker, cloud_subscriber, make_agent):
+    sub = cloud_subscriber()  # its persistent session outlives the broker's restart
+    cloud_broker.stop()       # the cloud is down for the whole ingest phase
     quota = 1 << 20
-    agent = make_agent(local_broker, dead_cloud, store={"quota_bytes": quota, "outbox_chunk_readings": 100})
+    agent = make_agent(local_broker, cloud_broker, store={"quota_bytes": quota, "outbox_chunk_readings": 100})
     agent.start().wait_ready()
     pub = Publisher(local_broker)
     pad = "x" * 200
     for i in range(6000):
         pub.publish(i, payload=f'{{"values": {{"n": {i}, "note": "{pad}"}}}}'.encode())
-    try:
-        wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 12000, 60, what="all committed")
-    except AssertionError:
-        import signal
-        agent.proc.send_signal(signal.SIGUSR1)
-        time.sleep(1)
-        print(agent.log()[-6000:])
-        raise
+    wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 12000, 60, what="all committed")
     wait_for(lambda: agent.metric("edge_agent_outbox_evicted_readings_total") > 0, 10, what="eviction")
     time.sleep(1.5)
     assert agent.proc.poll() is None
     assert agent.metric("edge_agent_store_bytes") <= quota * 1.1
     evicted = agent.metric("edge_agent_outbox_evicted_readings_total")
     depth = agent.metric("edge_agent_outbox_readings")
+    assert evicted > 0 and depth > 0
     assert evicted + depth == 12000, "every reading is either still queued or counted as evicted"
     assert "disk quota reached" in agent.log()
     # the cloud comes back: what is left arrives, oldest evicted first, newest kept, no gap inside
-    from conftest import CloudSubscriber
-    cert, key = pki["server"]
-    cloud = Mosquitto.mtls(tmp_path / "cloud-late", pki["ca"].cert_path, cert, key, port=dead_cloud.port).start()
-    try:
-        sub = CloudSubscriber(cloud, pki)
-        wait_for(lambda: len(sub.readings()) >= depth, 30, what="the kept readings at the cloud")
-        seqs = sub.seqs()
-        check_cloud_stream(seqs)
-        assert seqs[-1] == 12000 and seqs[0] == 12000 - depth + 1
-        sub.close()
-        assert agent.stop() == 0
-    finally:
-        cloud.stop()
+    cloud_broker.start()
+    wait_for(lambda: len(sub.readings()) >= depth, 30, what="the kept readings at the cloud")
+    seqs = sub.seqs()
+    check_cloud_stream(seqs)
+    assert seqs[-1] == 12000 and seqs[0] == 12000 - depth + 1
+    assert agent.stop() == 0
