@@ -54,6 +54,10 @@ class App:
         if cfg.uplink.enabled:
             self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics)
             self.components.append(self.uplink)
+        if cfg.southbound.coap.enabled:
+            from edge_agent.southbound.coap import CoapAdapter
+            self.components.append(CoapAdapter(cfg.southbound.coap, self.store.write, self.store.dead_letter,
+                                               self.metrics))
         if cfg.southbound.mqtt.enabled:
             self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.store.write, self.store.dead_letter,
                                      self.metrics)

@@ -62,17 +62,44 @@ class StoreConfig:
     dead_letter_payload_bytes: int = opt(4096, doc="bytes of a rejected payload kept", ge=0, le=1 << 20)
 
 
-@dataclass
-class TopicConfig:
-    filter: str = opt(doc="MQTT topic filter to subscribe to, e.g. devices/+/telemetry")
-    device: str = opt("{device}", doc="topic pattern naming the device segment, e.g. devices/{device}/telemetry")
+@dataclass(kw_only=True)
+class PayloadConfig:
     decoder: str = opt("json", doc="json | number", choices=("json", "number"))
     ts_path: str = opt("ts", doc="json: dotted path of the timestamp ('' = receive time)")
     ts_unit: str = opt("ms", doc="unit of the timestamp", choices=("s", "ms", "us", "ns"))
     values_path: str = opt("values", doc="json: dotted path of an object of point -> value")
     value_path: str = opt("value", doc="json: dotted path of a single value (used when values_path is absent)")
     point: str = opt("value", doc="point name for a single value (number decoder, or json value_path)")
-    unit: str = opt("", doc="unit given to every point of this topic ('' = none)")
+    unit: str = opt("", doc="unit given to every point of this source ('' = none)")
+
+
+@dataclass(kw_only=True)
+class TopicConfig(PayloadConfig):
+    filter: str = opt(doc="MQTT topic filter to subscribe to, e.g. devices/+/telemetry")
+    device: str = opt("{device}", doc="topic pattern naming the device segment, e.g. devices/{device}/telemetry")
+
+
+@dataclass(kw_only=True)
+class CoapObserveConfig(PayloadConfig):
+    uri: str = opt(doc="resource to observe, e.g. coap://192.0.2.7/sensors/temp")
+    device: str = opt(doc="device id its readings are stored under")
+    max_age_margin_s: float = opt(5.0, doc="re-register when no notification came for Max-Age plus this", ge=0.1)
+
+
+@dataclass
+class CoapConfig:
+    enabled: bool = opt(False, doc="take in readings over CoAP (server, and observations of devices)")
+    host: str = opt("127.0.0.1", doc="address the server binds ('::' for all)")
+    port: int = opt(5683, doc="server UDP port (0 = no server, observations only)", ge=0, le=65535)
+    max_payload_bytes: int = opt(8192, doc="larger requests get 4.13 and are counted", ge=16, le=1 << 20)
+    max_concurrent: int = opt(256, doc="requests being committed at once; beyond, 5.03 with Max-Age 1",
+                              ge=1, le=100_000)
+    payload: PayloadConfig = opt(factory=PayloadConfig, doc="how POST/PUT /telemetry/{device} payloads decode")
+    request_timeout_s: float = opt(10.0, doc="an observation registration without an answer by then fails",
+                                   ge=0.5, le=300)
+    reconnect_min_s: float = opt(0.5, doc="first re-registration delay after a failure", ge=0.05)
+    reconnect_max_s: float = opt(30.0, doc="re-registration delay cap", ge=0.1)
+    observe: list[CoapObserveConfig] = opt(factory=list, doc="resources on devices to observe (RFC 7641)")
 
 
 @dataclass
@@ -110,6 +137,7 @@ class MqttIngestConfig:
 @dataclass
 class SouthboundConfig:
     mqtt: MqttIngestConfig = opt(factory=MqttIngestConfig, doc="local MQTT ingest")
+    coap: CoapConfig = opt(factory=CoapConfig, doc="CoAP server and observations")
 
 
 @dataclass
@@ -256,6 +284,15 @@ def _check(cfg: Config) -> None:
     if mq.tls and not mq.tls_files.ca_file:
         raise ConfigError("southbound.mqtt.tls_files.ca_file: required when southbound.mqtt.tls = true "
                           "(verification cannot be turned off)")
+    co = cfg.southbound.coap
+    for i, o in enumerate(co.observe):
+        if not o.uri.startswith(("coap://", "coap+tcp://")):
+            raise ConfigError(f"southbound.coap.observe[{i}].uri: expected a coap:// URI, got {o.uri!r}")
+        if not _ID_RE.match(o.device):
+            raise ConfigError(f"southbound.coap.observe[{i}].device: expected a device id, got {o.device!r}")
+    if co.reconnect_min_s > co.reconnect_max_s:
+        raise ConfigError(f"southbound.coap: the minimum delay ({co.reconnect_min_s}) is above the maximum "
+                          f"({co.reconnect_max_s})")
     up = cfg.uplink
     if up.enabled:
         for k in ("ca_file", "cert_file", "key_file"):

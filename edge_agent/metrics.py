@@ -40,6 +40,13 @@ class Metrics:
         self.uplink_ack_seq = Gauge(p + "uplink_acked_seq", "Highest seq acknowledged by the cloud", registry=r)
         self.ingest_connected = Gauge(p + "ingest_connected", "1 while connected to the local broker",
                                       ["source"], registry=r)
+        self.last_data = Gauge(p + "adapter_last_data_timestamp_seconds", "When an adapter last took in readings "
+                               "(unix time; age = time() - this)", ["source"], registry=r)
+        self.adapter_reconnects = Counter(p + "adapter_reconnects", "Southbound sessions re-established "
+                                          "(observations registered again, OPC UA sessions reconnected)",
+                                          ["source"], registry=r)
+        self.adapter_errors = Counter(p + "adapter_errors", "Southbound session failures, by reason",
+                                      ["source", "reason"], registry=r)
         self.restarts = Counter(p + "component_restarts", "Component restarts after a crash", ["component"],
                                 registry=r)
         self.loop_lag = Gauge(p + "event_loop_lag_seconds", "Latest event-loop scheduling lag", registry=r)

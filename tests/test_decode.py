@@ -9,15 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.config import TopicConfig
+from edge_agent.config import PayloadConfig
 from edge_agent.records import RejectedInput
 from edge_agent.southbound.decode import make_decoder
 
-JSON = make_decoder(TopicConfig(filter="devices/+/telemetry", device="devices/{device}/telemetry"), "mqtt")
-NUMBER = make_decoder(TopicConfig(filter="sensors/+/temp", device="sensors/{device}/temp", decoder="number",
-                                  point="temperature", unit="degC"), "mqtt")
-NESTED = make_decoder(TopicConfig(filter="plant/#", device="plant/{device}/data", ts_path="meta.time", ts_unit="s",
-                                  values_path="", value_path="reading.v", point="level"), "mqtt")
+JSON = make_decoder(PayloadConfig(), "devices/{device}/telemetry", "mqtt")
+NUMBER = make_decoder(PayloadConfig(decoder="number", point="temperature", unit="degC"), "sensors/{device}/temp", "mqtt")
+NESTED = make_decoder(PayloadConfig(ts_path="meta.time", ts_unit="s", values_path="", value_path="reading.v",
+                                    point="level"), "plant/{device}/data", "mqtt")
 REASONS = {"not_utf8", "bad_json", "non_finite", "bad_shape", "no_values", "bad_value", "bad_point",
            "bad_timestamp", "bad_device", "topic_mismatch", "too_large"}
 NOW = time.time_ns()

@@ -1,16 +1,18 @@
 """Payload decoders: untrusted bytes in, `Reading`s out, or `RejectedInput(reason, detail)`.
 
-Reasons are short metric labels: not_utf8, bad_json, non_finite, bad_shape, no_values, bad_value,
+Reasons are short metric labels: not_utf8, bad_json, bad_cbor, non_finite, bad_shape, no_values, bad_value,
 bad_point, bad_timestamp, bad_device, topic_mismatch, too_large.
 """
 from __future__ import annotations
 
 import json
 import math
+
+import cbor2
 import time
 from typing import Any, Callable
 
-from edge_agent.config import TopicConfig
+from edge_agent.config import PayloadConfig
 from edge_agent.records import Reading, RejectedInput
 
 MAX_NAME = 128
@@ -88,9 +90,11 @@ class DevicePattern:
 Decoder = Callable[[str, bytes, int], list[Reading]]
 
 
-def make_decoder(cfg: TopicConfig, source: str) -> Decoder:
-    """Build the decoder for one topic: (topic, payload, receive time ns) -> readings."""
-    pattern = DevicePattern(cfg.device)
+def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: bool = False) -> Decoder:
+    """Build a decoder: (topic or path, payload, receive time ns) -> readings; the device id is the
+    `{device}` part of the topic/path under `device_pattern`. `cbor`: the json decoder's document
+    arrives as CBOR (same structure, same paths)."""
+    pattern = DevicePattern(device_pattern)
     unit = cfg.unit or None
     scale = _TS_SCALE[cfg.ts_unit]
     ts_path = cfg.ts_path.split(".") if cfg.ts_path else []
@@ -123,6 +127,19 @@ def make_decoder(cfg: TopicConfig, source: str) -> Decoder:
             raise RejectedInput("bad_json", f"not valid JSON: {e}"[:200]) from None
         except RecursionError:
             raise RejectedInput("bad_json", "JSON nested too deeply") from None
+        return interpret(device, doc, recv_ns)
+
+    def decode_cbor(topic: str, payload: bytes, recv_ns: int) -> list[Reading]:
+        device = pattern.device(topic)
+        try:
+            doc = cbor2.loads(payload)
+        except RecursionError:
+            raise RejectedInput("bad_cbor", "CBOR nested too deeply") from None
+        except Exception as e:  # noqa: BLE001 - cbor2 raises several types for malformed input
+            raise RejectedInput("bad_cbor", f"not valid CBOR: {e}"[:200]) from None
+        return interpret(device, doc, recv_ns)
+
+    def interpret(device: str, doc: Any, recv_ns: int) -> list[Reading]:
         if not isinstance(doc, dict):
             if value_path:
                 raise RejectedInput("bad_shape", f"expected a JSON object, got {type(doc).__name__}")
@@ -154,7 +171,9 @@ def make_decoder(cfg: TopicConfig, source: str) -> Decoder:
             raise RejectedInput("non_finite", f"{s[:40]!r} is not a finite number")
         return [Reading(device, point, v, unit, recv_ns, "good", source)]
 
-    return decode_json if cfg.decoder == "json" else decode_number
+    if cfg.decoder == "number":
+        return decode_number
+    return decode_cbor if cbor else decode_json
 
 
 def now_ns() -> int:

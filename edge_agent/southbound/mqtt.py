@@ -44,8 +44,9 @@ class MqttIngest:
         self.cfg = cfg
         self.client_id = cfg.client_id or f"{gateway_id}-ingest"
         self.sink, self.dead_letter, self.metrics = sink, dead_letter, metrics
-        self.routes: list[tuple[str, Decoder]] = [(t.filter, make_decoder(t, SOURCE)) for t in cfg.topics]
+        self.routes: list[tuple[str, Decoder]] = [(t.filter, make_decoder(t, t.device, SOURCE)) for t in cfg.topics]
         self._routes_cache: dict[str, Decoder] = {}
+        self._ever_connected = False
         self.ssl_context = None
         if cfg.tls:
             f = cfg.tls_files
@@ -65,6 +66,7 @@ class MqttIngest:
         self._last_flush: asyncio.Future | None = None
         self._rl = RateLimited(log)
         self._received = metrics.readings_received.labels(SOURCE)
+        self._last = metrics.last_data.labels(SOURCE)
         self._connected = metrics.ingest_connected.labels(SOURCE)
 
     async def run(self) -> None:
@@ -81,12 +83,16 @@ class MqttIngest:
                 await conn.subscribe([(f, 1) for f, _ in self.routes])
             except (ConnectError, asyncio.TimeoutError) as e:
                 conn.close()
+                self.metrics.adapter_errors.labels(SOURCE, "connect").inc()
                 log.warning("local broker connection failed", extra={"host": self.cfg.host, "port": self.cfg.port,
                                                                      "error": str(e), "retry_s": round(delay, 2)})
                 await self._sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.cfg.reconnect_max_s)
                 continue
             delay = self.cfg.reconnect_min_s
+            if self._ever_connected:
+                self.metrics.adapter_reconnects.labels(SOURCE).inc()
+            self._ever_connected = True
             self._connected.set(1)
             log.info("connected to local broker", extra={"host": self.cfg.host, "port": self.cfg.port,
                                                          "client_id": self.client_id, "session_present": present})
@@ -143,6 +149,7 @@ class MqttIngest:
             readings = decode(topic, payload, time.time_ns())
             self._readings.extend(readings)
             self._received.inc(len(readings))
+            self._last.set(time.time())
         except RejectedInput as e:
             self._reject(topic, payload, e)
         except Exception as e:  # a decoder bug: keep the payload, count it, keep running
