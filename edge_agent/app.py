@@ -58,6 +58,10 @@ class App:
             from edge_agent.southbound.coap import CoapAdapter
             self.components.append(CoapAdapter(cfg.southbound.coap, self.store.write, self.store.dead_letter,
                                                self.metrics))
+        if cfg.southbound.opcua.enabled:
+            from edge_agent.southbound.opcua import OpcuaAdapter
+            self.components.append(OpcuaAdapter(cfg.southbound.opcua, self.store.write, self.store.dead_letter,
+                                                self.metrics))
         if cfg.southbound.mqtt.enabled:
             self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.store.write, self.store.dead_letter,
                                      self.metrics)

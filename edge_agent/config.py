@@ -135,9 +135,56 @@ class MqttIngestConfig:
 
 
 @dataclass
+class OpcuaNodeConfig:
+    point: str = opt(doc="point name the readings are stored under")
+    node_id: str = opt("", doc="NodeId, e.g. ns=2;i=7 or ns=2;s=Line1.Temperature (or use browse_path)")
+    browse_path: str = opt("", doc="path from Objects, e.g. 2:PLC/2:Temperature (resolved again on every connect)")
+    unit: str = opt("", doc="unit ('' = none)")
+    sampling_ms: float = opt(100.0, doc="sampling interval asked of the server", ge=0, le=3_600_000)
+    queue_size: int = opt(10, doc="server-side queue of the monitored item", ge=1, le=10_000)
+    deadband: float = opt(0.0, doc="absolute deadband (0 = every change)", ge=0)
+    writable: bool = opt(False, doc="allow write_point to this node (the allow-list)")
+    min: float = opt(-1e308, doc="writes below are refused")
+    max: float = opt(1e308, doc="writes above are refused")
+
+
+@dataclass
+class OpcuaServerConfig:
+    device: str = opt(doc="device id the server's readings are stored under (e.g. the PLC's name)")
+    endpoint: str = opt(doc="opc.tcp://host:port/path")
+    security_policy: str = opt("None", doc="None (development only) | Basic256Sha256 | Aes256_Sha256_RsaPss",
+                               choices=("None", "Basic256Sha256", "Aes256_Sha256_RsaPss"))
+    security_mode: str = opt("SignAndEncrypt", doc="Sign | SignAndEncrypt", choices=("Sign", "SignAndEncrypt"))
+    client_cert_file: str = opt("", doc="this client's application certificate (PEM or DER; RSA)")
+    client_key_file: str = opt("", doc="its private key; mode 0600 or stricter")
+    server_cert_file: str = opt("", doc="the server's certificate, pinned: never fetched over an unsecured channel")
+    application_uri: str = opt("urn:edge-agent:client", doc="must match the URI in the client certificate")
+    username: str = opt("", doc="user name ('' = anonymous)")
+    password: str = opt("", doc="password", secret=True)
+    publishing_ms: float = opt(100.0, doc="subscription publishing interval", ge=10, le=3_600_000)
+    request_timeout_s: float = opt(4.0, doc="a request without an answer by then fails", ge=0.1, le=600)
+    watchdog_s: float = opt(1.0, doc="how often the session is probed; a failed probe means reconnect",
+                            ge=0.1, le=600)
+    reconnect_min_s: float = opt(0.5, doc="first reconnect delay", ge=0.05)
+    reconnect_max_s: float = opt(30.0, doc="reconnect delay cap", ge=0.1)
+    max_items_per_subscription: int = opt(1000, doc="monitored items per subscription; more nodes, more "
+                                          "subscriptions", ge=1, le=100_000)
+    nodes: list[OpcuaNodeConfig] = opt(factory=list, doc="the nodes to monitor")
+
+
+@dataclass
+class OpcuaConfig:
+    enabled: bool = opt(False, doc="take in readings from OPC UA servers")
+    max_buffered: int = opt(100_000, doc="readings received but not yet handed to the store; beyond, the newest "
+                            "are dropped and counted (OPC UA does not redeliver)", ge=100, le=10_000_000)
+    servers: list[OpcuaServerConfig] = opt(factory=list, doc="servers to connect to")
+
+
+@dataclass
 class SouthboundConfig:
     mqtt: MqttIngestConfig = opt(factory=MqttIngestConfig, doc="local MQTT ingest")
     coap: CoapConfig = opt(factory=CoapConfig, doc="CoAP server and observations")
+    opcua: OpcuaConfig = opt(factory=OpcuaConfig, doc="OPC UA clients")
 
 
 @dataclass
@@ -293,6 +340,30 @@ def _check(cfg: Config) -> None:
     if co.reconnect_min_s > co.reconnect_max_s:
         raise ConfigError(f"southbound.coap: the minimum delay ({co.reconnect_min_s}) is above the maximum "
                           f"({co.reconnect_max_s})")
+    for i, srv in enumerate(cfg.southbound.opcua.servers):
+        key = f"southbound.opcua.servers[{i}]"
+        if not srv.endpoint.startswith("opc.tcp://"):
+            raise ConfigError(f"{key}.endpoint: expected opc.tcp://host:port/..., got {srv.endpoint!r}")
+        if not _ID_RE.match(srv.device):
+            raise ConfigError(f"{key}.device: expected a device id, got {srv.device!r}")
+        if srv.security_policy != "None":
+            for k in ("client_cert_file", "client_key_file", "server_cert_file"):
+                if not getattr(srv, k):
+                    raise ConfigError(f"{key}.{k}: required with security_policy = {srv.security_policy!r} "
+                                      "(the server certificate is pinned, never fetched)")
+        if srv.reconnect_min_s > srv.reconnect_max_s:
+            raise ConfigError(f"{key}: the minimum delay ({srv.reconnect_min_s}) is above the maximum "
+                              f"({srv.reconnect_max_s})")
+        points = set()
+        for j, n in enumerate(srv.nodes):
+            nk = f"{key}.nodes[{j}]"
+            if bool(n.node_id) == bool(n.browse_path):
+                raise ConfigError(f"{nk}: give exactly one of node_id and browse_path")
+            if n.point in points:
+                raise ConfigError(f"{nk}.point: {n.point!r} appears twice for device {srv.device!r}")
+            points.add(n.point)
+            if n.min > n.max:
+                raise ConfigError(f"{nk}: min ({n.min}) is above max ({n.max})")
     up = cfg.uplink
     if up.enabled:
         for k in ("ca_file", "cert_file", "key_file"):
