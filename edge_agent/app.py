@@ -167,10 +167,14 @@ class App:
             await asyncio.sleep(STATUS_INTERVAL_S)
             self.notifier.status(self.status_line())
 
+    def received(self) -> float:
+        return sum(s.value for mf in self.metrics.registry.collect() if mf.name == "edge_agent_readings_received"
+                   for s in mf.samples if s.name.endswith("_total"))
+
     def status_line(self) -> str:
         m = self.metrics
         up = "up" if (self.uplink and self.uplink.connected) else "down"
-        return (f"received={int(m.value('edge_agent_readings_received_total', {'source': 'mqtt'}))} "
+        return (f"received={int(self.received())} "
                 f"committed={int(m.value('edge_agent_readings_committed_total'))} "
                 f"acked={int(m.value('edge_agent_uplink_readings_acked_total'))} "
                 f"outbox={self.store.outbox_readings} uplink={up}")

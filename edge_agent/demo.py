@@ -1,8 +1,9 @@
 """`edge-agent demo`: the whole spine on loopback with real peers.
 
 Two Mosquitto processes (a local broker, and a "cloud" broker that requires client certificates
-from a throwaway CA made here), simulated devices publishing JSON at QoS 1, a cloud-side viewer
-subscribed with its own certificate, and the agent between them. One line a second shows what
+from a throwaway CA made here), simulated devices publishing JSON at QoS 1, a CoAP sensor the agent
+observes, an asyncua PLC the agent subscribes to, a cloud-side viewer subscribed with its own
+certificate, and the agent between them. One line a second shows what
 flows; Ctrl-C stops everything cleanly.
 """
 from __future__ import annotations
@@ -19,17 +20,31 @@ from pathlib import Path
 
 from edge_agent import config
 from edge_agent.app import App
-from edge_agent.brokers import INSTALL_HINT, Mosquitto, find_mosquitto
+from edge_agent.brokers import INSTALL_HINT, Mosquitto, find_mosquitto, free_port, free_udp_port
 from edge_agent.certs import CA
 from edge_agent.mqttio import MqttConnection
+from edge_agent.simulators import coap_sensor, opcua_plc
 
 
-def demo_config(state: Path, local_port: int, cloud_port: int, ca: Path, cert: Path, key: Path) -> config.Config:
+def demo_config(state: Path, local_port: int, cloud_port: int, ca: Path, cert: Path, key: Path,
+                coap_port: int, sensor_port: int, plc_port: int) -> config.Config:
     return config.from_dict({
         "gateway": {"id": "demo-gw", "state_dir": str(state)},
         "log": {"format": "text"},
-        "southbound": {"mqtt": {"port": local_port, "topics": [
-            {"filter": "devices/+/telemetry", "device": "devices/{device}/telemetry", "ts_unit": "ms"}]}},
+        "southbound": {
+            "mqtt": {"port": local_port, "topics": [
+                {"filter": "devices/+/telemetry", "device": "devices/{device}/telemetry", "ts_unit": "ms"}]},
+            "coap": {"enabled": True, "port": coap_port, "observe": [
+                {"uri": f"coap://127.0.0.1:{sensor_port}/sensors/temp", "device": "coap-sensor-1"},
+                {"uri": f"coap://127.0.0.1:{sensor_port}/sensors/humidity", "device": "coap-sensor-1",
+                 "decoder": "number", "point": "humidity", "unit": "%"}]},
+            "opcua": {"enabled": True, "servers": [
+                {"device": "plc-1", "endpoint": f"opc.tcp://127.0.0.1:{plc_port}/plc/", "nodes": [
+                    {"point": "temperature", "browse_path": "2:PLC/2:Temperature", "unit": "degC"},
+                    {"point": "pressure", "browse_path": "2:PLC/2:Pressure", "unit": "bar"},
+                    {"point": "running", "browse_path": "2:PLC/2:Running"},
+                    {"point": "setpoint", "browse_path": "2:PLC/2:Setpoint", "writable": True,
+                     "min": 0, "max": 100}]}]}},
         "uplink": {"host": "localhost", "port": cloud_port, "ca_file": str(ca), "cert_file": str(cert),
                    "key_file": str(key), "batch_max_readings": 500},
         "metrics": {"port": 0},
@@ -103,12 +118,20 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
     gw_cert, gw_key = ca.issue("demo-gw")
     local = Mosquitto.local(work / "local").start()
     cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, server_cert, server_key).start()
+    stop = asyncio.Event()
+    coap_port, sensor_port, plc_port = free_udp_port(), free_udp_port(), free_port()
+    sims = [asyncio.create_task(coap_sensor("127.0.0.1", sensor_port, max_age=10, interval=1.0, stop=stop)),
+            asyncio.create_task(opcua_plc("127.0.0.1", plc_port, interval=0.5, stop=stop))]
     print(f"local broker   mqtt://127.0.0.1:{local.port}  (devices publish devices/<id>/telemetry, QoS 1)")
     print(f"cloud broker   mqtts://localhost:{cloud.port} (mutual TLS; CA and certificates in {work / 'pki'})")
-    cfg = demo_config(work / "state", local.port, cloud.port, ca.cert_path, gw_cert, gw_key)
+    print(f"coap sensor    coap://127.0.0.1:{sensor_port}/sensors/temp (observed); agent's CoAP server on "
+          f"udp {coap_port}: POST /telemetry/<device>")
+    print(f"opcua plc      opc.tcp://127.0.0.1:{plc_port}/plc/ (asyncua, 4 monitored items)")
+    cfg = demo_config(work / "state", local.port, cloud.port, ca.cert_path, gw_cert, gw_key, coap_port, sensor_port,
+                      plc_port)
+    await asyncio.sleep(1.0)  # the PLC's server comes up
     app = App(cfg)
     app.build()
-    stop = asyncio.Event()
     viewer = CloudViewer()
     tasks = [asyncio.create_task(viewer.run(cloud.port, ca, stop))]
     agent = asyncio.create_task(app.run())
@@ -116,18 +139,20 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
     tasks.append(asyncio.create_task(_devices(local.port, devices, rate, stop)))
     print(f"agent          gateway {cfg.gateway.id}, store {work / 'state'}; Ctrl-C to stop\n")
     print(f"{'time':>6} {'received':>9} {'committed':>10} {'cloud-acked':>12} {'outbox':>7} {'uplink':>7} "
-          f"{'cloud got':>10} {'last seq':>9}")
+          f"{'cloud got':>10} {'last seq':>9}   mqtt/coap/opcua")
     t0 = time.monotonic()
     m = app.metrics
     try:
         while not agent.done() and (duration <= 0 or time.monotonic() - t0 < duration):
             await asyncio.sleep(1.0)
             print(f"{time.monotonic() - t0:6.0f} "
-                  f"{int(m.value('edge_agent_readings_received_total', {'source': 'mqtt'})):9d} "
+                  f"{int(app.received()):9d} "
                   f"{int(m.value('edge_agent_readings_committed_total')):10d} "
                   f"{int(m.value('edge_agent_uplink_readings_acked_total')):12d} "
                   f"{app.store.outbox_readings:7d} {('up' if app.uplink and app.uplink.connected else 'down'):>7} "
-                  f"{viewer.readings:10d} {viewer.last_seq:9d}", flush=True)
+                  f"{viewer.readings:10d} {viewer.last_seq:9d}   "
+                  + "/".join(str(int(m.value("edge_agent_readings_received_total", {"source": s})))
+                             for s in ("mqtt", "coap", "opcua")), flush=True)
     except asyncio.CancelledError:
         pass
     finally:
@@ -135,6 +160,7 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         app.request_stop()
         await asyncio.gather(agent, return_exceptions=True)
+        await asyncio.gather(*sims, return_exceptions=True)
         local.stop()
         cloud.stop()
     print(f"\nstopped: {int(m.value('edge_agent_readings_committed_total'))} readings committed, "
