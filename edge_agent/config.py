@@ -95,6 +95,9 @@ class CoapConfig:
     max_concurrent: int = opt(256, doc="requests being committed at once; beyond, 5.03 with Max-Age 1",
                               ge=1, le=100_000)
     payload: PayloadConfig = opt(factory=PayloadConfig, doc="how POST/PUT /telemetry/{device} payloads decode")
+    credentials_file: str = opt("", doc="aiocoap credentials (JSON) for OSCORE: the server accepts requests "
+                                "protected with these contexts, observations use them ('' = none)")
+    require_oscore: bool = opt(False, doc="refuse unprotected POST/PUT with 4.01 (needs credentials_file)")
     request_timeout_s: float = opt(10.0, doc="an observation registration without an answer by then fails",
                                    ge=0.5, le=300)
     reconnect_min_s: float = opt(0.5, doc="first re-registration delay after a failure", ge=0.05)
@@ -337,6 +340,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"southbound.coap.observe[{i}].uri: expected a coap:// URI, got {o.uri!r}")
         if not _ID_RE.match(o.device):
             raise ConfigError(f"southbound.coap.observe[{i}].device: expected a device id, got {o.device!r}")
+    if co.require_oscore and not co.credentials_file:
+        raise ConfigError("southbound.coap.require_oscore: needs southbound.coap.credentials_file")
     if co.reconnect_min_s > co.reconnect_max_s:
         raise ConfigError(f"southbound.coap: the minimum delay ({co.reconnect_min_s}) is above the maximum "
                           f"({co.reconnect_max_s})")

@@ -198,3 +198,75 @@ def test_fuzz_coap_endpoint_never_crashes_and_counts_every_rejection(endpoint, p
         assert len(endpoint.committed) > before_ok
     else:
         assert endpoint.rejected() == before_rejected + 1
+
+
+def _oscore_pair(tmp_path, port: int) -> tuple[str, dict]:
+    """An OSCORE security context for the agent (server) and one for a device (client)."""
+    secret = {"secret_hex": "0102030405060708090a0b0c0d0e0f10", "salt_hex": "9e7ca92223786340"}
+    for name, sender, recipient in (("server", "01", "00"), ("client", "00", "01")):
+        d = tmp_path / f"oscore-{name}"
+        d.mkdir()
+        (d / "settings.json").write_text(json.dumps({"sender-id_hex": sender, "recipient-id_hex": recipient,
+                                                     "algorithm": "AES-CCM-16-64-128"}))
+        (d / "secret.json").write_text(json.dumps(secret))
+    server_creds = tmp_path / "server-credentials.json"
+    server_creds.write_text(json.dumps({":device-1": {"oscore": {"basedir": str(tmp_path / "oscore-server") + "/"}}}))
+    client_creds = {f"coap://127.0.0.1:{port}/*": {"oscore": {"basedir": str(tmp_path / "oscore-client") + "/"}}}
+    return str(server_creds), client_creds
+
+
+def test_oscore_protected_posts_accepted_unprotected_refused(tmp_path):
+    import asyncio
+
+    import aiocoap
+    from aiocoap import Code, Message
+
+    from edge_agent.config import CoapConfig
+    from edge_agent.metrics import Metrics
+    from edge_agent.southbound.coap import CoapAdapter
+
+    port = free_udp_port()
+    server_creds, client_creds = _oscore_pair(tmp_path, port)
+
+    async def main():
+        got = []
+
+        async def sink(readings):
+            got.extend(readings)
+            return 0
+
+        async def dead(*_a):
+            return None
+        metrics = Metrics()
+        a = CoapAdapter(CoapConfig(enabled=True, port=port, credentials_file=server_creds, require_oscore=True),
+                        sink, dead, metrics)
+        task = asyncio.create_task(a.run())
+        await asyncio.sleep(0.3)
+        body = json.dumps({"values": {"t": 1.5}}).encode()
+        protected = await aiocoap.Context.create_client_context()
+        protected.client_credentials.load_from_dict(client_creds)
+        m = Message(code=Code.POST, uri=f"coap://127.0.0.1:{port}/telemetry/dev-1", payload=body, content_format=50)
+        assert (await protected.request(m).response).code == Code.CHANGED
+        plain = await aiocoap.Context.create_client_context()
+        m = Message(code=Code.POST, uri=f"coap://127.0.0.1:{port}/telemetry/dev-1", payload=body, content_format=50)
+        assert (await plain.request(m).response).code == Code.UNAUTHORIZED
+        assert metrics.value("edge_agent_messages_rejected_total", {"source": "coap", "reason": "unprotected"}) == 1
+        assert [(r.device, r.point, r.value) for r in got] == [("dev-1", "t", 1.5)]
+        await protected.shutdown()
+        await plain.shutdown()
+        await a.stop()
+        await task
+    asyncio.run(main())
+
+
+def test_bad_credentials_file_is_a_config_error(tmp_path):
+    from edge_agent.config import CoapConfig, ConfigError
+    from edge_agent.metrics import Metrics
+    from edge_agent.southbound.coap import CoapAdapter
+    bad = tmp_path / "creds.json"
+    bad.write_text("{not json")
+
+    async def nop(*_a):
+        return 0
+    with pytest.raises(ConfigError, match="southbound.coap.credentials_file"):
+        CoapAdapter(CoapConfig(enabled=True, credentials_file=str(bad)), nop, nop, Metrics())

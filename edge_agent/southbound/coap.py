@@ -16,23 +16,29 @@ Observations
   margin, or the observation ends or fails, the adapter registers again with capped backoff
   (counted in `edge_agent_adapter_reconnects_total{source="coap"}`).
 
-Security: aiocoap's OSCORE can protect both directions (its credentials file); aiocoap's DTLS
-support is experimental and not used. Bind the server to loopback or a device network you control.
+Security: OSCORE (RFC 8613) through aiocoap's credentials: `credentials_file` names an aiocoap
+credentials JSON; the server then takes requests protected with those security contexts
+(`require_oscore` refuses unprotected ones with 4.01) and observations use them towards devices.
+It needs aiocoap's `oscore` extra (`pip install 'edge-agent[oscore]'`). aiocoap's DTLS support is
+experimental and not used. Without OSCORE, bind the server to a device network you control.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
+from typing import Any
 
 import aiocoap
 import aiocoap.resource as resource
 from aiocoap import Code, ContentFormat, Message
 from aiocoap.error import Error as CoapError
+from aiocoap.transports.oscore import OSCOREAddress
 from aiocoap.util.linkformat import Link, LinkFormat
 
-from edge_agent.config import CoapConfig, CoapObserveConfig
+from edge_agent.config import CoapConfig, CoapObserveConfig, ConfigError
 from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.records import Reading, RejectedInput
@@ -78,20 +84,27 @@ class CoapAdapter:
         self._received = metrics.readings_received.labels(SOURCE)
         self._last = metrics.last_data.labels(SOURCE)
         self.server_port: int | None = None
+        self._creds = self._credentials()  # at construction: a bad file stops the start with a one-line error
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
         self._stopping.clear()
+        credentials = self._creds
         if self.cfg.port:
-            site = resource.Site()
+            site: Any = resource.Site()
             site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
             site.add_resource(["telemetry"], _Telemetry(self))
+            if credentials is not None:
+                from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+                site = OscoreSiteWrapper(site, credentials)
             self._ctx = await aiocoap.Context.create_server_context(site, bind=(self.cfg.host, self.cfg.port),
                                                                      transports=["udp6"])
             self.server_port = self.cfg.port
             log.info("coap server listening", extra={"addr": f"{self.cfg.host}:{self.cfg.port}"})
         else:
             self._ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        if credentials is not None:
+            self._ctx.client_credentials.update(credentials)  # the same contexts (they hold a lock on their files)
         self.metrics.ingest_connected.labels(SOURCE).set(1)
         observers = [asyncio.create_task(self._observe(o)) for o in self.cfg.observe]
         try:
@@ -104,6 +117,26 @@ class CoapAdapter:
             ctx, self._ctx = self._ctx, None
             if ctx is not None:
                 await ctx.shutdown()
+
+    def _credentials(self) -> Any:
+        """aiocoap's CredentialsMap from `credentials_file`; a config error names the key."""
+        if not self.cfg.credentials_file:
+            return None
+        from aiocoap.credentials import CredentialsMap
+        try:
+            with open(self.cfg.credentials_file) as f:
+                raw = json.load(f)
+            creds = CredentialsMap()
+            creds.load_from_dict(raw)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"southbound.coap.credentials_file {self.cfg.credentials_file}: {e}") from None
+        except ImportError as e:
+            raise ConfigError(f"southbound.coap.credentials_file: OSCORE needs aiocoap's extra "
+                              f"(pip install 'edge-agent[oscore]'): {e}") from None
+        except Exception as e:  # noqa: BLE001 - aiocoap's loaders raise their own types (e.g. a held lock)
+            raise ConfigError(f"southbound.coap.credentials_file {self.cfg.credentials_file}: "
+                              f"{type(e).__name__}: {e}") from None
+        return creds
 
     async def stop(self) -> None:
         """Stop observing and serving; requests being committed finish first (their slots drain)."""
@@ -118,6 +151,9 @@ class CoapAdapter:
 
     # -- server --------------------------------------------------------------------------------
     async def handle_post(self, request: Message) -> Message:
+        if self.cfg.require_oscore and not isinstance(request.remote, OSCOREAddress):
+            self.metrics.messages_rejected.labels(SOURCE, "unprotected").inc()
+            return Message(code=Code.UNAUTHORIZED, payload=b"OSCORE required")
         path = request.opt.uri_path
         payload = request.payload
         device = "/".join(path)
