@@ -116,8 +116,9 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
     ca = CA(work / "pki", "edge-agent demo CA")
     server_cert, server_key = ca.issue("cloud-broker", server=True)
     gw_cert, gw_key = ca.issue("demo-gw")
-    local = Mosquitto.local(work / "local").start()
-    cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, server_cert, server_key).start()
+    # Mosquitto.start() waits for the port with a blocking loop: keep it off the event loop
+    local = await asyncio.to_thread(Mosquitto.local(work / "local").start)
+    cloud = await asyncio.to_thread(Mosquitto.mtls(work / "cloud", ca.cert_path, server_cert, server_key).start)
     stop = asyncio.Event()
     coap_port, sensor_port, plc_port = free_udp_port(), free_udp_port(), free_port()
     sims = [asyncio.create_task(coap_sensor("127.0.0.1", sensor_port, max_age=10, interval=1.0, stop=stop)),

@@ -13,18 +13,16 @@ against a bare aiocoap server in its own process that answers 2.04 at once: post
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1].parent
 sys.path.insert(0, str(ROOT))
 
+from bench_ingest import metric, proc_stats  # noqa: E402  (tests/bench is on sys.path when run as a script)
 from edge_agent.brokers import free_port, free_udp_port  # noqa: E402
 from edge_agent.config import to_toml  # noqa: E402
 
@@ -66,24 +64,6 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
-
-
-def proc_stats(pid: int) -> tuple[float, int]:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    cpu = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    return cpu, rss
-
-
-def metric(port: int, name: str) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            m = re.search(rf"^{re.escape(name)} (\S+)$", r.read().decode(), re.M)
-    except OSError:
-        return 0.0
-    return float(m.group(1)) if m else 0.0
 
 
 def start_agent(work: Path, southbound: dict) -> tuple[subprocess.Popen, int]:
