@@ -137,7 +137,6 @@ class Store:
         self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
         self._seen_points: dict[tuple[str, str], str | None] = {}
         self._last_maintenance = 0.0
-        self.fatal: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -184,8 +183,6 @@ class Store:
     async def write(self, readings: list[Reading]) -> int:
         """Commit readings; returns the seq of the last one once it is durable."""
         assert self._slots is not None and self._loop is not None
-        if self.fatal is not None:
-            raise StoreError(f"store writer stopped: {self.fatal}")
         async with self._slots:
             fut = self._loop.create_future()
             self._q.put(("w", readings, fut))
@@ -269,7 +266,7 @@ class Store:
                 jobs.append(nxt)
                 if nxt[0] == "w":
                     rows += len(nxt[1])
-            self._commit(conn, jobs)
+            self._commit_guarded(conn, jobs)
             if time.monotonic() - self._last_maintenance >= MAINTENANCE_INTERVAL_S:
                 self._maintain(conn)
         # drain whatever arrived with or after STOP, so nothing handed to the store is dropped
@@ -282,7 +279,7 @@ class Store:
             if j is not _STOP:
                 rest.append(j)
         if rest:
-            self._commit(conn, rest)
+            self._commit_guarded(conn, rest)
         self._maintain(conn)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.close()
@@ -296,6 +293,21 @@ class Store:
         self.outbox_readings, self.outbox_bytes = n, b
         self._load_registry(conn)
         self._publish_gauges(conn)
+
+    def _commit_guarded(self, conn: sqlite3.Connection, jobs: list[tuple]) -> None:
+        """A bug in a commit must not kill the writer thread (every later write would hang): fail
+        these jobs' futures (their sources redeliver), roll back, keep serving."""
+        try:
+            self._commit(conn, jobs)
+        except Exception as e:  # noqa: BLE001
+            log.exception("store commit crashed; the sources will redeliver")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._load_registry(conn)
+            self._resolve([(fut, 0) for kind, _, fut in jobs if fut is not None],
+                          StoreError(f"commit crashed: {type(e).__name__}: {e}"))
 
     def _load_registry(self, conn: sqlite3.Connection) -> None:
         self._known_devices = {r[0] for r in conn.execute("SELECT device FROM devices")}

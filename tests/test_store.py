@@ -90,3 +90,24 @@ def test_values_keep_their_json_types(tmp_path):
         assert values == [True, 7, "on", 2.5]
         await s.close()
     asyncio.run(main())
+
+
+def test_a_crashing_commit_fails_its_writers_and_the_store_keeps_serving(tmp_path):
+    from edge_agent.store import StoreError
+
+    class Weird:  # a value no adapter should hand over: the commit fails, the writer must survive
+        pass
+
+    async def main():
+        s = await _open(tmp_path)
+        # SQLite refuses the first (an sqlite3 error); it takes bytes but JSON cannot (a crash in our code)
+        for bad in (Weird(), b"raw bytes"):
+            try:
+                await s.write([Reading("d", "p", bad, None, time.time_ns(), "good", "test")])  # type: ignore[arg-type]
+            except StoreError as e:
+                assert "commit" in str(e)
+            else:
+                raise AssertionError("the write must fail")
+        assert await s.write([R(1)]) == 1, "the next write commits, with the first seq"
+        await s.close()
+    asyncio.run(main())
