@@ -13,8 +13,11 @@ import time
 from typing import Any, Protocol
 
 from edge_agent import __version__
-from edge_agent.config import Config
+from edge_agent.commands import Commands, Gateway
+from edge_agent.config import Config, to_dict
+from edge_agent.logs import RING
 from edge_agent.metrics import Metrics
+from edge_agent.southbound import WriteRefused
 from edge_agent.southbound.mqtt import MqttIngest
 from edge_agent.store import Store
 from edge_agent.systemd import Notifier
@@ -47,12 +50,21 @@ class App:
         self._metrics_server = None
         self.uplink: Uplink | None = None
         self.ingest: MqttIngest | None = None
+        self.commands: Commands | None = None
 
     def build(self) -> None:
         """Make the components; raises TlsConfigError/ConfigError for what the user must fix."""
         cfg = self.cfg
         if cfg.uplink.enabled:
-            self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics)
+            on_command = None
+            if cfg.commands.enabled:
+                self.commands = Commands(cfg.commands, Gateway(
+                    status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
+                    write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines)),
+                    self.metrics)
+                on_command = self.commands.handle
+            self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
+                                 cfg.commands.concurrency)
             self.components.append(self.uplink)
         if cfg.southbound.coap.enabled:
             from edge_agent.southbound.coap import CoapAdapter
@@ -66,6 +78,23 @@ class App:
             self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.store.write, self.store.dead_letter,
                                      self.metrics)
             self.components.append(self.ingest)
+
+    async def write_point(self, device: str, point: str, value: object) -> None:
+        """Route an allow-listed point write to the adapter that owns the device."""
+        for comp in self.components:
+            owns = getattr(comp, "owns", None)
+            if owns is not None and owns(device):
+                await comp.write_point(device, point, value)
+                return
+        raise WriteRefused(f"no adapter can write to device {device!r}")
+
+    def status(self) -> dict:
+        return {"version": __version__, "gateway": self.cfg.gateway.id, "uptime_s": round(time.time() - self.started, 1),
+                "components": dict(self.state), "outbox_readings": self.store.outbox_readings,
+                "outbox_bytes": self.store.outbox_bytes, "acked_seq": self.store.acked_seq,
+                "next_seq": self.store.next_seq, "uplink_connected": bool(self.uplink and self.uplink.connected),
+                "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink else None,
+                "model": None}
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -211,6 +211,23 @@ class UplinkConfig:
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
 
 
+READ_ONLY_COMMANDS = ("ping", "status", "devices", "query", "logs.tail", "config.get")
+ALL_COMMANDS = READ_ONLY_COMMANDS + ("write",)
+
+
+@dataclass
+class CommandsConfig:
+    enabled: bool = opt(True, doc="answer commands on <prefix>/<gateway>/cmd/<name> over the uplink")
+    allow: list[str] = opt(factory=lambda: list(READ_ONLY_COMMANDS),
+                           doc=f"commands allowed (all: {', '.join(ALL_COMMANDS)}); write is off by default")
+    max_request_bytes: int = opt(16384, doc="larger requests are refused", ge=64, le=1 << 20)
+    dedup_window_s: float = opt(600.0, doc="a request id seen within this window is answered from the cache, "
+                                "not executed again", ge=0, le=86400)
+    dedup_max: int = opt(1000, doc="request ids remembered at most (oldest forgotten first)", ge=1, le=1_000_000)
+    query_max_rows: int = opt(1_000_000, doc="readings a query may scan; beyond, it is refused", ge=1000)
+    concurrency: int = opt(8, doc="commands executing at once; beyond, 'busy'", ge=1, le=1000)
+
+
 @dataclass
 class MetricsConfig:
     enabled: bool = opt(True, doc="serve Prometheus metrics")
@@ -232,6 +249,7 @@ class Config:
     store: StoreConfig = opt(factory=StoreConfig, doc="the durable store")
     southbound: SouthboundConfig = opt(factory=SouthboundConfig, doc="device-side adapters")
     uplink: UplinkConfig = opt(factory=UplinkConfig, doc="mutual-TLS link to the cloud")
+    commands: CommandsConfig = opt(factory=CommandsConfig, doc="the command channel over the uplink")
     metrics: MetricsConfig = opt(factory=MetricsConfig, doc="Prometheus endpoint")
     supervisor: SupervisorConfig = opt(factory=SupervisorConfig, doc="component supervision")
 
@@ -369,6 +387,9 @@ def _check(cfg: Config) -> None:
             points.add(n.point)
             if n.min > n.max:
                 raise ConfigError(f"{nk}: min ({n.min}) is above max ({n.max})")
+    for c in cfg.commands.allow:
+        if c not in ALL_COMMANDS:
+            raise ConfigError(f"commands.allow: unknown command {c!r} (known: {', '.join(ALL_COMMANDS)})")
     up = cfg.uplink
     if up.enabled:
         for k in ("ca_file", "cert_file", "key_file"):

@@ -58,6 +58,10 @@ class RingHandler(logging.Handler):
         self.lines.append((record.levelname.lower(), record.name.removeprefix("edge_agent."), self.format(record)))
 
 
+RING = RingHandler(1000)  # the last lines, for the logs.tail command
+RING.setFormatter(LogfmtFormatter(journal=False))
+
+
 def setup(level: str = "info", fmt: str = "auto") -> None:
     journal = fmt == "journal" or (fmt == "auto" and bool(os.environ.get("JOURNAL_STREAM")))
     root = logging.getLogger()
@@ -66,6 +70,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(journal))
     root.addHandler(handler)
+    root.addHandler(RING)
     root.setLevel(level.upper())
 
 

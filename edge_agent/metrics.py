@@ -47,6 +47,8 @@ class Metrics:
                                           ["source"], registry=r)
         self.adapter_errors = Counter(p + "adapter_errors", "Southbound session failures, by reason",
                                       ["source", "reason"], registry=r)
+        self.commands = Counter(p + "commands", "Commands answered, by outcome (ok, duplicate, or the error code)",
+                                ["command", "outcome"], registry=r)
         self.restarts = Counter(p + "component_restarts", "Component restarts after a crash", ["component"],
                                 registry=r)
         self.loop_lag = Gauge(p + "event_loop_lag_seconds", "Latest event-loop scheduling lag", registry=r)

@@ -293,13 +293,18 @@ class MqttConnection:
         self._subs.clear()
 
     # -- traffic -------------------------------------------------------------------------------
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                correlation_data: bytes | None = None) -> asyncio.Future:
         """Queue a publish; the future resolves on PUBACK (QoS 1) or once written (QoS 0)."""
         fut = self._loop.create_future()
         if self.disconnected.done():
             fut.set_exception(PublishError(f"not connected ({self.disconnected.result()})"))
             return fut
-        info = self._c.publish(topic, payload, qos=qos, retain=retain)
+        props = None
+        if correlation_data is not None and self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation_data
+        info = self._c.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:
             fut.set_exception(PublishError(paho.error_string(info.rc)))
             return fut

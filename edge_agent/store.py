@@ -222,6 +222,50 @@ class Store:
         cur.close()
         return out
 
+    async def devices(self) -> list[dict]:
+        """The registry: every device with its source, first/last seen and points."""
+        def read() -> list[dict]:
+            assert self._rconn is not None
+            points: dict[str, list[dict]] = {}
+            for d, p, u in self._rconn.execute("SELECT device, point, unit FROM points ORDER BY device, point"):
+                points.setdefault(d, []).append({"point": p, "unit": u})
+            return [{"device": d, "source": s, "first_seen_ns": f, "last_seen_ns": la, "points": points.get(d, [])}
+                    for d, s, f, la in self._rconn.execute(
+                        "SELECT device, source, first_seen_ns, last_seen_ns FROM devices ORDER BY device")]
+        return await self._read(read)
+
+    async def query_stats(self, device: str, point: str, agg: str, window_s: int, max_rows: int) -> dict:
+        """last|min|max|avg|count of a point over the last `window_s` seconds of the readings window.
+        Raises LookupError (unknown point) or OverflowError (the window holds more than `max_rows`)."""
+        def read() -> dict:
+            c = self._rconn
+            assert c is not None
+            row = c.execute("SELECT id, unit FROM points WHERE device=? AND point=?", (device, point)).fetchone()
+            if row is None:
+                raise LookupError(f"no point {point!r} on device {device!r}")
+            series, unit = row
+            now = time.time_ns()
+            since = now - window_s * 1_000_000_000
+            lo = c.execute("SELECT max(seq) FROM seq_marks WHERE ts_ns <= ?", (since,)).fetchone()[0] or 0
+            hi = c.execute("SELECT max(seq) FROM readings").fetchone()[0] or 0
+            if hi - lo > max_rows:
+                raise OverflowError(f"the window holds about {hi - lo} readings, more than query_max_rows "
+                                    f"{max_rows}; ask for a shorter window")
+            where = "series=? AND seq>=? AND ts_ns>=?"
+            args = (series, lo, since)
+            if agg == "last":
+                r = c.execute(f"SELECT value, ts_ns FROM readings WHERE {where} ORDER BY seq DESC LIMIT 1",
+                              args).fetchone()
+                value, ts = (r if r else (None, None))
+                return {"device": device, "point": point, "agg": agg, "window_s": window_s, "value": value,
+                        "ts": ts, "unit": unit}
+            fn = {"min": "min(value)", "max": "max(value)", "avg": "avg(value)", "count": "count(*)"}[agg]
+            numeric = "" if agg == "count" else " AND typeof(value) IN ('integer', 'real')"
+            value, n = c.execute(f"SELECT {fn}, count(*) FROM readings WHERE {where}{numeric}", args).fetchone()
+            return {"device": device, "point": point, "agg": agg, "window_s": window_s, "value": value,
+                    "samples": n, "unit": unit}
+        return await self._read(read)
+
     async def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Read-only query on the reader connection (for the CLI, commands and tests)."""
         return await self._read(lambda: self._rconn.execute(sql, params).fetchall())  # type: ignore[union-attr]

@@ -21,12 +21,15 @@ import json
 import logging
 import random
 import time
+from typing import Awaitable, Callable
 
 from edge_agent import __version__, tls
 from edge_agent.config import UplinkConfig
 from edge_agent.metrics import Metrics
 from edge_agent.mqttio import ConnectError, MqttConnection, PublishError, Will
 from edge_agent.store import Store
+
+CommandHandler = Callable[[str, bytes, str], Awaitable[tuple[bytes, "str | None"]]]
 
 log = logging.getLogger(__name__)
 CERT_CHECK_INTERVAL_S = 3600
@@ -35,13 +38,18 @@ CERT_CHECK_INTERVAL_S = 3600
 class Uplink:
     name = "uplink"
 
-    def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics) -> None:
+    def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics,
+                 on_command: CommandHandler | None = None, max_commands: int = 8) -> None:
         self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
+        self.on_command = on_command
+        self.max_commands = max_commands
         # Refuses (TlsConfigError) an unreadable CA, a key readable by others, an expired certificate.
         self.ssl_context = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, prefix="uplink.")
         self.cert = tls.load_cert(cfg.cert_file, "uplink.cert_file")
         base = f"{cfg.topic_prefix}/{gateway_id}"
         self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
+        self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
+        self._serving: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._conn: MqttConnection | None = None
         self._acked = 0
@@ -72,9 +80,13 @@ class Uplink:
             conn = self._conn = MqttConnection(
                 client_id=self.gateway, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
                 keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, clean_start=True,
-                will=Will(self.status_topic, self._status("offline")), max_inflight=self.cfg.max_inflight)
+                will=Will(self.status_topic, self._status("offline")), max_inflight=self.cfg.max_inflight,
+                manual_ack=True, receive_maximum=self.max_commands * 4,
+                on_message=lambda msg: self._on_command_message(conn, msg))
             try:
                 await conn.connect()
+                if self.on_command is not None:
+                    await conn.subscribe([(self.cmd_prefix + "+", 1)])
                 await conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
             except (ConnectError, PublishError, asyncio.TimeoutError) as e:
                 conn.close()
@@ -168,6 +180,36 @@ class Uplink:
             for _, _, fut in inflight:
                 if fut.done():
                     fut.exception()  # retrieved: the batch is resent on the next connection
+
+    # -- commands: the transport side only; the supervisor's handler knows what they mean -----------
+    def _on_command_message(self, conn: MqttConnection, msg) -> None:
+        if self.on_command is None or not msg.topic.startswith(self.cmd_prefix):
+            conn.ack(msg.mid, msg.qos)
+            return
+        props = getattr(msg, "properties", None)
+        reply_to = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        t = asyncio.ensure_future(self._serve(conn, msg.mid, msg.qos, msg.topic[len(self.cmd_prefix):],
+                                              msg.payload, reply_to, correlation))
+        self._serving.add(t)
+        t.add_done_callback(self._serving.discard)
+
+    async def _serve(self, conn: MqttConnection, mid: int, qos: int, name: str, body: bytes, reply_to: str | None,
+                     correlation: bytes | None) -> None:
+        assert self.on_command is not None
+        who = f"reply_to={reply_to}" if reply_to else "mqtt"
+        reply, rid = await self.on_command(name, body, who)
+        topic = reply_to or (self.res_prefix + rid if rid else None)
+        if topic is None or "+" in topic or "#" in topic:
+            self.metrics.commands.labels("unknown", "unroutable").inc()
+            log.warning("command without a response topic or id; no reply possible", extra={"command": name[:64]})
+        else:
+            try:
+                await conn.publish(topic, reply, qos=1, correlation_data=correlation)
+            except PublishError as e:
+                log.warning("command reply not delivered", extra={"command": name[:64], "error": str(e)})
+                return  # not acknowledged: the request comes again on the next connection
+        conn.ack(mid, qos)
 
     async def stop(self) -> None:
         """Stop sending, wait (bounded by the supervisor) for in-flight PUBACKs, say offline, disconnect."""

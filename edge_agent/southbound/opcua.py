@@ -301,6 +301,9 @@ class OpcuaAdapter:
     async def stop(self) -> None:
         self._stopping.set()
 
+    def owns(self, device: str) -> bool:
+        return device in self.sessions
+
     async def write_point(self, device: str, point: str, value: object) -> None:
         s = self.sessions.get(device)
         if s is None:

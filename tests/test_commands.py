@@ -1,0 +1,149 @@
+"""The command channel over the mutual-TLS uplink, MQTT 5 (response topic + correlation data) and
+MQTT 3.1.1 (request id, reply on <prefix>/<gateway>/res/<id>)."""
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from conftest import Publisher, wait_for
+from test_opcua import FAST, NODES, Plc  # noqa: F401  (the PLC helper)
+
+
+class CommandClient:
+    """The cloud side of the command channel (paho thread, its own client certificate)."""
+
+    def __init__(self, broker, pki, protocol: str) -> None:
+        cert, key = pki["viewer"]
+        self.v5 = protocol == "5"
+        self.replies: "queue.Queue[tuple[str, bytes | None, dict]]" = queue.Queue()
+        c = self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"operator-{uuid.uuid4().hex[:8]}",
+                                 protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311)
+        c.tls_set(ca_certs=str(pki["ca"].cert_path), certfile=str(cert), keyfile=str(key))
+        self.reply_topic = f"cloud/replies/{uuid.uuid4().hex[:8]}"
+        c.on_message = self._on_message
+        c.connect("localhost", broker.port, 30)
+        c.loop_start()
+        c.subscribe(self.reply_topic if self.v5 else "edge/gw-test/res/+", 1)
+        time.sleep(0.3)
+
+    def _on_message(self, _c, _u, msg) -> None:
+        corr = getattr(msg.properties, "CorrelationData", None) if self.v5 else None
+        self.replies.put((msg.topic, corr, json.loads(msg.payload)))
+
+    def call(self, name: str, body: dict | bytes | None = None, rid: str | None = None, timeout: float = 10) -> dict:
+        rid = rid or uuid.uuid4().hex[:12]
+        if isinstance(body, bytes):
+            payload = body
+        else:
+            payload = json.dumps({**(body or {}), **({"id": rid} if not self.v5 or rid else {})}).encode()
+        props = None
+        corr = uuid.uuid4().bytes
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = corr
+        self.c.publish(f"edge/gw-test/cmd/{name}", payload, qos=1, properties=props)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                topic, got_corr, reply = self.replies.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self.v5 and got_corr == corr:
+                return reply
+            if not self.v5 and topic == f"edge/gw-test/res/{rid}":
+                return reply
+        raise AssertionError(f"no reply to {name} within {timeout}s")
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_read_commands_and_refusals(protocol, local_broker, cloud_broker, make_agent, pki):
+    agent = make_agent(local_broker, cloud_broker, uplink={"protocol": protocol},
+                       southbound__mqtt={"password": "s3cret"}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    pub = Publisher(local_broker)
+    for i in range(5):
+        pub.publish(i, device="pump-1")
+    wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 10, 10, what="readings")
+    cli = CommandClient(cloud_broker, pki, protocol)
+    try:
+        assert cli.call("ping")["result"]["pong"] is True
+        status = cli.call("status")["result"]
+        assert status["gateway"] == "gw-test" and status["uplink_connected"] is True
+        assert status["components"] == {"uplink": "running", "mqtt": "running"} and status["next_seq"] == 11
+        devices = cli.call("devices", {"filter": "PUMP"})["result"]
+        assert [d["device"] for d in devices] == ["pump-1"]
+        assert {p["point"] for p in devices[0]["points"]} == {"n", "temperature"}
+        q = cli.call("query", {"device": "pump-1", "point": "n", "agg": "max", "window_s": 3600})
+        assert q["ok"] and q["result"]["value"] == 4 and q["result"]["samples"] == 5
+        q = cli.call("query", {"device": "pump-1", "point": "n", "agg": "last", "window_s": 60})["result"]
+        assert q["value"] == 4
+        assert cli.call("query", {"device": "pump-9", "point": "n", "agg": "max", "window_s": 60})["error"]["code"] \
+            == "not_found"
+        cfg = cli.call("config.get")["result"]
+        assert cfg["gateway"]["id"] == "gw-test" and cfg["southbound"]["mqtt"]["password"] == "***"
+        lines = cli.call("logs.tail", {"n": 5, "component": "southbound"})["result"]
+        assert lines and all("component=southbound" in line for line in lines)
+        # refusals
+        err = cli.call("write", {"device": "plc-1", "point": "setpoint", "value": 1.0})["error"]
+        assert err["code"] == "forbidden"
+        assert cli.call("reboot")["error"]["code"] == "unknown_command"
+        assert cli.call("ping", {"extra": 1})["error"]["code"] == "bad_request"
+        assert cli.call("query", {"device": "pump-1", "point": "n", "agg": "median", "window_s": 60})["error"][
+            "code"] == "bad_request"
+        assert cli.call("query", {"device": "pump-1", "point": "n", "agg": "max", "window_s": "1h"})["error"][
+            "code"] == "bad_request"
+        rid = "big-1"
+        big = json.dumps({"id": rid, "filter": "x" * 20000}).encode()
+        assert cli.call("devices", big, rid=rid)["error"]["code"] == "too_large"
+        rid = "bad-1"
+        assert cli.call("ping", b'{"id": "bad-1", not json', rid=rid)["error"]["code"] == "bad_request"
+        assert agent.metric("edge_agent_commands_total", 'command="write",outcome="forbidden"') == 1
+    finally:
+        cli.close()
+        pub.close()
+    assert agent.stop() == 0
+
+
+def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, make_agent, pki):
+    from edge_agent.brokers import free_port
+    plc = Plc(free_port()).start()
+    try:
+        agent = make_agent(local_broker, cloud_broker, commands={"allow": ["ping", "write"]},
+                           southbound__opcua={"enabled": True, "servers": [
+                               {"device": "plc-1", "endpoint": plc.endpoint, **FAST, "nodes": NODES}]}).start()
+        agent.wait_ready()
+        wait_for(lambda: agent.metric("edge_agent_ingest_connected", 'source="opcua"') == 1, 20, what="opcua")
+        wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+        cli = CommandClient(cloud_broker, pki, "5")
+        try:
+            first = cli.call("write", {"device": "plc-1", "point": "setpoint", "value": 61.5}, rid="w-1")
+            again = cli.call("write", {"device": "plc-1", "point": "setpoint", "value": 61.5}, rid="w-1")
+            assert first == again and first["ok"] and first["result"]["written"]["value"] == 61.5
+            refused = cli.call("write", {"device": "plc-1", "point": "setpoint", "value": 1000}, rid="w-2")
+            assert refused["error"]["code"] == "refused" and "outside the allowed range" in refused["error"]["message"]
+            outside = cli.call("write", {"device": "plc-1", "point": "temperature", "value": 1.0}, rid="w-3")
+            assert outside["error"]["code"] == "refused" and "not allow-listed" in outside["error"]["message"]
+        finally:
+            cli.close()
+        assert agent.metric("edge_agent_commands_total", 'command="write",outcome="ok"') == 1
+        assert agent.metric("edge_agent_commands_total", 'command="write",outcome="duplicate"') == 1
+        log = agent.log()
+        assert log.count('msg="write done"') == 1 and log.count("msg=\"opcua write\"") == 1
+        assert 'msg="write refused"' in log and "reply_to=cloud/replies/" in log
+        assert agent.stop() == 0
+    finally:
+        plc.kill()
