@@ -214,6 +214,10 @@ class Uplink:
     async def stop(self) -> None:
         """Stop sending, wait (bounded by the supervisor) for in-flight PUBACKs, say offline, disconnect."""
         self._stopping.set()
+        if self._serving:  # commands still running get a moment; unanswered ones are not acknowledged
+            await asyncio.wait(list(self._serving), timeout=2.0)
+            for t in list(self._serving):
+                t.cancel()
         conn = self._conn
         if conn is not None and not conn.disconnected.done():
             # the pump returns once its in-flight batches are acknowledged; then say goodbye

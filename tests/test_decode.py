@@ -58,6 +58,8 @@ def test_plain_number():
     (JSON, "devices/d/telemetry", b'{"values": {"": 1}}', "bad_point"),
     (JSON, "devices/d/telemetry", b'{"ts": -5, "values": {"t": 1}}', "bad_timestamp"),
     (JSON, "devices/d/telemetry", b'{"ts": 1e30, "values": {"t": 1}}', "bad_timestamp"),
+    (JSON, "devices/d/telemetry", b'{"ts": 1790000000123E999, "values": {"t": 1}}', "bad_timestamp"),
+    (JSON, "devices/d/telemetry", b'{"ts": -1e999, "values": {"t": 1}}', "bad_timestamp"),
     (JSON, "devices/d/other", b'{"values": {"t": 1}}', "topic_mismatch"),
     (JSON, "devices/" + "x" * 200 + "/telemetry", b'{"values": {"t": 1}}', "bad_device"),
     (JSON, "devices/d/telemetry", b"[" * 100000, "bad_json"),

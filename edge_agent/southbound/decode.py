@@ -107,7 +107,9 @@ def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: boo
             return recv_ns
         if type(raw) not in (int, float):
             raise RejectedInput("bad_timestamp", f"timestamp must be a number of {cfg.ts_unit}, got {raw!r:.40}")
-        ts = int(raw * scale)
+        if type(raw) is float and not math.isfinite(raw):
+            raise RejectedInput("bad_timestamp", f"timestamp {raw!r} is not finite")
+        ts = int(raw * scale) if type(raw) is int else int(min(max(raw * scale, -1e30), 1e30))
         if ts < _MIN_TS_NS or ts > recv_ns + _MAX_FUTURE_NS:
             raise RejectedInput("bad_timestamp", f"timestamp {raw!r:.40} {cfg.ts_unit} is before 2000 or "
                                                  "more than a day ahead")
