@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of every payload decoder with atheris (where it installs: pip install atheris).
 
-    python tests/fuzz/atheris_decoders.py -runs=200000        (or -max_total_time=600)
+    python tests/fuzz/atheris_decoders.py -max_total_time=600 /tmp/corpus tests/fuzz/seeds
 
 A decoder may return readings or raise RejectedInput with a known reason; anything else (another
 exception, a non-finite value, a reading that is not JSON-serialisable) is a crash that atheris
@@ -49,5 +49,6 @@ def one(data: bytes) -> None:
 
 
 if __name__ == "__main__":
+    atheris.instrument_all()  # instrument_imports() alone left the decoders uninstrumented here
     atheris.Setup(sys.argv, one)
     atheris.Fuzz()
