@@ -270,3 +270,20 @@ def test_bad_credentials_file_is_a_config_error(tmp_path):
         return 0
     with pytest.raises(ConfigError, match="southbound.coap.credentials_file"):
         CoapAdapter(CoapConfig(enabled=True, credentials_file=str(bad)), nop, nop, Metrics())
+
+
+def test_coap_adapter_works_without_the_oscore_extra():
+    """aiocoap's OSCORE modules need lakers & co (the `oscore` extra); without credentials configured
+    the adapter must not import them (a plain install has them missing)."""
+    code = ("import sys; sys.modules['lakers'] = None\n"  # any import of lakers now fails
+            "import asyncio\n"
+            "from edge_agent.config import CoapConfig\n"
+            "from edge_agent.metrics import Metrics\n"
+            "from edge_agent.southbound.coap import CoapAdapter\n"
+            "async def nop(*a): return 0\n"
+            "async def main():\n"
+            "    a = CoapAdapter(CoapConfig(enabled=True, port=0), nop, nop, Metrics())\n"
+            "    t = asyncio.create_task(a.run()); await asyncio.sleep(0.2); await a.stop(); await t\n"
+            "asyncio.run(main()); print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

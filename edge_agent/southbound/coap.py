@@ -35,7 +35,6 @@ import aiocoap
 import aiocoap.resource as resource
 from aiocoap import Code, ContentFormat, Message
 from aiocoap.error import Error as CoapError
-from aiocoap.transports.oscore import OSCOREAddress
 from aiocoap.util.linkformat import Link, LinkFormat
 
 from edge_agent.config import CoapConfig, CoapObserveConfig, ConfigError
@@ -84,6 +83,7 @@ class CoapAdapter:
         self._received = metrics.readings_received.labels(SOURCE)
         self._last = metrics.last_data.labels(SOURCE)
         self.server_port: int | None = None
+        self._oscore_address: type = type(None)
         self._creds = self._credentials()  # at construction: a bad file stops the start with a one-line error
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -124,6 +124,9 @@ class CoapAdapter:
             return None
         from aiocoap.credentials import CredentialsMap
         try:
+            # aiocoap's OSCORE transport needs the `oscore` extra: import it only when configured
+            from aiocoap.transports.oscore import OSCOREAddress
+            self._oscore_address = OSCOREAddress
             with open(self.cfg.credentials_file) as f:
                 raw = json.load(f)
             creds = CredentialsMap()
@@ -151,7 +154,7 @@ class CoapAdapter:
 
     # -- server --------------------------------------------------------------------------------
     async def handle_post(self, request: Message) -> Message:
-        if self.cfg.require_oscore and not isinstance(request.remote, OSCOREAddress):
+        if self.cfg.require_oscore and not isinstance(request.remote, self._oscore_address):
             self.metrics.messages_rejected.labels(SOURCE, "unprotected").inc()
             return Message(code=Code.UNAUTHORIZED, payload=b"OSCORE required")
         path = request.opt.uri_path
