@@ -5,11 +5,12 @@ paho runs without a thread of its own: its socket is registered with the event l
 code sees futures, never a callback thread. Only the blocking `connect()` (DNS, TCP, TLS handshake)
 runs in an executor thread.
 
-Three private paho hooks are overridden for throughput, pinned by the `paho-mqtt>=2.1,<3` range and
+Four private paho hooks are overridden for throughput, pinned by the `paho-mqtt>=2.1,<3` range and
 covered by the tests: `_sock_recv` reads the socket in 64 KiB chunks and serves paho's 1-byte
 header reads from memory (paho otherwise makes three syscalls per packet), and `_sock_send`
 coalesces the packets written in one loop turn (a burst of PUBACKs) into one send, and
-`_handle_on_message` skips paho's per-topic callback matching, which we do not use.
+`_handle_on_message` skips paho's per-topic callback matching, which we do not use, and
+`_handle_publish` (ingest only) parses a QoS 1 PUBLISH without building its MQTT 5 properties.
 """
 from __future__ import annotations
 
@@ -65,6 +66,46 @@ class _Client(paho.Client):
         self._rpos = end if end < len(self._rbuf) else len(self._rbuf)
         return out
 
+    lean_publish = False  # set for ingest: QoS 1 PUBLISH parsed without its MQTT 5 properties
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        # paho builds a Properties object for every MQTT 5 PUBLISH (half of the ingest CPU); ingest
+        # reads no property, so a manually acknowledged QoS 1 PUBLISH is parsed here and its
+        # properties skipped. Anything else goes through paho.
+        header = self._in_packet["command"]
+        if not self.lean_publish or (header & 0x06) >> 1 != 1 or not self._manual_ack:
+            return super()._handle_publish()
+        pkt = self._in_packet["packet"]
+        try:
+            slen = (pkt[0] << 8) | pkt[1]
+            pos = 2 + slen
+            topic = bytes(pkt[2:pos])
+            mid = (pkt[pos] << 8) | pkt[pos + 1]
+            pos += 2
+            if self._protocol == paho.MQTTv5:
+                plen, shift = 0, 0
+                while True:
+                    b = pkt[pos]
+                    pos += 1
+                    plen |= (b & 0x7F) << shift
+                    if not b & 0x80:
+                        break
+                    shift += 7
+                    if shift > 21:
+                        return MQTTErrorCode.MQTT_ERR_PROTOCOL
+                pos += plen
+            if pos > len(pkt) or slen == 0:
+                return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        except IndexError:
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        message = paho.MQTTMessage(mid=mid, topic=topic)
+        message.qos = 1
+        message.dup = bool(header & 0x08)
+        message.retain = bool(header & 0x01)
+        message.payload = bytes(pkt[pos:])
+        self._handle_on_message(message)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _handle_on_message(self, message: paho.MQTTMessage) -> None:
         # paho matches every message against per-topic callbacks first; we register none
         on_message = self.on_message
@@ -108,7 +149,7 @@ class MqttConnection:
                  ssl_context: ssl.SSLContext | None = None, username: str = "", password: str = "",
                  clean_start: bool = True, will: Will | None = None, receive_maximum: int = 0,
                  manual_ack: bool = False, max_inflight: int = 20,
-                 on_message: MessageCallback | None = None) -> None:
+                 on_message: MessageCallback | None = None, lean_publish: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
         self.host, self.port, self.keepalive = host, port, keepalive
         self.v5 = protocol == "5"
@@ -122,6 +163,7 @@ class MqttConnection:
         c.max_queued_messages_set(0)  # the callers bound what they queue
         if manual_ack:
             c.manual_ack_set(True)
+        c.lean_publish = lean_publish
         if ssl_context is not None:
             c.tls_set_context(ssl_context)
         if username:

@@ -193,3 +193,29 @@ def test_dead_letter_table_is_bounded(local_broker, cloud_broker, make_agent, tm
     assert agent.stop() == 0
     db = sqlite3.connect(tmp_path / "state" / "edge-agent.db")
     assert db.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 10
+
+
+def test_mqtt5_publish_properties_do_not_disturb_the_payload(local_broker, cloud_broker, make_agent, cloud_subscriber):
+    """Ingest parses QoS 1 PUBLISH itself and skips the MQTT 5 properties: they must be skipped exactly."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    sub = cloud_subscriber()
+    agent = make_agent(local_broker, cloud_broker).start().wait_ready()
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="v5-device", protocol=paho.MQTTv5)
+    c.connect("127.0.0.1", local_broker.port, 30)
+    c.loop_start()
+    infos = []
+    for i in range(20):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/json"
+        props.UserProperty = [("site", "plant-7"), ("pad", "x" * (i * 20))]  # property lengths of 1 and 2 bytes
+        props.MessageExpiryInterval = 3600
+        body = json.dumps({"values": {"n": i}}).encode()
+        infos.append(c.publish(f"devices/v5-{i % 2}/telemetry", body, qos=1, properties=props))
+    wait_for(lambda: all(i.is_published() for i in infos), 10, what="PUBACKs")
+    wait_for(lambda: len(sub.readings()) >= 20, 15, what="readings at the cloud")
+    assert sorted(r["value"] for r in sub.readings()) == list(range(20))
+    assert {r["device"] for r in sub.readings()} == {"v5-0", "v5-1"}
+    c.loop_stop()
+    c.disconnect()
+    assert agent.stop() == 0

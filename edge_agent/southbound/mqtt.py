@@ -76,7 +76,7 @@ class MqttIngest:
                 client_id=self.client_id, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
                 keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, username=self.cfg.username,
                 password=self.cfg.password, clean_start=False, receive_maximum=self.cfg.receive_maximum,
-                manual_ack=True, on_message=self._on_message)
+                manual_ack=True, on_message=self._on_message, lean_publish=True)
             self._paused = False
             try:
                 present = await conn.connect()

@@ -142,7 +142,8 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
     cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, *server).start()
     mport = free_port()
     cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")}, "log": {"level": "warning"},
-           "southbound": {"mqtt": {"port": local.port, **({"receive_maximum": receive_maximum} if receive_maximum else {})}},
+           "southbound": {"mqtt": {"port": local.port, "protocol": os.environ.get("BENCH_PROTOCOL", "5"),
+                                   **({"receive_maximum": receive_maximum} if receive_maximum else {})}},
            
            "uplink": {"host": "localhost", "port": cloud.port, "ca_file": str(ca.cert_path), "cert_file": str(gw[0]),
                       "key_file": str(gw[1])},
