@@ -1,6 +1,7 @@
 """Ingest benchmark (not a test): points/s from the local broker to cloud PUBACK, against a ceiling.
 
     python tests/bench/bench_ingest.py [--messages 100000] [--devices 100] [--rate 4000]
+        [--receive-maximum N] [--synchronous full|normal]      (BENCH_PROTOCOL=3.1.1: ingest over 3.1.1)
 
 A load generator (its own process) publishes 5-point JSON messages from simulated devices at QoS 1.
 On a 2-core machine a Python generator cannot outrun the consumers, so throughput is measured by
