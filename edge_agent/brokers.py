@@ -67,6 +67,8 @@ class Mosquitto:
             "use_identity_as_username true", "tls_version tlsv1.2", "allow_anonymous false"])
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
+        """Start and wait for the port. Blocking by design (tests, benchmarks); from a coroutine call it
+        through asyncio.to_thread, as the demo does."""
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
