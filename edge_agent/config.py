@@ -123,7 +123,7 @@ class MqttIngestConfig:
     username: str = opt("", doc="username ('' = none)")
     password: str = opt("", doc="password", secret=True)
     keepalive_s: int = opt(30, doc="MQTT keepalive", ge=5, le=3600)
-    receive_maximum: int = opt(4000, doc="unacknowledged QoS 1 messages in flight (MQTT 5 receive maximum); "
+    receive_maximum: int = opt(3000, doc="unacknowledged QoS 1 messages in flight (MQTT 5 receive maximum); "
                                "the window that keeps ingest fast while commits are in flight", ge=1, le=65535)
     max_pending_bytes: int = opt(8 << 20, doc="payload bytes taken but not yet committed; at this bound ingest stops "
                                  "reading from the broker until commits catch up", ge=64 << 10, le=1 << 30)
