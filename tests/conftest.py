@@ -157,6 +157,8 @@ def make_agent(tmp_path, pki):
         if a.proc is not None and a.proc.poll() is None:
             a.proc.kill()
             a.proc.wait()
+        if getattr(a, "_log", None) is not None:
+            a._log.close()
 
 
 class CloudSubscriber:

@@ -123,7 +123,8 @@ class _Endpoint:
         self.committed: list = []
         self.port = free_udp_port()
         self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
 
         async def sink(readings):
             self.committed.extend(readings)
@@ -166,6 +167,8 @@ class _Endpoint:
             await self.client.shutdown()
         self.call(down())
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 @pytest.fixture(scope="module")
