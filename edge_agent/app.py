@@ -17,6 +17,7 @@ from edge_agent.commands import Commands, Gateway
 from edge_agent.config import Config, to_dict
 from edge_agent.logs import RING
 from edge_agent.metrics import Metrics
+from edge_agent.rules import RuleEngine
 from edge_agent.southbound import WriteRefused
 from edge_agent.southbound.mqtt import MqttIngest
 from edge_agent.store import Store
@@ -51,10 +52,22 @@ class App:
         self.uplink: Uplink | None = None
         self.ingest: MqttIngest | None = None
         self.commands: Commands | None = None
+        self.rules: RuleEngine | None = None
+
+    async def sink(self, readings: list) -> int:
+        """Where adapters hand readings: committed first, then seen by the rules."""
+        seq = await self.store.write(readings)
+        if self.rules is not None:
+            self.rules.observe(readings)
+        return seq
 
     def build(self) -> None:
         """Make the components; raises TlsConfigError/ConfigError for what the user must fix."""
         cfg = self.cfg
+        self.store.alerts_max = cfg.rules.max_pending_alerts
+        if cfg.rules.enabled and cfg.rules.rule:
+            self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics)
+            self.components.append(self.rules)
         if cfg.uplink.enabled:
             on_command = None
             if cfg.commands.enabled:
@@ -68,14 +81,14 @@ class App:
             self.components.append(self.uplink)
         if cfg.southbound.coap.enabled:
             from edge_agent.southbound.coap import CoapAdapter
-            self.components.append(CoapAdapter(cfg.southbound.coap, self.store.write, self.store.dead_letter,
+            self.components.append(CoapAdapter(cfg.southbound.coap, self.sink, self.store.dead_letter,
                                                self.metrics))
         if cfg.southbound.opcua.enabled:
             from edge_agent.southbound.opcua import OpcuaAdapter
-            self.components.append(OpcuaAdapter(cfg.southbound.opcua, self.store.write, self.store.dead_letter,
+            self.components.append(OpcuaAdapter(cfg.southbound.opcua, self.sink, self.store.dead_letter,
                                                 self.metrics))
         if cfg.southbound.mqtt.enabled:
-            self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.store.write, self.store.dead_letter,
+            self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.sink, self.store.dead_letter,
                                      self.metrics)
             self.components.append(self.ingest)
 

@@ -211,6 +211,27 @@ class UplinkConfig:
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
 
 
+@dataclass
+class RuleConfig:
+    id: str = opt(doc="rule id (letters, digits, _ . -)")
+    kind: str = opt(doc="above | below | rate | zscore | nodata", choices=("above", "below", "rate", "zscore", "nodata"))
+    device: str = opt(doc="device the rule watches")
+    point: str = opt(doc="point the rule watches")
+    threshold: float = opt(0.0, doc="above/below: the limit; rate: |change| per second; zscore: |z|")
+    hysteresis: float = opt(0.0, doc="above/below: clears only once back past threshold -/+ this", ge=0)
+    window: int = opt(30, doc="zscore: samples in the window", ge=5, le=10_000)
+    seconds: float = opt(60.0, doc="nodata: silence that fires", ge=1)
+    cooldown_s: float = opt(60.0, doc="after an alert, the rule alerts again no sooner (flapping guard)", ge=0)
+
+
+@dataclass
+class RulesConfig:
+    enabled: bool = opt(True, doc="evaluate rules on the ingest path; alerts go through the store to the cloud")
+    max_pending_alerts: int = opt(10_000, doc="alerts waiting for the cloud; beyond, the oldest go (counted)",
+                                  ge=10, le=10_000_000)
+    rule: list[RuleConfig] = opt(factory=list, doc="the rules ([[rules.rule]] tables)")
+
+
 READ_ONLY_COMMANDS = ("ping", "status", "devices", "query", "logs.tail", "config.get")
 ALL_COMMANDS = READ_ONLY_COMMANDS + ("write",)
 
@@ -250,6 +271,7 @@ class Config:
     southbound: SouthboundConfig = opt(factory=SouthboundConfig, doc="device-side adapters")
     uplink: UplinkConfig = opt(factory=UplinkConfig, doc="mutual-TLS link to the cloud")
     commands: CommandsConfig = opt(factory=CommandsConfig, doc="the command channel over the uplink")
+    rules: RulesConfig = opt(factory=RulesConfig, doc="rules and alerts (edge autonomy)")
     metrics: MetricsConfig = opt(factory=MetricsConfig, doc="Prometheus endpoint")
     supervisor: SupervisorConfig = opt(factory=SupervisorConfig, doc="component supervision")
 
@@ -387,6 +409,14 @@ def _check(cfg: Config) -> None:
             points.add(n.point)
             if n.min > n.max:
                 raise ConfigError(f"{nk}: min ({n.min}) is above max ({n.max})")
+    ids = set()
+    for i, r in enumerate(cfg.rules.rule):
+        if not _ID_RE.match(r.id) or r.id in ids:
+            raise ConfigError(f"rules.rule[{i}].id: expected a unique id of letters, digits, '_', '.', '-', "
+                              f"got {r.id!r}")
+        ids.add(r.id)
+        if r.kind in ("rate", "zscore") and r.threshold <= 0:
+            raise ConfigError(f"rules.rule[{i}].threshold: must be > 0 for a {r.kind} rule")
     for c in cfg.commands.allow:
         if c not in ALL_COMMANDS:
             raise ConfigError(f"commands.allow: unknown command {c!r} (known: {', '.join(ALL_COMMANDS)})")

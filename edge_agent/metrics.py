@@ -49,6 +49,8 @@ class Metrics:
                                       ["source", "reason"], registry=r)
         self.commands = Counter(p + "commands", "Commands answered, by outcome (ok, duplicate, or the error code)",
                                 ["command", "outcome"], registry=r)
+        self.alerts = Counter(p + "alerts", "Alerts by state: firing, cleared, suppressed (cooldown), dropped "
+                              "(bound), sent (acknowledged by the cloud)", ["state"], registry=r)
         self.restarts = Counter(p + "component_restarts", "Component restarts after a crash", ["component"],
                                 registry=r)
         self.loop_lag = Gauge(p + "event_loop_lag_seconds", "Latest event-loop scheduling lag", registry=r)

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY, ts_ns INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_marks (ts_ns INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
 """
 
 _STOP = object()
@@ -128,6 +129,8 @@ class Store:
         self._reader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None
         self.new_data: asyncio.Event | None = None
+        self.new_alert: asyncio.Event | None = None
+        self.alerts_max = 10_000
         self.next_seq = 1
         self.outbox_readings = 0
         self.outbox_bytes = 0
@@ -143,6 +146,7 @@ class Store:
         self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.cfg.queue_max_batches)
         self.new_data = asyncio.Event()
+        self.new_alert = asyncio.Event()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._writer_main, args=(ready,), name="store-writer", daemon=True)
@@ -202,6 +206,17 @@ class Store:
     def ack_outbox(self, upto_seq: int) -> None:
         """The cloud acknowledged every reading up to `upto_seq`: drop those outbox rows (in the next commit)."""
         self._q.put(("a", upto_seq, None))
+
+    def alert(self, payload: bytes) -> None:
+        """Keep an alert for the cloud (in the next commit; never blocks the caller)."""
+        self._q.put(("l", payload, None))
+
+    def ack_alerts(self, upto_id: int) -> None:
+        self._q.put(("x", upto_id, None))
+
+    async def read_alerts(self, after_id: int = 0, limit: int = 100) -> list[tuple[int, bytes]]:
+        return await self._read(lambda: self._rconn.execute(  # type: ignore[union-attr]
+            "SELECT id, payload FROM alerts WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall())
 
     async def read_outbox(self, after_seq: int, max_readings: int, max_bytes: int) -> list[OutboxRow]:
         """Consecutive outbox rows after `after_seq`: at least one row, then up to the bounds."""
@@ -361,6 +376,8 @@ class Store:
         t0 = time.perf_counter()
         writes: list[tuple[int, list[Reading]]] = []   # (first seq, readings)
         dead: list[tuple] = []
+        alerts: list[tuple] = []
+        alerts_acked = 0
         ack = 0
         results: list[tuple[asyncio.Future, int]] = []
         seq = self.next_seq
@@ -373,6 +390,10 @@ class Store:
             elif kind == "d":
                 dead.append(payload)
                 results.append((fut, 0))
+            elif kind == "l":
+                alerts.append((payload,))
+            elif kind == "x":
+                alerts_acked = max(alerts_acked, payload)
             else:
                 ack = max(ack, payload)
         n_rows = seq - self.next_seq
@@ -403,6 +424,14 @@ class Store:
             if dead:
                 conn.executemany("INSERT INTO dead_letters (ts_ns, source, topic, reason, detail, payload) "
                                  "VALUES (?,?,?,?,?,?)", dead)
+            if alerts_acked:
+                conn.execute("DELETE FROM alerts WHERE id <= ?", (alerts_acked,))
+            if alerts:
+                conn.executemany("INSERT INTO alerts (payload) VALUES (?)", alerts)
+                dropped = conn.execute("DELETE FROM alerts WHERE id <= (SELECT max(id) FROM alerts) - ?",
+                                       (self.alerts_max,)).rowcount
+                if dropped > 0:
+                    self.metrics.alerts.labels("dropped").inc(dropped)
             acked = (0, 0)
             if ack > self.acked_seq:
                 acked = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox "
@@ -434,7 +463,7 @@ class Store:
         self.metrics.store_commit_seconds.observe(time.perf_counter() - t0)
         self.metrics.outbox_readings.set(self.outbox_readings)
         self.metrics.outbox_bytes.set(self.outbox_bytes)
-        self._resolve(results, None, notify=bool(n_rows))
+        self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts))
 
     def _register(self, conn: sqlite3.Connection, writes: list[tuple[int, list[Reading]]], now_ns: int,
                   new_devices: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -472,7 +501,7 @@ class Store:
         self._seen_devices.clear()
         self._seen_points.clear()
 
-    def _resolve(self, results: list, error: BaseException | None, notify: bool = False) -> None:
+    def _resolve(self, results: list, error: BaseException | None, notify: bool = False, alert: bool = False) -> None:
         def done() -> None:
             for fut, value in results:
                 if not fut.done():
@@ -482,7 +511,9 @@ class Store:
                         fut.set_exception(error)
             if notify and self.new_data is not None:
                 self.new_data.set()
-        if results or notify:
+            if alert and self.new_alert is not None:
+                self.new_alert.set()
+        if results or notify or alert:
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(done)

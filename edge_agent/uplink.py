@@ -49,6 +49,7 @@ class Uplink:
         base = f"{cfg.topic_prefix}/{gateway_id}"
         self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
         self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
+        self.alerts_topic = f"{base}/alerts"
         self._serving: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._conn: MqttConnection | None = None
@@ -104,9 +105,12 @@ class Uplink:
             self.metrics.uplink_connects.inc()
             log.info("connected to cloud", extra={"host": self.cfg.host, "port": self.cfg.port,
                                                   "resume_after_seq": max(self._acked, self.store.acked_seq)})
+            alerts = asyncio.ensure_future(self._alert_pump(conn))
             try:
                 await self._pump(conn)
             finally:
+                alerts.cancel()
+                await asyncio.gather(alerts, return_exceptions=True)
                 self.connected = False
                 self.metrics.uplink_connected.set(0)
             if not self._stopping.is_set():
@@ -180,6 +184,26 @@ class Uplink:
             for _, _, fut in inflight:
                 if fut.done():
                     fut.exception()  # retrieved: the batch is resent on the next connection
+
+    async def _alert_pump(self, conn: MqttConnection) -> None:
+        """Alerts leave the store one by one, each after the cloud's PUBACK, oldest first."""
+        store = self.store
+        assert store.new_alert is not None
+        sent = 0
+        while not conn.disconnected.done():
+            store.new_alert.clear()
+            rows = await store.read_alerts(sent)
+            if not rows:
+                await store.new_alert.wait()
+                continue
+            for aid, payload in rows:
+                try:
+                    await conn.publish(self.alerts_topic, payload, qos=1)
+                except PublishError:
+                    return  # what was not acknowledged goes again on the next connection
+                sent = aid
+                store.ack_alerts(aid)
+                self.metrics.alerts.labels("sent").inc()
 
     # -- commands: the transport side only; the supervisor's handler knows what they mean -----------
     def _on_command_message(self, conn: MqttConnection, msg) -> None:

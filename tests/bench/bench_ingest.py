@@ -1,7 +1,8 @@
 """Ingest benchmark (not a test): points/s from the local broker to cloud PUBACK, against a ceiling.
 
     python tests/bench/bench_ingest.py [--messages 100000] [--devices 100] [--rate 4000]
-        [--receive-maximum N] [--synchronous full|normal]      (BENCH_PROTOCOL=3.1.1: ingest over 3.1.1)
+        [--receive-maximum N] [--synchronous full|normal] [--rules 100]
+        (BENCH_PROTOCOL=3.1.1: ingest over 3.1.1)
 
 A load generator (its own process) publishes 5-point JSON messages from simulated devices at QoS 1.
 On a 2-core machine a Python generator cannot outrun the consumers, so throughput is measured by
@@ -134,7 +135,8 @@ def wait_metric(port: int, name: str, value: float, timeout: float, interval: fl
     raise RuntimeError(f"{name} did not reach {value} in {timeout} s")
 
 
-def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: int, synchronous: str) -> dict:
+def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: int, synchronous: str,
+              rules: int = 0) -> dict:
     ca = CA(work / "pki")
     server = ca.issue("cloud", server=True)
     gw = ca.issue("bench-gw")
@@ -148,7 +150,11 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
            
            "uplink": {"host": "localhost", "port": cloud.port, "ca_file": str(ca.cert_path), "cert_file": str(gw[0]),
                       "key_file": str(gw[1])},
-           "store": {"synchronous": synchronous}, "metrics": {"port": mport}}
+           "store": {"synchronous": synchronous}, "metrics": {"port": mport},
+           # rules on the benchmark's own series (thresholds the generated values never reach: no alerts)
+           "rules": {"rule": [{"id": f"r{i}", "kind": ("above", "below", "rate", "zscore")[i % 4],
+                               "device": f"dev-{i % devices:03d}", "point": ("temperature", "pressure", "flow")[i % 3],
+                               "threshold": (1e9, -1e9, 1e9, 1e9)[i % 4]} for i in range(rules)]}}
     (work / "agent.toml").write_text(to_toml(cfg))
     cmd = [sys.executable, "-m", "edge_agent", "run", "--config", str(work / "agent.toml")]
     agent = None
@@ -206,13 +212,14 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=4000, help="messages/s for the latency phase")
     ap.add_argument("--receive-maximum", type=int, default=0, help="0 = the config default")
     ap.add_argument("--synchronous", choices=("full", "normal"), default="full")
+    ap.add_argument("--rules", type=int, default=0, help="rules active on the ingested series")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         ceil = ceiling(work, a.messages, a.devices) * 5
-        r = agent_run(work, a.messages, a.devices, a.rate, a.receive_maximum, a.synchronous)
+        r = agent_run(work, a.messages, a.devices, a.rate, a.receive_maximum, a.synchronous, a.rules)
     print(f"backlog: {a.messages} messages x 5 points from {a.devices} devices, QoS 1; "
-          f"agent receive_maximum {a.receive_maximum or 'default'}")
+          f"agent receive_maximum {a.receive_maximum or 'default'}; {a.rules} rules")
     print(f"ceiling  (mosquitto_sub -q 1 drains it)      : {ceil:9.0f} points/s")
     print(f"agent    (commit, mTLS uplink, cloud PUBACK) : {r['points_per_s']:9.0f} points/s"
           f"   ratio {r['points_per_s'] / ceil:.2f}")

@@ -1,0 +1,165 @@
+"""Rules and alerts: the gateway watches its own data, with the cloud up or down.
+
+Kinds (one `[[rules.rule]]` each, on one device/point):
+- `above` / `below`: fires when the value passes `threshold`; clears once it is back past
+  `threshold - hysteresis` (above) or `threshold + hysteresis` (below).
+- `rate`: fires when |Δvalue / Δt| between consecutive readings exceeds `threshold` per second;
+  clears when it is back under.
+- `zscore`: fires when a value lies more than `threshold` standard deviations from the mean of the
+  previous `window` values; clears when one lies within.
+- `nodata`: fires when no reading came for `seconds`; clears with the next reading.
+
+An alert (`state` firing or cleared, with the rule, device, point, value, window statistics, time and
+a short text) is handed to the store, which keeps it until the cloud acknowledges it on
+`<prefix>/<gateway>/alerts` — so alerts raised during an outage arrive after it. After an alert
+fires, the rule fires again no sooner than `cooldown_s`; a firing inside the cooldown is counted
+(`edge_agent_alerts_total{state="suppressed"}`) and its clearing is not sent either.
+
+Evaluation runs on the ingest path after the commit: a dict lookup per reading, and work only for
+the readings a rule watches.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import time
+from typing import Callable
+
+from edge_agent.config import RuleConfig, RulesConfig
+from edge_agent.metrics import Metrics
+from edge_agent.records import Reading
+
+log = logging.getLogger(__name__)
+Emit = Callable[[bytes], None]
+
+
+class _Rule:
+    def __init__(self, cfg: RuleConfig, engine: "RuleEngine") -> None:
+        self.cfg, self.e = cfg, engine
+        self.firing = False
+        self.announced = False
+        self.last_alert = -math.inf
+        self.window: collections.deque[float] = collections.deque(maxlen=cfg.window)
+        self.prev: tuple[float, int] | None = None   # (value, ts_ns) for rate
+        self.last_seen = engine.clock()
+
+    def feed(self, r: Reading) -> None:
+        v = r.value
+        self.last_seen = self.e.clock()
+        if self.cfg.kind == "nodata":
+            if self.firing:
+                self._set(False, v, {"silent_s": None}, r.ts_ns)
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return
+        c = self.cfg
+        if c.kind == "above":
+            fire = v > c.threshold if not self.firing else v > c.threshold - c.hysteresis
+            self._set(fire, v, {}, r.ts_ns)
+        elif c.kind == "below":
+            fire = v < c.threshold if not self.firing else v < c.threshold + c.hysteresis
+            self._set(fire, v, {}, r.ts_ns)
+        elif c.kind == "rate":
+            if self.prev is not None and r.ts_ns > self.prev[1]:
+                rate = (v - self.prev[0]) / ((r.ts_ns - self.prev[1]) / 1e9)
+                self._set(abs(rate) > c.threshold, v, {"rate_per_s": round(rate, 6)}, r.ts_ns)
+            self.prev = (v, r.ts_ns)
+        elif c.kind == "zscore":
+            w = self.window
+            if len(w) >= 5:
+                mean = sum(w) / len(w)
+                sd = math.sqrt(sum((x - mean) ** 2 for x in w) / len(w))
+                z = (v - mean) / sd if sd > 0 else (0.0 if v == mean else math.inf)
+                self._set(abs(z) > c.threshold, v, {"mean": round(mean, 6), "stddev": round(sd, 6),
+                                                    "z": round(z, 3) if math.isfinite(z) else None,
+                                                    "samples": len(w)}, r.ts_ns)
+            w.append(float(v))
+
+    def tick(self, now: float) -> None:
+        if self.cfg.kind == "nodata" and not self.firing and now - self.last_seen >= self.cfg.seconds:
+            self._set(True, None, {"silent_s": round(now - self.last_seen, 1)}, time.time_ns())
+
+    def _set(self, fire: bool, value: object, stats: dict, ts_ns: int) -> None:
+        if fire == self.firing:
+            return
+        self.firing = fire
+        now = self.e.clock()
+        if fire:
+            if now - self.last_alert < self.cfg.cooldown_s:
+                self.announced = False
+                self.e.metrics.alerts.labels("suppressed").inc()
+                return
+            self.last_alert = now
+            self.announced = True
+        elif not self.announced:
+            return
+        self.e.alert(self, "firing" if fire else "cleared", value, stats, ts_ns)
+
+
+class RuleEngine:
+    name = "rules"
+
+    def __init__(self, cfg: RulesConfig, gateway: str, emit: Emit, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg, self.gateway, self.emit, self.metrics, self.clock = cfg, gateway, emit, metrics, clock
+        self.rules = [_Rule(r, self) for r in cfg.rule]
+        self._by_series: dict[tuple[str, str], list[_Rule]] = {}
+        for r in self.rules:
+            self._by_series.setdefault((r.cfg.device, r.cfg.point), []).append(r)
+        self._stop = asyncio.Event()
+
+    def observe(self, readings: list[Reading]) -> None:
+        by = self._by_series
+        if not by:
+            return
+        for r in readings:
+            rules = by.get((r.device, r.point))
+            if rules:
+                for rule in rules:
+                    rule.feed(r)
+
+    def tick(self) -> None:
+        now = self.clock()
+        for r in self.rules:
+            r.tick(now)
+
+    def alert(self, rule: _Rule, state: str, value: object, stats: dict, ts_ns: int) -> None:
+        c = rule.cfg
+        text = _text(c, state, value, stats)
+        doc = {"gateway": self.gateway, "rule": c.id, "kind": c.kind, "state": state, "device": c.device,
+               "point": c.point, "value": value, "threshold": c.threshold, "stats": stats, "ts": ts_ns, "text": text}
+        self.metrics.alerts.labels(state).inc()
+        log.warning("alert", extra={"rule": c.id, "state": state, "device": c.device, "point": c.point,
+                                    "value": value, "text": text})
+        self.emit(json.dumps(doc, separators=(",", ":"), default=str).encode())
+
+    async def run(self) -> None:
+        """The clock for `nodata` rules; everything else happens on the ingest path."""
+        self._stop.clear()
+        while not self._stop.is_set():
+            self.tick()
+            try:
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+
+def _text(c: RuleConfig, state: str, value: object, stats: dict) -> str:
+    what = f"{c.device}/{c.point}"
+    if state == "cleared":
+        return f"{what} is back to normal ({c.kind} rule {c.id}), value {value}"
+    if c.kind == "above":
+        return f"{what} is {value}, above {c.threshold:g}"
+    if c.kind == "below":
+        return f"{what} is {value}, below {c.threshold:g}"
+    if c.kind == "rate":
+        return f"{what} changes at {stats.get('rate_per_s')}/s, faster than {c.threshold:g}/s"
+    if c.kind == "zscore":
+        return f"{what} is {value}, {stats.get('z')} standard deviations from its recent mean {stats.get('mean')}"
+    return f"{what} sent nothing for {stats.get('silent_s')} s"
