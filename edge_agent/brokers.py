@@ -51,7 +51,7 @@ class Mosquitto:
         self.log = self.dir / "mosquitto.log"
         common = [f"listener {port} 127.0.0.1", "persistence true", f"persistence_location {self.dir}/",
                   "autosave_interval 1", "max_queued_messages 1000000", "max_queued_bytes 0",
-                  "max_inflight_messages 1000", "max_packet_size 16777216", "user root",
+                  "max_inflight_messages 1000", "max_packet_size 16777216", "set_tcp_nodelay true", "user root",
                   f"log_dest file {self.log}", "log_type error", "log_type warning", "log_type notice"]
         self.conf.write_text("\n".join(common + lines) + "\n")
         self.proc: subprocess.Popen | None = None

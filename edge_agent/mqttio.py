@@ -231,6 +231,10 @@ class MqttConnection:
         if sock is None:
             raise ConnectError("socket closed during connect")
         self._sock = sock
+        try:  # paho leaves Nagle on: small packets (PUBACKs, replies) would wait for delayed ACKs
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         self._c.on_socket_close = lambda *_: self._detach()
         self._c.on_socket_register_write = lambda *_: self._want_write()
         self._c.on_socket_unregister_write = lambda *_: None
