@@ -7,6 +7,8 @@ batch is committed and acknowledged before the uplink stops draining and the sto
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import time
@@ -14,7 +16,7 @@ from typing import Any, Protocol
 
 from edge_agent import __version__
 from edge_agent.commands import Commands, Gateway
-from edge_agent.config import Config, to_dict
+from edge_agent.config import Config, ConfigError, rule_from_dict, to_dict
 from edge_agent.logs import RING
 from edge_agent.metrics import Metrics
 from edge_agent.rules import RuleEngine
@@ -65,7 +67,7 @@ class App:
         """Make the components; raises TlsConfigError/ConfigError for what the user must fix."""
         cfg = self.cfg
         self.store.alerts_max = cfg.rules.max_pending_alerts
-        if cfg.rules.enabled and cfg.rules.rule:
+        if cfg.rules.enabled:
             self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics)
             self.components.append(self.rules)
         if cfg.uplink.enabled:
@@ -73,7 +75,9 @@ class App:
             if cfg.commands.enabled:
                 self.commands = Commands(cfg.commands, Gateway(
                     status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
-                    write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines)),
+                    write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
+                    rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
+                    rules_remove=self.rules_remove),
                     self.metrics)
                 on_command = self.commands.handle
             self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
@@ -91,6 +95,39 @@ class App:
             self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.sink, self.store.dead_letter,
                                      self.metrics)
             self.components.append(self.ingest)
+
+    async def rules_add(self, doc: dict) -> dict:
+        if self.rules is None:
+            raise PermissionError("rules are disabled on this gateway (rules.enabled = false)")
+        try:
+            rc = rule_from_dict(doc)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if rc.id in self.rules.from_config:
+            raise PermissionError(f"rule {rc.id!r} comes from the config file; change it there")
+        await self.store.save_rule(rc.id, json.dumps(dataclasses.asdict(rc)))
+        self.rules.add(rc)
+        return dataclasses.asdict(rc)
+
+    async def rules_remove(self, rule_id: str) -> bool:
+        if self.rules is None:
+            return False
+        if rule_id in self.rules.from_config:
+            raise PermissionError(f"rule {rule_id!r} comes from the config file; remove it there")
+        await self.store.save_rule(rule_id, None)
+        return self.rules.remove(rule_id)
+
+    async def _load_rules(self) -> None:
+        if self.rules is None:
+            return
+        for doc in await self.store.load_rules():
+            try:
+                rc = rule_from_dict(json.loads(doc))
+            except (ConfigError, ValueError) as e:
+                log.error("stored rule unusable; skipped", extra={"error": str(e)})
+                continue
+            if rc.id not in self.rules.from_config:
+                self.rules.add(rc)
 
     async def write_point(self, device: str, point: str, value: object) -> None:
         """Route an allow-listed point write to the adapter that owns the device."""
@@ -124,6 +161,7 @@ class App:
         if self.cfg.metrics.enabled:
             self._metrics_server, _ = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         await self.store.open()
+        await self._load_rules()
         for comp in self.components:
             self.state[comp.name] = "starting"
             self._tasks[comp.name] = asyncio.create_task(self._supervise(comp), name=comp.name)

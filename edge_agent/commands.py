@@ -51,6 +51,9 @@ class Gateway:
     write_point: Callable[[str, str, Any], Awaitable[None]]
     config: Callable[[], dict]
     log_lines: Callable[[], list[tuple[str, str, str]]]
+    rules_list: Callable[[], list[dict]]
+    rules_add: Callable[[dict], Awaitable[dict]]       # raises ValueError (bad rule) / PermissionError
+    rules_remove: Callable[[str], Awaitable[bool]]     # raises PermissionError (a config rule)
 
 
 # name -> {field: (types, required)}; "id" is allowed everywhere
@@ -62,6 +65,9 @@ _SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "write": {"device": ((str,), True), "point": ((str,), True), "value": ((int, float, bool, str), True)},
     "logs.tail": {"n": ((int,), False), "level": ((str,), False), "component": ((str,), False)},
     "config.get": {},
+    "rules.list": {},
+    "rules.add": {"rule": ((dict,), True)},
+    "rules.remove": {"rule_id": ((str,), True)},
 }
 
 
@@ -229,4 +235,25 @@ class Commands:
             return reply_ok(lines[-n:])
         if name == "config.get":
             return reply_ok(gw.config())
+        if name == "rules.list":
+            return reply_ok(gw.rules_list())
+        if name == "rules.add":
+            try:
+                rule = await gw.rules_add(f["rule"])
+            except (ValueError, PermissionError) as e:
+                audit.warning("rule add refused", extra={"who": who, "rule": str(f["rule"])[:200], "reason": str(e)})
+                raise CommandError("bad_request" if isinstance(e, ValueError) else "refused", str(e)) from None
+            audit.info("rule added", extra={"who": who, "rule": rule["id"], "kind": rule["kind"],
+                                            "device": rule["device"], "point": rule["point"]})
+            return reply_ok({"added": rule})
+        if name == "rules.remove":
+            try:
+                removed = await gw.rules_remove(f["rule_id"])
+            except PermissionError as e:
+                audit.warning("rule remove refused", extra={"who": who, "rule": f["rule_id"], "reason": str(e)})
+                raise CommandError("refused", str(e)) from None
+            if not removed:
+                raise CommandError("not_found", f"no rule {f['rule_id']!r}")
+            audit.info("rule removed", extra={"who": who, "rule": f["rule_id"]})
+            return reply_ok({"removed": f["rule_id"]})
         raise CommandError("unknown_command", name)  # pragma: no cover - parse() refused it already

@@ -232,15 +232,16 @@ class RulesConfig:
     rule: list[RuleConfig] = opt(factory=list, doc="the rules ([[rules.rule]] tables)")
 
 
-READ_ONLY_COMMANDS = ("ping", "status", "devices", "query", "logs.tail", "config.get")
-ALL_COMMANDS = READ_ONLY_COMMANDS + ("write",)
+READ_ONLY_COMMANDS = ("ping", "status", "devices", "query", "logs.tail", "config.get", "rules.list")
+ALL_COMMANDS = READ_ONLY_COMMANDS + ("write", "rules.add", "rules.remove")
 
 
 @dataclass
 class CommandsConfig:
     enabled: bool = opt(True, doc="answer commands on <prefix>/<gateway>/cmd/<name> over the uplink")
     allow: list[str] = opt(factory=lambda: list(READ_ONLY_COMMANDS),
-                           doc=f"commands allowed (all: {', '.join(ALL_COMMANDS)}); write is off by default")
+                           doc=f"commands allowed (all: {', '.join(ALL_COMMANDS)}); write and rules.add/remove "
+                           "are off by default")
     max_request_bytes: int = opt(16384, doc="larger requests are refused", ge=64, le=1 << 20)
     dedup_window_s: float = opt(600.0, doc="a request id seen within this window is answered from the cache, "
                                 "not executed again", ge=0, le=86400)
@@ -428,6 +429,16 @@ def _check(cfg: Config) -> None:
                                   "(the uplink is mutual TLS only; verification cannot be turned off)")
         if "/" in up.topic_prefix or "+" in up.topic_prefix or "#" in up.topic_prefix or not up.topic_prefix:
             raise ConfigError(f"uplink.topic_prefix: expected one topic segment without / + #, got {up.topic_prefix!r}")
+
+
+def rule_from_dict(raw: object) -> RuleConfig:
+    """A rule sent by command, checked like the config's [[rules.rule]] (ConfigError names the field)."""
+    rc = _convert("rule", RuleConfig, raw)
+    if not _ID_RE.match(rc.id):
+        raise ConfigError(f"rule.id: expected letters, digits, '_', '.', '-', got {rc.id!r}")
+    if rc.kind in ("rate", "zscore") and rc.threshold <= 0:
+        raise ConfigError(f"rule.threshold: must be > 0 for a {rc.kind} rule")
+    return rc
 
 
 def from_dict(raw: dict) -> Config:

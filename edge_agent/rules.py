@@ -105,11 +105,35 @@ class RuleEngine:
     def __init__(self, cfg: RulesConfig, gateway: str, emit: Emit, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self.gateway, self.emit, self.metrics, self.clock = cfg, gateway, emit, metrics, clock
-        self.rules = [_Rule(r, self) for r in cfg.rule]
+        self.rules: list[_Rule] = []
         self._by_series: dict[tuple[str, str], list[_Rule]] = {}
-        for r in self.rules:
-            self._by_series.setdefault((r.cfg.device, r.cfg.point), []).append(r)
+        self.from_config = {r.id for r in cfg.rule}
+        for r in cfg.rule:
+            self.add(r)
         self._stop = asyncio.Event()
+
+    def add(self, rc: RuleConfig) -> None:
+        """Add or replace (same id) a rule."""
+        self.remove(rc.id)
+        rule = _Rule(rc, self)
+        self.rules.append(rule)
+        self._by_series.setdefault((rc.device, rc.point), []).append(rule)
+
+    def remove(self, rule_id: str) -> bool:
+        for rule in self.rules:
+            if rule.cfg.id == rule_id:
+                self.rules.remove(rule)
+                series = self._by_series[(rule.cfg.device, rule.cfg.point)]
+                series.remove(rule)
+                if not series:
+                    del self._by_series[(rule.cfg.device, rule.cfg.point)]
+                return True
+        return False
+
+    def list(self) -> list[dict]:
+        import dataclasses
+        return [{**dataclasses.asdict(r.cfg), "origin": "config" if r.cfg.id in self.from_config else "command",
+                 "firing": r.firing} for r in self.rules]
 
     def observe(self, readings: list[Reading]) -> None:
         by = self._by_series

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_marks (ts_ns INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rules (id TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
 """
 
 _STOP = object()
@@ -210,6 +211,16 @@ class Store:
     def alert(self, payload: bytes) -> None:
         """Keep an alert for the cloud (in the next commit; never blocks the caller)."""
         self._q.put(("l", payload, None))
+
+    async def save_rule(self, rule_id: str, doc: str | None) -> None:
+        """Store (doc) or delete (None) a rule added by command; returns once committed."""
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._q.put(("r", (rule_id, doc), fut))
+        await fut
+
+    async def load_rules(self) -> list[str]:
+        return [d for (d,) in await self.query("SELECT doc FROM rules ORDER BY id")]
 
     def ack_alerts(self, upto_id: int) -> None:
         self._q.put(("x", upto_id, None))
@@ -378,6 +389,7 @@ class Store:
         dead: list[tuple] = []
         alerts: list[tuple] = []
         alerts_acked = 0
+        rule_changes: list[tuple[str, str | None]] = []
         ack = 0
         results: list[tuple[asyncio.Future, int]] = []
         seq = self.next_seq
@@ -394,6 +406,9 @@ class Store:
                 alerts.append((payload,))
             elif kind == "x":
                 alerts_acked = max(alerts_acked, payload)
+            elif kind == "r":
+                rule_changes.append(payload)
+                results.append((fut, 0))
             else:
                 ack = max(ack, payload)
         n_rows = seq - self.next_seq
@@ -426,6 +441,11 @@ class Store:
                                  "VALUES (?,?,?,?,?,?)", dead)
             if alerts_acked:
                 conn.execute("DELETE FROM alerts WHERE id <= ?", (alerts_acked,))
+            for rule_id, doc in rule_changes:
+                if doc is None:
+                    conn.execute("DELETE FROM rules WHERE id = ?", (rule_id,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO rules VALUES (?, ?)", (rule_id, doc))
             if alerts:
                 conn.executemany("INSERT INTO alerts (payload) VALUES (?)", alerts)
                 dropped = conn.execute("DELETE FROM alerts WHERE id <= (SELECT max(id) FROM alerts) - ?",

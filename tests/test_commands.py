@@ -83,7 +83,8 @@ def test_read_commands_and_refusals(protocol, local_broker, cloud_broker, make_a
         assert cli.call("ping")["result"]["pong"] is True
         status = cli.call("status")["result"]
         assert status["gateway"] == "gw-test" and status["uplink_connected"] is True
-        assert status["components"] == {"uplink": "running", "mqtt": "running"} and status["next_seq"] == 11
+        assert status["components"] == {"rules": "running", "uplink": "running", "mqtt": "running"}
+        assert status["next_seq"] == 11
         devices = cli.call("devices", {"filter": "PUMP"})["result"]
         assert [d["device"] for d in devices] == ["pump-1"]
         assert {p["point"] for p in devices[0]["points"]} == {"n", "temperature"}
@@ -147,3 +148,47 @@ def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, m
         assert agent.stop() == 0
     finally:
         plc.kill()
+
+
+def test_rules_added_by_command_fire_persist_and_go(local_broker, cloud_broker, make_agent, pki):
+    agent = make_agent(local_broker, cloud_broker, commands={"allow": ["rules.list", "rules.add", "rules.remove"]},
+                       rules={"rule": [{"id": "from-config", "kind": "below", "device": "tank", "point": "level",
+                                        "threshold": 5}]}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    cli = CommandClient(cloud_broker, pki, "5")
+    alerts = CommandClient(cloud_broker, pki, "5")
+    alerts.c.subscribe("edge/gw-test/alerts", 1)
+    time.sleep(0.3)
+    try:
+        rule = {"id": "hot", "kind": "above", "device": "boiler", "point": "temperature", "threshold": 80,
+                "cooldown_s": 0}
+        added = cli.call("rules.add", {"rule": rule})
+        assert added["ok"] and added["result"]["added"]["id"] == "hot"
+        bad = cli.call("rules.add", {"rule": {**rule, "kind": "sideways"}})
+        assert bad["error"]["code"] == "bad_request" and "rule.kind" in bad["error"]["message"]
+        assert cli.call("rules.remove", {"rule_id": "from-config"})["error"]["code"] == "refused"
+        listed = {r["id"]: r["origin"] for r in cli.call("rules.list")["result"]}
+        assert listed == {"from-config": "config", "hot": "command"}
+        pub = Publisher(local_broker)
+        pub.publish(0, device="boiler", payload=b'{"values": {"temperature": 91}}')
+        _topic, _corr, alert = alerts.replies.get(timeout=10)
+        assert alert["rule"] == "hot" and alert["state"] == "firing" and alert["value"] == 91
+        pub.close()
+    finally:
+        cli.close()
+        alerts.close()
+    assert agent.stop() == 0
+    agent.start().wait_ready()  # persisted across a restart
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    cli = CommandClient(cloud_broker, pki, "3.1.1")
+    try:
+        assert {r["id"] for r in cli.call("rules.list")["result"]} == {"from-config", "hot"}
+        assert cli.call("rules.remove", {"rule_id": "hot"})["result"] == {"removed": "hot"}
+        assert cli.call("rules.remove", {"rule_id": "hot"})["error"]["code"] == "not_found"
+        assert {r["id"] for r in cli.call("rules.list")["result"]} == {"from-config"}
+    finally:
+        cli.close()
+    log = agent.log()
+    assert 'msg="rule added"' in log and 'msg="rule removed"' in log and 'msg="rule remove refused"' in log
+    assert agent.stop() == 0
