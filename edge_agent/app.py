@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from edge_agent import __version__
 from edge_agent.commands import Commands, Gateway
-from edge_agent.config import Config, ConfigError, rule_from_dict, to_dict
+from edge_agent.config import Config, ConfigError, action_value, rule_from_dict, to_dict
 from edge_agent.logs import RING
 from edge_agent.metrics import Metrics
 from edge_agent.rules import RuleEngine
@@ -27,6 +27,7 @@ from edge_agent.systemd import Notifier
 from edge_agent.uplink import Uplink
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("edge_agent.audit")
 LAG_INTERVAL_S = 0.5
 STATUS_INTERVAL_S = 10.0
 
@@ -55,6 +56,7 @@ class App:
         self.ingest: MqttIngest | None = None
         self.commands: Commands | None = None
         self.rules: RuleEngine | None = None
+        self._actions: set[asyncio.Task] = set()
 
     async def sink(self, readings: list) -> int:
         """Where adapters hand readings: committed first, then seen by the rules."""
@@ -68,7 +70,7 @@ class App:
         cfg = self.cfg
         self.store.alerts_max = cfg.rules.max_pending_alerts
         if cfg.rules.enabled:
-            self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics)
+            self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, act=self._rule_action)
             self.components.append(self.rules)
         if cfg.uplink.enabled:
             on_command = None
@@ -95,6 +97,29 @@ class App:
             self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.sink, self.store.dead_letter,
                                      self.metrics)
             self.components.append(self.ingest)
+
+    def _rule_action(self, rc, state: str, payload: bytes) -> None:
+        """A rule's actions (called by the engine on the loop): local publish, and a write on firing."""
+        if rc.local_topic:
+            if self.ingest is None or not self.ingest.publish_local(rc.local_topic, payload):
+                self.metrics.alerts.labels("local_unavailable").inc()
+                log.warning("alert not published locally: no local broker connection", extra={"rule": rc.id})
+        if state == "firing" and rc.action_device:
+            t = asyncio.ensure_future(self._rule_write(rc))
+            self._actions.add(t)
+            t.add_done_callback(self._actions.discard)
+
+    async def _rule_write(self, rc) -> None:
+        value = action_value(rc)
+        what = {"rule": rc.id, "device": rc.action_device, "point": rc.action_point, "value": value}
+        try:
+            await self.write_point(rc.action_device, rc.action_point, value)
+        except WriteRefused as e:
+            audit.warning("rule action write refused", extra={**what, "reason": str(e)})
+            self.metrics.alerts.labels("action_refused").inc()
+            return
+        audit.info("rule action write done", extra=what)
+        self.metrics.alerts.labels("action_done").inc()
 
     async def rules_add(self, doc: dict) -> dict:
         if self.rules is None:

@@ -8,6 +8,7 @@ metadata carries the bounds (`ge`, `le`) and the allowed values (`choices`) and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 import typing
@@ -222,6 +223,11 @@ class RuleConfig:
     window: int = opt(30, doc="zscore: samples in the window", ge=5, le=10_000)
     seconds: float = opt(60.0, doc="nodata: silence that fires", ge=1)
     cooldown_s: float = opt(60.0, doc="after an alert, the rule alerts again no sooner (flapping guard)", ge=0)
+    local_topic: str = opt("", doc="also publish the alert on this topic of the local broker ('' = no)")
+    action_device: str = opt("", doc="on firing, write action_value to this device's action_point ('' = no); "
+                             "the write goes through the adapters' allow-list")
+    action_point: str = opt("", doc="the point to write on firing")
+    action_value: str = opt("", doc="the value to write, as JSON: false, 0, 12.5, \"stop\"")
 
 
 @dataclass
@@ -412,12 +418,10 @@ def _check(cfg: Config) -> None:
                 raise ConfigError(f"{nk}: min ({n.min}) is above max ({n.max})")
     ids = set()
     for i, r in enumerate(cfg.rules.rule):
-        if not _ID_RE.match(r.id) or r.id in ids:
-            raise ConfigError(f"rules.rule[{i}].id: expected a unique id of letters, digits, '_', '.', '-', "
-                              f"got {r.id!r}")
+        if r.id in ids:
+            raise ConfigError(f"rules.rule[{i}].id: {r.id!r} is used twice")
         ids.add(r.id)
-        if r.kind in ("rate", "zscore") and r.threshold <= 0:
-            raise ConfigError(f"rules.rule[{i}].threshold: must be > 0 for a {r.kind} rule")
+        _check_rule(r, f"rules.rule[{i}]")
     for c in cfg.commands.allow:
         if c not in ALL_COMMANDS:
             raise ConfigError(f"commands.allow: unknown command {c!r} (known: {', '.join(ALL_COMMANDS)})")
@@ -431,13 +435,33 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"uplink.topic_prefix: expected one topic segment without / + #, got {up.topic_prefix!r}")
 
 
+def _check_rule(rc: "RuleConfig", key: str) -> None:
+    if not _ID_RE.match(rc.id):
+        raise ConfigError(f"{key}.id: expected letters, digits, '_', '.', '-', got {rc.id!r}")
+    if rc.kind in ("rate", "zscore") and rc.threshold <= 0:
+        raise ConfigError(f"{key}.threshold: must be > 0 for a {rc.kind} rule")
+    if rc.local_topic and ("+" in rc.local_topic or "#" in rc.local_topic):
+        raise ConfigError(f"{key}.local_topic: a topic to publish to has no wildcards, got {rc.local_topic!r}")
+    if bool(rc.action_device) != bool(rc.action_point) or (rc.action_device and not rc.action_value):
+        raise ConfigError(f"{key}: action_device, action_point and action_value go together")
+    if rc.action_value:
+        try:
+            v = json.loads(rc.action_value)
+        except ValueError:
+            raise ConfigError(f"{key}.action_value: expected a JSON value (false, 0, 12.5, \"stop\"), "
+                              f"got {rc.action_value!r}") from None
+        if not isinstance(v, (bool, int, float, str)):
+            raise ConfigError(f"{key}.action_value: expected a number, boolean or string")
+
+
+def action_value(rc: "RuleConfig") -> object:
+    return json.loads(rc.action_value)
+
+
 def rule_from_dict(raw: object) -> RuleConfig:
     """A rule sent by command, checked like the config's [[rules.rule]] (ConfigError names the field)."""
     rc = _convert("rule", RuleConfig, raw)
-    if not _ID_RE.match(rc.id):
-        raise ConfigError(f"rule.id: expected letters, digits, '_', '.', '-', got {rc.id!r}")
-    if rc.kind in ("rate", "zscore") and rc.threshold <= 0:
-        raise ConfigError(f"rule.threshold: must be > 0 for a {rc.kind} rule")
+    _check_rule(rc, "rule")
     return rc
 
 

@@ -15,6 +15,10 @@ a short text) is handed to the store, which keeps it until the cloud acknowledge
 fires, the rule fires again no sooner than `cooldown_s`; a firing inside the cooldown is counted
 (`edge_agent_alerts_total{state="suppressed"}`) and its clearing is not sent either.
 
+Actions: `local_topic` also publishes the alert (firing and cleared) on the local broker;
+`action_device`/`action_point`/`action_value` write a point when the rule fires (not when it
+clears), through the same allow-listed, typed, ranged path as the `write` command, audited.
+
 Evaluation runs on the ingest path after the commit: a dict lookup per reading, and work only for
 the readings a rule watches.
 """
@@ -103,8 +107,10 @@ class RuleEngine:
     name = "rules"
 
     def __init__(self, cfg: RulesConfig, gateway: str, emit: Emit, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 act: Callable[[RuleConfig, str, bytes], None] | None = None) -> None:
         self.cfg, self.gateway, self.emit, self.metrics, self.clock = cfg, gateway, emit, metrics, clock
+        self.act = act
         self.rules: list[_Rule] = []
         self._by_series: dict[tuple[str, str], list[_Rule]] = {}
         self.from_config = {r.id for r in cfg.rule}
@@ -158,7 +164,10 @@ class RuleEngine:
         self.metrics.alerts.labels(state).inc()
         log.warning("alert", extra={"rule": c.id, "state": state, "device": c.device, "point": c.point,
                                     "value": value, "text": text})
-        self.emit(json.dumps(doc, separators=(",", ":"), default=str).encode())
+        payload = json.dumps(doc, separators=(",", ":"), default=str).encode()
+        self.emit(payload)
+        if self.act is not None and (c.local_topic or (state == "firing" and c.action_device)):
+            self.act(c, state, payload)
 
     async def run(self) -> None:
         """The clock for `nodata` rules; everything else happens on the ingest path."""

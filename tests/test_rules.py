@@ -115,3 +115,56 @@ def test_alerts_raised_while_the_cloud_is_down_arrive_after_it_returns(local_bro
     c.loop_stop()
     c.disconnect()
     assert agent.stop() == 0
+
+
+def test_rule_actions_publish_locally_and_write_through_the_allow_list(local_broker, cloud_broker, make_agent):
+    from edge_agent.brokers import free_port
+    from test_opcua import FAST, NODES, Plc, _read
+    import asyncio
+    plc = Plc(free_port()).start()
+    local_alerts: list[dict] = []
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="local-alarm-panel")
+    sub.on_message = lambda _c, _u, m: local_alerts.append(json.loads(m.payload))
+    sub.connect("127.0.0.1", local_broker.port, 30)
+    sub.subscribe("alarms/boiler", 1)
+    sub.loop_start()
+    try:
+        agent = make_agent(local_broker, cloud_broker, rules={"rule": [
+            {"id": "overheat", "kind": "above", "device": "boiler", "point": "temperature", "threshold": 90,
+             "cooldown_s": 0, "local_topic": "alarms/boiler",
+             "action_device": "plc-1", "action_point": "setpoint", "action_value": "12.5"},
+            {"id": "bad-action", "kind": "above", "device": "boiler", "point": "pressure", "threshold": 5,
+             "cooldown_s": 0, "action_device": "plc-1", "action_point": "temperature", "action_value": "0"}]},
+            southbound__opcua={"enabled": True, "servers": [
+                {"device": "plc-1", "endpoint": plc.endpoint, **FAST, "nodes": NODES}]}).start()
+        agent.wait_ready()
+        wait_for(lambda: agent.metric("edge_agent_ingest_connected", 'source="opcua"') == 1, 20, what="opcua")
+        pub = Publisher(local_broker)
+        pub.publish(0, device="boiler", payload=b'{"values": {"temperature": 95, "pressure": 9}}')
+        pub.publish(0, device="boiler", payload=b'{"values": {"temperature": 70}}')
+        wait_for(lambda: len(local_alerts) >= 2, 10, what="alerts on the local topic")
+        assert [(a["rule"], a["state"]) for a in local_alerts] == [("overheat", "firing"), ("overheat", "cleared")]
+        wait_for(lambda: agent.metric("edge_agent_alerts_total", 'state="action_done"') == 1, 10, what="write")
+        assert asyncio.run(_read(plc.endpoint, "2:PLC/2:Setpoint")) == 12.5
+        wait_for(lambda: agent.metric("edge_agent_alerts_total", 'state="action_refused"') == 1, 10,
+                 what="refused action")
+        log = agent.log()
+        assert 'msg="rule action write done"' in log and "not allow-listed" in log
+        pub.close()
+        assert agent.stop() == 0
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        plc.kill()
+
+
+def test_rule_config_errors_name_the_field():
+    import pytest
+    from edge_agent.config import ConfigError, from_dict
+    base = {"id": "r", "kind": "above", "device": "d", "point": "p", "threshold": 1}
+    for extra, msg in (({"kind": "sideways"}, "rules.rule[0].kind"),
+                       ({"action_device": "plc"}, "go together"),
+                       ({"action_device": "plc", "action_point": "x", "action_value": "nope"}, "action_value"),
+                       ({"local_topic": "a/#"}, "local_topic")):
+        with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            from_dict({"rules": {"rule": [{**base, **extra}]}})

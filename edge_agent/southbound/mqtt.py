@@ -126,6 +126,15 @@ class MqttIngest:
     async def write_point(self, device: str, point: str, value: object) -> None:
         raise WriteRefused("MQTT devices take no point writes through the ingest adapter")
 
+    def publish_local(self, topic: str, payload: bytes) -> bool:
+        """Publish on the local broker (QoS 1) if connected; False when there is no connection."""
+        conn = self._conn
+        if conn is None or conn.disconnected.done():
+            return False
+        fut = conn.publish(topic, payload, qos=1)
+        fut.add_done_callback(lambda f: f.exception())  # retrieved: a lost publish is not worth a traceback
+        return True
+
     # -- the hot path (loop thread, called by paho through mqttio) --------------------------------
     def _on_message(self, msg: MQTTMessage) -> None:
         if self._stopping.is_set():
