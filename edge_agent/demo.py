@@ -45,6 +45,8 @@ def demo_config(state: Path, local_port: int, cloud_port: int, ca: Path, cert: P
                     {"point": "running", "browse_path": "2:PLC/2:Running"},
                     {"point": "setpoint", "browse_path": "2:PLC/2:Setpoint", "writable": True,
                      "min": 0, "max": 100}]}]}},
+        "rules": {"rule": [{"id": "pump-1-hot", "kind": "above", "device": "pump-1", "point": "temperature",
+                            "threshold": 24.0, "hysteresis": 0.5, "cooldown_s": 10.0}]},
         "uplink": {"host": "localhost", "port": cloud_port, "ca_file": str(ca), "cert_file": str(cert),
                    "key_file": str(key), "batch_max_readings": 500},
         "metrics": {"port": 0},
@@ -77,11 +79,16 @@ class CloudViewer:
         self.batches = 0
         self.last_seq = 0
         self.status = "?"
+        self.alerts = 0
 
     def on_message(self, msg) -> None:
         doc = json.loads(msg.payload)
         if msg.topic.endswith("/status"):
             self.status = doc["state"]
+            return
+        if msg.topic.endswith("/alerts"):
+            self.alerts += 1
+            print(f"       cloud got alert: {doc['text']} ({doc['state']})", flush=True)
             return
         self.batches += 1
         self.readings += doc["count"]
@@ -94,7 +101,7 @@ class CloudViewer:
         conn = MqttConnection(client_id="cloud-viewer", host="localhost", port=port, ssl_context=ctx,
                               on_message=self.on_message)
         await conn.connect()
-        await conn.subscribe([("edge/+/telemetry", 1), ("edge/+/status", 1)])
+        await conn.subscribe([("edge/+/telemetry", 1), ("edge/+/status", 1), ("edge/+/alerts", 1)])
         await stop.wait()
         await conn.disconnect()
 
@@ -166,5 +173,5 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
         cloud.stop()
     print(f"\nstopped: {int(m.value('edge_agent_readings_committed_total'))} readings committed, "
           f"{int(m.value('edge_agent_uplink_readings_acked_total'))} acknowledged by the cloud, "
-          f"{app.store.outbox_readings} left in the outbox")
+          f"{app.store.outbox_readings} left in the outbox, {viewer.alerts} alerts at the cloud")
     return 0

@@ -162,7 +162,7 @@ class RuleEngine:
         doc = {"gateway": self.gateway, "rule": c.id, "kind": c.kind, "state": state, "device": c.device,
                "point": c.point, "value": value, "threshold": c.threshold, "stats": stats, "ts": ts_ns, "text": text}
         self.metrics.alerts.labels(state).inc()
-        log.warning("alert", extra={"rule": c.id, "state": state, "device": c.device, "point": c.point,
+        log.info("alert", extra={"rule": c.id, "state": state, "device": c.device, "point": c.point,
                                     "value": value, "text": text})
         payload = json.dumps(doc, separators=(",", ":"), default=str).encode()
         self.emit(payload)
