@@ -160,7 +160,8 @@ class Commands:
             else:
                 self.metrics.commands.labels(name, "ok").inc()
             finally:
-                self._running.pop((name, rid or ""), None)
+                if rid is not None:
+                    self._running.pop((name, rid), None)
             fut.set_result(reply)
             if rid is not None:
                 self._remember(name, rid, reply)

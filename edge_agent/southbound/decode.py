@@ -9,7 +9,6 @@ import json
 import math
 
 import cbor2
-import time
 from typing import Any, Callable
 
 from edge_agent.config import PayloadConfig
@@ -176,7 +175,3 @@ def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: boo
     if cfg.decoder == "number":
         return decode_number
     return decode_cbor if cbor else decode_json
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -222,16 +222,14 @@ class _Session:
         self.a.take(Reading(self.cfg.device, b.cfg.point, v, b.cfg.unit or None, ts_ns, quality, SOURCE))
 
     async def write(self, point: str, value: object) -> None:
-        b = self.by_point.get(point)
-        if b is None or not self.connected or self.client is None:
-            if any(n.point == point for n in self.cfg.nodes):
-                if not next(n for n in self.cfg.nodes if n.point == point).writable:
-                    raise WriteRefused(f"{self.cfg.device}/{point} is not writable (not allow-listed)")
-                raise WriteRefused(f"{self.cfg.device} is not connected")
+        n = next((n for n in self.cfg.nodes if n.point == point), None)
+        if n is None:
             raise WriteRefused(f"{self.cfg.device} has no point {point!r}")
-        n = b.cfg
-        if not n.writable or b.vtype is None:
+        if not n.writable:
             raise WriteRefused(f"{self.cfg.device}/{point} is not writable (not allow-listed)")
+        b = self.by_point.get(point)
+        if b is None or b.vtype is None or not self.connected:
+            raise WriteRefused(f"{self.cfg.device} is not connected")
         vt = b.vtype
         if vt == ua.VariantType.Boolean:
             if not isinstance(value, bool):
