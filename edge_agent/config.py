@@ -238,7 +238,9 @@ class RulesConfig:
     rule: list[RuleConfig] = opt(factory=list, doc="the rules ([[rules.rule]] tables)")
 
 
-READ_ONLY_COMMANDS = ("ping", "status", "devices", "query", "logs.tail", "config.get", "rules.list")
+SHIPPED_MODEL_PUBLIC_KEY = "SAaaUPuveWW3pJDNlgRdirQ0KPNYNbfsqjWzYlg606Y="  # signs models/glm-edge-iot/*
+
+READ_ONLY_COMMANDS = ("ping", "status", "devices", "query", "ask", "logs.tail", "config.get", "rules.list")
 ALL_COMMANDS = READ_ONLY_COMMANDS + ("write", "rules.add", "rules.remove")
 
 
@@ -254,6 +256,23 @@ class CommandsConfig:
     dedup_max: int = opt(1000, doc="request ids remembered at most (oldest forgotten first)", ge=1, le=1_000_000)
     query_max_rows: int = opt(1_000_000, doc="readings a query may scan; beyond, it is refused", ge=1000)
     concurrency: int = opt(8, doc="commands executing at once; beyond, 'busy'", ge=1, le=1000)
+
+
+@dataclass
+class ModelConfig:
+    enabled: bool = opt(True, doc="load the GLM for the ask command (off: ask answers 'unavailable')")
+    dir: str = opt("", doc="model folder (manifest.json, manifest.sig, files); '' = the shipped default model")
+    public_key: str = opt(SHIPPED_MODEL_PUBLIC_KEY, doc="Ed25519 public key (base64) the manifest signature must "
+                          "verify with; the default is the key of the shipped model")
+    providers: list[str] = opt(factory=lambda: ["tensorrt", "cuda", "cpu"], doc="execution providers in order of "
+                               "preference (tensorrt, cuda, cpu); the first that can serve the model does")
+    threads: int = opt(1, doc="CPU provider intra-op threads", ge=1, le=64)
+    queue: int = opt(4, doc="questions waiting for the inference worker; beyond, 'busy'", ge=1, le=1000)
+    timeout_s: float = opt(5.0, doc="a question not answered by then fails (queue wait included)", ge=0.05, le=600)
+    max_new_tokens: int = opt(96, doc="tokens the model may write per answer", ge=8, le=4096)
+    trt_fp16: bool = opt(True, doc="TensorRT: allow fp16 kernels")
+    trt_int8: bool = opt(True, doc="TensorRT: allow int8 kernels (the QDQ file carries its scales)")
+    trt_workspace_mb: int = opt(1024, doc="TensorRT: builder workspace", ge=64, le=65536)
 
 
 @dataclass
@@ -279,6 +298,7 @@ class Config:
     uplink: UplinkConfig = opt(factory=UplinkConfig, doc="mutual-TLS link to the cloud")
     commands: CommandsConfig = opt(factory=CommandsConfig, doc="the command channel over the uplink")
     rules: RulesConfig = opt(factory=RulesConfig, doc="rules and alerts (edge autonomy)")
+    model: ModelConfig = opt(factory=ModelConfig, doc="the GLM on the gateway (ask)")
     metrics: MetricsConfig = opt(factory=MetricsConfig, doc="Prometheus endpoint")
     supervisor: SupervisorConfig = opt(factory=SupervisorConfig, doc="component supervision")
 
@@ -422,6 +442,11 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"rules.rule[{i}].id: {r.id!r} is used twice")
         ids.add(r.id)
         _check_rule(r, f"rules.rule[{i}]")
+    for p in cfg.model.providers:
+        if p not in ("tensorrt", "cuda", "cpu"):
+            raise ConfigError(f"model.providers: unknown provider {p!r} (tensorrt, cuda, cpu)")
+    if not cfg.model.providers or len(set(cfg.model.providers)) != len(cfg.model.providers):
+        raise ConfigError("model.providers: name each of tensorrt, cuda, cpu at most once, at least one")
     for c in cfg.commands.allow:
         if c not in ALL_COMMANDS:
             raise ConfigError(f"commands.allow: unknown command {c!r} (known: {', '.join(ALL_COMMANDS)})")

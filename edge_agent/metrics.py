@@ -57,6 +57,15 @@ class Metrics:
         self.cert_days_left = Gauge(p + "cert_days_left", "Days until a certificate expires", ["cert"], registry=r)
         self.cert_expiring = Gauge(p + "cert_expiring", "1 when a certificate expires within the warning window",
                                    ["cert"], registry=r)
+        self.glm_requests = Counter(p + "glm_requests", "GLM requests by outcome: ok, busy (queue full), timeout, "
+                                    "bad_input, error", ["outcome"], registry=r)
+        self.glm_tokens = Counter(p + "glm_tokens", "Tokens the GLM wrote, by how: sampled or forced (grammar "
+                                  "fast-forward)", ["how"], registry=r)
+        self.glm_seconds = Histogram(p + "glm_request_seconds", "GLM request latency (queue wait included)",
+                                     registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.glm_queue = Gauge(p + "glm_queue_depth", "GLM requests waiting for the inference worker", registry=r)
+        self.model_load_errors = Counter(p + "model_load_errors", "Model folders refused at load, by reason",
+                                         ["reason"], registry=r)
 
     def serve(self, host: str, port: int):
         server, thread = start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,224 @@
+"""The GLM's public face: load a verified model, answer questions with a checked tool call.
+
+One inference worker thread owns the ONNX Runtime session; questions wait in a bounded queue (beyond it: `Busy`,
+at once). The event loop only submits and awaits: tokenization, grammar, inference and decoding all run on the
+worker. A question's time limit counts from its submission, so time spent waiting in the queue counts too.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.glm import schema
+from edge_agent.glm.generate import ConstraintError, GenerationTimeout, Generator, JsonConstraint
+from edge_agent.glm.models import ModelError, VerifiedModel, load_verified
+from edge_agent.glm.runtime import RuntimeOptions, Session, open_session
+from edge_agent.glm.tokenizer import GlmTokenizer, PromptError
+
+log = logging.getLogger(__name__)
+
+
+class Busy(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    pass
+
+
+@dataclass
+class Plan:
+    """What the model made of one question."""
+    text: str
+    call: dict | None  # None when the output is not a valid call (unconstrained only)
+    raw: str
+    error: str | None
+    prompt_tokens: int
+    new_tokens: int
+    forced_tokens: int
+    forward_passes: int
+    queue_s: float
+    ttft_s: float
+    total_s: float
+    mask_s: float
+
+    def timings(self) -> dict[str, Any]:
+        return {"queue_ms": round(self.queue_s * 1e3, 2), "first_token_ms": round(self.ttft_s * 1e3, 2),
+                "total_ms": round(self.total_s * 1e3, 2), "new_tokens": self.new_tokens,
+                "forced_tokens": self.forced_tokens, "forward_passes": self.forward_passes}
+
+
+def shipped_model_dir() -> Path:
+    """The default model: models/ beside the package (a checkout) or under <prefix>/share (an installed wheel)."""
+    import sys
+
+    here = Path(__file__).resolve().parents[2] / "models" / "glm-edge-iot"
+    for root in (here, Path(sys.prefix) / "share" / "edge-agent" / "models" / "glm-edge-iot"):
+        if root.is_dir():
+            versions = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _semver(p.name))
+            if versions:
+                return versions[-1]
+    raise ModelError("no shipped model found (models/glm-edge-iot/<version>); set model.dir")
+
+
+def _semver(v: str) -> tuple:
+    try:
+        return tuple(int(x) for x in v.split("-")[0].split("."))
+    except ValueError:
+        return (-1,)
+
+
+class Engine:
+    def __init__(self, cfg, cache_dir: Path | None = None, metrics=None, available: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.cache_dir = cache_dir
+        self.metrics = metrics
+        self._available = available
+        self.model: VerifiedModel | None = None
+        self.session: Session | None = None
+        self._q: queue.Queue = queue.Queue(maxsize=cfg.queue)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- loading (blocking: call from a thread) ----
+    def load(self) -> None:
+        folder = Path(self.cfg.dir) if self.cfg.dir else shipped_model_dir()
+        try:
+            model = load_verified(folder, self.cfg.public_key)
+        except ModelError as e:
+            if self.metrics is not None:
+                self.metrics.model_load_errors.labels(_reason(str(e))).inc()
+            raise
+        opts = RuntimeOptions(providers=list(self.cfg.providers), threads=self.cfg.threads,
+                              trt_fp16=self.cfg.trt_fp16, trt_int8=self.cfg.trt_int8,
+                              trt_workspace_mb=self.cfg.trt_workspace_mb, cache_dir=self.cache_dir)
+        session = open_session(model, opts, self._available)
+        for r in session.reasons:
+            log.warning("execution provider passed over", extra={"reason": r})
+        log.info("model loaded", extra={"model": model.name, "provider": session.provider, "file": session.file})
+        self.tok = GlmTokenizer(model.blobs[model.manifest["tokenizer"]])
+        import llguidance
+
+        self.lltok = llguidance.LLTokenizer(self.tok.json, n_vocab=model.arch["vocab_size"],
+                                            eos_token=self.tok.eos_id)
+        a = model.arch
+        self.gen = Generator(session.sess, [self.tok.eos_id], a["context"], a["num_hidden_layers"],
+                             a["num_key_value_heads"], a["head_dim"], session.provider)
+        self.model, self.session = model, session
+        self._grammar_cache: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._work, name="glm-worker", daemon=True)
+        self._thread.start()
+
+    def info(self) -> dict[str, Any] | None:
+        if self.model is None or self.session is None:
+            return None
+        return {"name": self.model.manifest["name"], "version": self.model.manifest["version"],
+                "provider": self.session.provider, "file": self.session.file,
+                "passed_over": self.session.reasons}
+
+    # ---- questions ----
+    def submit(self, text: str, *, constrained: bool = True, timeout_s: float | None = None
+               ) -> concurrent.futures.Future:
+        if self.model is None or self._closed:
+            raise Unavailable("no model is loaded")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        deadline = time.perf_counter() + (timeout_s or self.cfg.timeout_s)
+        try:
+            self._q.put_nowait((text, constrained, deadline, time.perf_counter(), fut))
+        except queue.Full:
+            self._count("busy")
+            raise Busy(f"{self.cfg.queue} questions are waiting for the model; retry") from None
+        if self.metrics is not None:
+            self.metrics.glm_queue.set(self._q.qsize())
+        return fut
+
+    def plan(self, text: str, *, constrained: bool = True, timeout_s: float | None = None) -> Plan:
+        """Blocking convenience (CLI, benchmarks)."""
+        return self.submit(text, constrained=constrained, timeout_s=timeout_s).result()
+
+    async def ask(self, text: str, *, timeout_s: float | None = None) -> Plan:
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(text, timeout_s=timeout_s))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout=10)
+
+    # ---- the worker ----
+    def _work(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            text, constrained, deadline, t_in, fut = item
+            if self.metrics is not None:
+                self.metrics.glm_queue.set(self._q.qsize())
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                plan = self._run(text, constrained, deadline, t_in)
+            except PromptError as e:
+                self._count("bad_input")
+                fut.set_exception(e)
+            except GenerationTimeout as e:
+                self._count("timeout")
+                fut.set_exception(e)
+            except Exception as e:  # noqa: BLE001 - one bad question never stops the worker
+                log.exception("GLM request failed")
+                self._count("error")
+                fut.set_exception(e)
+            else:
+                self._count("ok")
+                if self.metrics is not None:
+                    self.metrics.glm_seconds.observe(plan.queue_s + plan.total_s)
+                    self.metrics.glm_tokens.labels("sampled").inc(plan.new_tokens - plan.forced_tokens)
+                    self.metrics.glm_tokens.labels("forced").inc(plan.forced_tokens)
+                fut.set_result(plan)
+
+    def _run(self, text: str, constrained: bool, deadline: float, t_in: float) -> Plan:
+        t0 = time.perf_counter()
+        if t0 > deadline:
+            raise GenerationTimeout("the question waited in the queue past its time limit")
+        ids = self.tok.encode_prompt(text)
+        constraint = None
+        if constrained:
+            constraint = JsonConstraint(self.lltok, self._grammar(text), self.model.arch["vocab_size"])
+        t_gen = time.perf_counter()
+        res = self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
+                                constraint=constraint, decode=self.tok.decode)
+        call, error = None, None
+        try:
+            call = schema.validate_call(json.loads(res.text))
+        except (ValueError, schema.InvalidCall) as e:
+            error = f"the model's output is not a valid call: {e}"[:200]
+        if constrained and error is not None:
+            raise ConstraintError(f"constrained output failed validation: {error}")  # the grammar is the contract
+        return Plan(text, call, res.text, error, res.prompt_tokens, len(res.ids), res.forced_tokens,
+                    res.forward_passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s)
+
+    def _grammar(self, text: str) -> str:
+        import llguidance
+
+        return llguidance.LLMatcher.grammar_from_json_schema(schema.request_schema(text))
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.glm_requests.labels(outcome).inc()
+
+
+def _reason(msg: str) -> str:
+    for key, reason in (("signature", "signature"), ("sha256", "digest"), ("external data", "external_data"),
+                        ("missing", "missing"), ("manifest", "manifest")):
+        if key in msg:
+            return reason
+    return "other"

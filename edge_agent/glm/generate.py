@@ -1,0 +1,195 @@
+"""The decoding loop: prefill, then cached decode, greedy or top-p, with an optional llguidance constraint.
+
+The KV cache follows the Optimum layout: each step feeds the previous step's `present.*` outputs back as
+`past_key_values.*`. On CPU they are the arrays ONNX Runtime returned (no copies); on CUDA/TensorRT the
+outputs are bound on the device with IO binding, so the cache never crosses to the host, and only the logits
+of the last position are copied back.
+
+With a constraint, the llguidance mask is applied to the logits at every sampled step, and the tokens the
+grammar forces (JSON keys, punctuation, the rest of an enum value) are appended without sampling and fed to the
+model in one multi-token forward pass (fast-forward), so the output always matches the schema and the
+constrained path needs fewer forward passes than the unconstrained one.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class GenerationTimeout(Exception):
+    pass
+
+
+class ConstraintError(Exception):
+    pass
+
+
+@dataclass
+class GenResult:
+    ids: list[int]
+    text: str
+    prompt_tokens: int
+    stop: str  # eos | grammar | max_tokens
+    ttft_s: float  # prompt in -> first token out
+    total_s: float
+    forward_passes: int
+    forced_tokens: int = 0
+    mask_s: float = 0.0  # time spent computing grammar masks
+    timings: dict = field(default_factory=dict)
+
+
+class JsonConstraint:
+    """One request's llguidance matcher over a grammar compiled from a JSON schema."""
+
+    def __init__(self, lltok, grammar: str, vocab_size: int) -> None:
+        import llguidance
+
+        self.m = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        if self.m.is_error():
+            raise ConstraintError(self.m.get_error())
+        self.vocab = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self.mask = np.zeros(self.words, dtype=np.int32)
+
+    def allowed(self) -> np.ndarray:
+        self.m.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
+        if self.m.is_error():
+            raise ConstraintError(self.m.get_error())
+        return np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
+
+    def consume(self, tokens: list[int]) -> None:
+        if not self.m.consume_tokens(tokens):
+            raise ConstraintError(self.m.get_error() or "token refused by the grammar")
+
+    def forced(self) -> list[int]:
+        return self.m.compute_ff_tokens()
+
+    def stopped(self) -> bool:
+        return self.m.is_stopped()
+
+
+class Generator:
+    def __init__(self, session, eos_ids: list[int], context: int, n_layers: int, n_kv: int, head_dim: int,
+                 provider: str = "cpu", device_id: int = 0) -> None:
+        self.s = session
+        self.eos = set(eos_ids)
+        self.context = context
+        self.n_layers, self.n_kv, self.head_dim = n_layers, n_kv, head_dim
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+        self.on_device = provider in ("cuda", "tensorrt")
+        self.device_id = device_id
+        self._empty = np.zeros((1, n_kv, 0, head_dim), dtype=np.float32)
+
+    # one forward pass over `ids` (appended after `past_len` cached tokens); returns last-position logits
+    def _forward_cpu(self, ids: list[int], past, past_len: int):
+        n = len(ids)
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
+                 "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
+                 "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None]}
+        if past is None:
+            for name in self.past_names:
+                feeds[name] = self._empty
+        else:
+            feeds.update(zip(self.past_names, past))
+        out = self.s.run(None, feeds)
+        return out[0][0, -1], out[1:]
+
+    def _forward_device(self, ids: list[int], past, past_len: int):
+        import onnxruntime as ort
+
+        n = len(ids)
+        b = self.s.io_binding()
+        b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        b.bind_cpu_input("attention_mask", np.ones((1, past_len + n), dtype=np.int64))
+        b.bind_cpu_input("position_ids", np.arange(past_len, past_len + n, dtype=np.int64)[None])
+        if past is None:
+            for name in self.past_names:
+                b.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self._empty, "cuda", self.device_id))
+        else:
+            for name, v in zip(self.past_names, past):
+                b.bind_ortvalue_input(name, v)
+        b.bind_output("logits", "cpu")
+        for name in self.present_names:
+            b.bind_output(name, "cuda", self.device_id)
+        self.s.run_with_iobinding(b)
+        outs = b.get_outputs()
+        return outs[0].numpy()[0, -1], outs[1:]
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int, timeout_s: float,
+                 constraint: JsonConstraint | None = None, top_p: float = 0.0, temperature: float = 1.0,
+                 seed: int | None = None, on_token: Callable[[list[int]], None] | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> GenResult:
+        t0 = time.perf_counter()
+        deadline = t0 + timeout_s
+        if len(prompt_ids) >= self.context:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.context}")
+        max_new = min(max_new_tokens, self.context - len(prompt_ids))
+        forward = self._forward_device if self.on_device else self._forward_cpu
+        rng = np.random.default_rng(seed)
+        logits, past = forward(prompt_ids, None, 0)
+        passes, forced_n, mask_s = 1, 0, 0.0
+        past_len = len(prompt_ids)
+        out: list[int] = []
+        ttft = 0.0
+        stop = "max_tokens"
+        while len(out) < max_new:
+            if time.perf_counter() > deadline:
+                raise GenerationTimeout(f"no answer within {timeout_s:g} s ({len(out)} tokens written)")
+            if constraint is not None:
+                tm = time.perf_counter()
+                allowed = constraint.allowed()
+                mask_s += time.perf_counter() - tm
+                logits = np.where(allowed, logits, -np.inf)
+            tok = self._pick(logits, top_p, temperature, rng)
+            step = [tok]
+            if constraint is not None:
+                tm = time.perf_counter()
+                constraint.consume([tok])
+                ff = constraint.forced() if not constraint.stopped() else []
+                if ff:
+                    constraint.consume(ff)
+                    step += ff
+                    forced_n += len(ff)
+                mask_s += time.perf_counter() - tm
+            if not out:
+                ttft = time.perf_counter() - t0
+            # stop at the first end token, wherever it fell in this step
+            for i, t in enumerate(step):
+                if t in self.eos:
+                    out += step[:i]
+                    stop = "eos"
+                    break
+            else:
+                out += step
+            if on_token is not None:
+                on_token(step)
+            if stop == "eos" or (constraint is not None and constraint.stopped()):
+                stop = "eos" if stop == "eos" else "grammar"
+                break
+            if len(out) >= max_new or past_len + len(step) >= self.context:
+                break
+            logits, past = forward(step, past, past_len)
+            past_len += len(step)
+            passes += 1
+        out = out[:max_new]
+        total = time.perf_counter() - t0
+        return GenResult(out, decode(out) if decode else "", len(prompt_ids), stop, ttft, total, passes, forced_n,
+                         mask_s)
+
+    @staticmethod
+    def _pick(logits: np.ndarray, top_p: float, temperature: float, rng) -> int:
+        if top_p <= 0.0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / max(temperature, 1e-6)
+        z -= z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
+        q = p[keep] / p[keep].sum()
+        return int(rng.choice(keep, p=q))

@@ -1,0 +1,144 @@
+"""Installed model versions: the one place that decides whether a model folder may reach ONNX Runtime.
+
+A model folder holds `manifest.json`, `manifest.sig` (Ed25519 over the manifest's exact bytes, base64) and the
+files the manifest lists with their sha256 and size. `load_verified` checks, in this order: the signature
+against the configured public key, that every listed file exists inside the folder with its size and sha256,
+that nothing unlisted is used, and that the ONNX files reference external data only in listed files of the same
+folder. What it returns holds the verified bytes of every file; nothing is read from disk again afterwards.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+MAX_MANIFEST_BYTES = 1 << 20
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+PROVIDER_KEYS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class ModelError(Exception):
+    """A model folder that must not be used, with the reason."""
+
+
+@dataclass(frozen=True)
+class VerifiedModel:
+    dir: Path
+    manifest: dict[str, Any]
+    blobs: dict[str, bytes] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.manifest['name']}@{self.manifest['version']}"
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        return self.manifest["architecture"]
+
+    def file_for(self, provider: str) -> str:
+        return self.manifest["providers"][provider]
+
+
+def parse_public_key(text: str) -> Ed25519PublicKey:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError) as e:
+        raise ModelError(f"model.public_key is not a base64 Ed25519 public key: {e}") from None
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ModelError(f"{path.name}: larger than {limit} bytes")
+    return data
+
+
+def _check_manifest(m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise ModelError("manifest.json: not a JSON object")
+    for key, typ in (("name", str), ("version", str), ("files", dict), ("architecture", dict), ("providers", dict),
+                     ("tokenizer", str)):
+        if not isinstance(m.get(key), typ):
+            raise ModelError(f"manifest.json: {key!r} missing or not a {typ.__name__}")
+    if not re.match(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$", m["version"]):
+        raise ModelError(f"manifest.json: version {m['version']!r} is not semver")
+    for name, meta in m["files"].items():
+        if not _FILE_NAME.match(name) or name in ("manifest.json", "manifest.sig"):
+            raise ModelError(f"manifest.json: file name {name!r} is not a plain name inside the folder")
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
+            raise ModelError(f"manifest.json: files[{name!r}] needs sha256 and size")
+    used = [m["tokenizer"], *m["providers"].values()]
+    for name in used:
+        if name not in m["files"]:
+            raise ModelError(f"manifest.json: {name!r} is used but not listed in files")
+    for p in m["providers"]:
+        if p not in PROVIDER_KEYS:
+            raise ModelError(f"manifest.json: unknown provider {p!r}")
+    for key in ("vocab_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "context"):
+        if not isinstance(m["architecture"].get(key), int) or m["architecture"][key] <= 0:
+            raise ModelError(f"manifest.json: architecture.{key} missing or not a positive integer")
+    return m
+
+
+def _external_data(name: str, data: bytes) -> list[str]:
+    """Locations of the external data an ONNX file references (without loading it)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    try:
+        proto = onnx.load_model_from_string(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad model file
+        raise ModelError(f"{name}: not a readable ONNX model ({type(e).__name__})") from None
+    out = []
+    for t in _get_all_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            out.append(loc)
+    return out
+
+
+def load_verified(folder: Path, public_key: str) -> VerifiedModel:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist")
+    key = parse_public_key(public_key)
+    try:
+        body = _read_bounded(folder / "manifest.json", MAX_MANIFEST_BYTES)
+        sig_text = _read_bounded(folder / "manifest.sig", 4096)
+    except FileNotFoundError as e:
+        raise ModelError(f"{folder}: {Path(e.filename).name} is missing") from None
+    try:
+        key.verify(base64.b64decode(sig_text.strip(), validate=True), body)
+    except (InvalidSignature, binascii.Error, ValueError):
+        raise ModelError(f"{folder}: manifest signature does not verify with model.public_key") from None
+    try:
+        manifest = _check_manifest(json.loads(body))
+    except ValueError as e:
+        raise ModelError(f"manifest.json: not JSON: {e}") from None
+    blobs: dict[str, bytes] = {}
+    for name, meta in manifest["files"].items():
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            raise ModelError(f"{name}: missing (or not a regular file) in {folder}")
+        data = _read_bounded(path, meta["size"])
+        if len(data) != meta["size"]:
+            raise ModelError(f"{name}: {len(data)} bytes, the manifest says {meta['size']}")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise ModelError(f"{name}: sha256 does not match the manifest")
+        blobs[name] = data
+    for name in set(manifest["providers"].values()):
+        for loc in _external_data(name, blobs[name]):
+            if loc not in manifest["files"] or Path(loc).name != loc:
+                raise ModelError(f"{name}: references external data {loc!r} that is not a listed file of "
+                                 "its folder")
+    return VerifiedModel(folder, manifest, blobs)

@@ -1,0 +1,126 @@
+"""ONNX Runtime sessions: which provider serves, with which options, on which verified file.
+
+Preference comes from config (`model.providers`, default tensorrt, cuda, cpu). A provider is used when
+ONNX Runtime offers it and a session with it can be created; otherwise the next one is tried, and the reason is
+logged. TensorRT gets explicit optimization profiles for every dynamic input (batch 1, sequence and past length
+up to the model's context), fp16/int8 flags, and engine and timing caches in the state directory, so engines are
+built once and never rebuilt at run time. CUDA keeps the KV cache on the device (IO binding in generate.py).
+CPU gets the configured intra-op thread count and sequential execution.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.glm.models import VerifiedModel
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+
+
+@dataclass
+class RuntimeOptions:
+    providers: list[str]
+    threads: int = 1
+    trt_fp16: bool = True
+    trt_int8: bool = True
+    trt_workspace_mb: int = 1024
+    cache_dir: Path | None = None  # TensorRT engine and timing caches
+    device_id: int = 0
+
+
+def trt_profiles(arch: dict[str, Any]) -> dict[str, str]:
+    """TensorRT optimization profile shapes for every dynamic input: batch 1, 1..context tokens, 0..context-1 past."""
+    ctx, n_kv, hd, layers = arch["context"], arch["num_key_value_heads"], arch["head_dim"], arch["num_hidden_layers"]
+    opt_seq = min(64, ctx)
+
+    def shapes(seq: int, past: int) -> str:
+        items = [f"input_ids:1x{seq}", f"attention_mask:1x{past + seq}", f"position_ids:1x{seq}"]
+        for i in range(layers):
+            for kv in ("key", "value"):
+                items.append(f"past_key_values.{i}.{kv}:1x{n_kv}x{past}x{hd}")
+        return ",".join(items)
+
+    return {"trt_profile_min_shapes": shapes(1, 0), "trt_profile_opt_shapes": shapes(1, opt_seq),
+            "trt_profile_max_shapes": shapes(ctx, ctx - 1)}
+
+
+def provider_options(kind: str, opts: RuntimeOptions, arch: dict[str, Any]) -> dict[str, Any]:
+    if kind == "tensorrt":
+        o: dict[str, Any] = {
+            "device_id": opts.device_id,
+            "trt_fp16_enable": opts.trt_fp16,
+            "trt_int8_enable": opts.trt_int8,  # the QDQ file carries its scales: no calibration table needed
+            "trt_max_workspace_size": opts.trt_workspace_mb << 20,
+            "trt_engine_cache_enable": opts.cache_dir is not None,
+            "trt_timing_cache_enable": opts.cache_dir is not None,
+            "trt_builder_optimization_level": 3,
+            **trt_profiles(arch),
+        }
+        if opts.cache_dir is not None:
+            o["trt_engine_cache_path"] = str(opts.cache_dir / "trt-engines")
+            o["trt_timing_cache_path"] = str(opts.cache_dir / "trt-timing")
+        return o
+    if kind == "cuda":
+        return {"device_id": opts.device_id, "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}
+    return {}
+
+
+def session_options(opts: RuntimeOptions):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle gateway: no busy-wait cores
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class Session:
+    sess: Any  # onnxruntime.InferenceSession
+    provider: str  # the short name that serves: tensorrt | cuda | cpu
+    file: str
+    reasons: list[str]  # why earlier preferences were passed over
+
+
+def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str] | None = None) -> Session:
+    """The first preferred provider that works; raises RuntimeError when none does."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers() if available is None else available
+    reasons: list[str] = []
+    for kind in opts.providers:
+        name = PROVIDERS[kind]
+        if name not in available:
+            reasons.append(f"{kind}: not offered by this onnxruntime build")
+            continue
+        if name not in model.manifest["providers"]:
+            reasons.append(f"{kind}: the model ships no file for it")
+            continue
+        file = model.file_for(name)
+        chain = [(name, provider_options(kind, opts, model.arch))]
+        if kind != "cpu":
+            chain.append(("CPUExecutionProvider", {}))  # nodes the GPU provider declines still need a home
+        if kind == "tensorrt" and opts.cache_dir is not None:
+            (opts.cache_dir / "trt-engines").mkdir(parents=True, exist_ok=True)
+            (opts.cache_dir / "trt-timing").mkdir(parents=True, exist_ok=True)
+        try:
+            sess = ort.InferenceSession(model.blobs[file], sess_options=session_options(opts),
+                                        providers=[c[0] for c in chain], provider_options=[c[1] for c in chain])
+        except Exception as e:  # noqa: BLE001 - a provider that cannot start: say why, try the next
+            reasons.append(f"{kind}: session failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        if sess.get_providers()[0] != name:
+            reasons.append(f"{kind}: onnxruntime fell back to {sess.get_providers()[0]}")
+            continue
+        return Session(sess, kind, file, reasons)
+    raise RuntimeError("no execution provider could serve the model: " + "; ".join(reasons))

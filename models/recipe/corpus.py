@@ -1,0 +1,385 @@
+"""The IoT-operations corpus: operators' questions and commands in many phrasings, each with its tool call.
+
+Deterministic for a seed. The held-out split uses sentence templates and device names the training split never
+sees (its device stems are disjoint, and every held-out name is checked against the training names), so held-out
+accuracy measures generalisation, not recall.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+
+from edge_agent.glm.schema import CANONICAL_POINTS, format_call
+
+# canonical point -> how operators write it (typos are added on top)
+POINTS = {
+    "temperature": ["temperature", "temp", "tmp", "temperatures", "temps"],
+    "pressure": ["pressure", "pres", "press."],
+    "humidity": ["humidity", "hum", "rh", "relative humidity"],
+    "speed": ["speed", "spd"],
+    "flow": ["flow", "flow rate", "flowrate"],
+    "level": ["level", "lvl", "fill level"],
+    "voltage": ["voltage", "volts", "volt"],
+    "current": ["amps", "amperage", "current draw"],
+    "power": ["power", "kw", "power draw"],
+    "vibration": ["vibration", "vib", "vibe"],
+    "setpoint": ["setpoint", "set point", "sp", "target"],
+    "co2": ["co2", "carbon dioxide"],
+    "rpm": ["rpm", "revs"],
+}
+assert set(POINTS) | {"enabled", "mode"} == set(CANONICAL_POINTS)
+WRITABLE = ["setpoint", "speed", "rpm", "level", "power", "flow", "temperature", "pressure"]
+MODES = ["auto", "manual", "eco", "standby", "high", "low", "boost", "off-peak"]
+
+TRAIN_STEMS = ["pump", "boiler", "chiller", "compressor", "fan", "motor", "valve", "tank", "conveyor", "mixer",
+               "oven", "heater", "press", "sensor", "meter", "plc", "robot", "cooler", "hvac", "gate", "line"]
+HELDOUT_STEMS = ["extruder", "dryer", "furnace", "turbine", "blower", "crusher", "kiln", "agitator"]
+ONSETS = ["", "", "b", "bl", "br", "c", "ch", "cr", "d", "dr", "f", "fl", "fr", "g", "gr", "h", "j", "k", "kl", "l",
+          "m", "n", "p", "pl", "pr", "qu", "r", "s", "sh", "sk", "sl", "sp", "st", "str", "t", "th", "tr", "v", "w",
+          "x", "z"]
+NUCLEI = ["a", "e", "i", "o", "u", "y", "ai", "ea", "ee", "oo", "ou", "io"]
+CODAS = ["b", "ck", "d", "g", "k", "l", "ld", "lt", "m", "n", "nd", "ng", "nt", "p", "r", "rd", "rk", "rt", "s",
+         "sh", "st", "t", "x", "z", "ss", "ll"]
+
+AGG_WORDS = {
+    "min": ["minimum", "lowest", "min", "smallest", "min."],
+    "max": ["maximum", "highest", "max", "peak", "top"],
+    "avg": ["average", "mean", "avg", "typical"],
+}
+NOW_WORDS = ["now", "right now", "currently", "at the moment", "atm", "", "", "just now"]
+LAST_ADJ = ["current", "latest", "live", "present", "most recent", "last"]
+
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def words(n: int) -> str:
+    """0..999 in English words."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        t, o = divmod(n, 10)
+        return TENS[t] + ("" if o == 0 else random.choice(["-", " "]) + ONES[o])
+    h, rest = divmod(n, 100)
+    return ONES[h] + " hundred" + ("" if rest == 0 else random.choice([" and ", " "]) + words(rest))
+
+
+UNITS = {  # unit -> (seconds, spellings)
+    "s": (1, ["seconds", "second", "secs", "sec", "s"]),
+    "m": (60, ["minutes", "minute", "mins", "min", "m"]),
+    "h": (3600, ["hours", "hour", "hrs", "hr", "h"]),
+    "d": (86400, ["days", "day", "d"]),
+}
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    if len(word) < 4 or not word.isalpha():
+        return word
+    i = rng.randrange(1, len(word) - 1)
+    op = rng.randrange(3)
+    if op == 0:
+        return word[:i] + word[i + 1:]  # drop
+    if op == 1:
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]  # swap
+    return word[:i] + word[i] + word[i:]  # double
+
+
+class Gen:
+    def __init__(self, rng: random.Random, heldout: bool, forbidden: set[str] | None = None):
+        self.rng = rng
+        self.heldout = heldout
+        self.forbidden = forbidden or set()
+        self.stems = HELDOUT_STEMS if heldout else TRAIN_STEMS
+
+    # ---- names ----
+    def syllables(self) -> str:
+        """A pronounceable made-up word: the model must copy names, not recall them."""
+        r = self.rng
+        out = ""
+        for _ in range(r.choice([1, 2, 2, 2, 3])):
+            out += r.choice(ONSETS) + r.choice(NUCLEI) + (r.choice(CODAS) if r.random() < 0.5 else "")
+        return out[:12]
+
+    def stem(self) -> str:
+        return self.rng.choice(self.stems) if self.rng.random() < 0.25 else self.syllables()
+
+    def device(self, stem: str | None = None) -> str:
+        r = self.rng
+        while True:
+            s = stem or self.stem()
+            form = r.randrange(7)
+            if form == 0:
+                name = f"{s}-{r.randint(1, 99)}"
+            elif form == 1:
+                name = f"{s}_{r.randint(1, 99)}"
+            elif form == 2:
+                name = f"{s}{r.randint(1, 999)}"
+            elif form == 3:
+                name = f"{s.upper()}-{r.randint(1, 999)}"
+            elif form == 4:
+                name = f"line{r.randint(1, 9)}_{s}{r.randint(1, 9)}"
+            elif form == 5:
+                name = f"{s}-{r.choice('abcdefgh')}{r.randint(1, 9)}"
+            else:
+                name = f"{s[:2]}{r.randint(100, 999)}"
+            if name not in self.forbidden:
+                return name
+
+    def point(self) -> tuple[str, str]:
+        """(canonical, as written)"""
+        r = self.rng
+        if r.random() < 0.12:
+            custom = f"{self.syllables()}_{r.choice(['a', 'b', 'x', 'in', 'out', str(r.randint(1, 9))])}"
+            return custom, custom
+        canon = r.choice(list(POINTS))
+        said = r.choice(POINTS[canon])
+        if r.random() < 0.08:
+            said = _typo(said, r)
+        return canon, said
+
+    def number_text(self, n: int) -> str:
+        return words(n) if self.rng.random() < 0.2 and 0 <= n < 1000 else str(n)
+
+    def window(self) -> tuple[int, str]:
+        r = self.rng
+        k = r.random()
+        if k < 0.10:
+            return 86400, r.choice(["today", "the last day", "over the last day", "in the past day", "for today"])
+        if k < 0.16:
+            return 900, r.choice(["in the last quarter hour", "over the past quarter hour", "last quarter hour",
+                                  "the last quarter-hour"])
+        if k < 0.21:
+            return 1800, r.choice(["in the last half hour", "over the past half an hour", "last half hour"])
+        if k < 0.27:
+            return 3600, r.choice(["in the last hour", "over the past hour", "this past hour", "last hour"])
+        if k < 0.31:
+            return 604800, r.choice(["this week", "over the last week", "in the past week"])
+        if k < 0.37:
+            return 3600, ""  # no window given: one hour by convention
+        unit = r.choice("smhd" if r.random() < 0.2 else "mmhh")
+        n = {"s": r.choice([10, 15, 30, 45, 90]), "m": r.randint(1, 59), "h": r.randint(1, 48), "d": r.randint(1, 30)}[unit]
+        secs, spell = UNITS[unit]
+        sp = r.choice(spell)
+        num = self.number_text(n)
+        glue = "" if (len(sp) <= 1 and num.isdigit() and r.random() < 0.6) else " "
+        lead = r.choice(["in the last", "over the last", "over the past", "in the past", "for the last", "last",
+                         "during the last", "within the last"])
+        return n * secs, f"{lead} {num}{glue}{sp}"
+
+    def value(self) -> tuple[float | int, str]:
+        r = self.rng
+        k = r.random()
+        if k < 0.45:
+            v: float | int = r.randint(0, 3000)
+            text = self.number_text(v) if v < 1000 else str(v)
+        elif k < 0.8:
+            v = round(r.uniform(-50, 500), r.choice([1, 1, 2]))
+            if v == int(v):
+                v = int(v)
+            text = str(v)
+        else:
+            v = -r.randint(1, 60)
+            text = str(v)
+        if r.random() < 0.25:
+            text += r.choice([" %", "%", " degrees", " °C", " rpm", " bar", " kw", " l/min", " units"])
+        return v, text
+
+    # ---- intents ----
+    def query(self) -> tuple[str, dict]:
+        r = self.rng
+        dev = self.device()
+        canon, said = self.point()
+        if r.random() < 0.35:
+            agg, window = "last", 60
+            adj, now = r.choice(LAST_ADJ), r.choice(NOW_WORDS)
+            t = r.choice(QUERY_LAST_HELDOUT if self.heldout else QUERY_LAST)
+            text = t.format(d=dev, p=said, adj=adj, now=now)
+        elif r.random() < 0.15:
+            agg = "count"
+            window, wtext = self.window()
+            t = r.choice(QUERY_COUNT_HELDOUT if self.heldout else QUERY_COUNT)
+            text = t.format(d=dev, p=said, w=wtext)
+        else:
+            agg = r.choice(["min", "max", "avg"])
+            window, wtext = self.window()
+            t = r.choice(QUERY_AGG_HELDOUT if self.heldout else QUERY_AGG)
+            text = t.format(d=dev, p=said, a=r.choice(AGG_WORDS[agg]), w=wtext)
+        return text, {"tool": "query_stats", "args": {"device": dev, "point": canon, "agg": agg, "window_s": window}}
+
+    def write(self) -> tuple[str, dict]:
+        r = self.rng
+        dev = self.device()
+        k = r.random()
+        if k < 0.35:
+            on = r.random() < 0.5
+            verb = r.choice(ON_VERBS if on else OFF_VERBS)
+            t = r.choice(ONOFF_HELDOUT if self.heldout else ONOFF)
+            return t.format(d=dev, v=verb), {"tool": "write_point", "args": {"device": dev, "point": "enabled", "value": on}}
+        if k < 0.45:
+            mode = r.choice(MODES)
+            t = r.choice(MODE_HELDOUT if self.heldout else MODE)
+            return t.format(d=dev, m=mode), {"tool": "write_point", "args": {"device": dev, "point": "mode", "value": mode}}
+        if r.random() < 0.15:
+            canon = said = f"{self.syllables()}_{r.choice(['sp', 'out', '1', '2'])}"
+        else:
+            canon = r.choice(WRITABLE)
+            said = r.choice(POINTS[canon])
+        v, vtext = self.value()
+        t = r.choice(SET_HELDOUT if self.heldout else SET)
+        return t.format(d=dev, p=said, v=vtext), {"tool": "write_point", "args": {"device": dev, "point": canon, "value": v}}
+
+    def list_devices(self) -> tuple[str, dict]:
+        r = self.rng
+        if r.random() < 0.4:
+            t = r.choice(LIST_ALL_HELDOUT if self.heldout else LIST_ALL)
+            return t, {"tool": "list_devices", "args": {"filter": None}}
+        s = self.stem()
+        t = r.choice(LIST_HELDOUT if self.heldout else LIST)
+        return t.format(s=s), {"tool": "list_devices", "args": {"filter": s}}
+
+    def status(self) -> tuple[str, dict]:
+        t = self.rng.choice(STATUS_HELDOUT if self.heldout else STATUS)
+        return t, {"tool": "status", "args": {}}
+
+    def example(self) -> tuple[str, dict]:
+        r = self.rng
+        k = r.random()
+        text, call = (self.query() if k < 0.45 else self.write() if k < 0.8 else
+                      self.list_devices() if k < 0.92 else self.status())
+        return self.noise(text), call
+
+    def noise(self, text: str) -> str:
+        r = self.rng
+        text = " ".join(text.split())
+        if r.random() < 0.15:
+            parts = text.split(" ")
+            i = r.randrange(len(parts))
+            if parts[i].isalpha() and parts[i].islower():  # template words only: names carry digits
+                parts[i] = _typo(parts[i], r)
+            text = " ".join(parts)
+        if r.random() < 0.1 and text.split(" ")[0].isalpha():  # never a name's first letter
+            text = text[:1].upper() + text[1:]
+        if r.random() < 0.15:
+            text += r.choice(["?", "!", ".", " pls", " please", " thanks", " asap", "??"])
+        if r.random() < 0.05:
+            text = r.choice(["hey ", "hi, ", "ok ", "yo "]) + text
+        return text
+
+
+QUERY_LAST = [
+    "what is the {adj} {p} of {d} {now}", "{adj} {p} for {d}", "show me the {p} on {d} {now}",
+    "{d} {p} {now}", "give me {d}'s {adj} {p}", "how is the {p} at {d} {now}", "{p} of {d} {now}?",
+    "tell me the {adj} {p} of {d}", "what's {d} {p} reading {now}", "check {p} on {d} {now}",
+    "{adj} {p} {d}", "read {d} {p}", "get {p} from {d} {now}", "i want the {p} of {d} {now}",
+    "what does {d} read for {p} {now}", "{d}: {p}?", "could you read the {p} of {d}", "need {d} {p} {now}",
+    "report the {adj} {p} of {d}", "what {p} is {d} at {now}", "{p} at {d} please", "look up {d} {p}",
+    "what is {d} showing for {p} {now}", "status of {p} on {d}", "can i get the {adj} {p} for {d}",
+]
+QUERY_LAST_HELDOUT = [
+    "i need the {adj} {p} of {d}", "what does {d} say for {p} {now}", "{d}: {adj} {p}?", "report {p} for {d} {now}",
+    "could you look up the {p} at {d} {now}",
+]
+QUERY_AGG = [
+    "what is the {a} {p} of {d} {w}", "{a} {p} for {d} {w}", "show me the {a} {p} on {d} {w}",
+    "{d} {p} {a} {w}", "give me {d}'s {a} {p} {w}", "{w}, what was the {a} {p} of {d}",
+    "tell me the {a} {p} of {d} {w} please", "can you get the {a} {p} reading from {d} {w}",
+    "{a} {p} {d} {w}", "what was the {a} {p} at {d} {w}", "{d} {a} {p} {w}", "i want the {a} {p} of {d} {w}",
+    "report the {a} {p} on {d} {w}", "could you check the {a} {p} at {d} {w}", "{d}: {a} {p} {w}?",
+    "need {a} {p} for {d} {w}", "look up the {a} {p} of {d} {w}", "{w} {a} {p} of {d}", "{p} ({a}) {d} {w}",
+    "get me the {a} {p} from {d} {w}", "on {d}, what was the {a} {p} {w}", "what {a} {p} did {d} have {w}",
+]
+QUERY_AGG_HELDOUT = [
+    "i need the {a} {p} of {d} {w}", "report {d} {p} ({a}) {w}", "could you check {a} {p} for {d} {w}",
+    "{a} {p} @ {d} {w}", "for {d}, {a} {p} {w}",
+]
+QUERY_COUNT = [
+    "how many {p} readings did {d} send {w}", "count of {p} samples from {d} {w}",
+    "number of {p} readings for {d} {w}", "count {d} {p} readings {w}", "how many {p} samples from {d} {w}",
+    "{w}, how many {p} readings came in from {d}", "how many {p} values did we get from {d} {w}",
+    "count the {p} samples of {d} {w}", "{d} {p} readings count {w}", "number of {p} values from {d} {w}",
+]
+QUERY_COUNT_HELDOUT = ["{w}, how many {p} values came from {d}", "count up the {p} readings of {d} {w}"]
+
+ON_VERBS = ["turn on", "switch on", "start", "enable", "power up", "activate", "start up"]
+OFF_VERBS = ["turn off", "switch off", "stop", "disable", "shut down", "deactivate", "power down"]
+ONOFF = ["{v} {d}", "please {v} {d}", "{v} the {d}", "can you {v} {d}", "{v} {d} now", "i want you to {v} {d}",
+         "{d}: {v}", "need to {v} {d}", "could you {v} {d} right away", "go {v} {d}", "{v} {d} immediately",
+         "we must {v} {d}", "{d} - {v} it", "let's {v} {d}", "{v} {d} asap", "time to {v} {d}"]
+ONOFF_HELDOUT = ["{d}: {v} it now", "go ahead and {v} {d}", "we need to {v} {d}", "could you {v} the {d} now"]
+MODE = ["set {d} mode to {m}", "put {d} in {m} mode", "switch {d} to {m} mode", "change the mode of {d} to {m}",
+        "{d} mode {m}", "{d}: mode = {m}", "set the mode for {d} to {m}", "i want {d} in {m} mode",
+        "make {d} run in {m} mode", "{d} to {m} mode please", "mode {m} for {d}"]
+MODE_HELDOUT = ["mode of {d} should be {m}", "{d} -> {m} mode", "could you put {d} into {m} mode"]
+SET = ["set {d} {p} to {v}", "change {p} on {d} to {v}", "{d}: {p} = {v}", "put {d} {p} at {v}",
+       "please set the {p} of {d} to {v}", "adjust {d} {p} to {v}", "set the {p} for {d} to {v}",
+       "{d} {p} to {v}", "change {d}'s {p} to {v}", "write {v} to {d} {p}", "{d} {p} should be {v}",
+       "make the {p} of {d} {v}", "i want {d} {p} at {v}", "update {d} {p} to {v}", "{p} on {d} -> {v}",
+       "could you set {d} {p} to {v}", "need {d} {p} set to {v}", "bring the {p} of {d} to {v}",
+       "{d}: set {p} {v}", "set {p} = {v} on {d}", "move {d} {p} to {v}"]
+SET_HELDOUT = ["make {d} {p} {v}", "update {p} for {d} -> {v}", "{p} of {d} should be {v}", "bring {d} {p} to {v}",
+               "could you change the {p} on {d} to {v}"]
+LIST_ALL = ["list devices", "show all devices", "what devices are connected", "which devices do you see",
+            "devices?", "list all devices", "show me the devices", "what devices do you know", "enumerate devices",
+            "give me the device list", "list every device", "what is connected", "which devices are there",
+            "all devices please", "show me every device you have"]
+LIST_ALL_HELDOUT = ["give me every device", "what is connected to you", "device list please", "enumerate every device"]
+LIST = ["list all {s}s", "show {s} devices", "which {s}s are there", "devices with {s} in the name", "find {s}",
+        "list {s} devices", "show me all the {s}s", "what {s}s do you see", "any {s} devices?", "find all {s}s",
+        "enumerate {s}s", "give me the {s} list", "which {s} units are connected", "list the {s}s",
+        "do you have any {s}s", "show every {s}"]
+LIST_HELDOUT = ["any {s}s around?", "what {s} units do you have", "enumerate the {s}s", "find every {s}"]
+STATUS = ["status", "how are you", "gateway status", "health check", "are you ok?", "is everything running",
+          "system health", "show status", "what is your status", "how is the system", "diagnostics",
+          "report status", "gateway health", "are you alive", "how is the gateway", "status report",
+          "give me your health", "is the system ok", "how are things"]
+STATUS_HELDOUT = ["how is the gateway doing", "report your health", "give me a status report", "you alive?",
+                  "health of the system"]
+
+
+def split(seed: int, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    random.seed(seed)  # words() joins numbers with a random separator
+    train_gen = Gen(rng, heldout=False)
+    train = []
+    names: set[str] = set()
+    for _ in range(n_train):
+        text, call = train_gen.example()
+        train.append({"text": text, "call": call})
+        for key in ("device", "filter"):
+            if isinstance(call["args"].get(key), str):
+                names.add(call["args"][key])
+    held_gen = Gen(random.Random(seed + 1), heldout=True, forbidden=names)
+    heldout = [dict(zip(("text", "call"), held_gen.example())) for _ in range(n_heldout)]
+    return train, heldout
+
+
+def names(row: dict) -> list[str]:
+    """The strings in a row that the model copies from the question (devices, custom points, filters, modes)."""
+    args = row["call"]["args"]
+    out = [v for k, v in args.items() if k in ("device", "filter") and isinstance(v, str)]
+    if isinstance(args.get("point"), str) and args["point"] not in POINTS and args["point"] not in ("enabled", "mode"):
+        out.append(args["point"])
+    return out
+
+
+def tokenizer_text(row: dict) -> str:
+    """A row with its names cut out: the tokenizer learns merges of template words and JSON only, so every name,
+    seen or not, is spelt in the same small pieces and the model learns to copy pieces, not to recall names."""
+    from edge_agent.glm.schema import EOS, prompt
+    text = prompt(row["text"]) + format_call(row["call"]) + EOS
+    for name in sorted(names(row), key=len, reverse=True):
+        text = text.replace(name, " ")
+    return text
+
+
+def iter_jsonl(rows: list[dict]) -> Iterator[str]:
+    for row in rows:
+        yield json.dumps(row, ensure_ascii=False)
+
+
+def sample_text(row: dict) -> str:
+    """A row exactly as the model is trained on it: prompt, canonical call, end token."""
+    from edge_agent.glm.schema import EOS, prompt
+    return prompt(row["text"]) + format_call(row["call"]) + EOS

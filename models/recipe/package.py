@@ -1,0 +1,183 @@
+"""Export, quantize, check and sign: turns the trained student into a model folder the runtime accepts.
+
+Files written to OUT (models/<name>/<version>/):
+  model.int8.onnx      dynamic INT8 (per-channel weights, activations quantized at run time): the CPU EP file
+  model.qdq.int8.onnx  static QDQ INT8, symmetric, calibrated on the corpus, MatMul only: the TensorRT EP file
+                       (TensorRT 10 takes Q/DQ pairs around MatMul); the CUDA EP runs it too
+  tokenizer.json       byte-level BPE (tokenizers)
+  genai_config.json    onnxruntime-genai's config for the same file (the benchmark's peer)
+  manifest.json        name, version, sha256 + size of every file, architecture, quantization, provider files
+  manifest.sig         Ed25519 over the exact bytes of manifest.json
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import corpus
+import export as X
+import train as T
+from edge_agent.glm.schema import EOS, PAD, SPECIAL_TOKENS, prompt
+
+NAME = "glm-edge-iot"
+
+
+def load_or_create_key(path: Path | None, log) -> Ed25519PrivateKey:
+    if path is not None and path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SystemExit(f"{path}: not an Ed25519 private key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+        log(f"new signing key written to {path} (keep it off the gateway)")
+    return key
+
+
+def public_key_b64(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+class _Calib:
+    """Prefill batches of real prompts + answers (empty cache) for static calibration."""
+
+    def __init__(self, tok, rows, n_kv, head_dim, n_layers, n: int = 64):
+        self.items = []
+        for row in rows[:n]:
+            ids = tok.encode(corpus.sample_text(row)).ids
+            feeds = {"input_ids": np.array([ids], dtype=np.int64),
+                     "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+                     "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+            for i in range(n_layers):
+                for kv in ("key", "value"):
+                    feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, n_kv, 0, head_dim), dtype=np.float32)
+            self.items.append(feeds)
+        self.it = iter(self.items)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.items)
+
+
+def quantize(fp32: Path, out_dyn: Path, out_qdq: Path, calib: _Calib) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(out_dyn), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
+        quantize_static(str(pre), str(out_qdq), calib, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=["MatMul"], calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+
+
+def genai_config(cfg, eos_id: int, pad_id: int, context: int, file: str) -> dict:
+    return {
+        "model": {
+            "type": "decoder", "vocab_size": cfg.vocab_size, "context_length": context,
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+            "decoder": {
+                "filename": file, "head_size": cfg.head_dim, "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "session_options": {"intra_op_num_threads": 1, "inter_op_num_threads": 1, "provider_options": []},
+            },
+        },
+        "search": {"do_sample": False, "max_length": context, "num_beams": 1, "past_present_share_buffer": False,
+                   "min_length": 0, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_signed_manifest(out: Path, manifest: dict, key: Ed25519PrivateKey) -> None:
+    manifest["files"] = {p.name: {"sha256": sha256(p), "size": p.stat().st_size}
+                         for p in sorted(out.iterdir()) if p.name not in ("manifest.json", "manifest.sig")}
+    body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    (out / "manifest.json").write_bytes(body)
+    (out / "manifest.sig").write_text(base64.b64encode(key.sign(body)).decode() + "\n")
+
+
+def export_and_package(work: Path, out: Path, key_path: Path | None, version: str, student_size: str,
+                       report: dict, log=print) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(work / "tokenizer.json"))
+    cfg = T.glm_config(student_size, tok.get_vocab_size(), tok)
+    model = T.GlmForCausalLM(cfg)
+    model.load_state_dict(torch.load(work / "student_distilled.pt", map_location="cpu"))
+    model.eval()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    fp32 = work / "model.fp32.onnx"
+    X.export(model, fp32)
+    sample = tok.encode(prompt("what is the average temperature of pump-3 over the last hour")).ids
+    check = X.check_against_torch(model, fp32, sample, atol=1e-3)
+    log(f"fp32 ONNX vs torch: {check}")
+    rows = [json.loads(line) for line in (work / "train_sample.jsonl").read_text().splitlines()]
+    random.Random(0).shuffle(rows)
+    calib = _Calib(tok, rows, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers)
+    quantize(fp32, out / "model.int8.onnx", out / "model.qdq.int8.onnx", calib)
+    shutil.copyfile(work / "tokenizer.json", out / "tokenizer.json")
+    eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
+    (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, eos, pad, T.CONTEXT, "model.int8.onnx"),
+                                                      indent=2) + "\n")
+    key = load_or_create_key(key_path, log)
+    manifest = {
+        "name": NAME, "version": version, "format": 1,
+        "architecture": {"type": "GlmForCausalLM", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+                         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+                         "num_attention_heads": cfg.num_attention_heads,
+                         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+                         "partial_rotary_factor": 0.5, "tie_word_embeddings": True, "context": T.CONTEXT,
+                         "params": T.n_params(model)},
+        "tokenizer": "tokenizer.json",
+        "special_tokens": {"eos": EOS, "pad": PAD, "all": SPECIAL_TOKENS},
+        "prompt": "glm-edge-chat",
+        "quantization": {
+            "model.int8.onnx": "dynamic int8: per-channel symmetric weights, activations quantized at run time",
+            "model.qdq.int8.onnx": "static QDQ int8: symmetric per-channel weights, symmetric per-tensor "
+                                   "activations calibrated (MinMax) on 64 corpus prompts; MatMul only",
+        },
+        "providers": {"TensorrtExecutionProvider": "model.qdq.int8.onnx", "CUDAExecutionProvider": "model.qdq.int8.onnx",
+                      "CPUExecutionProvider": "model.int8.onnx"},
+        "public_key": public_key_b64(key),
+        "eval": {k: v for k, v in report.items()},
+        "torch_check": check,
+    }
+    write_signed_manifest(out, manifest, key)
+    total = sum(p.stat().st_size for p in out.iterdir())
+    log(f"wrote {out}: {total / 1e6:.2f} MB, public key {manifest['public_key']}")
