@@ -12,9 +12,11 @@ import json
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent import __version__
+from edge_agent.agent import Agent
 from edge_agent.commands import Commands, Gateway
 from edge_agent.config import Config, ConfigError, action_value, rule_from_dict, to_dict
 from edge_agent.logs import RING
@@ -56,6 +58,7 @@ class App:
         self.ingest: MqttIngest | None = None
         self.commands: Commands | None = None
         self.rules: RuleEngine | None = None
+        self.agent: Agent | None = None
         self._actions: set[asyncio.Task] = set()
 
     async def sink(self, readings: list) -> int:
@@ -72,6 +75,8 @@ class App:
         if cfg.rules.enabled:
             self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, act=self._rule_action)
             self.components.append(self.rules)
+        self.agent = Agent(cfg.model, Path(cfg.gateway.state_dir), self.metrics)
+        self.components.append(self.agent)
         if cfg.uplink.enabled:
             on_command = None
             if cfg.commands.enabled:
@@ -79,7 +84,7 @@ class App:
                     status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
                     write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
                     rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
-                    rules_remove=self.rules_remove),
+                    rules_remove=self.rules_remove, ask=self.agent.plan),
                     self.metrics)
                 on_command = self.commands.handle
             self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
@@ -169,7 +174,7 @@ class App:
                 "outbox_bytes": self.store.outbox_bytes, "acked_seq": self.store.acked_seq,
                 "next_seq": self.store.next_seq, "uplink_connected": bool(self.uplink and self.uplink.connected),
                 "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink else None,
-                "model": None}
+                "model": self.agent.info() if self.agent else None}
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -6,7 +6,11 @@ here and publishes the reply this returns: `{"ok": true, "result": ...}` or
 
 Error codes: `bad_request` (not JSON, not an object, unknown field, wrong type, bad id),
 `too_large`, `unknown_command`, `forbidden` (not in `commands.allow`), `busy` (at the concurrency
-bound), `not_found`, `refused` (a write the adapter refused, with its reason), `internal`.
+bound, or the model's queue is full), `not_found`, `refused` (a write the adapter refused, with its reason),
+`timeout` and `unavailable` (ask: the model did not answer in time / is not loaded), `internal`.
+
+`ask` runs the model's tool call as the matching command, through that command's own checks: a question that
+maps to a command not in `commands.allow` is refused with `forbidden`, and the error carries the call.
 
 Every request may carry an `id` (1-64 of letters, digits, `_.-`); over MQTT 3.1.1 it is required,
 since the reply goes to `<prefix>/<gateway>/res/<id>`. A request whose (name, id) was answered
@@ -37,9 +41,9 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class CommandError(Exception):
-    def __init__(self, code: str, message: str, rid: str | None = None) -> None:
+    def __init__(self, code: str, message: str, rid: str | None = None, call: dict | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.rid = code, message, rid
+        self.code, self.message, self.rid, self.call = code, message, rid, call
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Gateway:
     rules_list: Callable[[], list[dict]]
     rules_add: Callable[[dict], Awaitable[dict]]       # raises ValueError (bad rule) / PermissionError
     rules_remove: Callable[[str], Awaitable[bool]]     # raises PermissionError (a config rule)
+    ask: Callable[[str], Awaitable[dict]] | None = None  # the agent's plan(); raises agent.AskError
 
 
 # name -> {field: (types, required)}; "id" is allowed everywhere
@@ -64,6 +69,7 @@ _SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "query": {"device": ((str,), True), "point": ((str,), True), "agg": ((str,), True), "window_s": ((int,), True)},
     "write": {"device": ((str,), True), "point": ((str,), True), "value": ((int, float, bool, str), True)},
     "logs.tail": {"n": ((int,), False), "level": ((str,), False), "component": ((str,), False)},
+    "ask": {"text": ((str,), True)},
     "config.get": {},
     "rules.list": {},
     "rules.add": {"rule": ((dict,), True)},
@@ -75,8 +81,11 @@ def reply_ok(result: Any) -> bytes:
     return json.dumps({"ok": True, "result": result}, separators=(",", ":"), default=str).encode()
 
 
-def reply_error(code: str, message: str) -> bytes:
-    return json.dumps({"ok": False, "error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+def reply_error(code: str, message: str, call: dict | None = None) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if call is not None:
+        err["call"] = call  # ask: the tool call the model made of the question
+    return json.dumps({"ok": False, "error": err}, separators=(",", ":")).encode()
 
 
 class Commands:
@@ -151,7 +160,7 @@ class Commands:
                 async with self._slots:
                     reply = await self._execute(name, fields, who)
             except CommandError as e:
-                reply = reply_error(e.code, e.message)
+                reply = reply_error(e.code, e.message, e.call)
                 self.metrics.commands.labels(name, e.code).inc()
             except Exception as e:  # noqa: BLE001 - a bug answers 'internal', the agent keeps running
                 log.exception("command failed", extra={"command": name})
@@ -190,24 +199,51 @@ class Commands:
             self._seen.popitem(last=False)
 
     async def _execute(self, name: str, f: dict, who: str) -> bytes:
+        if name == "ask":
+            return reply_ok(await self._ask(f["text"], who))
+        return reply_ok(await self._run(name, f, who))
+
+    async def _ask(self, text: str, who: str) -> dict:
+        from edge_agent.agent import AskError, answer_text, command_for
+
+        if self.gw.ask is None:
+            raise CommandError("unavailable", "this gateway runs without the model")
+        try:
+            plan = await self.gw.ask(text)
+        except AskError as e:
+            raise CommandError(e.code, e.message) from None
+        call = plan["call"]
+        name, fields = command_for(call)
+        if name not in self.cfg.allow:
+            audit.warning("ask refused", extra={"who": who, "text": text[:200], "call": json.dumps(call)})
+            raise CommandError("forbidden", f"the question maps to {call['tool']}, which runs command {name!r}, and "
+                                            f"{name!r} is not allowed on this gateway (commands.allow)", call=call)
+        try:
+            result = await self._run(name, fields, f"{who} via ask")
+        except CommandError as e:
+            e.call = call
+            raise
+        return {"call": call, "result": result, "answer": answer_text(call, result), **plan}
+
+    async def _run(self, name: str, f: dict, who: str) -> Any:
         gw = self.gw
         if name == "ping":
-            return reply_ok({"pong": True, "ts": time.time_ns()})
+            return {"pong": True, "ts": time.time_ns()}
         if name == "status":
-            return reply_ok(gw.status())
+            return gw.status()
         if name == "devices":
             devices = await gw.devices()
             flt = f.get("filter")
             if flt:
                 devices = [d for d in devices if flt.lower() in d["device"].lower()]
-            return reply_ok(devices)
+            return devices
         if name == "query":
             if f["agg"] not in _AGGS:
                 raise CommandError("bad_request", f"query: agg must be one of {', '.join(_AGGS)}")
             if not 1 <= f["window_s"] <= 366 * 86400:
                 raise CommandError("bad_request", "query: window_s must be 1 .. 31622400")
             try:
-                return reply_ok(await gw.query_stats(f["device"], f["point"], f["agg"], f["window_s"],
+                return (await gw.query_stats(f["device"], f["point"], f["agg"], f["window_s"],
                                                      self.cfg.query_max_rows))
             except LookupError as e:
                 raise CommandError("not_found", str(e).strip("'\"")) from None
@@ -222,7 +258,7 @@ class Commands:
                 audit.warning("write refused", extra={"who": who, **what, "reason": str(e)})
                 raise CommandError("refused", str(e)) from None
             audit.info("write done", extra={"who": who, **what})
-            return reply_ok({"written": what})
+            return {"written": what}
         if name == "logs.tail":
             n = f.get("n", 50)
             if not 1 <= n <= 1000:
@@ -233,11 +269,11 @@ class Commands:
             comp = f.get("component")
             lines = [line for lv, c, line in gw.log_lines()
                      if _LEVELS.get(lv, 50) >= _LEVELS[level] and (comp is None or c.startswith(comp))]
-            return reply_ok(lines[-n:])
+            return lines[-n:]
         if name == "config.get":
-            return reply_ok(gw.config())
+            return gw.config()
         if name == "rules.list":
-            return reply_ok(gw.rules_list())
+            return gw.rules_list()
         if name == "rules.add":
             try:
                 rule = await gw.rules_add(f["rule"])
@@ -246,7 +282,7 @@ class Commands:
                 raise CommandError("bad_request" if isinstance(e, ValueError) else "refused", str(e)) from None
             audit.info("rule added", extra={"who": who, "rule": rule["id"], "kind": rule["kind"],
                                             "device": rule["device"], "point": rule["point"]})
-            return reply_ok({"added": rule})
+            return {"added": rule}
         if name == "rules.remove":
             try:
                 removed = await gw.rules_remove(f["rule_id"])
@@ -256,5 +292,5 @@ class Commands:
             if not removed:
                 raise CommandError("not_found", f"no rule {f['rule_id']!r}")
             audit.info("rule removed", extra={"who": who, "rule": f["rule_id"]})
-            return reply_ok({"removed": f["rule_id"]})
+            return {"removed": f["rule_id"]}
         raise CommandError("unknown_command", name)  # pragma: no cover - parse() refused it already
