@@ -61,6 +61,97 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration, devices=args.devices, rate=args.rate)
 
 
+def _model_config(args: argparse.Namespace):
+    """The [model] section of --config (defaults without one), with the command line's overrides."""
+    import dataclasses
+    import os
+
+    cfg = config.load(args.config) if args.config and os.path.exists(args.config) else config.Config()
+    m = cfg.model
+    if args.model_dir:
+        m = dataclasses.replace(m, dir=args.model_dir)
+    if args.providers:
+        m = dataclasses.replace(m, providers=args.providers.split(","))
+    if args.threads:
+        m = dataclasses.replace(m, threads=args.threads)
+    return cfg, m
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_agent.agent import answer_text, command_for
+    from edge_agent.glm.engine import Engine
+    from edge_agent.glm.models import ModelError
+    from edge_agent.glm.tokenizer import PromptError
+
+    logs.setup("warning", "text")
+    try:
+        cfg, mcfg = _model_config(args)
+        engine = Engine(mcfg)
+        engine.load()
+    except (config.ConfigError, ModelError, RuntimeError) as e:
+        return _fail(str(e))
+    try:
+        plan = engine.plan(args.text)
+    except PromptError as e:
+        return _fail(str(e))
+    finally:
+        engine.close()
+    print(json.dumps(plan.call, separators=(",", ":")))
+    if args.dry_run:
+        return 0
+    name, fields = command_for(plan.call)
+    if name == "write":
+        return _fail("writes go through the running daemon and its adapters (command 'write' or 'ask' over the "
+                     "uplink); nothing was written")
+    result = asyncio.run(_execute_locally(cfg, name, fields))
+    print(json.dumps(result, separators=(",", ":"), default=str))
+    print(answer_text(plan.call, result))
+    return 0
+
+
+async def _execute_locally(cfg, name: str, fields: dict):
+    from edge_agent.metrics import Metrics
+    from edge_agent.store import Store
+
+    store = Store(cfg.store, cfg.gateway.state_dir, Metrics())
+    await store.open()
+    try:
+        if name == "query":
+            try:
+                return await store.query_stats(fields["device"], fields["point"], fields["agg"], fields["window_s"],
+                                               cfg.commands.query_max_rows)
+            except (LookupError, OverflowError) as e:
+                return {"error": str(e).strip("'\"")}
+        if name == "devices":
+            devices = await store.devices()
+            flt = fields.get("filter")
+            return [d for d in devices if not flt or flt.lower() in d["device"].lower()]
+        return {"gateway": cfg.gateway.id, "version": __version__, "outbox_readings": store.outbox_readings,
+                "acked_seq": store.acked_seq, "next_seq": store.next_seq, "uplink_connected": False, "uptime_s": 0}
+    finally:
+        await store.close()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_agent.bench_model import run
+    from edge_agent.glm.models import ModelError
+
+    logs.setup("warning", "text")
+    try:
+        _cfg, mcfg = _model_config(args)
+        res = run(mcfg, args.eval, n_ask=args.n, reps=args.reps)
+    except (config.ConfigError, ModelError, RuntimeError) as e:
+        return _fail(str(e))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"edge-agent {__version__}")
     return 0
@@ -81,6 +172,25 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--rate", type=float, default=10.0, help="messages per second per device")
     d.add_argument("--verbose", action="store_true", help="show the agent's log lines")
     d.set_defaults(fn=cmd_demo)
+    def model_args(x: argparse.ArgumentParser) -> None:
+        x.add_argument("--config", default=DEFAULT_CONFIG, help="its [model] section (defaults when absent)")
+        x.add_argument("--model-dir", default="", help="a model folder instead of model.dir")
+        x.add_argument("--providers", default="", help="e.g. cpu or cuda,cpu (default: model.providers)")
+        x.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (default: model.threads)")
+
+    a = sub.add_parser("ask", help="turn a question into a tool call with the local GLM")
+    a.add_argument("text")
+    a.add_argument("--dry-run", action="store_true", help="print the tool call only; execute nothing")
+    model_args(a)
+    a.set_defaults(fn=cmd_ask)
+    b = sub.add_parser("bench", help="benchmarks: 'bench model' times the GLM against its peers")
+    b.add_argument("what", choices=["model"])
+    b.add_argument("--eval", type=str, default=None, help="JSONL of {text, call}: exact-match accuracy too")
+    b.add_argument("--n", type=int, default=100, help="questions timed for ask latency")
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--json", default="", help="also write the figures to this file")
+    model_args(b)
+    b.set_defaults(fn=cmd_bench)
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(fn=cmd_version)
     return p

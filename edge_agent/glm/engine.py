@@ -100,14 +100,15 @@ class Engine:
                               trt_fp16=self.cfg.trt_fp16, trt_int8=self.cfg.trt_int8,
                               trt_workspace_mb=self.cfg.trt_workspace_mb, cache_dir=self.cache_dir)
         session = open_session(model, opts, self._available)
-        for r in session.reasons:
-            log.warning("execution provider passed over", extra={"reason": r})
+        for r in session.reasons:  # not offered by this build: expected on a CPU box; a failure: worth a warning
+            (log.info if "not offered" in r else log.warning)("execution provider passed over", extra={"reason": r})
         log.info("model loaded", extra={"model": model.name, "provider": session.provider, "file": session.file})
         self.tok = GlmTokenizer(model.blobs[model.manifest["tokenizer"]])
         import llguidance
 
+        # slices=[]: the slicer speeds masks up for 100k-token vocabularies; for a small one it only costs time
         self.lltok = llguidance.LLTokenizer(self.tok.json, n_vocab=model.arch["vocab_size"],
-                                            eos_token=self.tok.eos_id)
+                                            eos_token=self.tok.eos_id, slices=[])
         a = model.arch
         self.gen = Generator(session.sess, [self.tok.eos_id], a["context"], a["num_hidden_layers"],
                              a["num_key_value_heads"], a["head_dim"], session.provider)
@@ -192,7 +193,8 @@ class Engine:
         ids = self.tok.encode_prompt(text)
         constraint = None
         if constrained:
-            constraint = JsonConstraint(self.lltok, self._grammar(text), self.model.arch["vocab_size"])
+            grammar = self._grammar(text)
+            constraint = lambda: JsonConstraint(self.lltok, grammar, self.model.arch["vocab_size"])  # noqa: E731
         t_gen = time.perf_counter()
         res = self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
                                 constraint=constraint, decode=self.tok.decode)
@@ -217,7 +219,8 @@ class Engine:
 
 
 def _reason(msg: str) -> str:
-    for key, reason in (("signature", "signature"), ("sha256", "digest"), ("external data", "external_data"),
+    for key, reason in (("signature", "signature"), ("sha256", "digest"), ("the manifest says", "digest"),
+                        ("external data", "external_data"),
                         ("missing", "missing"), ("manifest", "manifest")):
         if key in msg:
             return reason

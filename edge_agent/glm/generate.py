@@ -5,7 +5,8 @@ The KV cache follows the Optimum layout: each step feeds the previous step's `pr
 outputs are bound on the device with IO binding, so the cache never crosses to the host, and only the logits
 of the last position are copied back.
 
-With a constraint, the llguidance mask is applied to the logits at every sampled step, and the tokens the
+With a constraint, every sampled token is one the grammar allows (greedy: the model's choice is checked, and the
+llguidance mask is computed and applied only when it is refused; top-p: the mask is applied first), and the tokens the
 grammar forces (JSON keys, punctuation, the rest of an enum value) are appended without sampling and fed to the
 model in one multi-token forward pass (fast-forward), so the output always matches the schema and the
 constrained path needs fewer forward passes than the unconstrained one.
@@ -60,6 +61,10 @@ class JsonConstraint:
             raise ConstraintError(self.m.get_error())
         return np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
 
+    def accepts(self, token: int) -> bool:
+        """Whether the grammar takes this token next (much cheaper than a whole mask)."""
+        return self.m.validate_tokens([token]) == 1
+
     def consume(self, tokens: list[int]) -> None:
         if not self.m.consume_tokens(tokens):
             raise ConstraintError(self.m.get_error() or "token refused by the grammar")
@@ -83,6 +88,7 @@ class Generator:
         self.on_device = provider in ("cuda", "tensorrt")
         self.device_id = device_id
         self._empty = np.zeros((1, n_kv, 0, head_dim), dtype=np.float32)
+        self._pool = None
 
     # one forward pass over `ids` (appended after `past_len` cached tokens); returns last-position logits
     def _forward_cpu(self, ids: list[int], past, past_len: int):
@@ -120,7 +126,8 @@ class Generator:
         return outs[0].numpy()[0, -1], outs[1:]
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, timeout_s: float,
-                 constraint: JsonConstraint | None = None, top_p: float = 0.0, temperature: float = 1.0,
+                 constraint: JsonConstraint | Callable[[], JsonConstraint] | None = None,
+                 top_p: float = 0.0, temperature: float = 1.0,
                  seed: int | None = None, on_token: Callable[[list[int]], None] | None = None,
                  decode: Callable[[list[int]], str] | None = None) -> GenResult:
         t0 = time.perf_counter()
@@ -130,7 +137,13 @@ class Generator:
         max_new = min(max_new_tokens, self.context - len(prompt_ids))
         forward = self._forward_device if self.on_device else self._forward_cpu
         rng = np.random.default_rng(seed)
-        logits, past = forward(prompt_ids, None, 0)
+        if callable(constraint):
+            # compile the grammar while the prompt runs (ONNX Runtime releases the GIL): hides the compile time
+            pending = self._helper().submit(forward, prompt_ids, None, 0)
+            constraint = constraint()
+            logits, past = pending.result()
+        else:
+            logits, past = forward(prompt_ids, None, 0)
         passes, forced_n, mask_s = 1, 0, 0.0
         past_len = len(prompt_ids)
         out: list[int] = []
@@ -139,12 +152,15 @@ class Generator:
         while len(out) < max_new:
             if time.perf_counter() > deadline:
                 raise GenerationTimeout(f"no answer within {timeout_s:g} s ({len(out)} tokens written)")
+            tok = self._pick(logits, top_p, temperature, rng)
             if constraint is not None:
                 tm = time.perf_counter()
-                allowed = constraint.allowed()
+                # greedy: when the model's own choice is allowed the mask cannot change it, so the whole mask is
+                # computed only when it is not; sampling always masks first
+                if top_p > 0.0 or not constraint.accepts(tok):
+                    logits = np.where(constraint.allowed(), logits, -np.inf)
+                    tok = self._pick(logits, top_p, temperature, rng)
                 mask_s += time.perf_counter() - tm
-                logits = np.where(allowed, logits, -np.inf)
-            tok = self._pick(logits, top_p, temperature, rng)
             step = [tok]
             if constraint is not None:
                 tm = time.perf_counter()
@@ -179,6 +195,12 @@ class Generator:
         total = time.perf_counter() - t0
         return GenResult(out, decode(out) if decode else "", len(prompt_ids), stop, ttft, total, passes, forced_n,
                          mask_s)
+
+    def _helper(self):
+        if self._pool is None:
+            import concurrent.futures
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glm-prefill")
+        return self._pool
 
     @staticmethod
     def _pick(logits: np.ndarray, top_p: float, temperature: float, rng) -> int:

@@ -79,7 +79,6 @@ def session_options(opts: RuntimeOptions):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle gateway: no busy-wait cores
     so.log_severity_level = 3
     return so
 

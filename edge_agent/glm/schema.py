@@ -112,14 +112,16 @@ def request_schema(text: str) -> dict[str, Any]:
     """TOOL_SCHEMA narrowed to one question: names must be spelt as they are in the question (or be a canonical
     point), so the model can neither invent a device nor garble one it copies."""
     words = candidates(text)
-    if not words:
-        return TOOL_SCHEMA
+    schema = json.loads(json.dumps(TOOL_SCHEMA))
+    q, ld, w, st = schema["anyOf"]
+    if not words:  # nothing in the question can name a device or a point: only the nameless calls remain
+        ld["properties"]["args"]["properties"]["filter"] = {"type": "null"}
+        schema["anyOf"] = [ld, st]
+        return schema
     name = {"enum": words}
     numbered = [w for w in words if any(ch.isdigit() for ch in w) and not w.lstrip("-").replace(".", "").isdigit()]
     device = {"enum": numbered} if numbered else name  # device ids carry a number: prefer words that have one
     point = {"enum": list(dict.fromkeys([*CANONICAL_POINTS, *words]))}
-    schema = json.loads(json.dumps(TOOL_SCHEMA))
-    q, ld, w, _ = schema["anyOf"]
     q["properties"]["args"]["properties"].update(device=device, point=point)
     ld["properties"]["args"]["properties"]["filter"] = {"anyOf": [name, {"type": "null"}]}
     w["properties"]["args"]["properties"].update(device=device, point=point,

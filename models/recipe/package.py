@@ -6,6 +6,7 @@ Files written to OUT (models/<name>/<version>/):
                        (TensorRT 10 takes Q/DQ pairs around MatMul); the CUDA EP runs it too
   tokenizer.json       byte-level BPE (tokenizers)
   genai_config.json    onnxruntime-genai's config for the same file (the benchmark's peer)
+  tokenizer_config.json  what onnxruntime-genai reads beside tokenizer.json
   manifest.json        name, version, sha256 + size of every file, architecture, quantization, provider files
   manifest.sig         Ed25519 over the exact bytes of manifest.json
 """
@@ -76,6 +77,22 @@ class _Calib:
         self.it = iter(self.items)
 
 
+def weight_matmuls(path: Path) -> tuple[list[str], list[str]]:
+    """MatMul nodes by kind: (with a learned weight, the rest: attention products and the rotary permutation)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    inits = {i.name: i for i in m.graph.initializer}
+    learned, other = [], []
+    for n in m.graph.node:
+        if n.op_type == "MatMul":
+            w = inits.get(n.input[1])
+            is_rotary = w is not None and len(w.dims) == 2 and w.dims[0] == w.dims[1] and \
+                set(np.unique(onnx.numpy_helper.to_array(w))) <= {-1.0, 0.0, 1.0}
+            (learned if w is not None and not is_rotary else other).append(n.name)
+    return learned, other
+
+
 def quantize(fp32: Path, out_dyn: Path, out_qdq: Path, calib: _Calib) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -83,11 +100,13 @@ def quantize(fp32: Path, out_dyn: Path, out_qdq: Path, calib: _Calib) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        _learned, other = weight_matmuls(pre)  # only learned weights are quantized; the rotary permutation is not
         quantize_dynamic(str(pre), str(out_dyn), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"])
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=other)
         quantize_static(str(pre), str(out_qdq), calib, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                         op_types_to_quantize=["MatMul"], calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=other,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
 
@@ -112,6 +131,12 @@ def genai_config(cfg, eos_id: int, pad_id: int, context: int, file: str) -> dict
         "search": {"do_sample": False, "max_length": context, "num_beams": 1, "past_present_share_buffer": False,
                    "min_length": 0, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
+
+
+def tokenizer_config(context: int) -> dict:
+    """What onnxruntime-genai (and transformers) read beside tokenizer.json."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD,
+            "model_max_length": context, "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
 
 
 def sha256(path: Path) -> str:
@@ -153,6 +178,7 @@ def export_and_package(work: Path, out: Path, key_path: Path | None, version: st
     quantize(fp32, out / "model.int8.onnx", out / "model.qdq.int8.onnx", calib)
     shutil.copyfile(work / "tokenizer.json", out / "tokenizer.json")
     eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(T.CONTEXT), indent=2) + "\n")
     (out / "genai_config.json").write_text(json.dumps(genai_config(cfg, eos, pad, T.CONTEXT, "model.int8.onnx"),
                                                       indent=2) + "\n")
     key = load_or_create_key(key_path, log)

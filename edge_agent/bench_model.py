@@ -1,0 +1,233 @@
+"""`edge-agent bench model`: the GLM's speed per provider and quantization, against its peers in the same run.
+
+Peers: onnxruntime-genai driving the same ONNX file (with the folder's genai_config.json), unconstrained and with
+its own llguidance guidance, and the same architecture in torch eager with a KV cache (transformers; random
+weights: speed only). Skipped, with the reason printed, where a peer is not installed.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+LONG_PROMPT = ("hey, could you please tell me what the average temperature of line3_boiler7 and its pressure were "
+               "over the last forty five minutes, thanks")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+class _Ours:
+    """Our loop on one file, unconstrained, a fixed number of new tokens (no stop token)."""
+
+    def __init__(self, model, file: str, provider: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        from edge_agent.glm.generate import Generator
+        from edge_agent.glm.runtime import PROVIDERS, RuntimeOptions, session_options
+
+        sess = ort.InferenceSession(model.blobs[file], providers=[PROVIDERS[provider]],
+                                    sess_options=session_options(RuntimeOptions([provider], threads)))
+        a = model.arch
+        self.gen = Generator(sess, [], a["context"], a["num_hidden_layers"], a["num_key_value_heads"],
+                             a["head_dim"], provider)
+
+    def once(self, ids: list[int], new: int) -> tuple[float, float]:
+        r = self.gen.generate(ids, max_new_tokens=new, timeout_s=60)
+        return r.ttft_s, (len(r.ids) - 1) / (r.total_s - r.ttft_s)
+
+
+class _Genai:
+    """onnxruntime-genai on the same folder (its genai_config.json names the same file)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.m = og.Model(str(model_dir))
+
+    def once(self, ids: list[int], new: int) -> tuple[float, float]:
+        og = self.og
+        p = og.GeneratorParams(self.m)
+        p.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new)
+        g = og.Generator(self.m, p)
+        t0 = time.perf_counter()
+        g.append_tokens(ids)
+        g.generate_next_token()
+        t1 = time.perf_counter()
+        n = 1
+        while not g.is_done():
+            g.generate_next_token()
+            n += 1
+        return t1 - t0, (n - 1) / (time.perf_counter() - t1)
+
+    def guided(self, ids: list[int], schema_json: str, new: int) -> tuple[int, float]:
+        """(tokens written, seconds) from the schema in hand, as ours: guidance compiles when the generator
+        is made."""
+        og = self.og
+        t0 = time.perf_counter()
+        p = og.GeneratorParams(self.m)
+        p.set_search_options(max_length=len(ids) + new)
+        p.set_guidance("json_schema", schema_json, True)
+        g = og.Generator(self.m, p)
+        g.append_tokens(ids)
+        while not g.is_done():
+            g.generate_next_token()
+        return len(g.get_sequence(0)) - len(ids), time.perf_counter() - t0
+
+
+def _torch(arch: dict, ids: list[int], new: int, reps: int, threads: int) -> dict:
+    import torch
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.set_num_threads(threads)
+    cfg = GlmConfig(vocab_size=arch["vocab_size"], hidden_size=arch["hidden_size"],
+                    intermediate_size=arch["intermediate_size"], num_hidden_layers=arch["num_hidden_layers"],
+                    num_attention_heads=arch["num_attention_heads"], num_key_value_heads=arch["num_key_value_heads"],
+                    head_dim=arch["head_dim"], max_position_embeddings=arch["context"], tie_word_embeddings=True,
+                    partial_rotary_factor=arch.get("partial_rotary_factor", 0.5), pad_token_id=0, eos_token_id=[1])
+    model = GlmForCausalLM(cfg).eval()
+    x = torch.tensor([ids])
+    tps = []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            out = model(input_ids=x, use_cache=True)
+            past = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+            t1 = time.perf_counter()
+            for _ in range(new - 1):
+                out = model(input_ids=tok, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                tok = out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            if i >= 1:
+                tps.append((new - 1) / (t2 - t1))
+    return {"decode_tok_s": statistics.median(tps)}
+
+
+def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print) -> dict:
+    import onnxruntime as ort
+
+    from edge_agent.glm import schema
+    from edge_agent.glm.engine import Engine
+
+    engine = Engine(cfg)
+    engine.load()
+    model = engine.model
+    tok = engine.tok
+    res: dict = {"model": engine.info(), "threads": cfg.threads, "new_tokens": new}
+    ids = tok.encode_prompt(LONG_PROMPT)
+    res["prompt_tokens"] = len(ids)
+    out(f"model {model.name}; prompt {len(ids)} tokens, {new} new tokens, {cfg.threads} intra-op thread(s)")
+    # ---- ours, unconstrained, per provider x file; onnxruntime-genai interleaved with ours on the served file,
+    # run for run, so both see the same machine (this box is noisy)
+    try:
+        genai = _Genai(model.dir)
+    except ImportError:
+        genai = None
+        out("  onnxruntime-genai not installed (pip install 'edge-agent[bench]'); skipped")
+    offered = ort.get_available_providers()
+    from edge_agent.glm.runtime import PROVIDERS
+    rows = []
+    for kind in cfg.providers:
+        if PROVIDERS[kind] not in offered:
+            out(f"  {kind}: not offered by this onnxruntime build; skipped")
+            continue
+        for file in sorted(set(model.manifest["providers"].values())):
+            ours = _Ours(model, file, kind, cfg.threads)
+            peer = genai if (genai is not None and kind == "cpu" and file == engine.session.file) else None
+            o_t, o_s, g_t, g_s = [], [], [], []
+            for i in range(reps + 2):
+                t, sp = ours.once(ids, new)
+                if i >= 2:
+                    o_t.append(t)
+                    o_s.append(sp)
+                if peer is not None:
+                    t, sp = peer.once(ids, new)
+                    if i >= 2:
+                        g_t.append(t)
+                        g_s.append(sp)
+            r = {"provider": kind, "file": file, "ttft_ms": statistics.median(o_t) * 1e3,
+                 "decode_tok_s": statistics.median(o_s)}
+            rows.append(r)
+            out(f"  ours    {kind:8} {file:22} first token {r['ttft_ms']:6.2f} ms   decode {r['decode_tok_s']:7.0f} tok/s")
+            if peer is not None:
+                res["genai"] = {"file": file, "ttft_ms": statistics.median(g_t) * 1e3,
+                                "decode_tok_s": statistics.median(g_s)}
+                out(f"  genai   {kind:8} {file:22} first token {res['genai']['ttft_ms']:6.2f} ms   decode "
+                    f"{res['genai']['decode_tok_s']:7.0f} tok/s   (ours/genai "
+                    f"{r['decode_tok_s'] / res['genai']['decode_tok_s']:.2f})")
+    res["ours"] = rows
+    served = next((r for r in rows if r["file"] == engine.session.file and r["provider"] == engine.session.provider),
+                  rows[0])
+    # ---- ask (constrained) on the serving provider, interleaved with genai's guided generation
+    texts = [json.loads(line)["text"] for line in Path(eval_file).read_text().splitlines()[:n_ask]] if eval_file \
+        else [LONG_PROMPT] * 20
+    lat, toks, gen_s, mask_s, sampled, g_toks, g_s = [], 0, 0.0, 0.0, 0, 0, 0.0
+    for i, t in enumerate(texts[:2] + texts):
+        t0 = time.perf_counter()
+        p = engine.plan(t)
+        dt = time.perf_counter() - t0
+        if genai is not None:
+            n, gs = genai.guided(tok.encode_prompt(t), json.dumps(schema.request_schema(t)), new)
+        if i >= 2:
+            lat.append(dt)
+            toks += p.new_tokens
+            gen_s += p.total_s
+            mask_s += p.mask_s
+            sampled += p.new_tokens - p.forced_tokens
+            if genai is not None:
+                g_toks += n
+                g_s += gs
+    res["ask"] = {"n": len(lat), "p50_ms": _pct(lat, 0.5) * 1e3, "p95_ms": _pct(lat, 0.95) * 1e3,
+                  "constrained_tok_s": toks / gen_s, "mask_us_per_sampled_token": mask_s / max(sampled, 1) * 1e6,
+                  "forced_share": 1 - sampled / max(toks, 1)}
+    a = res["ask"]
+    out(f"  ask --dry-run ({a['n']} questions): p50 {a['p50_ms']:.1f} ms  p95 {a['p95_ms']:.1f} ms  "
+        f"{a['constrained_tok_s']:.0f} tok/s  grammar {a['mask_us_per_sampled_token']:.0f} µs/sampled token  "
+        f"{a['forced_share']:.0%} of tokens forced")
+    if genai is not None:
+        res["genai"]["guided_tok_s"] = g_toks / g_s
+        out(f"  genai guided (its llguidance, same schemas): {res['genai']['guided_tok_s']:.0f} tok/s   "
+            f"(ours/genai {a['constrained_tok_s'] / res['genai']['guided_tok_s']:.2f})")
+    try:
+        t = _torch(model.arch, ids, new, max(2, reps // 2), cfg.threads)
+        res["torch"] = t
+        out(f"  torch eager (same architecture, KV cache): decode {t['decode_tok_s']:.0f} tok/s   "
+            f"(ours/torch {served['decode_tok_s'] / t['decode_tok_s']:.1f}, ask/torch "
+            f"{a['constrained_tok_s'] / t['decode_tok_s']:.1f})")
+    except ImportError:
+        out("  torch/transformers not installed (pip install 'edge-agent[recipe]'); skipped")
+    if eval_file:
+        res["eval"] = evaluate(engine, eval_file, out)
+    engine.close()
+    return res
+
+
+def evaluate(engine, eval_file: Path, out=print) -> dict:
+    rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines() if line.strip()]
+    hits = valid = 0
+    for r in rows:
+        p = engine.plan(r["text"])
+        valid += p.call is not None
+        hits += p.call == r["call"] and json.dumps(p.call) == json.dumps(r["call"])
+    free_hits = free_valid = 0
+    for r in rows:
+        p = engine.plan(r["text"], constrained=False)
+        free_valid += p.call is not None
+        free_hits += p.call == r["call"] and json.dumps(p.call) == json.dumps(r["call"])
+    ev = {"n": len(rows), "exact_match": hits / len(rows), "schema_valid": valid / len(rows),
+          "unconstrained_exact_match": free_hits / len(rows), "unconstrained_schema_valid": free_valid / len(rows)}
+    out(f"  eval {eval_file} ({len(rows)}): exact match {ev['exact_match']:.1%}, schema-valid "
+        f"{ev['schema_valid']:.1%} (unconstrained: {ev['unconstrained_exact_match']:.1%}, "
+        f"{ev['unconstrained_schema_valid']:.1%})")
+    return ev
+
+
+_ = np  # numpy is what the generator runs on; imported here so a missing install fails early

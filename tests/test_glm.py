@@ -1,0 +1,256 @@
+"""The GLM runtime on the shipped model (CPU EP): reference outputs, verification, bounds, provider choice."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent.config import ModelConfig
+from edge_agent.glm import schema
+from edge_agent.glm.engine import Busy, Engine, shipped_model_dir
+from edge_agent.glm.generate import GenerationTimeout
+from edge_agent.glm.models import ModelError, load_verified
+from edge_agent.glm.runtime import RuntimeOptions, open_session, provider_options, trt_profiles
+from edge_agent.glm.tokenizer import PromptError
+from edge_agent.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = {
+    "what is the average temperature of pump-3 over the last hour":
+        {"tool": "query_stats", "args": {"device": "pump-3", "point": "temperature", "agg": "avg", "window_s": 3600}},
+    "current temp of boiler_2?":
+        {"tool": "query_stats", "args": {"device": "boiler_2", "point": "temperature", "agg": "last", "window_s": 60}},
+    "max pressure on line2_press4 today":
+        {"tool": "query_stats", "args": {"device": "line2_press4", "point": "pressure", "agg": "max",
+                                         "window_s": 86400}},
+    "turn off fan_7": {"tool": "write_point", "args": {"device": "fan_7", "point": "enabled", "value": False}},
+    "set boiler-2 setpoint to 72.5":
+        {"tool": "write_point", "args": {"device": "boiler-2", "point": "setpoint", "value": 72.5}},
+    "list all pumps": {"tool": "list_devices", "args": {"filter": "pump"}},
+    "show all devices": {"tool": "list_devices", "args": {"filter": None}},
+    "how are you": {"tool": "status", "args": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(ModelConfig(providers=["cpu"]), metrics=Metrics())
+    e.load()
+    yield e
+    e.close()
+
+
+def test_shipped_model_gives_the_reference_calls(engine):
+    assert engine.info()["provider"] == "cpu" and engine.info()["name"] == "glm-edge-iot"
+    for text, call in REFERENCE.items():
+        plan = engine.plan(text)
+        assert plan.call == call, text
+        assert plan.raw == schema.format_call(call)  # canonical spelling, byte for byte
+        assert plan.forced_tokens > 0 and plan.forward_passes < plan.new_tokens  # fast-forward took effect
+
+
+def test_constrained_output_is_always_a_valid_call(engine):
+    rng = np.random.default_rng(7)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789 -_?!.,:'\"{}[]\\/") + ["pump", " set ", " to ", "°C"]
+    for _ in range(40):
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(1, 60)))).strip() or "x"
+        plan = engine.plan(text)
+        schema.validate_call(plan.call)  # raises if not
+        for key in ("device", "filter"):  # names are spelt as in the question, never invented
+            v = plan.call["args"].get(key)
+            assert v is None or v in text, (text, plan.raw)
+
+
+def test_bad_questions_are_refused_clearly(engine):
+    for text, why in (("", "empty"), ("x" * 300, "at most 256"), ("<|assistant|> status", "reserved marker")):
+        with pytest.raises(PromptError, match=why):
+            engine.plan(text)
+    assert engine.metrics.value("edge_agent_glm_requests_total", {"outcome": "bad_input"}) == 3
+    assert engine.plan("status").call == {"tool": "status", "args": {}}  # and the worker goes on
+
+
+def _blocked(engine):
+    gate = threading.Event()
+    real = engine._run
+
+    def slow(*a, **kw):
+        gate.wait(10)
+        return real(*a, **kw)
+
+    engine._run = slow
+    return gate, real
+
+
+def test_queue_bound_answers_busy_and_time_limit_counts_queue_wait():
+    e = Engine(ModelConfig(providers=["cpu"], queue=1, timeout_s=0.3), metrics=Metrics())
+    e.load()
+    try:
+        gate, real = _blocked(e)
+        first = e.submit("status")  # taken by the worker, which now waits on the gate
+        time.sleep(0.1)
+        second = e.submit("list all pumps")  # waits in the queue (bound 1)
+        with pytest.raises(Busy, match="1 questions are waiting"):
+            e.submit("status")
+        assert e.metrics.value("edge_agent_glm_requests_total", {"outcome": "busy"}) == 1
+        time.sleep(0.4)  # both pass their 0.3 s limit while blocked
+        gate.set()
+        with pytest.raises(GenerationTimeout):
+            first.result(5)
+        with pytest.raises(GenerationTimeout, match="waited in the queue"):
+            second.result(5)
+        e._run = real
+        assert e.plan("status", timeout_s=5).call["tool"] == "status"
+        assert e.metrics.value("edge_agent_glm_requests_total", {"outcome": "timeout"}) == 2
+    finally:
+        e.close()
+
+
+def test_provider_fallback_picks_cpu_and_says_why():
+    model = load_verified(shipped_model_dir(), ModelConfig().public_key)
+    opts = RuntimeOptions(providers=["tensorrt", "cuda", "cpu"])
+    s = open_session(model, opts, available=["CPUExecutionProvider"])
+    assert s.provider == "cpu" and s.file == "model.int8.onnx"
+    assert s.reasons == ["tensorrt: not offered by this onnxruntime build",
+                         "cuda: not offered by this onnxruntime build"]
+    # offered by name but unusable here (no GPU): onnxruntime falls back, and we say so
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        s = open_session(model, RuntimeOptions(providers=["cuda", "cpu"]),
+                         available=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        assert s.provider == "cpu" and s.reasons and s.reasons[0].startswith("cuda: ")
+    with pytest.raises(RuntimeError, match="no execution provider"):
+        open_session(model, RuntimeOptions(providers=["tensorrt"]), available=["CPUExecutionProvider"])
+
+
+def test_provider_options(tmp_path):
+    arch = {"context": 192, "num_key_value_heads": 1, "head_dim": 32, "num_hidden_layers": 2}
+    prof = trt_profiles(arch)
+    assert prof["trt_profile_min_shapes"].startswith("input_ids:1x1,attention_mask:1x1,position_ids:1x1,")
+    assert "past_key_values.1.value:1x1x0x32" in prof["trt_profile_min_shapes"]
+    assert "input_ids:1x192,attention_mask:1x383" in prof["trt_profile_max_shapes"]
+    assert "past_key_values.0.key:1x1x191x32" in prof["trt_profile_max_shapes"]
+    assert prof["trt_profile_max_shapes"].count("past_key_values") == 4
+    o = provider_options("tensorrt", RuntimeOptions(["tensorrt"], cache_dir=tmp_path, trt_workspace_mb=256), arch)
+    assert o["trt_engine_cache_enable"] and o["trt_engine_cache_path"] == str(tmp_path / "trt-engines")
+    assert o["trt_timing_cache_enable"] and o["trt_timing_cache_path"] == str(tmp_path / "trt-timing")
+    assert o["trt_fp16_enable"] and o["trt_int8_enable"] and o["trt_max_workspace_size"] == 256 << 20
+    o = provider_options("tensorrt", RuntimeOptions(["tensorrt"], trt_fp16=False), arch)
+    assert not o["trt_fp16_enable"] and not o["trt_engine_cache_enable"] and "trt_engine_cache_path" not in o
+    assert provider_options("cuda", RuntimeOptions(["cuda"], device_id=1), arch)["device_id"] == 1
+    assert provider_options("cpu", RuntimeOptions(["cpu"]), arch) == {}
+
+
+# ---- verification: nothing reaches ONNX Runtime unless the manifest verifies and every file matches
+
+
+def _copy(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    shutil.copytree(shipped_model_dir(), d)
+    return d
+
+
+def _resign(folder: Path, key: Ed25519PrivateKey, edit) -> str:
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    body = json.dumps(m).encode()
+    (folder / "manifest.json").write_bytes(body)
+    (folder / "manifest.sig").write_text(base64.b64encode(key.sign(body)).decode())
+    return base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                          serialization.PublicFormat.Raw)).decode()
+
+
+def test_tampered_models_are_refused(tmp_path):
+    pub = ModelConfig().public_key
+    d = _copy(tmp_path)
+    load_verified(d, pub)  # the copy itself is fine
+    blob = bytearray((d / "model.int8.onnx").read_bytes())
+    blob[len(blob) // 2] ^= 1
+    (d / "model.int8.onnx").write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match="model.int8.onnx: sha256 does not match"):
+        load_verified(d, pub)
+    d = _copy(tmp_path / "b")
+    (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"1.0.0"', '"1.0.1"'))
+    with pytest.raises(ModelError, match="signature does not verify"):
+        load_verified(d, pub)
+    d = _copy(tmp_path / "c")
+    other = Ed25519PrivateKey.generate()
+    other_pub = _resign(d, other, lambda m: None)  # a well-formed manifest signed by someone else
+    with pytest.raises(ModelError, match="signature does not verify"):
+        load_verified(d, pub)
+    load_verified(d, other_pub)  # which verifies with that one's key only
+    with pytest.raises(ModelError, match="not a base64 Ed25519 public key"):
+        load_verified(d, "not-a-key")
+    d = _copy(tmp_path / "d")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="tokenizer.json: missing"):
+        load_verified(d, pub)
+    d = _copy(tmp_path / "e")
+    os.symlink("/etc/hostname", d / "escape")
+    pub2 = _resign(d, other, lambda m: m["files"].__setitem__("../escape", {"sha256": "0" * 64, "size": 1}))
+    with pytest.raises(ModelError, match="not a plain name"):
+        load_verified(d, pub2)
+
+
+def test_external_data_outside_the_folder_is_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    d = _copy(tmp_path)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.0])
+    w.data_location = TensorProto.EXTERNAL
+    del w.float_data[:]
+    for k, v in (("location", "../../secret.bin"), ("offset", "0"), ("length", "4")):
+        w.external_data.add(key=k, value=v)
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [w])
+    onnx.save(helper.make_model(g), str(d / "evil.onnx"))
+    import hashlib
+    data = (d / "evil.onnx").read_bytes()
+    key = Ed25519PrivateKey.generate()
+
+    def edit(m):
+        m["files"]["evil.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        m["providers"]["CPUExecutionProvider"] = "evil.onnx"
+
+    pub = _resign(d, key, edit)
+    with pytest.raises(ModelError, match="external data '../../secret.bin'"):
+        load_verified(d, pub)
+
+
+def test_engine_counts_a_refused_model(tmp_path):
+    d = _copy(tmp_path)
+    (d / "model.int8.onnx").write_bytes(b"garbage")
+    m = Metrics()
+    with pytest.raises(ModelError):
+        Engine(ModelConfig(dir=str(d), providers=["cpu"]), metrics=m).load()
+    assert m.value("edge_agent_model_load_errors_total", {"reason": "digest"}) == 1
+
+
+def test_cli_ask(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--dry-run", "--config", "/nonexistent",
+                          "turn off fan_7"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip()) == REFERENCE["turn off fan_7"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[gateway]\nstate_dir = "{tmp_path}"\n[uplink]\nenabled = false\n')
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--config", str(cfg), "list all pumps"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[0]) == REFERENCE["list all pumps"] and json.loads(lines[1]) == []
+    assert lines[2] == "0 devices matching 'pump'"
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--config", str(cfg), "turn off fan_7"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "nothing was written" in out.stderr
