@@ -106,7 +106,7 @@ class Agent:
     async def plan(self, text: str) -> dict:
         """The model's call for a question; raises AskError with a command error code."""
         from edge_agent.glm.engine import Busy, Unavailable
-        from edge_agent.glm.generate import GenerationTimeout
+        from edge_agent.glm.generate import ConstraintError, GenerationTimeout
         from edge_agent.glm.tokenizer import PromptError
 
         if self.engine is None:
@@ -119,6 +119,8 @@ class Agent:
             raise AskError("timeout", str(e)) from None
         except PromptError as e:
             raise AskError("bad_request", f"ask: {e}") from None
+        except ConstraintError as e:
+            raise AskError("unanswerable", f"the model made no call of this question: {e}") from None
         except Unavailable as e:
             raise AskError("unavailable", str(e)) from None
         info = self.engine.info()

@@ -7,7 +7,8 @@ here and publishes the reply this returns: `{"ok": true, "result": ...}` or
 Error codes: `bad_request` (not JSON, not an object, unknown field, wrong type, bad id),
 `too_large`, `unknown_command`, `forbidden` (not in `commands.allow`), `busy` (at the concurrency
 bound, or the model's queue is full), `not_found`, `refused` (a write the adapter refused, with its reason),
-`timeout` and `unavailable` (ask: the model did not answer in time / is not loaded), `internal`.
+`timeout`, `unavailable` and `unanswerable` (ask: the model did not answer in time / is not loaded / made no
+valid call within its token budget), `internal`.
 
 `ask` runs the model's tool call as the matching command, through that command's own checks: a question that
 maps to a command not in `commands.allow` is refused with `forbidden`, and the error carries the call.

@@ -58,7 +58,7 @@ class Metrics:
         self.cert_expiring = Gauge(p + "cert_expiring", "1 when a certificate expires within the warning window",
                                    ["cert"], registry=r)
         self.glm_requests = Counter(p + "glm_requests", "GLM requests by outcome: ok, busy (queue full), timeout, "
-                                    "bad_input, error", ["outcome"], registry=r)
+                                    "bad_input, no_call (no valid call within the token budget), error", ["outcome"], registry=r)
         self.glm_tokens = Counter(p + "glm_tokens", "Tokens the GLM wrote, by how: sampled or forced (grammar "
                                   "fast-forward)", ["how"], registry=r)
         self.glm_seconds = Histogram(p + "glm_request_seconds", "GLM request latency (queue wait included)",

@@ -174,6 +174,9 @@ class Engine:
             except GenerationTimeout as e:
                 self._count("timeout")
                 fut.set_exception(e)
+            except ConstraintError as e:
+                self._count("no_call")
+                fut.set_exception(e)
             except Exception as e:  # noqa: BLE001 - one bad question never stops the worker
                 log.exception("GLM request failed")
                 self._count("error")
@@ -204,6 +207,9 @@ class Engine:
         except (ValueError, schema.InvalidCall) as e:
             error = f"the model's output is not a valid call: {e}"[:200]
         if constrained and error is not None:
+            if res.stop == "max_tokens":
+                raise ConstraintError(f"the model used its token budget ({self.cfg.max_new_tokens}) without "
+                                      "finishing a call")
             raise ConstraintError(f"constrained output failed validation: {error}")  # the grammar is the contract
         return Plan(text, call, res.text, error, res.prompt_tokens, len(res.ids), res.forced_tokens,
                     res.forward_passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s)
