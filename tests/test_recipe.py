@@ -50,3 +50,32 @@ def test_recipe_smoke_builds_a_model_the_runtime_loads(tmp_path):
             assert "token budget" in str(err)
     finally:
         e.close()
+
+
+def test_a_users_glm_checkpoint_drops_in(tmp_path):
+    """export_glm_edge.py on a (tiny, random) GlmForCausalLM checkpoint folder, as a user's GLM-Edge-1.5B."""
+    import shutil
+
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.glm.engine import Engine, shipped_model_dir
+
+    ckpt = tmp_path / "ckpt"
+    cfg = GlmConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+                    partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=[1])
+    GlmForCausalLM(cfg).save_pretrained(ckpt)
+    shutil.copyfile(shipped_model_dir() / "tokenizer.json", ckpt / "tokenizer.json")
+    out, key = tmp_path / "out", tmp_path / "k.pem"
+    r = subprocess.run([sys.executable, str(ROOT / "models" / "recipe" / "export_glm_edge.py"), "--checkpoint",
+                        str(ckpt), "--out", str(out), "--key", str(key), "--context", "256",
+                        "--calibration", str(ROOT / "models" / "eval" / "heldout.jsonl")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["architecture"]["context"] == 256 and manifest["torch_check"]["decode_max_abs_err"] < 1e-2
+    e = Engine(ModelConfig(dir=str(out), public_key=manifest["public_key"], providers=["cpu"], max_new_tokens=8))
+    e.load()
+    assert e.info()["name"] == "glm-edge-custom"
+    e.close()

@@ -4,7 +4,10 @@ A model folder holds `manifest.json`, `manifest.sig` (Ed25519 over the manifest'
 files the manifest lists with their sha256 and size. `load_verified` checks, in this order: the signature
 against the configured public key, that every listed file exists inside the folder with its size and sha256,
 that nothing unlisted is used, and that the ONNX files reference external data only in listed files of the same
-folder. What it returns holds the verified bytes of every file; nothing is read from disk again afterwards.
+folder. What it returns holds the verified bytes of the graphs and the tokenizer, which is what ONNX Runtime and
+the tokenizer are given: they are not read from disk again. The one exception is a graph with external data
+(models over 2 GB): ONNX Runtime then opens the verified folder by path, so that folder must be writable by
+root only (systemd's ReadOnlyPaths, or the package's install location).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ class ModelError(Exception):
 class VerifiedModel:
     dir: Path
     manifest: dict[str, Any]
-    blobs: dict[str, bytes] = field(repr=False)
+    blobs: dict[str, bytes] = field(repr=False)  # the graphs and the tokenizer, as verified
+    external: dict[str, list[str]] = field(default_factory=dict)  # graph -> its verified external data files
 
     @property
     def name(self) -> str:
@@ -125,20 +129,36 @@ def load_verified(folder: Path, public_key: str) -> VerifiedModel:
         manifest = _check_manifest(json.loads(body))
     except ValueError as e:
         raise ModelError(f"manifest.json: not JSON: {e}") from None
+    keep = {manifest["tokenizer"], *manifest["providers"].values()}
     blobs: dict[str, bytes] = {}
     for name, meta in manifest["files"].items():
         path = folder / name
         if path.is_symlink() or not path.is_file():
             raise ModelError(f"{name}: missing (or not a regular file) in {folder}")
-        data = _read_bounded(path, meta["size"])
-        if len(data) != meta["size"]:
-            raise ModelError(f"{name}: {len(data)} bytes, the manifest says {meta['size']}")
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        h, size = hashlib.sha256(), 0
+        chunks = []
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                size += len(block)
+                if size > meta["size"]:
+                    break
+                h.update(block)
+                if name in keep:
+                    chunks.append(block)
+        if size != meta["size"]:
+            raise ModelError(f"{name}: {'more than ' if size > meta['size'] else ''}{size} bytes, the manifest "
+                             f"says {meta['size']}")
+        if h.hexdigest() != meta["sha256"]:
             raise ModelError(f"{name}: sha256 does not match the manifest")
-        blobs[name] = data
+        if name in keep:
+            blobs[name] = b"".join(chunks)
+    external: dict[str, list[str]] = {}
     for name in set(manifest["providers"].values()):
-        for loc in _external_data(name, blobs[name]):
+        locs = _external_data(name, blobs[name])
+        for loc in locs:
             if loc not in manifest["files"] or Path(loc).name != loc:
                 raise ModelError(f"{name}: references external data {loc!r} that is not a listed file of "
                                  "its folder")
-    return VerifiedModel(folder, manifest, blobs)
+        if locs:
+            external[name] = sorted(set(locs))
+    return VerifiedModel(folder, manifest, blobs, external)

@@ -113,7 +113,8 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
             (opts.cache_dir / "trt-engines").mkdir(parents=True, exist_ok=True)
             (opts.cache_dir / "trt-timing").mkdir(parents=True, exist_ok=True)
         try:
-            sess = ort.InferenceSession(model.blobs[file], sess_options=session_options(opts),
+            source = str(model.dir / file) if file in model.external else model.blobs[file]
+            sess = ort.InferenceSession(source, sess_options=session_options(opts),
                                         providers=[c[0] for c in chain], provider_options=[c[1] for c in chain])
         except Exception as e:  # noqa: BLE001 - a provider that cannot start: say why, try the next
             reasons.append(f"{kind}: session failed: {type(e).__name__}: {str(e)[:200]}")

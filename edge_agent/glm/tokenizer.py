@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-from edge_agent.glm.schema import EOS, MAX_TEXT_CHARS, PAD, SPECIAL_TOKENS, prompt
+from edge_agent.glm.schema import EOS, MAX_TEXT_CHARS, SPECIAL_TOKENS, prompt
 
 
 class PromptError(ValueError):
@@ -17,7 +17,6 @@ class GlmTokenizer:
         self.tok.no_padding()
         self.tok.no_truncation()
         self.eos_id = self._id(EOS)
-        self.pad_id = self._id(PAD)
         self.vocab_size = self.tok.get_vocab_size()
 
     def _id(self, token: str) -> int:

@@ -97,16 +97,17 @@ def quantize(fp32: Path, out_dyn: Path, out_qdq: Path, calib: _Calib) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    big = sum(p.stat().st_size for p in fp32.parent.iterdir()) > (1 << 31) - (1 << 26)  # protobuf's 2 GB limit
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True, save_as_external_data=big)
         _learned, other = weight_matmuls(pre)  # only learned weights are quantized; the rotary permutation is not
         quantize_dynamic(str(pre), str(out_dyn), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=other)
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=other, use_external_data_format=big)
         quantize_static(str(pre), str(out_qdq), calib, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                         op_types_to_quantize=["MatMul"], calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=other,
+                        nodes_to_exclude=other, use_external_data_format=big,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
 
