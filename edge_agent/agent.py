@@ -47,7 +47,9 @@ def answer_text(call: dict, result: Any) -> str:
             value = round(value, 3)
         if a["agg"] == "last":
             return f"{a['device']} {a['point']} is {value}"
-        words = {"min": "lowest", "max": "highest", "avg": "average", "count": "number of readings"}
+        if a["agg"] == "count":
+            return f"{value} {a['point']} readings from {a['device']} in the last {_window(a['window_s'])}"
+        words = {"min": "lowest", "max": "highest", "avg": "average"}
         return f"{words[a['agg']]} {a['point']} of {a['device']} over the last {_window(a['window_s'])}: {value}"
     if tool == "list_devices":
         names = [d["device"] for d in result]

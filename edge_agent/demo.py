@@ -80,9 +80,23 @@ class CloudViewer:
         self.last_seq = 0
         self.status = "?"
         self.alerts = 0
+        self.asked: dict[str, str] = {}
+
+    QUESTIONS = ("what is the average temperature of pump-1 over the last 2 minutes", "list all pumps",
+                 "how many temperature readings did pump-2 send in the last 5 minutes", "how are you",
+                 "set pump-1 speed to 40")
 
     def on_message(self, msg) -> None:
         doc = json.loads(msg.payload)
+        if "/res/" in msg.topic:  # the operator's ask, answered by the gateway's GLM
+            q = self.asked.pop(msg.topic.rsplit("/", 1)[1], "?")
+            if doc["ok"]:
+                r = doc["result"]
+                print(f"       operator asked {q!r}: {r['answer']}  <- {json.dumps(r['call'])} "
+                      f"in {r['timings']['total_ms']:.0f} ms", flush=True)
+            else:
+                print(f"       operator asked {q!r}: {doc['error']['code']}: {doc['error']['message']}", flush=True)
+            return
         if msg.topic.endswith("/status"):
             self.status = doc["state"]
             return
@@ -101,8 +115,18 @@ class CloudViewer:
         conn = MqttConnection(client_id="cloud-viewer", host="localhost", port=port, ssl_context=ctx,
                               on_message=self.on_message)
         await conn.connect()
-        await conn.subscribe([("edge/+/telemetry", 1), ("edge/+/status", 1), ("edge/+/alerts", 1)])
-        await stop.wait()
+        await conn.subscribe([("edge/+/telemetry", 1), ("edge/+/status", 1), ("edge/+/alerts", 1),
+                              ("edge/+/res/+", 1)])
+        n = 0
+        while not stop.is_set():  # an operator asks the gateway a question every few seconds
+            try:
+                await asyncio.wait_for(stop.wait(), 4.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                q = self.QUESTIONS[n % len(self.QUESTIONS)]
+                rid = f"ask-{n}"
+                self.asked[rid] = q
+                n += 1
+                conn.publish("edge/demo-gw/cmd/ask", json.dumps({"id": rid, "text": q}).encode())
         await conn.disconnect()
 
 
@@ -172,6 +196,7 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
         local.stop()
         cloud.stop()
     print(f"\nstopped: {int(m.value('edge_agent_readings_committed_total'))} readings committed, "
+          f"{int(m.value('edge_agent_glm_requests_total', {'outcome': 'ok'}))} questions answered by the GLM, "
           f"{int(m.value('edge_agent_uplink_readings_acked_total'))} acknowledged by the cloud, "
           f"{app.store.outbox_readings} left in the outbox, {viewer.alerts} alerts at the cloud")
     return 0
