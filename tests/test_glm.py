@@ -254,3 +254,24 @@ def test_cli_ask(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--config", str(cfg), "turn off fan_7"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2 and "nothing was written" in out.stderr
+
+
+def test_top_p_sampling_streams_and_stays_in_the_grammar(engine):
+    from edge_agent.glm.generate import JsonConstraint
+
+    ids = engine.tok.encode_prompt("max pressure on line2_press4 today")
+    grammar = engine._grammar("max pressure on line2_press4 today")
+    runs = []
+    for seed in (1, 1, 2):
+        streamed: list[int] = []
+        r = engine.gen.generate(ids, max_new_tokens=96, timeout_s=10, top_p=0.9, temperature=1.5, seed=seed,
+                                constraint=JsonConstraint(engine.lltok, grammar, engine.model.arch["vocab_size"]),
+                                on_token=streamed.extend, decode=engine.tok.decode)
+        assert [t for t in streamed if t != engine.tok.eos_id] == r.ids  # the stream is the answer
+        schema.validate_call(json.loads(r.text))
+        runs.append(r.text)
+    assert runs[0] == runs[1]  # a seed reproduces its sample
+    r = engine.gen.generate(ids, max_new_tokens=5, timeout_s=10, decode=engine.tok.decode)
+    assert r.stop == "max_tokens" and len(r.ids) == 5  # unconstrained, bounded
+    with pytest.raises(GenerationTimeout):
+        engine.gen.generate(ids, max_new_tokens=50, timeout_s=0.0)
