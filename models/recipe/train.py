@@ -24,8 +24,6 @@ SIZES = {
                     num_key_value_heads=4, head_dim=32),
     "student": dict(hidden_size=160, intermediate_size=480, num_hidden_layers=4, num_attention_heads=5,
                     num_key_value_heads=1, head_dim=32),
-    "student_l": dict(hidden_size=224, intermediate_size=672, num_hidden_layers=5, num_attention_heads=7,
-                      num_key_value_heads=1, head_dim=32),
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16),
 }
