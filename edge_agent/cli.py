@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from edge_agent import __version__, config, logs
 from edge_agent.tls import TlsConfigError
@@ -50,6 +51,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             tls.client_context(f.ca_file, f.cert_file, f.key_file, prefix="southbound.mqtt.tls_files.")
     except (config.ConfigError, TlsConfigError) as e:
         return _fail(str(e))
+    if cfg.model.enabled:  # a bad model never stops the daemon (ask answers 'unavailable'), but say so here
+        from edge_agent.glm.engine import shipped_model_dir
+        from edge_agent.glm.models import ModelError, load_verified
+        try:
+            m = load_verified(Path(cfg.model.dir) if cfg.model.dir else shipped_model_dir(), cfg.model.public_key)
+            print(f"# model {m.name}: signature and files verified")
+        except ModelError as e:
+            print(f"# model NOT usable, ask will answer 'unavailable': {e}")
     print(f"# effective configuration of {args.config} (secrets redacted)")
     print(config.to_toml(config.to_dict(cfg)).lstrip())
     return 0
