@@ -27,70 +27,24 @@ _STRIP = ",.;:!?()[]{}\"'`"
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}
 _NUMBER = {"type": "number", "minimum": -1e9, "maximum": 1e9}
 
-# Property order is the order the model writes them (and the grammar enforces).
+def _tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """{"tool": name, "args": {...}} with exactly these args, in this order (the order the model writes them
+    and the grammar enforces)."""
+    return {"type": "object", "additionalProperties": False, "required": ["tool", "args"],
+            "properties": {"tool": {"const": name},
+                           "args": {"type": "object", "properties": args, "required": list(args),
+                                    "additionalProperties": False}}}
+
+
 TOOL_SCHEMA: dict[str, Any] = {
     "x-guidance": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"},
     "anyOf": [
-        {
-            "type": "object",
-            "properties": {
-                "tool": {"const": "query_stats"},
-                "args": {
-                    "type": "object",
-                    "properties": {
-                        "device": _NAME,
-                        "point": _NAME,
-                        "agg": {"enum": list(AGGS)},
-                        "window_s": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_S},
-                    },
-                    "required": ["device", "point", "agg", "window_s"],
-                    "additionalProperties": False,
-                },
-            },
-            "required": ["tool", "args"],
-            "additionalProperties": False,
-        },
-        {
-            "type": "object",
-            "properties": {
-                "tool": {"const": "list_devices"},
-                "args": {
-                    "type": "object",
-                    "properties": {"filter": {"anyOf": [_NAME, {"type": "null"}]}},
-                    "required": ["filter"],
-                    "additionalProperties": False,
-                },
-            },
-            "required": ["tool", "args"],
-            "additionalProperties": False,
-        },
-        {
-            "type": "object",
-            "properties": {
-                "tool": {"const": "write_point"},
-                "args": {
-                    "type": "object",
-                    "properties": {
-                        "device": _NAME,
-                        "point": _NAME,
-                        "value": {"anyOf": [_NUMBER, {"type": "boolean"}, _NAME]},
-                    },
-                    "required": ["device", "point", "value"],
-                    "additionalProperties": False,
-                },
-            },
-            "required": ["tool", "args"],
-            "additionalProperties": False,
-        },
-        {
-            "type": "object",
-            "properties": {
-                "tool": {"const": "status"},
-                "args": {"type": "object", "properties": {}, "additionalProperties": False},
-            },
-            "required": ["tool", "args"],
-            "additionalProperties": False,
-        },
+        _tool("query_stats", {"device": _NAME, "point": _NAME, "agg": {"enum": list(AGGS)},
+                              "window_s": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_S}}),
+        _tool("list_devices", {"filter": {"anyOf": [_NAME, {"type": "null"}]}}),
+        _tool("write_point", {"device": _NAME, "point": _NAME,
+                              "value": {"anyOf": [_NUMBER, {"type": "boolean"}, _NAME]}}),
+        _tool("status", {}),
     ],
 }
 
