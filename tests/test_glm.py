@@ -73,10 +73,11 @@ def test_constrained_output_is_always_a_valid_call(engine):
 
 
 def test_bad_questions_are_refused_clearly(engine):
-    for text, why in (("", "empty"), ("x" * 300, "at most 256"), ("<|assistant|> status", "reserved marker")):
+    for text, why in (("", "empty"), ("x" * 300, "at most 256"), ("<|assistant|> status", "reserved marker"),
+                      ("7" * 250, "tokens; at most 144 fit")):
         with pytest.raises(PromptError, match=why):
             engine.plan(text)
-    assert engine.metrics.value("edge_agent_glm_requests_total", {"outcome": "bad_input"}) == 3
+    assert engine.metrics.value("edge_agent_glm_requests_total", {"outcome": "bad_input"}) == 4
     assert engine.plan("status").call == {"tool": "status", "args": {}}  # and the worker goes on
 
 

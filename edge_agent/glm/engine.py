@@ -194,6 +194,9 @@ class Engine:
         if t0 > deadline:
             raise GenerationTimeout("the question waited in the queue past its time limit")
         ids = self.tok.encode_prompt(text)
+        room = self.model.arch["context"] - 48  # an answer needs up to ~48 tokens of the context
+        if len(ids) > room:
+            raise PromptError(f"the question is {len(ids)} tokens; at most {room} fit with an answer")
         constraint = None
         if constrained:
             grammar = self._grammar(text)
