@@ -113,7 +113,10 @@ class Engine:
         self.gen = Generator(session.sess, [self.tok.eos_id], a["context"], a["num_hidden_layers"],
                              a["num_key_value_heads"], a["head_dim"], session.provider)
         self.model, self.session = model, session
-        self._grammar_cache: dict[str, str] = {}
+        # the tokens every answer opens with (`{"tool":"`), fed with the prompt in one forward pass
+        opening = llguidance.LLMatcher(self.lltok, llguidance.LLMatcher.grammar_from_json_schema(schema.TOOL_SCHEMA),
+                                       log_level=0)
+        self._prefix = tuple(opening.compute_ff_tokens())
         self._thread = threading.Thread(target=self._work, name="glm-worker", daemon=True)
         self._thread.start()
 
@@ -203,7 +206,8 @@ class Engine:
             constraint = lambda: JsonConstraint(self.lltok, grammar, self.model.arch["vocab_size"])  # noqa: E731
         t_gen = time.perf_counter()
         res = self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
-                                constraint=constraint, decode=self.tok.decode)
+                                constraint=constraint, decode=self.tok.decode,
+                                prefix=self._prefix if constrained else ())
         call, error = None, None
         try:
             call = schema.validate_call(json.loads(res.text))

@@ -129,6 +129,7 @@ class Generator:
                  constraint: JsonConstraint | Callable[[], JsonConstraint] | None = None,
                  top_p: float = 0.0, temperature: float = 1.0,
                  seed: int | None = None, on_token: Callable[[list[int]], None] | None = None,
+                 prefix: tuple[int, ...] = (),
                  decode: Callable[[list[int]], str] | None = None) -> GenResult:
         t0 = time.perf_counter()
         deadline = t0 + timeout_s
@@ -137,17 +138,26 @@ class Generator:
         max_new = min(max_new_tokens, self.context - len(prompt_ids))
         forward = self._forward_device if self.on_device else self._forward_cpu
         rng = np.random.default_rng(seed)
+        out: list[int] = []
+        forced_n = 0
         if callable(constraint):
-            # compile the grammar while the prompt runs (ONNX Runtime releases the GIL): hides the compile time
-            pending = self._helper().submit(forward, prompt_ids, None, 0)
+            # compile the grammar while the prompt runs (ONNX Runtime releases the GIL): hides the compile time.
+            # The answer's forced opening (`{"tool":"`), when known, rides along in the prompt's forward pass.
+            pending = self._helper().submit(forward, prompt_ids + list(prefix), None, 0)
             constraint = constraint()
             logits, past = pending.result()
+            if prefix and constraint.m.validate_tokens(list(prefix)) == len(prefix):
+                constraint.consume(list(prefix))
+                out, forced_n = list(prefix), len(prefix)
+                if on_token is not None:
+                    on_token(list(prefix))
+            elif prefix:  # not this grammar's opening after all: run the prompt alone
+                logits, past = forward(prompt_ids, None, 0)
         else:
             logits, past = forward(prompt_ids, None, 0)
-        passes, forced_n, mask_s = 1, 0, 0.0
-        past_len = len(prompt_ids)
-        out: list[int] = []
-        ttft = 0.0
+        passes, mask_s = 1, 0.0
+        past_len = len(prompt_ids) + len(out)
+        ttft = time.perf_counter() - t0 if out else 0.0
         stop = "max_tokens"
         while len(out) < max_new:
             if time.perf_counter() > deadline:
@@ -171,7 +181,7 @@ class Generator:
                     step += ff
                     forced_n += len(ff)
                 mask_s += time.perf_counter() - tm
-            if not out:
+            if not ttft:
                 ttft = time.perf_counter() - t0
             # stop at the first end token, wherever it fell in this step
             for i, t in enumerate(step):
