@@ -11,8 +11,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-
 LONG_PROMPT = ("hey, could you please tell me what the average temperature of line3_boiler7 and its pressure were "
                "over the last forty five minutes, thanks")
 
@@ -96,7 +94,6 @@ def _torch(arch: dict, ids: list[int], new: int, reps: int, threads: int) -> dic
     tps = []
     with torch.no_grad():
         for i in range(reps + 1):
-            t0 = time.perf_counter()
             out = model(input_ids=x, use_cache=True)
             past = out.past_key_values
             tok = out.logits[:, -1:].argmax(-1)
@@ -229,5 +226,3 @@ def evaluate(engine, eval_file: Path, out=print) -> dict:
         f"{ev['unconstrained_schema_valid']:.1%})")
     return ev
 
-
-_ = np  # numpy is what the generator runs on; imported here so a missing install fails early

@@ -61,9 +61,9 @@ class JsonConstraint:
             raise ConstraintError(self.m.get_error())
         return np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
 
-    def accepts(self, token: int) -> bool:
-        """Whether the grammar takes this token next (much cheaper than a whole mask)."""
-        return self.m.validate_tokens([token]) == 1
+    def accepts(self, *tokens: int) -> bool:
+        """Whether the grammar takes these tokens next (much cheaper than a whole mask)."""
+        return self.m.validate_tokens(list(tokens)) == len(tokens)
 
     def consume(self, tokens: list[int]) -> None:
         if not self.m.consume_tokens(tokens):
@@ -146,7 +146,7 @@ class Generator:
             pending = self._helper().submit(forward, prompt_ids + list(prefix), None, 0)
             constraint = constraint()
             logits, past = pending.result()
-            if prefix and constraint.m.validate_tokens(list(prefix)) == len(prefix):
+            if prefix and constraint.accepts(*prefix):
                 constraint.consume(list(prefix))
                 out, forced_n = list(prefix), len(prefix)
                 if on_token is not None:

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GlmConfig, GlmForCausalLM
+from transformers import GlmConfig, GlmForCausalLM  # noqa: F401 (build.py and package.py use T.GlmForCausalLM)
 
 from edge_agent.glm.schema import EOS, PAD, SPECIAL_TOKENS, format_call, prompt
 
