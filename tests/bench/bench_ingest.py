@@ -151,6 +151,8 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
            "uplink": {"host": "localhost", "port": cloud.port, "ca_file": str(ca.cert_path), "cert_file": str(gw[0]),
                       "key_file": str(gw[1])},
            "store": {"synchronous": synchronous}, "metrics": {"port": mport},
+           # the GLM is off unless BENCH_MODEL=1: loading ONNX Runtime and the model adds ~70 MB of RSS
+           "model": {"enabled": os.environ.get("BENCH_MODEL") == "1"},
            # rules on the benchmark's own series (thresholds the generated values never reach: no alerts)
            "rules": {"rule": [{"id": f"r{i}", "kind": ("above", "below", "rate", "zscore")[i % 4],
                                "device": f"dev-{i % devices:03d}", "point": ("temperature", "pressure", "flow")[i % 3],

@@ -71,7 +71,7 @@ def start_agent(work: Path, southbound: dict) -> tuple[subprocess.Popen, int]:
     work.mkdir(parents=True, exist_ok=True)
     cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")}, "log": {"level": "warning"},
            "southbound": {"mqtt": {"enabled": False}, **southbound}, "uplink": {"enabled": False},
-           "metrics": {"port": mport}}
+           "model": {"enabled": False}, "metrics": {"port": mport}}
     (work / "agent.toml").write_text(to_toml(cfg))
     p = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(work / "agent.toml")], cwd=ROOT)
     return p, mport
