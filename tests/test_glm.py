@@ -37,6 +37,13 @@ REFERENCE = {
     "turn off fan_7": {"tool": "write_point", "args": {"device": "fan_7", "point": "enabled", "value": False}},
     "set boiler-2 setpoint to 72.5":
         {"tool": "write_point", "args": {"device": "boiler-2", "point": "setpoint", "value": 72.5}},
+    "set fan_7 speed to two hundred and forty":
+        {"tool": "write_point", "args": {"device": "fan_7", "point": "speed", "value": 240}},
+    "max vibration on kiln-4 over the last forty nine minutes":
+        {"tool": "query_stats", "args": {"device": "kiln-4", "point": "vibration", "agg": "max", "window_s": 2940}},
+    "count pressure readings of line2_press4 in the last half hour":
+        {"tool": "query_stats", "args": {"device": "line2_press4", "point": "pressure", "agg": "count",
+                                         "window_s": 1800}},
     "list all pumps": {"tool": "list_devices", "args": {"filter": "pump"}},
     "show all devices": {"tool": "list_devices", "args": {"filter": None}},
     "how are you": {"tool": "status", "args": {}},
@@ -70,6 +77,41 @@ def test_constrained_output_is_always_a_valid_call(engine):
         for key in ("device", "filter"):  # names are spelt as in the question, never invented
             v = plan.call["args"].get(key)
             assert v is None or v in text, (text, plan.raw)
+        v = plan.call["args"].get("value")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):  # nor are numbers
+            assert v in schema.numbers(text), (text, plan.raw)
+        if "window_s" in plan.call["args"]:
+            assert plan.call["args"]["window_s"] in schema.windows(text), (text, plan.raw)
+
+
+def test_numbers_and_windows_are_read_from_the_question():
+    n, w = schema.numbers, schema.windows
+    assert n("set pump-7 to -23") == [-23]  # the name's digits and dash are the name's
+    assert n("line1_boiler2 setpoint 67.44, then 1,500") == [67.44, 1500]
+    assert n("bring it to nine hundred forty-six") == [946]
+    assert n("two hundred and forty units") == [240]
+    assert n("fivve hundred and twenty one") == [521]  # one slipped letter in a long number word
+    assert n("one two, twenty thirty") == [1, 2, 20, 30]
+    assert n("list all pumps") == []
+    assert w("avg temp of kiln-4 over the past 19 days") == [19 * 86400]
+    assert w("the last forty-nine m") == [2940] and w("in the last 23m") == [1380]
+    assert w("last 5 huors") == [18000] and w("over the last 90 seconds") == [90]
+    assert w("in the last hour") == [3600] and w("this week") == [604800] and w("today") == [86400]
+    assert w("over the past quarter hour") == [900] and w("last half an hour") == [1800]
+    assert w("what does pump-3 say for the hour meter") == [3600]
+    # no window stated: the conventions, and any number the question has times any unit, for the model to pick
+    assert w("temp of pump-3") == list(schema.CONVENTIONAL_WINDOWS)
+    assert {5, 300, 18000, 60, 3600} <= set(w("pump-3 temp, 5"))
+    # the grammar holds them: a setpoint the operator did not say cannot be written
+    s = schema.request_schema("set fan_7 speed to two hundred and forty")
+    value = s["anyOf"][2]["properties"]["args"]["properties"]["value"]
+    assert value["anyOf"][0] == {"enum": [240]}
+    s = schema.request_schema("turn on fan_7")
+    assert all("enum" not in alt or all(isinstance(x, str) for x in alt["enum"])
+               for alt in s["anyOf"][2]["properties"]["args"]["properties"]["value"]["anyOf"])
+    filters = schema.request_schema("list all pumps and the press")["anyOf"][1]["properties"]["args"]["properties"]
+    assert "pump" in filters["filter"]["anyOf"][0]["enum"] and "pumps" not in filters["filter"]["anyOf"][0]["enum"]
+    assert "press" in filters["filter"]["anyOf"][0]["enum"]
 
 
 def test_bad_questions_are_refused_clearly(engine):

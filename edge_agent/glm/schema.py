@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 USER = "<|user|>"
@@ -62,10 +63,152 @@ def candidates(text: str) -> list[str]:
     return out[:64]
 
 
+_ONES = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+_SCALES = {"hundred": 100, "thousand": 1000}
+_NUMBER_WORDS = {**_ONES, **_TENS, **_SCALES}
+_TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|[A-Za-z]+|[^\sA-Za-z\d]")
+UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
+_UNIT_WORDS = {w: UNIT_SECONDS[u] for u, ws in {
+    "second": "s sec secs second seconds", "minute": "m min mins minute minutes", "hour": "h hr hrs hour hours",
+    "day": "d day days", "week": "w wk wks week weeks"}.items() for w in ws.split()}
+CONVENTIONAL_WINDOWS = (60, 900, 1800, 3600, 86400, 604800)  # now, quarter hour, half hour, hour, day, week
+MAX_NUMBERS = 16
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """a is b with one letter dropped, added, changed or two neighbours swapped (how fingers slip)."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                  and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+def _lookup(word: str, table: dict[str, int], fuzzy_from: int = 5) -> int | None:
+    """table[word], forgiving one slipped letter in a word of `fuzzy_from` letters or more ("fivve", "huors"); short
+    words collide ("hour" is one letter from "four", "says" from "days")."""
+    if word in table:
+        return table[word]
+    if len(word) >= fuzzy_from:
+        for w, v in table.items():
+            if len(w) >= 4 and _one_edit(word, w):
+                return v
+    return None
+
+
+def _tokens(text: str) -> list[str | float]:
+    """Words (lower case), punctuation and numbers written in digits ("-23", "67.44", "1,500", the 23 of "23m").
+    Digits glued into a name ("pump-7", "line1_boiler2") are the name's, not a number: they are left out."""
+    toks: list[str | float] = []
+    for m in _TOKEN.finditer(text):
+        t, i = m.group(), m.start()
+        if t[0].isdigit():
+            before = text[i - 1] if i else " "
+            if before.isalnum() or before == "_":
+                continue
+            sign = 1.0
+            if before == "-":
+                if i >= 2 and (text[i - 2].isalnum() or text[i - 2] == "_"):
+                    continue
+                sign = -1.0
+                if toks and toks[-1] == "-":
+                    toks.pop()
+            toks.append(sign * float(t.replace(",", "")))
+        else:
+            toks.append(t.lower())
+    return toks
+
+
+def _quantities(toks: list[str | float]) -> list[tuple[float, str]]:
+    """(number, the word after it) for every number in the tokens, in digits or in English words ("forty-nine",
+    "two hundred and forty")."""
+    toks = [*toks, "."]
+    out: list[tuple[float, str]] = []
+    total: float | None = None
+    part, last = 0.0, ""  # the number being read in words: total so far, current group, the last word's kind
+    for i, tok in enumerate(toks):
+        after = next((t for t in toks[i + 1:] if t != "-"), ".")
+        if isinstance(tok, float):
+            out.append((tok, after if isinstance(after, str) else "."))
+            continue
+        v = _lookup(tok, _NUMBER_WORDS)
+        if v is None:
+            if tok in ("and", "-") and total is not None:
+                continue
+            if total is not None:
+                out.append((total + part, tok))
+            total, part, last = None, 0.0, ""
+            continue
+        if total is None:
+            total = 0.0
+        if v == 100:
+            part, last = (part or 1) * 100, "scale"
+        elif v == 1000:
+            total, part, last = total + (part or 1) * 1000, 0.0, "scale"
+        else:
+            if last == "ones" or (last == "tens" and v >= 10):  # "one two", "twenty thirty": separate numbers
+                out.append((total + part, tok))
+                total, part = 0.0, 0.0
+            part += v
+            last = "tens" if v >= 20 else "ones"
+    return out
+
+
+def _plain(v: float) -> int | float:
+    return int(v) if float(v).is_integer() else v
+
+
+def numbers(text: str) -> list[int | float]:
+    """The numbers an operator wrote (see _quantities), in order, without repeats."""
+    return list(dict.fromkeys(_plain(v) for v, _ in _quantities(_tokens(text)) if abs(v) <= 1e9))[:MAX_NUMBERS]
+
+
+def windows(text: str) -> list[int]:
+    """The time windows a question states, in seconds: a number with a unit ("19 days", "forty nine m", "23m"),
+    a unit alone ("the last hour"), a quarter or half hour, today. None stated: the conventional windows and every
+    number times every unit, for the model to choose from."""
+    toks = _tokens(text)
+    stated = []
+    for v, u in _quantities(toks):
+        unit = _lookup(u, _UNIT_WORDS)
+        if v > 0 and unit and float(v * unit).is_integer():
+            stated.append(int(v * unit))
+    long_units = {k: v for k, v in _UNIT_WORDS.items() if len(k) >= 4 and k not in ("secs", "mins")}
+    for i, w in enumerate(toks):
+        if not isinstance(w, str):
+            continue
+        prev = next((t for t in reversed(toks[:i]) if t not in ("-", "an")), "")
+        if isinstance(prev, float) or _lookup(prev, _NUMBER_WORDS) is not None:
+            continue  # "19 days" was read above
+        unit = _lookup(w, long_units)
+        if w == "today":
+            stated.append(86400)
+        elif unit == 3600 and _lookup(prev, {"half": 1800, "quarter": 900}, fuzzy_from=3):
+            stated.append(_lookup(prev, {"half": 1800, "quarter": 900}, fuzzy_from=3))
+        elif unit:
+            stated.append(unit)
+    stated = [w for w in stated if 1 <= w <= MAX_WINDOW_S]
+    if stated:
+        return list(dict.fromkeys(stated))
+    said = [v for v in numbers(text) if v > 0]
+    return sorted({*CONVENTIONAL_WINDOWS, *(int(n * u) for n in said for u in UNIT_SECONDS.values()
+                                            if float(n * u).is_integer() and 1 <= n * u <= MAX_WINDOW_S)})
+
+
 def request_schema(text: str) -> dict[str, Any]:
     """TOOL_SCHEMA narrowed to one question: names must be spelt as they are in the question (or be a canonical
-    point), so the model can neither invent a device nor garble one it copies."""
+    point), so the model can neither invent a device nor garble one it copies; numbers must be ones the question
+    says (a written value as it is, a window as a number times a unit), so it cannot garble a setpoint either.
+    A filter is the singular of a plural word ("all pumps" -> "pump"; "press" stays): a substring that finds at
+    least as much."""
     words = candidates(text)
+    said = numbers(text)
     schema = json.loads(json.dumps(TOOL_SCHEMA))
     q, ld, w, st = schema["anyOf"]
     if not words:  # nothing in the question can name a device or a point: only the nameless calls remain
@@ -73,13 +216,15 @@ def request_schema(text: str) -> dict[str, Any]:
         schema["anyOf"] = [ld, st]
         return schema
     name = {"enum": words}
+    filters = {"enum": [w for w in words if not (w.endswith("s") and not w.endswith("ss") and w[:-1] in words)]}
+    value = [{"enum": said}] if said else []
     numbered = [w for w in words if any(ch.isdigit() for ch in w) and not w.lstrip("-").replace(".", "").isdigit()]
     device = {"enum": numbered} if numbered else name  # device ids carry a number: prefer words that have one
     point = {"enum": list(dict.fromkeys([*CANONICAL_POINTS, *words]))}
-    q["properties"]["args"]["properties"].update(device=device, point=point)
-    ld["properties"]["args"]["properties"]["filter"] = {"anyOf": [name, {"type": "null"}]}
+    q["properties"]["args"]["properties"].update(device=device, point=point, window_s={"enum": windows(text)})
+    ld["properties"]["args"]["properties"]["filter"] = {"anyOf": [filters, {"type": "null"}]}
     w["properties"]["args"]["properties"].update(device=device, point=point,
-                                                 value={"anyOf": [_NUMBER, {"type": "boolean"}, name]})
+                                                 value={"anyOf": [*value, {"type": "boolean"}, name]})
     return schema
 
 
