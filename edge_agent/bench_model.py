@@ -64,6 +64,19 @@ class _Genai:
             n += 1
         return t1 - t0, (n - 1) / (time.perf_counter() - t1)
 
+    def answer(self, ids: list[int], new: int) -> tuple[int, float]:
+        """Greedy until the end token: (tokens after the first, seconds after the first)."""
+        og = self.og
+        p = og.GeneratorParams(self.m)
+        p.set_search_options(max_length=len(ids) + new)
+        g = og.Generator(self.m, p)
+        g.append_tokens(ids)
+        g.generate_next_token()
+        t1 = time.perf_counter()
+        while not g.is_done():
+            g.generate_next_token()
+        return len(g.get_sequence(0)) - len(ids) - 1, time.perf_counter() - t1
+
     def guided(self, ids: list[int], schema_json: str, new: int) -> tuple[int, float]:
         """(tokens written, seconds) from the schema in hand, as ours: guidance compiles when the generator
         is made."""
@@ -163,9 +176,36 @@ def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int 
     res["ours"] = rows
     served = next((r for r in rows if r["file"] == engine.session.file and r["provider"] == engine.session.provider),
                   rows[0])
-    # ---- ask (constrained) on the serving provider, interleaved with genai's guided generation
     texts = [json.loads(line)["text"] for line in Path(eval_file).read_text().splitlines()[:n_ask]] if eval_file \
         else [LONG_PROMPT] * 20
+    # ---- unconstrained answers, each until its end token: ours with lookahead and without, genai, interleaved
+    acc = {"lookahead": [0, 0.0, 0], "plain": [0, 0.0, 0], "genai": [0, 0.0, 0]}  # tokens, seconds, passes
+    for i, t in enumerate(texts[:2] + texts):
+        ids_t = tok.encode_prompt(t)
+        got = {}
+        for name, k in (("lookahead", cfg.lookahead), ("plain", 0)):
+            r = engine.gen.generate(ids_t, max_new_tokens=cfg.max_new_tokens, timeout_s=60, lookahead=k,
+                                    reference=engine.reference)
+            got[name] = (len(r.ids) + (r.stop == "eos") - 1, r.total_s - r.ttft_s, r.forward_passes - 1)
+        if genai is not None:
+            got["genai"] = (*genai.answer(ids_t, cfg.max_new_tokens), 0)
+        if i >= 2:
+            for name, (n, sec, passes) in got.items():
+                acc[name][0] += n
+                acc[name][1] += sec
+                acc[name][2] += passes
+    la, pl = acc["lookahead"], acc["plain"]
+    res["answers"] = {"n": len(texts), "lookahead": cfg.lookahead, "decode_tok_s": la[0] / la[1],
+                      "tokens_per_pass": la[0] / max(la[2], 1), "plain_decode_tok_s": pl[0] / pl[1]}
+    line = (f"  answers, unconstrained ({len(texts)} questions, to the end token): ours {la[0] / la[1]:.0f} tok/s "
+            f"with lookahead {cfg.lookahead} ({la[0] / max(la[2], 1):.2f} tokens a pass), {pl[0] / pl[1]:.0f} "
+            "without")
+    if genai is not None:
+        g = acc["genai"]
+        res["answers"]["genai_decode_tok_s"] = g[0] / g[1]
+        line += f"; genai {g[0] / g[1]:.0f} tok/s (ours/genai {la[0] / la[1] / (g[0] / g[1]):.2f})"
+    out(line)
+    # ---- ask (constrained) on the serving provider, interleaved with genai's guided generation
     lat, toks, gen_s, mask_s, sampled, g_toks, g_s = [], 0, 0.0, 0.0, 0, 0, 0.0
     for i, t in enumerate(texts[:2] + texts):
         t0 = time.perf_counter()

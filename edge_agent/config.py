@@ -270,6 +270,8 @@ class ModelConfig:
     queue: int = opt(4, doc="questions waiting for the inference worker; beyond, 'busy'", ge=1, le=1000)
     timeout_s: float = opt(5.0, doc="a question not answered by then fails (queue wait included)", ge=0.05, le=600)
     max_new_tokens: int = opt(96, doc="tokens the model may write per answer", ge=8, le=4096)
+    lookahead: int = opt(4, doc="draft tokens copied from the question per forward pass, kept where the model "
+                         "agrees (greedy, CPU; 0 = one token per pass)", ge=0, le=32)
     trt_fp16: bool = opt(True, doc="TensorRT: allow fp16 kernels")
     trt_int8: bool = opt(True, doc="TensorRT: allow int8 kernels (the QDQ file carries its scales)")
     trt_workspace_mb: int = opt(1024, doc="TensorRT: builder workspace", ge=64, le=65536)

@@ -318,3 +318,29 @@ def test_top_p_sampling_streams_and_stays_in_the_grammar(engine):
     assert r.stop == "max_tokens" and len(r.ids) == 5  # unconstrained, bounded
     with pytest.raises(GenerationTimeout):
         engine.gen.generate(ids, max_new_tokens=50, timeout_s=0.0)
+
+
+def test_lookahead_writes_the_greedy_answer_in_fewer_passes(engine):
+    from edge_agent.glm.generate import Lookup
+
+    lk = Lookup([5, 6, 7, 8, 9, 6, 7])
+    assert lk.draft(3) == [8, 9, 6]  # "6 7" was followed by "8 9 6" before
+    lk.extend([1])
+    assert lk.draft(3) == []  # nothing ever followed 1
+    passes = {0: 0, 4: 0}
+    for text, call in REFERENCE.items():
+        ids = engine.tok.encode_prompt(text)
+        answers = {}
+        for k in passes:
+            streamed: list[int] = []
+            r = engine.gen.generate(ids, max_new_tokens=96, timeout_s=10, lookahead=k, reference=engine.reference,
+                                    on_token=streamed.extend, decode=engine.tok.decode)
+            assert r.stop == "eos" and [t for t in streamed if t != engine.tok.eos_id] == r.ids
+            answers[k] = r.text
+            passes[k] += r.forward_passes
+        assert answers[0] == answers[4], text  # the same answer, token for token
+    assert passes[4] < 0.6 * passes[0], passes
+    for k in (1, 4, 32):  # drafts never carry an answer past its token budget
+        r = engine.gen.generate(engine.tok.encode_prompt("list all pumps"), max_new_tokens=7, timeout_s=10,
+                                lookahead=k, reference=engine.reference)
+        assert r.stop == "max_tokens" and len(r.ids) == 7

@@ -117,6 +117,9 @@ class Engine:
         opening = llguidance.LLMatcher(self.lltok, llguidance.LLMatcher.grammar_from_json_schema(schema.TOOL_SCHEMA),
                                        log_level=0)
         self._prefix = tuple(opening.compute_ff_tokens())
+        # where lookahead drafts an answer's keys from (besides the question)
+        self.reference = tuple(t for call in schema.EXAMPLE_CALLS
+                                for t in [*self.tok.tok.encode(schema.format_call(call)).ids, self.tok.eos_id])
         self._thread = threading.Thread(target=self._work, name="glm-worker", daemon=True)
         self._thread.start()
 
@@ -201,13 +204,13 @@ class Engine:
         if len(ids) > room:
             raise PromptError(f"the question is {len(ids)} tokens; at most {room} fit with an answer")
         constraint = None
-        if constrained:
-            grammar = self._grammar(text)
-            constraint = lambda: JsonConstraint(self.lltok, grammar, self.model.arch["vocab_size"])  # noqa: E731
+        if constrained:  # built while the prompt's forward pass runs
+            constraint = lambda: JsonConstraint(self.lltok, self._grammar(text), self.model.arch["vocab_size"])  # noqa: E731
         t_gen = time.perf_counter()
         res = self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
                                 constraint=constraint, decode=self.tok.decode,
-                                prefix=self._prefix if constrained else ())
+                                prefix=self._prefix if constrained else (), lookahead=self.cfg.lookahead,
+                                reference=self.reference)
         call, error = None, None
         try:
             call = schema.validate_call(json.loads(res.text))

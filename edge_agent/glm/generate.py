@@ -10,12 +10,18 @@ llguidance mask is computed and applied only when it is refused; top-p: the mask
 grammar forces (JSON keys, punctuation, the rest of an enum value) are appended without sampling and fed to the
 model in one multi-token forward pass (fast-forward), so the output always matches the schema and the
 constrained path needs fewer forward passes than the unconstrained one.
+
+Greedy decoding on the CPU also looks ahead (prompt lookup): when the last tokens written occurred before (in the
+question, in the reference calls, or earlier in the answer), the tokens that followed them there are fed as a draft
+in the same forward pass, and every draft token the model itself would have chosen next is kept; the first one it
+would not have is replaced by its own choice. The answer is the greedy answer; a tool call copies names and keys,
+so most passes keep several tokens. The cache of refused draft tokens is cut off again.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,7 +45,7 @@ class GenResult:
     forward_passes: int
     forced_tokens: int = 0
     mask_s: float = 0.0  # time spent computing grammar masks
-    timings: dict = field(default_factory=dict)
+    drafted_tokens: int = 0  # tokens that came from lookahead drafts the model confirmed
 
 
 class JsonConstraint:
@@ -76,6 +82,35 @@ class JsonConstraint:
         return self.m.is_stopped()
 
 
+class Lookup:
+    """Prompt-lookup drafts: the tokens that followed the latest earlier occurrence of the last n tokens
+    (n = 3, 2, 1: the longest match wins)."""
+
+    NS = (3, 2, 1)
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.seq: list[int] = []
+        self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.NS}
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        seq = self.seq
+        for t in tokens:
+            seq.append(t)
+            p = len(seq) - 1  # t continues the n-grams that end just before it
+            for n in self.NS:
+                if p >= n:
+                    self.index[n][tuple(seq[p - n:p])] = p
+
+    def draft(self, k: int) -> list[int]:
+        seq = self.seq
+        for n in self.NS:
+            c = self.index[n].get(tuple(seq[-n:])) if len(seq) >= n else None
+            if c is not None:
+                return seq[c:c + k]
+        return []
+
+
 class Generator:
     def __init__(self, session, eos_ids: list[int], context: int, n_layers: int, n_kv: int, head_dim: int,
                  provider: str = "cpu", device_id: int = 0) -> None:
@@ -90,7 +125,7 @@ class Generator:
         self._empty = np.zeros((1, n_kv, 0, head_dim), dtype=np.float32)
         self._pool = None
 
-    # one forward pass over `ids` (appended after `past_len` cached tokens); returns last-position logits
+    # one forward pass over `ids` (appended after `past_len` cached tokens); returns the logits of every position
     def _forward_cpu(self, ids: list[int], past, past_len: int):
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
@@ -102,7 +137,7 @@ class Generator:
         else:
             feeds.update(zip(self.past_names, past))
         out = self.s.run(None, feeds)
-        return out[0][0, -1], out[1:]
+        return out[0][0], out[1:]
 
     def _forward_device(self, ids: list[int], past, past_len: int):
         import onnxruntime as ort
@@ -123,14 +158,16 @@ class Generator:
             b.bind_output(name, "cuda", self.device_id)
         self.s.run_with_iobinding(b)
         outs = b.get_outputs()
-        return outs[0].numpy()[0, -1], outs[1:]
+        return outs[0].numpy()[0], outs[1:]
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int, timeout_s: float,
                  constraint: JsonConstraint | Callable[[], JsonConstraint] | None = None,
                  top_p: float = 0.0, temperature: float = 1.0,
                  seed: int | None = None, on_token: Callable[[list[int]], None] | None = None,
-                 prefix: tuple[int, ...] = (),
+                 prefix: tuple[int, ...] = (), lookahead: int = 0, reference: tuple[int, ...] = (),
                  decode: Callable[[list[int]], str] | None = None) -> GenResult:
+        """`lookahead`: draft tokens fed per pass (greedy on the CPU only; 0: none); `reference`: tokens drafts may
+        also be copied from (example calls)."""
         t0 = time.perf_counter()
         deadline = t0 + timeout_s
         if len(prompt_ids) >= self.context:
@@ -139,72 +176,114 @@ class Generator:
         forward = self._forward_device if self.on_device else self._forward_cpu
         rng = np.random.default_rng(seed)
         out: list[int] = []
-        forced_n = 0
+        forced_n = drafted_n = 0
         if callable(constraint):
             # compile the grammar while the prompt runs (ONNX Runtime releases the GIL): hides the compile time.
             # The answer's forced opening (`{"tool":"`), when known, rides along in the prompt's forward pass.
             pending = self._helper().submit(forward, prompt_ids + list(prefix), None, 0)
             constraint = constraint()
-            logits, past = pending.result()
+            rows, past = pending.result()
             if prefix and constraint.accepts(*prefix):
                 constraint.consume(list(prefix))
                 out, forced_n = list(prefix), len(prefix)
                 if on_token is not None:
                     on_token(list(prefix))
             elif prefix:  # not this grammar's opening after all: run the prompt alone
-                logits, past = forward(prompt_ids, None, 0)
+                rows, past = forward(prompt_ids, None, 0)
         else:
-            logits, past = forward(prompt_ids, None, 0)
+            rows, past = forward(prompt_ids, None, 0)
+        logits = rows[-1]
+        lookup = Lookup([*reference, *prompt_ids, *out]) if lookahead > 0 and top_p <= 0.0 and not self.on_device \
+            else None
         passes, mask_s = 1, 0.0
         past_len = len(prompt_ids) + len(out)
         ttft = time.perf_counter() - t0 if out else 0.0
         stop = "max_tokens"
+        todo: list[int] = []  # tokens the grammar forced after accepted draft tokens, not yet fed
         while len(out) < max_new:
             if time.perf_counter() > deadline:
                 raise GenerationTimeout(f"no answer within {timeout_s:g} s ({len(out)} tokens written)")
-            tok = self._pick(logits, top_p, temperature, rng)
-            if constraint is not None:
-                tm = time.perf_counter()
-                # greedy: when the model's own choice is allowed the mask cannot change it, so the whole mask is
-                # computed only when it is not; sampling always masks first
-                if top_p > 0.0 or not constraint.accepts(tok):
-                    logits = np.where(constraint.allowed(), logits, -np.inf)
-                    tok = self._pick(logits, top_p, temperature, rng)
-                mask_s += time.perf_counter() - tm
-            step = [tok]
-            if constraint is not None:
-                tm = time.perf_counter()
-                constraint.consume([tok])
-                ff = constraint.forced() if not constraint.stopped() else []
-                if ff:
-                    constraint.consume(ff)
-                    step += ff
-                    forced_n += len(ff)
-                mask_s += time.perf_counter() - tm
+            if todo:
+                step, todo = todo, []
+            else:
+                tok = self._pick(logits, top_p, temperature, rng)
+                if constraint is not None:
+                    tm = time.perf_counter()
+                    # greedy: when the model's own choice is allowed the mask cannot change it, so the whole mask is
+                    # computed only when it is not; sampling always masks first
+                    if top_p > 0.0 or not constraint.accepts(tok):
+                        logits = np.where(constraint.allowed(), logits, -np.inf)
+                        tok = self._pick(logits, top_p, temperature, rng)
+                    mask_s += time.perf_counter() - tm
+                step = [tok]
+                if constraint is not None:
+                    tm = time.perf_counter()
+                    constraint.consume([tok])
+                    ff = constraint.forced() if not constraint.stopped() else []
+                    if ff:
+                        constraint.consume(ff)
+                        step += ff
+                        forced_n += len(ff)
+                    mask_s += time.perf_counter() - tm
             if not ttft:
                 ttft = time.perf_counter() - t0
-            # stop at the first end token, wherever it fell in this step
-            for i, t in enumerate(step):
-                if t in self.eos:
-                    out += step[:i]
-                    stop = "eos"
-                    break
-            else:
-                out += step
-            if on_token is not None:
-                on_token(step)
+            stop = self._append(out, step, on_token, stop)
             if stop == "eos" or (constraint is not None and constraint.stopped()):
                 stop = "eos" if stop == "eos" else "grammar"
                 break
             if len(out) >= max_new or past_len + len(step) >= self.context:
                 break
-            logits, past = forward(step, past, past_len)
-            past_len += len(step)
+            drafts: list[int] = []
+            if lookup is not None:
+                lookup.extend(step)
+                room = min(lookahead, max_new - len(out), self.context - past_len - len(step))
+                drafts = lookup.draft(room) if room > 0 else []
+                if drafts and constraint is not None:
+                    drafts = drafts[:constraint.m.validate_tokens(drafts)]
+            rows, past = forward(step + drafts, past, past_len)
             passes += 1
+            kept = 0
+            if drafts:  # keep the draft tokens the model itself would have written next
+                preds = np.argmax(rows[len(step) - 1:len(step) - 1 + len(drafts)], axis=1)
+                while kept < len(drafts) and preds[kept] == drafts[kept]:
+                    kept += 1
+                if kept < len(drafts):  # forget the refused ones
+                    past = [np.ascontiguousarray(p[:, :, :past_len + len(step) + kept]) for p in past]
+            logits = rows[len(step) - 1 + kept]
+            past_len += len(step) + kept
+            if kept:
+                accepted = drafts[:kept]
+                drafted_n += kept
+                stop = self._append(out, accepted, on_token, stop)
+                if stop == "eos":
+                    break
+                lookup.extend(accepted)
+                if constraint is not None:
+                    constraint.consume(accepted)
+                    if constraint.stopped():
+                        stop = "grammar"
+                        break
+                    todo = constraint.forced()
+                    if todo:
+                        constraint.consume(todo)
+                        forced_n += len(todo)
         out = out[:max_new]
         total = time.perf_counter() - t0
         return GenResult(out, decode(out) if decode else "", len(prompt_ids), stop, ttft, total, passes, forced_n,
-                         mask_s)
+                         mask_s, drafted_n)
+
+    def _append(self, out: list[int], tokens: list[int], on_token, stop: str) -> str:
+        """out += tokens up to the first end token; 'eos' when there was one."""
+        for i, t in enumerate(tokens):
+            if t in self.eos:
+                out += tokens[:i]
+                stop = "eos"
+                break
+        else:
+            out += tokens
+        if on_token is not None:
+            on_token(tokens)
+        return stop
 
     def _helper(self):
         if self._pool is None:

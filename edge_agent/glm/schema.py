@@ -4,6 +4,7 @@ Shared by the recipe that trains the model and the runtime that constrains it, s
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -74,6 +75,9 @@ UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 6
 _UNIT_WORDS = {w: UNIT_SECONDS[u] for u, ws in {
     "second": "s sec secs second seconds", "minute": "m min mins minute minutes", "hour": "h hr hrs hour hours",
     "day": "d day days", "week": "w wk wks week weeks"}.items() for w in ws.split()}
+_LONG_UNITS = {k: v for k, v in _UNIT_WORDS.items() if len(k) >= 4 and k not in ("secs", "mins")}  # said alone
+_PARTS = {"half": 1800, "quarter": 900}  # of an hour
+_TABLES = {id(t): t for t in (_NUMBER_WORDS, _UNIT_WORDS, _LONG_UNITS, _PARTS)}
 CONVENTIONAL_WINDOWS = (60, 900, 1800, 3600, 86400, 604800)  # now, quarter hour, half hour, hour, day, week
 MAX_NUMBERS = 16
 
@@ -95,11 +99,13 @@ def _lookup(word: str, table: dict[str, int], fuzzy_from: int = 5) -> int | None
     words collide ("hour" is one letter from "four", "says" from "days")."""
     if word in table:
         return table[word]
-    if len(word) >= fuzzy_from:
-        for w, v in table.items():
-            if len(w) >= 4 and _one_edit(word, w):
-                return v
-    return None
+    return _fuzzy(word, id(table), fuzzy_from) if len(word) >= fuzzy_from else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _fuzzy(word: str, table_id: int, fuzzy_from: int) -> int | None:
+    table = _TABLES[table_id]
+    return next((v for w, v in table.items() if len(w) >= 4 and _one_edit(word, w)), None)
 
 
 def _tokens(text: str) -> list[str | float]:
@@ -179,18 +185,17 @@ def windows(text: str) -> list[int]:
         unit = _lookup(u, _UNIT_WORDS)
         if v > 0 and unit and float(v * unit).is_integer():
             stated.append(int(v * unit))
-    long_units = {k: v for k, v in _UNIT_WORDS.items() if len(k) >= 4 and k not in ("secs", "mins")}
     for i, w in enumerate(toks):
         if not isinstance(w, str):
             continue
         prev = next((t for t in reversed(toks[:i]) if t not in ("-", "an")), "")
         if isinstance(prev, float) or _lookup(prev, _NUMBER_WORDS) is not None:
             continue  # "19 days" was read above
-        unit = _lookup(w, long_units)
+        unit = _lookup(w, _LONG_UNITS)
         if w == "today":
             stated.append(86400)
-        elif unit == 3600 and _lookup(prev, {"half": 1800, "quarter": 900}, fuzzy_from=3):
-            stated.append(_lookup(prev, {"half": 1800, "quarter": 900}, fuzzy_from=3))
+        elif unit == 3600 and _lookup(prev, _PARTS, fuzzy_from=3):
+            stated.append(_lookup(prev, _PARTS, fuzzy_from=3))
         elif unit:
             stated.append(unit)
     stated = [w for w in stated if 1 <= w <= MAX_WINDOW_S]
@@ -226,6 +231,15 @@ def request_schema(text: str) -> dict[str, Any]:
     w["properties"]["args"]["properties"].update(device=device, point=point,
                                                  value={"anyOf": [*value, {"type": "boolean"}, name]})
     return schema
+
+
+# one call of each tool, in canonical spelling: where lookahead drafts the keys of an answer from
+EXAMPLE_CALLS = (
+    {"tool": "query_stats", "args": {"device": "pump-1", "point": "temperature", "agg": "avg", "window_s": 3600}},
+    {"tool": "write_point", "args": {"device": "pump-1", "point": "enabled", "value": True}},
+    {"tool": "list_devices", "args": {"filter": None}},
+    {"tool": "status", "args": {}},
+)
 
 
 def prompt(text: str) -> str:
