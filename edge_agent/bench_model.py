@@ -1,8 +1,8 @@
 """`edge-agent bench model`: the GLM's speed per provider and quantization, against its peers in the same run.
 
 Peers: onnxruntime-genai driving the same ONNX file (with the folder's genai_config.json), unconstrained and with
-its own llguidance guidance, and the same architecture in torch eager with a KV cache (transformers; random
-weights: speed only). Skipped, with the reason printed, where a peer is not installed.
+its own llguidance guidance, each with and without its n-gram speculation, and the same architecture in torch eager
+with a KV cache (transformers; random weights: speed only). Skipped, with the reason printed, where a peer is not installed.
 """
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import statistics
 import time
 from pathlib import Path
 
+# genai's own n-gram speculative decoding (prompt lookup), the same draft length as ours; of n-gram sizes 2 and 3,
+# 3 was the faster here, unconstrained and guided
+GENAI_NGRAM = {"ngram_size": 3, "max_draft_tokens": 4}
 LONG_PROMPT = ("hey, could you please tell me what the average temperature of line3_boiler7 and its pressure were "
                "over the last forty five minutes, thanks")
 
@@ -64,11 +67,13 @@ class _Genai:
             n += 1
         return t1 - t0, (n - 1) / (time.perf_counter() - t1)
 
-    def answer(self, ids: list[int], new: int) -> tuple[int, float]:
+    def answer(self, ids: list[int], new: int, ngram: bool = False) -> tuple[int, float]:
         """Greedy until the end token: (tokens after the first, seconds after the first)."""
         og = self.og
         p = og.GeneratorParams(self.m)
         p.set_search_options(max_length=len(ids) + new)
+        if ngram:
+            p.set_speculative_options(**GENAI_NGRAM)
         g = og.Generator(self.m, p)
         g.append_tokens(ids)
         g.generate_next_token()
@@ -77,7 +82,7 @@ class _Genai:
             g.generate_next_token()
         return len(g.get_sequence(0)) - len(ids) - 1, time.perf_counter() - t1
 
-    def guided(self, ids: list[int], schema_json: str, new: int) -> tuple[int, float]:
+    def guided(self, ids: list[int], schema_json: str, new: int, ngram: bool = False) -> tuple[int, float]:
         """(tokens written, seconds) from the schema in hand, as ours: guidance compiles when the generator
         is made."""
         og = self.og
@@ -85,6 +90,8 @@ class _Genai:
         p = og.GeneratorParams(self.m)
         p.set_search_options(max_length=len(ids) + new)
         p.set_guidance("json_schema", schema_json, True)
+        if ngram:
+            p.set_speculative_options(**GENAI_NGRAM)
         g = og.Generator(self.m, p)
         g.append_tokens(ids)
         while not g.is_done():
@@ -178,8 +185,9 @@ def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int 
                   rows[0])
     texts = [json.loads(line)["text"] for line in Path(eval_file).read_text().splitlines()[:n_ask]] if eval_file \
         else [LONG_PROMPT] * 20
-    # ---- unconstrained answers, each until its end token: ours with lookahead and without, genai, interleaved
-    acc = {"lookahead": [0, 0.0, 0], "plain": [0, 0.0, 0], "genai": [0, 0.0, 0]}  # tokens, seconds, passes
+    # ---- unconstrained answers, each until its end token: ours with lookahead and without, genai with its n-gram
+    # speculation and without, interleaved
+    acc = {k: [0, 0.0, 0] for k in ("lookahead", "plain", "genai", "genai_ngram")}  # tokens, seconds, passes
     for i, t in enumerate(texts[:2] + texts):
         ids_t = tok.encode_prompt(t)
         got = {}
@@ -189,6 +197,7 @@ def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int 
             got[name] = (len(r.ids) + (r.stop == "eos") - 1, r.total_s - r.ttft_s, r.forward_passes - 1)
         if genai is not None:
             got["genai"] = (*genai.answer(ids_t, cfg.max_new_tokens), 0)
+            got["genai_ngram"] = (*genai.answer(ids_t, cfg.max_new_tokens, ngram=True), 0)
         if i >= 2:
             for name, (n, sec, passes) in got.items():
                 acc[name][0] += n
@@ -200,39 +209,47 @@ def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int 
     line = (f"  answers, unconstrained ({len(texts)} questions, to the end token): ours {la[0] / la[1]:.0f} tok/s "
             f"with lookahead {cfg.lookahead} ({la[0] / max(la[2], 1):.2f} tokens a pass), {pl[0] / pl[1]:.0f} "
             "without")
-    if genai is not None:
-        g = acc["genai"]
-        res["answers"]["genai_decode_tok_s"] = g[0] / g[1]
-        line += f"; genai {g[0] / g[1]:.0f} tok/s (ours/genai {la[0] / la[1] / (g[0] / g[1]):.2f})"
     out(line)
+    if genai is not None:
+        g, gn = acc["genai"], acc["genai_ngram"]
+        res["answers"].update(genai_decode_tok_s=g[0] / g[1], genai_ngram_decode_tok_s=gn[0] / gn[1])
+        out(f"  genai answers: {g[0] / g[1]:.0f} tok/s (ours/genai {la[0] / la[1] / (g[0] / g[1]):.2f}); with its "
+            f"n-gram speculation {gn[0] / gn[1]:.0f} tok/s (ours/genai {la[0] / la[1] / (gn[0] / gn[1]):.2f})")
     # ---- ask (constrained) on the serving provider, interleaved with genai's guided generation
-    lat, toks, gen_s, mask_s, sampled, g_toks, g_s = [], 0, 0.0, 0.0, 0, 0, 0.0
+    lat, toks, gen_s, mask_s, comp_s, sampled, g_toks, g_s, gn_toks, gn_s = [], 0, 0.0, 0.0, 0.0, 0, 0, 0.0, 0, 0.0
     for i, t in enumerate(texts[:2] + texts):
         t0 = time.perf_counter()
         p = engine.plan(t)
         dt = time.perf_counter() - t0
         if genai is not None:
-            n, gs = genai.guided(tok.encode_prompt(t), json.dumps(schema.request_schema(t)), new)
+            sj = json.dumps(schema.request_schema(t))
+            n, gs = genai.guided(tok.encode_prompt(t), sj, cfg.max_new_tokens)
+            nn, gns = genai.guided(tok.encode_prompt(t), sj, cfg.max_new_tokens, ngram=True)
         if i >= 2:
             lat.append(dt)
             toks += p.new_tokens
             gen_s += p.total_s
             mask_s += p.mask_s
+            comp_s += p.compile_s
             sampled += p.new_tokens - p.forced_tokens
             if genai is not None:
                 g_toks += n
                 g_s += gs
+                gn_toks += nn
+                gn_s += gns
     res["ask"] = {"n": len(lat), "p50_ms": _pct(lat, 0.5) * 1e3, "p95_ms": _pct(lat, 0.95) * 1e3,
                   "constrained_tok_s": toks / gen_s, "mask_us_per_sampled_token": mask_s / max(sampled, 1) * 1e6,
-                  "forced_share": 1 - sampled / max(toks, 1)}
+                  "forced_share": 1 - sampled / max(toks, 1), "tool_grammar_compile_ms": comp_s / len(lat) * 1e3}
     a = res["ask"]
     out(f"  ask --dry-run ({a['n']} questions): p50 {a['p50_ms']:.1f} ms  p95 {a['p95_ms']:.1f} ms  "
-        f"{a['constrained_tok_s']:.0f} tok/s  grammar {a['mask_us_per_sampled_token']:.0f} µs/sampled token  "
-        f"{a['forced_share']:.0%} of tokens forced")
+        f"{a['constrained_tok_s']:.0f} tok/s  grammar {a['mask_us_per_sampled_token']:.0f} µs/sampled token, "
+        f"{a['tool_grammar_compile_ms']:.2f} ms/question compiling the tool's grammar  {a['forced_share']:.0%} of "
+        "tokens forced")
     if genai is not None:
-        res["genai"]["guided_tok_s"] = g_toks / g_s
-        out(f"  genai guided (its llguidance, same schemas): {res['genai']['guided_tok_s']:.0f} tok/s   "
-            f"(ours/genai {a['constrained_tok_s'] / res['genai']['guided_tok_s']:.2f})")
+        res["genai"].update(guided_tok_s=g_toks / g_s, guided_ngram_tok_s=gn_toks / gn_s)
+        out(f"  genai guided (its llguidance, same schemas): {g_toks / g_s:.0f} tok/s "
+            f"(ours/genai {a['constrained_tok_s'] / (g_toks / g_s):.2f}); with its n-gram speculation "
+            f"{gn_toks / gn_s:.0f} tok/s (ours/genai {a['constrained_tok_s'] / (gn_toks / gn_s):.2f})")
     try:
         t = _torch(model.arch, ids, new, max(2, reps // 2), cfg.threads)
         res["torch"] = t

@@ -300,15 +300,12 @@ def test_cli_ask(tmp_path):
 
 
 def test_top_p_sampling_streams_and_stays_in_the_grammar(engine):
-    from edge_agent.glm.generate import JsonConstraint
-
     ids = engine.tok.encode_prompt("max pressure on line2_press4 today")
-    grammar = engine._grammar("max pressure on line2_press4 today")
     runs = []
     for seed in (1, 1, 2):
         streamed: list[int] = []
         r = engine.gen.generate(ids, max_new_tokens=96, timeout_s=10, top_p=0.9, temperature=1.5, seed=seed,
-                                constraint=JsonConstraint(engine.lltok, grammar, engine.model.arch["vocab_size"]),
+                                constraint=engine._constraint("max pressure on line2_press4 today"),
                                 on_token=streamed.extend, decode=engine.tok.decode)
         assert [t for t in streamed if t != engine.tok.eos_id] == r.ids  # the stream is the answer
         schema.validate_call(json.loads(r.text))

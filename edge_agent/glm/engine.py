@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.glm import schema
-from edge_agent.glm.generate import ConstraintError, GenerationTimeout, Generator, JsonConstraint
+from edge_agent.glm.generate import ConstraintError, GenerationTimeout, Generator, ToolCallConstraint
 from edge_agent.glm.models import ModelError, VerifiedModel, load_verified
 from edge_agent.glm.runtime import RuntimeOptions, Session, open_session
 from edge_agent.glm.tokenizer import GlmTokenizer, PromptError
@@ -48,6 +48,7 @@ class Plan:
     ttft_s: float
     total_s: float
     mask_s: float
+    compile_s: float = 0.0
 
     def timings(self) -> dict[str, Any]:
         return {"queue_ms": round(self.queue_s * 1e3, 2), "first_token_ms": round(self.ttft_s * 1e3, 2),
@@ -113,10 +114,16 @@ class Engine:
         self.gen = Generator(session.sess, [self.tok.eos_id], a["context"], a["num_hidden_layers"],
                              a["num_key_value_heads"], a["head_dim"], session.provider)
         self.model, self.session = model, session
+        # the grammars an answer opens with, until it names its tool: the whole tool set, and the nameless tools
+        # (a question without a usable word), compiled once
+        self._openings = {}
+        for tools in (schema.TOOLS, ("list_devices", "status")):
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                {**schema.TOOL_SCHEMA, "anyOf": [b for b in schema.TOOL_SCHEMA["anyOf"]
+                                                 if b["properties"]["tool"]["const"] in tools]})
+            self._openings[tools] = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
         # the tokens every answer opens with (`{"tool":"`), fed with the prompt in one forward pass
-        opening = llguidance.LLMatcher(self.lltok, llguidance.LLMatcher.grammar_from_json_schema(schema.TOOL_SCHEMA),
-                                       log_level=0)
-        self._prefix = tuple(opening.compute_ff_tokens())
+        self._prefix = tuple(self._openings[schema.TOOLS].deep_copy().compute_ff_tokens())
         # where lookahead drafts an answer's keys from (besides the question)
         self.reference = tuple(t for call in schema.EXAMPLE_CALLS
                                 for t in [*self.tok.tok.encode(schema.format_call(call)).ids, self.tok.eos_id])
@@ -204,8 +211,8 @@ class Engine:
         if len(ids) > room:
             raise PromptError(f"the question is {len(ids)} tokens; at most {room} fit with an answer")
         constraint = None
-        if constrained:  # built while the prompt's forward pass runs
-            constraint = lambda: JsonConstraint(self.lltok, self._grammar(text), self.model.arch["vocab_size"])  # noqa: E731
+        if constrained:  # made while the prompt's forward pass runs
+            constraint = lambda: self._constraint(text)  # noqa: E731
         t_gen = time.perf_counter()
         res = self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
                                 constraint=constraint, decode=self.tok.decode,
@@ -222,12 +229,22 @@ class Engine:
                                       "finishing a call")
             raise ConstraintError(f"constrained output failed validation: {error}")  # the grammar is the contract
         return Plan(text, call, res.text, error, res.prompt_tokens, len(res.ids), res.forced_tokens,
-                    res.forward_passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s)
+                    res.forward_passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s,
+                    res.compile_s)
 
-    def _grammar(self, text: str) -> str:
+    def _constraint(self, text: str) -> ToolCallConstraint:
+        """The question's grammar: the tool set's until the answer names its tool, then that tool's call narrowed
+        to the question (schema.request_schema)."""
         import llguidance
 
-        return llguidance.LLMatcher.grammar_from_json_schema(schema.request_schema(text))
+        narrowed = schema.request_schema(text)
+        tools = {b["properties"]["tool"]["const"]: b for b in narrowed["anyOf"]}
+        opening = self._openings[tuple(t for t in schema.TOOLS if t in tools)]
+
+        def narrow(tool: str) -> str:
+            return llguidance.LLMatcher.grammar_from_json_schema({**narrowed, "anyOf": [tools[tool]]})
+
+        return ToolCallConstraint(self.lltok, opening, narrow, self.tok.decode, self.model.arch["vocab_size"])
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

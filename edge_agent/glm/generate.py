@@ -46,15 +46,19 @@ class GenResult:
     forced_tokens: int = 0
     mask_s: float = 0.0  # time spent computing grammar masks
     drafted_tokens: int = 0  # tokens that came from lookahead drafts the model confirmed
+    compile_s: float = 0.0  # grammar compiling after the prompt's forward pass
 
 
 class JsonConstraint:
-    """One request's llguidance matcher over a grammar compiled from a JSON schema."""
+    """One request's llguidance matcher over a grammar compiled from a JSON schema (or a copy of a compiled one)."""
 
-    def __init__(self, lltok, grammar: str, vocab_size: int) -> None:
+    compile_s = 0.0  # compiling done after the prompt's forward pass (counted apart from masks)
+
+    def __init__(self, lltok, grammar, vocab_size: int) -> None:
         import llguidance
 
-        self.m = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        self.m = grammar.deep_copy() if isinstance(grammar, llguidance.LLMatcher) else \
+            llguidance.LLMatcher(lltok, grammar, log_level=0)
         if self.m.is_error():
             raise ConstraintError(self.m.get_error())
         self.vocab = vocab_size
@@ -71,15 +75,61 @@ class JsonConstraint:
         """Whether the grammar takes these tokens next (much cheaper than a whole mask)."""
         return self.m.validate_tokens(list(tokens)) == len(tokens)
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of these tokens the grammar takes next, in order."""
+        return self.m.validate_tokens(tokens)
+
     def consume(self, tokens: list[int]) -> None:
         if not self.m.consume_tokens(tokens):
             raise ConstraintError(self.m.get_error() or "token refused by the grammar")
 
-    def forced(self) -> list[int]:
-        return self.m.compute_ff_tokens()
+    def advance(self) -> list[int]:
+        """Consume and return the tokens the grammar forces next."""
+        if self.m.is_stopped():
+            return []
+        ff = self.m.compute_ff_tokens()
+        if ff:
+            self.consume(ff)
+        return ff
 
     def stopped(self) -> bool:
         return self.m.is_stopped()
+
+
+class ToolCallConstraint(JsonConstraint):
+    """A tool call in two grammars: the tool set's, compiled once and copied per question, until the answer has
+    named its tool; then that one tool's call narrowed to the question, compiled then (a quarter to a third of the
+    cost of compiling every tool's narrowed call, and after the prompt's forward pass instead of beside it)."""
+
+    def __init__(self, lltok, opening, narrow: Callable[[str], str], decode: Callable[[list[int]], str],
+                 vocab_size: int) -> None:
+        super().__init__(lltok, opening, vocab_size)
+        self.lltok, self.narrow, self.decode = lltok, narrow, decode
+        self.ids: list[int] = []
+        self.tool: str | None = None
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        return super().valid_prefix(tokens) if self.tool is not None else 0  # no drafts under the loose grammar
+
+    def consume(self, tokens: list[int]) -> None:
+        super().consume(tokens)
+        if self.tool is None:
+            self.ids += tokens
+            text = self.decode(self.ids)
+            if text.startswith('{"tool":"') and text.count('"') >= 4:  # {"tool":"NAME" is written
+                self.tool = text.split('"')[3]
+                t0 = time.perf_counter()
+                narrowed = JsonConstraint(self.lltok, self.narrow(self.tool), self.vocab)
+                self.compile_s = time.perf_counter() - t0
+                narrowed.consume(self.ids)
+                self.m = narrowed.m
+
+    def advance(self) -> list[int]:
+        named = self.tool is not None
+        ff = super().advance()
+        if not named and self.tool is not None:  # the tool was named on the way: its own grammar forces more
+            ff += super().advance()
+        return ff
 
 
 class Lookup:
@@ -219,11 +269,9 @@ class Generator:
                 if constraint is not None:
                     tm = time.perf_counter()
                     constraint.consume([tok])
-                    ff = constraint.forced() if not constraint.stopped() else []
-                    if ff:
-                        constraint.consume(ff)
-                        step += ff
-                        forced_n += len(ff)
+                    ff = constraint.advance()
+                    step += ff
+                    forced_n += len(ff)
                     mask_s += time.perf_counter() - tm
             if not ttft:
                 ttft = time.perf_counter() - t0
@@ -239,7 +287,7 @@ class Generator:
                 room = min(lookahead, max_new - len(out), self.context - past_len - len(step))
                 drafts = lookup.draft(room) if room > 0 else []
                 if drafts and constraint is not None:
-                    drafts = drafts[:constraint.m.validate_tokens(drafts)]
+                    drafts = drafts[:constraint.valid_prefix(drafts)]
             rows, past = forward(step + drafts, past, past_len)
             passes += 1
             kept = 0
@@ -263,14 +311,13 @@ class Generator:
                     if constraint.stopped():
                         stop = "grammar"
                         break
-                    todo = constraint.forced()
-                    if todo:
-                        constraint.consume(todo)
-                        forced_n += len(todo)
+                    todo = constraint.advance()
+                    forced_n += len(todo)
         out = out[:max_new]
         total = time.perf_counter() - t0
+        compile_s = constraint.compile_s if constraint is not None else 0.0
         return GenResult(out, decode(out) if decode else "", len(prompt_ids), stop, ttft, total, passes, forced_n,
-                         mask_s, drafted_n)
+                         mask_s - compile_s, drafted_n, compile_s)
 
     def _append(self, out: list[int], tokens: list[int], on_token, stop: str) -> str:
         """out += tokens up to the first end token; 'eos' when there was one."""
