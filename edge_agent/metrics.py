@@ -59,8 +59,8 @@ class Metrics:
                                    ["cert"], registry=r)
         self.glm_requests = Counter(p + "glm_requests", "GLM requests by outcome: ok, busy (queue full), timeout, "
                                     "bad_input, no_call (no valid call within the token budget), error", ["outcome"], registry=r)
-        self.glm_tokens = Counter(p + "glm_tokens", "Tokens the GLM wrote, by how: sampled or forced (grammar "
-                                  "fast-forward)", ["how"], registry=r)
+        self.glm_tokens = Counter(p + "glm_tokens", "Tokens the GLM wrote, by how: sampled, forced (grammar "
+                                  "fast-forward) or drafted (lookahead, confirmed by the model)", ["how"], registry=r)
         self.glm_seconds = Histogram(p + "glm_request_seconds", "GLM request latency (queue wait included)",
                                      registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10))
         self.glm_queue = Gauge(p + "glm_queue_depth", "GLM requests waiting for the inference worker", registry=r)

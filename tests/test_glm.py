@@ -337,7 +337,33 @@ def test_lookahead_writes_the_greedy_answer_in_fewer_passes(engine):
             passes[k] += r.forward_passes
         assert answers[0] == answers[4], text  # the same answer, token for token
     assert passes[4] < 0.6 * passes[0], passes
+    before = engine.metrics.value("edge_agent_glm_tokens_total", {"how": "drafted"}) or 0
+    plan = engine.plan("set boiler-2 setpoint to 72.5", constrained=False)  # the engine looks ahead by default
+    assert plan.call == REFERENCE["set boiler-2 setpoint to 72.5"] and plan.drafted_tokens > 0
+    assert plan.timings()["drafted_tokens"] == plan.drafted_tokens
+    assert engine.metrics.value("edge_agent_glm_tokens_total", {"how": "drafted"}) == before + plan.drafted_tokens
     for k in (1, 4, 32):  # drafts never carry an answer past its token budget
         r = engine.gen.generate(engine.tok.encode_prompt("list all pumps"), max_new_tokens=7, timeout_s=10,
                                 lookahead=k, reference=engine.reference)
         assert r.stop == "max_tokens" and len(r.ids) == 7
+
+
+def test_the_answer_grammar_narrows_once_the_tool_is_named(engine):
+    text = "set fan_7 speed to 240"
+
+    def fits(call: dict) -> bool:
+        c = engine._constraint(text)
+        ids = engine.lltok.tokenize_str(schema.format_call(call)) + [engine.tok.eos_id]
+        k = next(k for k in range(len(ids)) if engine.tok.decode(ids[:k]).startswith('{"tool":"write_point"'))
+        c.consume(ids[:k])  # the tool set's grammar takes any tool's name ...
+        assert c.tool == "write_point"
+        return c.valid_prefix(ids[k:]) == len(ids) - k  # ... then only this question's write_point calls
+
+    call = {"tool": "write_point", "args": {"device": "fan_7", "point": "speed", "value": 240}}
+    assert fits(call)
+    assert not fits({**call, "args": {**call["args"], "value": 250}})  # a number the operator did not say
+    assert not fits({**call, "args": {**call["args"], "device": "fan_8"}})  # a device the operator did not name
+    nameless = engine._constraint("??")
+    opening = engine.lltok.tokenize_str('{"tool":"')
+    assert nameless.accepts(*engine.lltok.tokenize_str('{"tool":"status"'))
+    assert not nameless.accepts(*opening, *engine.lltok.tokenize_str('query')[:1])

@@ -49,11 +49,13 @@ class Plan:
     total_s: float
     mask_s: float
     compile_s: float = 0.0
+    drafted_tokens: int = 0
 
     def timings(self) -> dict[str, Any]:
         return {"queue_ms": round(self.queue_s * 1e3, 2), "first_token_ms": round(self.ttft_s * 1e3, 2),
                 "total_ms": round(self.total_s * 1e3, 2), "new_tokens": self.new_tokens,
-                "forced_tokens": self.forced_tokens, "forward_passes": self.forward_passes}
+                "forced_tokens": self.forced_tokens, "drafted_tokens": self.drafted_tokens,
+                "forward_passes": self.forward_passes}
 
 
 def shipped_model_dir() -> Path:
@@ -198,8 +200,10 @@ class Engine:
                 self._count("ok")
                 if self.metrics is not None:
                     self.metrics.glm_seconds.observe(plan.queue_s + plan.total_s)
-                    self.metrics.glm_tokens.labels("sampled").inc(plan.new_tokens - plan.forced_tokens)
+                    self.metrics.glm_tokens.labels("sampled").inc(plan.new_tokens - plan.forced_tokens
+                                                                  - plan.drafted_tokens)
                     self.metrics.glm_tokens.labels("forced").inc(plan.forced_tokens)
+                    self.metrics.glm_tokens.labels("drafted").inc(plan.drafted_tokens)
                 fut.set_result(plan)
 
     def _run(self, text: str, constrained: bool, deadline: float, t_in: float) -> Plan:
@@ -230,7 +234,7 @@ class Engine:
             raise ConstraintError(f"constrained output failed validation: {error}")  # the grammar is the contract
         return Plan(text, call, res.text, error, res.prompt_tokens, len(res.ids), res.forced_tokens,
                     res.forward_passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s,
-                    res.compile_s)
+                    res.compile_s, res.drafted_tokens)
 
     def _constraint(self, text: str) -> ToolCallConstraint:
         """The question's grammar: the tool set's until the answer names its tool, then that tool's call narrowed
