@@ -112,6 +112,9 @@ def test_numbers_and_windows_are_read_from_the_question():
     filters = schema.request_schema("list all pumps and the press")["anyOf"][1]["properties"]["args"]["properties"]
     assert "pump" in filters["filter"]["anyOf"][0]["enum"] and "pumps" not in filters["filter"]["anyOf"][0]["enum"]
     assert "press" in filters["filter"]["anyOf"][0]["enum"]
+    filters = schema.request_schema("list all buses and switches")["anyOf"][1]["properties"]["args"]["properties"]
+    assert {"bus", "switch"} <= set(filters["filter"]["anyOf"][0]["enum"])
+    assert not {"buses", "buse", "switches", "switche"} & set(filters["filter"]["anyOf"][0]["enum"])
 
 
 def test_bad_questions_are_refused_clearly(engine):

@@ -51,6 +51,11 @@ TOOL_SCHEMA: dict[str, Any] = {
 }
 
 
+def _sibilant_singular(word: str) -> str:
+    """"buses" -> "bus", "boxes" -> "box", "switches" -> "switch" ('' for any other word)."""
+    return word[:-2] if word.endswith(("ses", "xes", "zes", "ches", "shes")) and len(word) > 4 else ""
+
+
 def candidates(text: str) -> list[str]:
     """The words of a question that may name a device, a point, a filter or a string value."""
     out: list[str] = []
@@ -58,7 +63,7 @@ def candidates(text: str) -> list[str]:
         w = word.strip(_STRIP)
         if w.endswith("'s"):
             w = w[:-2]
-        for c in (w, w[:-1] if w.endswith("s") and len(w) > 2 else ""):
+        for c in (w, w[:-1] if w.endswith("s") and len(w) > 2 else "", _sibilant_singular(w)):
             if c and len(c) <= MAX_NAME_CHARS and c not in out and '"' not in c and "\\" not in c:
                 out.append(c)
     return out[:64]
@@ -210,8 +215,8 @@ def request_schema(text: str) -> dict[str, Any]:
     """TOOL_SCHEMA narrowed to one question: names must be spelt as they are in the question (or be a canonical
     point), so the model can neither invent a device nor garble one it copies; numbers must be ones the question
     says (a written value as it is, a window as a number times a unit), so it cannot garble a setpoint either.
-    A filter is the singular of a plural word ("all pumps" -> "pump"; "press" stays): a substring that finds at
-    least as much."""
+    A filter is the singular of a plural word ("all pumps" -> "pump", "buses" -> "bus"; "press" stays): a substring
+    that finds at least as much."""
     words = candidates(text)
     said = numbers(text)
     schema = json.loads(json.dumps(TOOL_SCHEMA))
@@ -221,7 +226,9 @@ def request_schema(text: str) -> dict[str, Any]:
         schema["anyOf"] = [ld, st]
         return schema
     name = {"enum": words}
-    filters = {"enum": [w for w in words if not (w.endswith("s") and not w.endswith("ss") and w[:-1] in words)]}
+    plurals = {w for w in words if w.endswith("s") and not w.endswith("ss") and w[:-1] in words}
+    plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}  # not "buse"
+    filters = {"enum": [w for w in words if w not in plurals]}
     value = [{"enum": said}] if said else []
     numbered = [w for w in words if any(ch.isdigit() for ch in w) and not w.lstrip("-").replace(".", "").isdigit()]
     device = {"enum": numbered} if numbered else name  # device ids carry a number: prefer words that have one
