@@ -92,6 +92,7 @@ def test_numbers_and_windows_are_read_from_the_question():
     assert n("two hundred and forty units") == [240]
     assert n("fivve hundred and twenty one") == [521]  # one slipped letter in a long number word
     assert n("one two, twenty thirty") == [1, 2, 20, 30]
+    assert n("sixty two point five") == [62.5] and n("minus twelve") == [-12] and n("minus 5 degrees") == [-5]
     assert n("list all pumps") == []
     assert w("avg temp of kiln-4 over the past 19 days") == [19 * 86400]
     assert w("the last forty-nine m") == [2940] and w("in the last 23m") == [1380]

@@ -138,36 +138,56 @@ def _tokens(text: str) -> list[str | float]:
 
 def _quantities(toks: list[str | float]) -> list[tuple[float, str]]:
     """(number, the word after it) for every number in the tokens, in digits or in English words ("forty-nine",
-    "two hundred and forty")."""
+    "two hundred and forty", "sixty two point five", "minus twelve")."""
     toks = [*toks, "."]
     out: list[tuple[float, str]] = []
-    total: float | None = None
-    part, last = 0.0, ""  # the number being read in words: total so far, current group, the last word's kind
-    for i, tok in enumerate(toks):
-        after = next((t for t in toks[i + 1:] if t != "-"), ".")
+    sign, i = 1.0, 0
+    while i < len(toks):
+        tok = toks[i]
         if isinstance(tok, float):
-            out.append((tok, after if isinstance(after, str) else "."))
+            after = next((t for t in toks[i + 1:] if t != "-"), ".")
+            out.append((sign * tok, after if isinstance(after, str) else "."))
+            sign, i = 1.0, i + 1
             continue
-        v = _lookup(tok, _NUMBER_WORDS)
-        if v is None:
-            if tok in ("and", "-") and total is not None:
-                continue
-            if total is not None:
-                out.append((total + part, tok))
-            total, part, last = None, 0.0, ""
+        if tok in ("minus", "negative"):
+            sign, i = -1.0, i + 1
             continue
+        total: float | None = None
+        part, last = 0.0, ""  # the number being read: total so far, current group, the last word's kind
+        while isinstance(toks[i], str):
+            v = _lookup(toks[i], _NUMBER_WORDS)
+            if v is None:
+                if toks[i] in ("and", "-") and total is not None:
+                    i += 1
+                    continue
+                break
+            if total is None:
+                total = 0.0
+            if v == 100:
+                part, last = (part or 1) * 100, "scale"
+            elif v == 1000:
+                total, part, last = total + (part or 1) * 1000, 0.0, "scale"
+            else:
+                if last == "ones" or (last == "tens" and v >= 10):  # "one two", "twenty thirty": two numbers
+                    out.append((sign * (total + part), toks[i]))
+                    sign, total, part = 1.0, 0.0, 0.0
+                part += v
+                last = "tens" if v >= 20 else "ones"
+            i += 1
         if total is None:
-            total = 0.0
-        if v == 100:
-            part, last = (part or 1) * 100, "scale"
-        elif v == 1000:
-            total, part, last = total + (part or 1) * 1000, 0.0, "scale"
-        else:
-            if last == "ones" or (last == "tens" and v >= 10):  # "one two", "twenty thirty": separate numbers
-                out.append((total + part, tok))
-                total, part = 0.0, 0.0
-            part += v
-            last = "tens" if v >= 20 else "ones"
+            sign, i = 1.0, i + 1
+            continue
+        value = total + part
+        if toks[i] == "point":  # decimals, one digit word each: "point two five"
+            digits = ""
+            while isinstance(toks[i + 1], str) and (_lookup(toks[i + 1], _NUMBER_WORDS) or 10) < 10:
+                digits += str(_lookup(toks[i + 1], _NUMBER_WORDS))
+                i += 1
+            if digits:
+                value = float(f"{int(value)}.{digits}")
+                i += 1
+        out.append((sign * value, toks[i] if isinstance(toks[i], str) else "."))
+        sign = 1.0
     return out
 
 
