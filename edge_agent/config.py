@@ -61,6 +61,10 @@ class StoreConfig:
     dead_letter_rows: int = opt(1000, doc="rejected payloads kept for inspection (oldest go first)",
                                 ge=0, le=1_000_000)
     dead_letter_payload_bytes: int = opt(4096, doc="bytes of a rejected payload kept", ge=0, le=1 << 20)
+    max_devices: int = opt(10_000, doc="devices the registry holds; readings of a new device beyond it are refused "
+                           "(counted, dead-lettered), known devices go on", ge=1, le=10_000_000)
+    max_points: int = opt(100_000, doc="series (device, point) the registry holds; readings of a new series beyond "
+                          "it are refused (counted, dead-lettered), known series go on", ge=1, le=100_000_000)
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,9 @@ class Metrics:
                                          ["source", "reason"], registry=r)
         self.ingest_paused = Counter(p + "ingest_paused", "Times ingest stopped reading from a broker at its "
                                      "bound of uncommitted messages", ["source"], registry=r)
+        self.readings_refused = Counter(p + "readings_refused", "Readings the store refused, by reason (registry_full: "
+                                        "a new device or series beyond store.max_devices / store.max_points)",
+                                        ["reason"], registry=r)
         self.dead_letters_dropped = Counter(p + "dead_letters_dropped", "Dead letters removed at the table bound",
                                             registry=r)
         self.store_commits = Counter(p + "store_commits", "Store transactions committed", registry=r)

@@ -141,6 +141,7 @@ class Store:
         self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
         self._seen_points: dict[tuple[str, str], str | None] = {}
         self._last_maintenance = 0.0
+        self._last_refusal_log = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -393,8 +394,13 @@ class Store:
         ack = 0
         results: list[tuple[asyncio.Future, int]] = []
         seq = self.next_seq
+        now_ns = time.time_ns()
+        fresh: tuple[set, set] = (set(), set())  # devices and series this commit registers
+        refused: dict[tuple[str, str, str], int] = {}
         for kind, payload, fut in jobs:
             if kind == "w":
+                if payload:
+                    payload = self._admit(payload, fresh, refused)
                 if payload:
                     writes.append((seq, payload))
                     seq += len(payload)
@@ -412,7 +418,10 @@ class Store:
             else:
                 ack = max(ack, payload)
         n_rows = seq - self.next_seq
-        now_ns = time.time_ns()
+        for (source, device, point), n in (refused.items() if self.cfg.dead_letter_rows else ()):
+            dead.append((now_ns, source, f"{device}/{point}"[:256], "registry_full",
+                         f"{n} reading(s) of a new series refused: the registry holds store.max_devices = "
+                         f"{self.cfg.max_devices} devices and store.max_points = {self.cfg.max_points} series", b""))
         chunk = self.cfg.outbox_chunk_readings
         out_rows: list[tuple] = []
         new_devices: list[tuple[str, str]] = []
@@ -479,11 +488,44 @@ class Store:
             self.metrics.readings_committed.inc(n_rows)
             for d, src in new_devices:
                 log.info("device registered", extra={"device": d, "source": src})
+        if refused:
+            self.metrics.readings_refused.labels("registry_full").inc(sum(refused.values()))
+            if time.monotonic() - self._last_refusal_log > 60:  # a spamming device must not flood the log either
+                self._last_refusal_log = time.monotonic()
+                log.warning("registry full: readings of new devices/series refused", extra={
+                    "max_devices": self.cfg.max_devices, "max_points": self.cfg.max_points,
+                    "example": "/".join(next(iter(refused))[1:])})
         self.metrics.store_commits.inc()
         self.metrics.store_commit_seconds.observe(time.perf_counter() - t0)
         self.metrics.outbox_readings.set(self.outbox_readings)
         self.metrics.outbox_bytes.set(self.outbox_bytes)
         self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts))
+
+    def _admit(self, readings: list[Reading], fresh: tuple[set, set],
+               refused: dict[tuple[str, str, str], int]) -> list[Reading]:
+        """The readings whose series the registry holds or has room for (`fresh`: what this commit adds); the
+        others are counted in `refused` by (source, device, point)."""
+        known_d, series = self._known_devices, self._series
+        new_d, new_s = fresh
+        if not ({(r.device, r.point) for r in readings} - series.keys() - new_s):
+            return readings  # the usual case: every series is known
+        out: list[Reading] = []
+        for r in readings:
+            key = (r.device, r.point)
+            if key in series or key in new_s:
+                out.append(r)
+                continue
+            device_is_new = r.device not in known_d and r.device not in new_d
+            if (device_is_new and len(known_d) + len(new_d) >= self.cfg.max_devices) or \
+                    len(series) + len(new_s) >= self.cfg.max_points:
+                k = (r.source, r.device, r.point)
+                refused[k] = refused.get(k, 0) + 1
+                continue
+            new_s.add(key)
+            if device_is_new:
+                new_d.add(r.device)
+            out.append(r)
+        return out
 
     def _register(self, conn: sqlite3.Connection, writes: list[tuple[int, list[Reading]]], now_ns: int,
                   new_devices: list[tuple[str, str]]) -> dict[tuple[str, str], int]:

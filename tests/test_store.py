@@ -111,3 +111,31 @@ def test_a_crashing_commit_fails_its_writers_and_the_store_keeps_serving(tmp_pat
         assert await s.write([R(1)]) == 1, "the next write commits, with the first seq"
         await s.close()
     asyncio.run(main())
+
+
+def test_the_registry_is_bounded_and_known_series_go_on(tmp_path):
+    def P(device: str, point: str) -> Reading:
+        return Reading(device, point, 1.0, "", time.time_ns(), "good", "mqtt")
+
+    async def main():
+        s = await _open(tmp_path, max_devices=3, max_points=5)
+        await s.write([P("d1", "a"), P("d1", "b"), P("d2", "a")])
+        # a spamming source: new devices beyond 3, new series beyond 5; the known ones still land
+        await s.write([P(f"spam{i}", "x") for i in range(10)] + [P("d1", "a")])
+        await s.write([P("d1", f"p{i}") for i in range(10)] + [P("d2", "a")])
+        devs = [d for (d,) in await s.query("SELECT device FROM devices ORDER BY device")]
+        assert devs == ["d1", "d2", "spam0"]
+        assert (await s.query("SELECT count(*) FROM points"))[0][0] == 5
+        assert s.metrics.value("edge_agent_readings_refused_total", {"reason": "registry_full"}) == 9 + 9
+        assert (await s.query("SELECT count(*) FROM readings"))[0][0] == 3 + 2 + 2
+        dead = await s.query("SELECT source, topic, reason, detail FROM dead_letters ORDER BY id")
+        assert len(dead) == 18 and dead[0][:3] == ("mqtt", "spam1/x", "registry_full")
+        assert "store.max_devices = 3" in dead[0][3]
+        await s.close()
+        s = await _open(tmp_path, max_devices=3, max_points=5)  # the bound holds across restarts
+        await s.write([P("new", "x"), P("d1", "a")])
+        assert s.metrics.value("edge_agent_readings_refused_total", {"reason": "registry_full"}) == 1
+        seqs = [r["seq"] for row in await s.read_outbox(0, 1000, 1 << 20) for r in json.loads(b"[" + row.payload + b"]")]
+        assert seqs == list(range(1, len(seqs) + 1))  # refused readings take no sequence numbers
+        await s.close()
+    asyncio.run(main())
