@@ -173,20 +173,26 @@ class Generator:
         self.on_device = provider in ("cuda", "tensorrt")
         self.device_id = device_id
         self._empty = np.zeros((1, n_kv, 0, head_dim), dtype=np.float32)
+        self._ones = np.ones((1, context), dtype=np.int64)  # attention masks and positions are views of these
+        self._positions = np.arange(context, dtype=np.int64)[None]
+        self._outputs = ["logits", *self.present_names]
+        # the binding's own run: the public wrapper re-validates every feed in Python on every call, a sixth of a
+        # decode step for this model (the feeds here are always complete and plain arrays)
+        self._run = getattr(session, "_sess", session).run
         self._pool = None
 
     # one forward pass over `ids` (appended after `past_len` cached tokens); returns the logits of every position
     def _forward_cpu(self, ids: list[int], past, past_len: int):
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
-                 "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
-                 "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None]}
+                 "attention_mask": self._ones[:, :past_len + n],
+                 "position_ids": self._positions[:, past_len:past_len + n]}
         if past is None:
             for name in self.past_names:
                 feeds[name] = self._empty
         else:
             feeds.update(zip(self.past_names, past))
-        out = self.s.run(None, feeds)
+        out = self._run(self._outputs, feeds, None)
         return out[0][0], out[1:]
 
     def _forward_device(self, ids: list[int], past, past_len: int):
@@ -341,7 +347,7 @@ class Generator:
     @staticmethod
     def _pick(logits: np.ndarray, top_p: float, temperature: float, rng) -> int:
         if top_p <= 0.0:
-            return int(np.argmax(logits))
+            return int(logits.argmax())
         z = logits.astype(np.float64) / max(temperature, 1e-6)
         z -= z.max()
         p = np.exp(z)
