@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.glm import schema
-from edge_agent.glm.generate import ConstraintError, GenerationTimeout, Generator, ToolCallConstraint
+from edge_agent.glm.generate import ConstraintError, GenerationTimeout, Generator, Lookup, ToolCallConstraint
 from edge_agent.glm.models import ModelError, VerifiedModel, load_verified
 from edge_agent.glm.runtime import RuntimeOptions, Session, open_session
 from edge_agent.glm.tokenizer import GlmTokenizer, PromptError
@@ -127,8 +127,8 @@ class Engine:
         # the tokens every answer opens with (`{"tool":"`), fed with the prompt in one forward pass
         self._prefix = tuple(self._openings[schema.TOOLS].deep_copy().compute_ff_tokens())
         # where lookahead drafts an answer's keys from (besides the question)
-        self.reference = tuple(t for call in schema.EXAMPLE_CALLS
-                                for t in [*self.tok.tok.encode(schema.format_call(call)).ids, self.tok.eos_id])
+        self.reference = Lookup([t for call in schema.EXAMPLE_CALLS
+                                 for t in [*self.tok.tok.encode(schema.format_call(call)).ids, self.tok.eos_id]])
         self._thread = threading.Thread(target=self._work, name="glm-worker", daemon=True)
         self._thread.start()
 

@@ -152,6 +152,12 @@ class Lookup:
                 if p >= n:
                     self.index[n][tuple(seq[p - n:p])] = p
 
+    def copy(self) -> "Lookup":
+        other = Lookup([])
+        other.seq = list(self.seq)
+        other.index = {n: dict(ix) for n, ix in self.index.items()}
+        return other
+
     def draft(self, k: int) -> list[int]:
         seq = self.seq
         for n in self.NS:
@@ -220,10 +226,10 @@ class Generator:
                  constraint: JsonConstraint | Callable[[], JsonConstraint] | None = None,
                  top_p: float = 0.0, temperature: float = 1.0,
                  seed: int | None = None, on_token: Callable[[list[int]], None] | None = None,
-                 prefix: tuple[int, ...] = (), lookahead: int = 0, reference: tuple[int, ...] = (),
+                 prefix: tuple[int, ...] = (), lookahead: int = 0, reference: Lookup | None = None,
                  decode: Callable[[list[int]], str] | None = None) -> GenResult:
-        """`lookahead`: draft tokens fed per pass (greedy on the CPU only; 0: none); `reference`: tokens drafts may
-        also be copied from (example calls)."""
+        """`lookahead`: draft tokens fed per pass (greedy on the CPU only; 0: none); `reference`: what drafts may
+        also be copied from (example calls), indexed once and copied here."""
         t0 = time.perf_counter()
         deadline = t0 + timeout_s
         if len(prompt_ids) >= self.context:
@@ -249,8 +255,10 @@ class Generator:
         else:
             rows, past = forward(prompt_ids, None, 0)
         logits = rows[-1]
-        lookup = Lookup([*reference, *prompt_ids, *out]) if lookahead > 0 and top_p <= 0.0 and not self.on_device \
-            else None
+        lookup = None
+        if lookahead > 0 and top_p <= 0.0 and not self.on_device:
+            lookup = reference.copy() if reference is not None else Lookup([])
+            lookup.extend([*prompt_ids, *out])
         passes, mask_s = 1, 0.0
         past_len = len(prompt_ids) + len(out)
         ttft = time.perf_counter() - t0 if out else 0.0
