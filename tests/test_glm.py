@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -371,3 +373,22 @@ def test_the_answer_grammar_narrows_once_the_tool_is_named(engine):
     opening = engine.lltok.tokenize_str('{"tool":"')
     assert nameless.accepts(*engine.lltok.tokenize_str('{"tool":"status"'))
     assert not nameless.accepts(*opening, *engine.lltok.tokenize_str('query')[:1])
+
+
+_WORDS = ["set", "to", "minus", "point", "and", "-", "hundred", "thousand", "forty", "fourty", "nine", "m", "hours",
+          "hlaf", "quarter", "hour", "today", "pump-7", "line1_boiler2", "1,500", "-23", "67.44", "23m", "1e400", "∞",
+          "9" * 40, "0.0000001", "?", "…", "\u0000", "\"", "\\"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=schema.MAX_TEXT_CHARS),
+                 st.lists(st.sampled_from(_WORDS), max_size=40).map(" ".join)))
+def test_any_question_gets_a_bounded_grammar_that_compiles(text):
+    import llguidance
+
+    said, wins = schema.numbers(text), schema.windows(text)
+    assert len(said) <= schema.MAX_NUMBERS and all(abs(v) <= 1e9 for v in said)
+    assert wins and all(1 <= w <= schema.MAX_WINDOW_S for w in wins)
+    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(
+        schema.request_schema(text)))
+    assert error == "", error

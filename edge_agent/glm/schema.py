@@ -75,7 +75,7 @@ _ONES = {w: i for i, w in enumerate(
 _TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
 _SCALES = {"hundred": 100, "thousand": 1000}
 _NUMBER_WORDS = {**_ONES, **_TENS, **_SCALES}
-_TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|[A-Za-z]+|[^\sA-Za-z\d]")
+_TOKEN = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|[A-Za-z]+|[^\sA-Za-z0-9]")
 UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 _UNIT_WORDS = {w: UNIT_SECONDS[u] for u, ws in {
     "second": "s sec secs second seconds", "minute": "m min mins minute minutes", "hour": "h hr hrs hour hours",
@@ -119,7 +119,7 @@ def _tokens(text: str) -> list[str | float]:
     toks: list[str | float] = []
     for m in _TOKEN.finditer(text):
         t, i = m.group(), m.start()
-        if t[0].isdigit():
+        if "0" <= t[0] <= "9":
             before = text[i - 1] if i else " "
             if before.isalnum() or before == "_":
                 continue
