@@ -250,8 +250,9 @@ def request_schema(text: str) -> dict[str, Any]:
     plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}  # not "buse"
     filters = {"enum": [w for w in words if w not in plurals]}
     value = [{"enum": said}] if said else []
-    numbered = [w for w in words if any(ch.isdigit() for ch in w) and not w.lstrip("-").replace(".", "").isdigit()]
-    device = {"enum": numbered} if numbered else name  # device ids carry a number: prefer words that have one
+    # device ids carry a digit (0-9) and are not a plain number: prefer such words when there are any
+    numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)]
+    device = {"enum": numbered} if numbered else name
     point = {"enum": list(dict.fromkeys([*CANONICAL_POINTS, *words]))}
     q["properties"]["args"]["properties"].update(device=device, point=point, window_s={"enum": windows(text)})
     ld["properties"]["args"]["properties"]["filter"] = {"anyOf": [filters, {"type": "null"}]}
