@@ -104,11 +104,11 @@ def _lookup(word: str, table: dict[str, int], fuzzy_from: int = 5) -> int | None
     words collide ("hour" is one letter from "four", "says" from "days")."""
     if word in table:
         return table[word]
-    return _fuzzy(word, id(table), fuzzy_from) if len(word) >= fuzzy_from else None
+    return _fuzzy(word, id(table)) if len(word) >= fuzzy_from else None
 
 
-@functools.lru_cache(maxsize=4096)
-def _fuzzy(word: str, table_id: int, fuzzy_from: int) -> int | None:
+@functools.lru_cache(maxsize=4096)  # operators repeat their words; bounded all the same
+def _fuzzy(word: str, table_id: int) -> int | None:
     table = _TABLES[table_id]
     return next((v for w, v in table.items() if len(w) >= 4 and _one_edit(word, w)), None)
 
