@@ -169,6 +169,8 @@ class Engine:
         if self._thread is not None:
             self._q.put(None)
             self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self.gen.close()
 
     # ---- the worker ----
     def _work(self) -> None:

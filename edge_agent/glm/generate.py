@@ -346,6 +346,12 @@ class Generator:
             on_token(tokens)
         return stop
 
+    def close(self) -> None:
+        """Stop the prompt helper thread (the session itself belongs to the caller)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _helper(self):
         if self._pool is None:
             import concurrent.futures
