@@ -392,3 +392,19 @@ def test_any_question_gets_a_bounded_grammar_that_compiles(text):
     error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(
         schema.request_schema(text)))
     assert error == "", error
+
+
+def test_generator_runs_on_the_public_session_api_too(engine):
+    from edge_agent.glm.generate import Generator
+
+    class Public:  # an onnxruntime whose session has no private `_sess`: the public `run` serves
+        def __init__(self, sess):
+            self.run = sess.run
+
+    a = engine.model.arch
+    gen = Generator(Public(engine.session.sess), [engine.tok.eos_id], a["context"], a["num_hidden_layers"],
+                    a["num_key_value_heads"], a["head_dim"])
+    ids = engine.tok.encode_prompt("turn off fan_7")
+    ours = gen.generate(ids, max_new_tokens=96, timeout_s=10, decode=engine.tok.decode)
+    assert json.loads(ours.text) == REFERENCE["turn off fan_7"]
+    assert ours.text == engine.gen.generate(ids, max_new_tokens=96, timeout_s=10, decode=engine.tok.decode).text
