@@ -197,7 +197,11 @@ def _plain(v: float) -> int | float:
 
 def numbers(text: str) -> list[int | float]:
     """The numbers an operator wrote (see _quantities), in order, without repeats."""
-    return list(dict.fromkeys(_plain(v) for v, _ in _quantities(_tokens(text)) if abs(v) <= 1e9))[:MAX_NUMBERS]
+    return _numbers(_quantities(_tokens(text)))
+
+
+def _numbers(quantities: list[tuple[float, str]]) -> list[int | float]:
+    return list(dict.fromkeys(_plain(v) for v, _ in quantities if abs(v) <= 1e9))[:MAX_NUMBERS]
 
 
 def windows(text: str) -> list[int]:
@@ -205,8 +209,9 @@ def windows(text: str) -> list[int]:
     a unit alone ("the last hour"), a quarter or half hour, today. None stated: the conventional windows and every
     number times every unit, for the model to choose from."""
     toks = _tokens(text)
+    quantities = _quantities(toks)
     stated = []
-    for v, u in _quantities(toks):
+    for v, u in quantities:
         unit = _lookup(u, _UNIT_WORDS)
         if v > 0 and unit and float(v * unit).is_integer():
             stated.append(int(v * unit))
@@ -217,16 +222,17 @@ def windows(text: str) -> list[int]:
         if isinstance(prev, float) or _lookup(prev, _NUMBER_WORDS) is not None:
             continue  # "19 days" was read above
         unit = _lookup(w, _LONG_UNITS)
+        part = _lookup(prev, _PARTS, fuzzy_from=3) if unit == 3600 else None
         if w == "today":
             stated.append(86400)
-        elif unit == 3600 and _lookup(prev, _PARTS, fuzzy_from=3):
-            stated.append(_lookup(prev, _PARTS, fuzzy_from=3))
+        elif part:
+            stated.append(part)
         elif unit:
             stated.append(unit)
     stated = [w for w in stated if 1 <= w <= MAX_WINDOW_S]
     if stated:
         return list(dict.fromkeys(stated))
-    said = [v for v in numbers(text) if v > 0]
+    said = [v for v in _numbers(quantities) if v > 0]
     return sorted({*CONVENTIONAL_WINDOWS, *(int(n * u) for n in said for u in UNIT_SECONDS.values()
                                             if float(n * u).is_integer() and 1 <= n * u <= MAX_WINDOW_S)})
 
@@ -240,7 +246,7 @@ def request_schema(text: str) -> dict[str, Any]:
     words = candidates(text)
     said = numbers(text)
     schema = json.loads(json.dumps(TOOL_SCHEMA))
-    q, ld, w, st = schema["anyOf"]
+    q, ld, wp, st = schema["anyOf"]
     if not words:  # nothing in the question can name a device or a point: only the nameless calls remain
         ld["properties"]["args"]["properties"]["filter"] = {"type": "null"}
         schema["anyOf"] = [ld, st]
@@ -256,7 +262,7 @@ def request_schema(text: str) -> dict[str, Any]:
     point = {"enum": list(dict.fromkeys([*CANONICAL_POINTS, *words]))}
     q["properties"]["args"]["properties"].update(device=device, point=point, window_s={"enum": windows(text)})
     ld["properties"]["args"]["properties"]["filter"] = {"anyOf": [filters, {"type": "null"}]}
-    w["properties"]["args"]["properties"].update(device=device, point=point,
+    wp["properties"]["args"]["properties"].update(device=device, point=point,
                                                  value={"anyOf": [*value, {"type": "boolean"}, name]})
     return schema
 
