@@ -2,7 +2,8 @@
 
 Peers: onnxruntime-genai driving the same ONNX file (with the folder's genai_config.json), unconstrained and with
 its own llguidance guidance, each with and without its n-gram speculation, and the same architecture in torch eager
-with a KV cache (transformers; random weights: speed only). Skipped, with the reason printed, where a peer is not installed.
+with a KV cache (transformers; random weights: speed only). Skipped, with the reason printed, where a peer is not
+installed.
 """
 from __future__ import annotations
 

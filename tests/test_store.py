@@ -135,7 +135,8 @@ def test_the_registry_is_bounded_and_known_series_go_on(tmp_path):
         s = await _open(tmp_path, max_devices=3, max_points=5)  # the bound holds across restarts
         await s.write([P("new", "x"), P("d1", "a")])
         assert s.metrics.value("edge_agent_readings_refused_total", {"reason": "registry_full"}) == 1
-        seqs = [r["seq"] for row in await s.read_outbox(0, 1000, 1 << 20) for r in json.loads(b"[" + row.payload + b"]")]
+        rows = await s.read_outbox(0, 1000, 1 << 20)
+        seqs = [r["seq"] for row in rows for r in json.loads(b"[" + row.payload + b"]")]
         assert seqs == list(range(1, len(seqs) + 1))  # refused readings take no sequence numbers
         await s.close()
     asyncio.run(main())
