@@ -1,19 +1,15 @@
-"""Question -> tool call (via the GLM) -> the command that executes it -> a short answer.
+"""The agent: the supervisor's component that owns the GLM engine (load, plan, close).
 
-The GLM only proposes: a call becomes the matching command (`query_stats` -> `query`, `list_devices` ->
-`devices`, `write_point` -> `write`, `status` -> `status`) and runs through the same checks as that command
-sent directly: the command allow-list, argument checks, the adapters' write allow-list and range checks, audit.
+The GLM only proposes a tool call; `ops.ask` runs it as the operation the tool belongs to, through that operation's
+checks. The tools the model may call come from the operations table (`ops.TOOLSET`), handed in here.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
-
-TOOL_COMMAND = {"query_stats": "query", "list_devices": "devices", "write_point": "write", "status": "status"}
 
 
 class AskError(Exception):
@@ -22,54 +18,13 @@ class AskError(Exception):
         self.code, self.message = code, message
 
 
-def command_for(call: dict) -> tuple[str, dict]:
-    args = call["args"]
-    if call["tool"] == "list_devices":
-        return "devices", {"filter": args["filter"]}
-    return TOOL_COMMAND[call["tool"]], dict(args)
-
-
-def _window(s: int) -> str:
-    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if s % n == 0:
-            k = s // n
-            return f"{k} {unit}{'s' if k != 1 else ''}"
-    return f"{s} s"
-
-
-def answer_text(call: dict, result: Any) -> str:
-    tool, a = call["tool"], call["args"]
-    if tool == "query_stats":
-        value = result.get("value") if isinstance(result, dict) else None
-        if value is None:
-            return f"no {a['point']} readings from {a['device']} in the last {_window(a['window_s'])}"
-        if isinstance(value, float):
-            value = round(value, 3)
-        if a["agg"] == "last":
-            return f"{a['device']} {a['point']} is {value}"
-        if a["agg"] == "count":
-            return f"{value} {a['point']} readings from {a['device']} in the last {_window(a['window_s'])}"
-        words = {"min": "lowest", "max": "highest", "avg": "average"}
-        return f"{words[a['agg']]} {a['point']} of {a['device']} over the last {_window(a['window_s'])}: {value}"
-    if tool == "list_devices":
-        names = [d["device"] for d in result]
-        head = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-        what = f" matching {a['filter']!r}" if a["filter"] else ""
-        return f"{len(names)} device{'s' if len(names) != 1 else ''}{what}" + (f": {head}" if names else "")
-    if tool == "write_point":
-        return f"wrote {a['value']!r} to {a['device']} {a['point']}"
-    up = result.get("uptime_s", 0)
-    return (f"gateway {result.get('gateway')} up {up / 3600:.1f} h; uplink "
-            f"{'connected' if result.get('uplink_connected') else 'down'}; "
-            f"{result.get('outbox_readings', 0)} readings waiting for the cloud")
-
-
 class Agent:
     """The supervisor's component that owns the GLM engine."""
     name = "glm"
 
-    def __init__(self, cfg, state_dir: Path, metrics) -> None:
+    def __init__(self, cfg, tools, state_dir: Path, metrics) -> None:
         self.cfg = cfg
+        self.tools = tools
         self.engine = None
         self.error: str | None = None if cfg.enabled else "the model is disabled (model.enabled = false)"
         self._state_dir = state_dir
@@ -85,7 +40,7 @@ class Agent:
     def _load(self) -> None:
         from edge_agent.glm.engine import Engine
 
-        engine = Engine(self.cfg, cache_dir=self._state_dir / "model-cache", metrics=self._metrics)
+        engine = Engine(self.cfg, self.tools, cache_dir=self._state_dir / "model-cache", metrics=self._metrics)
         try:
             engine.load()
         except Exception as e:  # noqa: BLE001 - a model that cannot load: ask says why, the rest runs on

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent import __version__
+from edge_agent import ops
 from edge_agent.agent import Agent
-from edge_agent.commands import Commands, Gateway
+from edge_agent.backoff import Backoff
 from edge_agent.config import Config, ConfigError, action_value, rule_from_dict, to_dict
+from edge_agent.control import ControlServer
 from edge_agent.logs import RING
 from edge_agent.metrics import Metrics
+from edge_agent.records import WriteRefused
 from edge_agent.rules import RuleEngine
-from edge_agent.southbound import WriteRefused
 from edge_agent.southbound.mqtt import MqttIngest
 from edge_agent.store import Store
 from edge_agent.systemd import Notifier
@@ -56,7 +58,8 @@ class App:
         self._metrics_server = None
         self.uplink: Uplink | None = None
         self.ingest: MqttIngest | None = None
-        self.commands: Commands | None = None
+        self.router: ops.Router | None = None
+        self.control: ControlServer | None = None
         self.rules: RuleEngine | None = None
         self.agent: Agent | None = None
         self._actions: set[asyncio.Task] = set()
@@ -72,21 +75,21 @@ class App:
         """Make the components; raises TlsConfigError/ConfigError for what the user must fix."""
         cfg = self.cfg
         self.store.alerts_max = cfg.rules.max_pending_alerts
+        self.store.alert_history_max = cfg.rules.history_max
         if cfg.rules.enabled:
             self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, act=self._rule_action)
             self.components.append(self.rules)
-        self.agent = Agent(cfg.model, Path(cfg.gateway.state_dir), self.metrics)
+        self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics)
         self.components.append(self.agent)
+        self.router = ops.Router(cfg.commands, ops.TABLE, ops.Gateway(
+            status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
+            write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
+            rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
+            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan), self.metrics)
+        self.control = ControlServer(Path(cfg.gateway.state_dir), self.router.handle)
+        self.components.append(self.control)
         if cfg.uplink.enabled:
-            on_command = None
-            if cfg.commands.enabled:
-                self.commands = Commands(cfg.commands, Gateway(
-                    status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
-                    write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
-                    rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
-                    rules_remove=self.rules_remove, ask=self.agent.plan),
-                    self.metrics)
-                on_command = self.commands.handle
+            on_command = self.router.handle if cfg.commands.enabled else None
             self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
                                  cfg.commands.concurrency)
             self.components.append(self.uplink)
@@ -158,6 +161,18 @@ class App:
                 continue
             if rc.id not in self.rules.from_config:
                 self.rules.add(rc)
+
+    async def alerts(self, device: str | None, cleared: int) -> dict:
+        """The alerts firing now (the rule engine's state, each with its latest firing alert from the store's log)
+        and the last `cleared` cleared ones."""
+        firing_rules = [r for r in (self.rules.list() if self.rules else [])
+                        if r["firing"] and (device is None or r["device"] == device)]
+        firing, done = await self.store.alert_history([r["id"] for r in firing_rules], device, cleared)
+        docs = {d["rule"]: d for d in map(json.loads, firing)}
+        now = [docs.get(r["id"]) or {"rule": r["id"], "kind": r["kind"], "state": "firing", "device": r["device"],
+                                     "point": r["point"], "text": f"{r['device']}/{r['point']}: rule {r['id']} fires "
+                                     "(its alert was held back by the cooldown)"} for r in firing_rules]
+        return {"firing": now, "cleared": [json.loads(p) for p in done]}
 
     async def write_point(self, device: str, point: str, value: object) -> None:
         """Route an allow-listed point write to the adapter that owns the device."""
@@ -233,8 +248,9 @@ class App:
         log.info("stopped")
 
     async def _supervise(self, comp: Any) -> None:
-        min_s, max_s = self.cfg.supervisor.restart_min_s, self.cfg.supervisor.restart_max_s
-        delay = min_s
+        max_s = self.cfg.supervisor.restart_max_s
+        backoff = Backoff(min(self.cfg.supervisor.restart_min_s, max_s), max_s,
+                          self.metrics.backoff_waits.labels(f"restart_{comp.name}"))
         while not self._stop.is_set():
             started = time.monotonic()
             self.state[comp.name] = "running"
@@ -249,15 +265,12 @@ class App:
                 if self._stop.is_set():
                     return
                 if time.monotonic() - started > 10 * max_s:
-                    delay = min_s  # it had been healthy for a long while
+                    backoff.reset()  # it had been healthy for a long while
                 self.state[comp.name] = "restarting"
                 self.metrics.restarts.labels(comp.name).inc()
-                log.exception("component crashed; restarting", extra={"comp": comp.name, "retry_s": round(delay, 2)})
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                except (asyncio.TimeoutError, TimeoutError):
-                    pass
-                delay = min(delay * 2, max_s)
+                wait = backoff.next()
+                log.exception("component crashed; restarting", extra={"comp": comp.name, "retry_s": round(wait, 2)})
+                await backoff.wait(self._stop, wait)
 
     async def _watchdog(self, interval: float) -> None:
         # Fed from the event loop: a stalled loop stops the pings and systemd restarts the process.

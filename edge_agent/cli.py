@@ -12,6 +12,7 @@ from edge_agent.tls import TlsConfigError
 
 DEFAULT_CONFIG = "/etc/edge-agent/config.toml"
 EXIT_CONFIG = 2
+EXIT_NO_DAEMON = 3
 
 
 def _fail(msg: str) -> int:
@@ -40,9 +41,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from edge_agent import tls
+    from edge_agent import ops, tls
     try:
         cfg = config.load(args.config)
+        ops.allowed(ops.TABLE, cfg.commands.allow)
         if cfg.uplink.enabled:
             tls.client_context(cfg.uplink.ca_file, cfg.uplink.cert_file, cfg.uplink.key_file, prefix="uplink.")
         mq = cfg.southbound.mqtt
@@ -65,7 +67,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from edge_agent.demo import run_demo
+    from edge_agent.devkit.demo import run_demo
     logs.setup("warning" if not args.verbose else "info", "text")
     return run_demo(duration=args.duration, devices=args.devices, rate=args.rate)
 
@@ -86,18 +88,51 @@ def _model_config(args: argparse.Namespace):
     return cfg, m
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
+def _print_json(doc) -> None:
     import json
+    print(json.dumps(doc, separators=(",", ":"), default=str, allow_nan=False))
 
-    from edge_agent.agent import answer_text, command_for
+
+def _state_dir(args: argparse.Namespace) -> str:
+    """The running daemon's state directory (where its control socket is): from --config, or the default."""
+    import os
+    if args.config and os.path.exists(args.config):
+        return config.load(args.config).gateway.state_dir
+    if args.config != DEFAULT_CONFIG:
+        raise config.ConfigError(f"{args.config}: config file not found (pass --config PATH)")
+    return config.Config().gateway.state_dir
+
+
+def _call_daemon(args: argparse.Namespace, name: str, request: dict) -> int:
+    """One operation through the running daemon's control socket; prints its reply as one line of JSON."""
+    from edge_agent.control import NoDaemon, call
+    try:
+        reply = call(_state_dir(args), name, request, timeout=args.timeout)
+    except config.ConfigError as e:
+        return _fail(str(e))
+    except NoDaemon as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    _print_json(reply)
+    if not reply.get("ok"):
+        return 1
+    if name == "ask" and reply["result"].get("answer"):
+        print(reply["result"]["answer"])
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    if not args.dry_run:
+        return _call_daemon(args, "ask", {"text": args.text})
+    from edge_agent import ops
     from edge_agent.glm.engine import Engine
     from edge_agent.glm.models import ModelError
     from edge_agent.glm.tokenizer import PromptError
 
     logs.setup("warning", "text")
     try:
-        cfg, mcfg = _model_config(args)
-        engine = Engine(mcfg)
+        _cfg, mcfg = _model_config(args)
+        engine = Engine(mcfg, ops.TOOLSET)
         engine.load()
     except (config.ConfigError, ModelError, RuntimeError) as e:
         return _fail(str(e))
@@ -107,46 +142,45 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return _fail(str(e))
     finally:
         engine.close()
-    print(json.dumps(plan.call, separators=(",", ":")))
-    if args.dry_run:
-        return 0
-    name, fields = command_for(plan.call)
-    if name == "write":
-        return _fail("writes go through the running daemon and its adapters (command 'write' or 'ask' over the "
-                     "uplink); nothing was written")
-    result = asyncio.run(_execute_locally(cfg, name, fields))
-    print(json.dumps(result, separators=(",", ":"), default=str))
-    print(answer_text(plan.call, result))
+    _print_json(plan.call)
     return 0
 
 
-async def _execute_locally(cfg, name: str, fields: dict):
-    from edge_agent.metrics import Metrics
-    from edge_agent.store import Store
-
-    store = Store(cfg.store, cfg.gateway.state_dir, Metrics())
-    await store.open()
+def _field_value(text: str):
+    """A command-line field: JSON where it parses (numbers, true, null, objects), else the text as a string."""
+    import json
     try:
-        if name == "query":
-            try:
-                return await store.query_stats(fields["device"], fields["point"], fields["agg"], fields["window_s"],
-                                               cfg.commands.query_max_rows)
-            except (LookupError, OverflowError) as e:
-                return {"error": str(e).strip("'\"")}
-        if name == "devices":
-            devices = await store.devices()
-            flt = fields.get("filter")
-            return [d for d in devices if not flt or flt.lower() in d["device"].lower()]
-        return {"gateway": cfg.gateway.id, "version": __version__, "outbox_readings": store.outbox_readings,
-                "acked_seq": store.acked_seq, "next_seq": store.next_seq, "uplink_connected": False, "uptime_s": 0}
-    finally:
-        await store.close()
+        return json.loads(text, parse_constant=lambda c: text)
+    except ValueError:
+        return text
+
+
+def cmd_op(args: argparse.Namespace) -> int:
+    request = {}
+    for item in args.fields:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _fail(f"field {item!r}: expected NAME=VALUE")
+        request[key] = _field_value(value)
+    return _call_daemon(args, args.name, request)
+
+
+def cmd_ops(_args: argparse.Namespace) -> int:
+    from edge_agent import ops
+    for op in ops.TABLE.values():
+        fields = " ".join(f"{k}{'' if f.required else '?'}:{f.describe()}" for k, f in op.fields.items())
+        kind = "changes" if op.changes else "read-only"
+        tool = f"  [GLM tool {op.tool.name}]" if op.tool else ""
+        print(f"{op.name:<13} {kind:<9} {op.doc}{tool}")
+        if fields:
+            print(f"{'':<24}fields: {fields}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from edge_agent.bench_model import run
+    from edge_agent.devkit.bench_model import run
     from edge_agent.glm.models import ModelError
 
     logs.setup("warning", "text")
@@ -187,11 +221,22 @@ def parser() -> argparse.ArgumentParser:
         x.add_argument("--providers", default="", help="e.g. cpu or cuda,cpu (default: model.providers)")
         x.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (default: model.threads)")
 
-    a = sub.add_parser("ask", help="turn a question into a tool call with the local GLM")
+    a = sub.add_parser("ask", help="ask the running agent a question (its GLM plans a call, the agent runs it)")
     a.add_argument("text")
-    a.add_argument("--dry-run", action="store_true", help="print the tool call only; execute nothing")
+    a.add_argument("--dry-run", action="store_true", help="plan with the model here and print the tool call only; "
+                   "needs no running agent, executes nothing")
+    a.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent's reply")
     model_args(a)
     a.set_defaults(fn=cmd_ask)
+    o = sub.add_parser("op", help="run one operation on the running agent (edge-agent ops lists them)")
+    o.add_argument("name", help="e.g. status, alerts.list, query")
+    o.add_argument("fields", nargs="*", metavar="NAME=VALUE", help="the request's fields; values are JSON where "
+                   "they parse (42, true, null), else text")
+    o.add_argument("--config", default=DEFAULT_CONFIG, help="where the agent's state directory is said")
+    o.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent's reply")
+    o.set_defaults(fn=cmd_op)
+    ls = sub.add_parser("ops", help="list the operations: what each takes, whether it changes anything")
+    ls.set_defaults(fn=cmd_ops)
     b = sub.add_parser("bench", help="benchmarks: 'bench model' times the GLM against its peers")
     b.add_argument("what", choices=["model"])
     b.add_argument("--eval", type=str, default=None, help="JSONL of {text, call}: exact-match accuracy too")

@@ -54,6 +54,8 @@ class Metrics:
                                 ["command", "outcome"], registry=r)
         self.alerts = Counter(p + "alerts", "Alerts by state: firing, cleared, suppressed (cooldown), dropped "
                               "(bound), sent (acknowledged by the cloud)", ["state"], registry=r)
+        self.backoff_waits = Counter(p + "backoff_waits", "Waits before a retry (reconnects, re-registrations, "
+                                     "restarts), by loop", ["loop"], registry=r)
         self.restarts = Counter(p + "component_restarts", "Component restarts after a crash", ["component"],
                                 registry=r)
         self.loop_lag = Gauge(p + "event_loop_lag_seconds", "Latest event-loop scheduling lag", registry=r)

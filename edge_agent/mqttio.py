@@ -32,9 +32,14 @@ MessageCallback = Callable[[paho.MQTTMessage], None]
 
 
 class ConnectError(Exception):
-    def __init__(self, reason: str) -> None:
+    """A connection or subscription that did not come up: the message says why; `kind` is one of KINDS (a metric
+    label)."""
+    KINDS = ("tls_verification", "tls", "refused", "timed_out", "connack", "cannot_connect", "closed", "subscribe")
+
+    def __init__(self, kind: str, reason: str) -> None:
+        assert kind in self.KINDS, kind
         super().__init__(reason)
-        self.reason = reason
+        self.kind, self.reason = kind, reason
 
 
 class PublishError(Exception):
@@ -206,19 +211,19 @@ class MqttConnection:
         try:
             await asyncio.wait_for(self._loop.run_in_executor(None, self._blocking_connect, props), timeout)
         except ssl.SSLCertVerificationError as e:
-            raise ConnectError(f"tls verification failed: {e.verify_message}") from None
+            raise ConnectError("tls_verification", f"tls verification failed: {e.verify_message}") from None
         except ssl.SSLError as e:
-            raise ConnectError(f"tls error: {e.reason or e}") from None
+            raise ConnectError("tls", f"tls error: {e.reason or e}") from None
         except (asyncio.TimeoutError, TimeoutError):
-            raise ConnectError("connect timed out") from None
+            raise ConnectError("timed_out", "connect timed out") from None
         except OSError as e:
-            raise ConnectError(f"cannot connect: {e.strerror or e}") from None
+            raise ConnectError("cannot_connect", f"cannot connect: {e.strerror or e}") from None
         self._attach()
         try:
             return await asyncio.wait_for(asyncio.shield(self._connack), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             self.close()
-            raise ConnectError("no CONNACK in time") from None
+            raise ConnectError("connack", "no CONNACK in time") from None
 
     def _blocking_connect(self, props: Properties | None) -> None:
         if self.v5:
@@ -229,7 +234,7 @@ class MqttConnection:
     def _attach(self) -> None:
         sock = self._c.socket()
         if sock is None:
-            raise ConnectError("socket closed during connect")
+            raise ConnectError("closed", "socket closed during connect")
         self._sock = sock
         try:  # paho leaves Nagle on: small packets (PUBACKs, replies) would wait for delayed ACKs
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -318,7 +323,7 @@ class MqttConnection:
         if self._connack.done():
             return
         if reason.is_failure:
-            self._connack.set_exception(ConnectError(f"refused by broker: {reason}"))
+            self._connack.set_exception(ConnectError("refused", f"refused by broker: {reason}"))
         else:
             self._connack.set_result(bool(flags.session_present))
 
@@ -327,7 +332,7 @@ class MqttConnection:
 
     def _resolve_disconnect(self, reason: str) -> None:
         if not self._connack.done():
-            self._connack.set_exception(ConnectError(reason))
+            self._connack.set_exception(ConnectError("closed", reason))
             self._connack.exception()  # retrieved: connect() reports it if it is still waiting
         if not self.disconnected.done():
             self.disconnected.set_result(reason)
@@ -372,12 +377,12 @@ class MqttConnection:
     async def subscribe(self, filters: list[tuple[str, int]], timeout: float = 10.0) -> None:
         rc, mid = self._c.subscribe(filters)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise ConnectError(f"subscribe failed: {paho.error_string(rc)}")
+            raise ConnectError("subscribe", f"subscribe failed: {paho.error_string(rc)}")
         fut = self._subs[mid] = self._loop.create_future()
         codes = await asyncio.wait_for(fut, timeout)
         bad = [f for (f, _q), code in zip(filters, codes) if code.is_failure]
         if bad:
-            raise ConnectError(f"subscription refused for {', '.join(bad)}")
+            raise ConnectError("subscribe", f"subscription refused for {', '.join(bad)}")
 
     def _on_subscribe(self, _c, _u, mid, reason_codes, _props) -> None:
         fut = self._subs.pop(mid, None)

@@ -21,6 +21,10 @@ class Reading(NamedTuple):
     source: str = ""
 
 
+class WriteRefused(Exception):
+    """A point write an adapter will not perform; the message is the reason."""
+
+
 class RejectedInput(Exception):
     """Untrusted input that cannot become readings; `reason` is a short metric label."""
 

@@ -37,7 +37,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.records import Reading
 
 log = logging.getLogger(__name__)
-Emit = Callable[[bytes], None]
+Emit = Callable[[bytes, str, str, str], None]  # (payload, rule id, device, state)
 
 
 class _Rule:
@@ -165,7 +165,7 @@ class RuleEngine:
         log.info("alert", extra={"rule": c.id, "state": state, "device": c.device, "point": c.point,
                                     "value": value, "text": text})
         payload = json.dumps(doc, separators=(",", ":"), default=str).encode()
-        self.emit(payload)
+        self.emit(payload, c.id, c.device, state)
         if self.act is not None and (c.local_topic or (state == "firing" and c.action_device)):
             self.act(c, state, payload)
 

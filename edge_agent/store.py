@@ -9,6 +9,8 @@ Tables
   for it, or when the disk quota evicts it (counted, logged).
 - `devices`, `points`: the registry, filled as readings arrive.
 - `dead_letters`: rejected payloads, bounded.
+- `alerts`: alerts the cloud has not acknowledged (ids from `meta.next_alert_id`, never reused, so the uplink's
+  cursor can never skip one); `alert_log`: the last `rules.history_max` alerts, for `alerts.list`.
 - `meta`: the next seq; `seq_marks`: (time, seq) marks that make age-based retention a primary-key
   range delete.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import json
 import logging
 import math
@@ -60,11 +63,31 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_marks (ts_ns INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_log (
+    id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (id TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
 """
 
 _STOP = object()
 MAINTENANCE_INTERVAL_S = 1.0
+
+
+class Job(enum.Enum):
+    """What the writer thread is asked to do: a closed set; an unknown kind is a bug and raises."""
+    WRITE = "write"            # readings to commit (a future: the last seq)
+    DEAD_LETTER = "dead"       # a rejected payload to keep (a future)
+    OUTBOX_ACK = "ack"         # the cloud acknowledged readings up to a seq
+    ALERT = "alert"            # an alert for the cloud and the alert log
+    ALERT_ACK = "alert_ack"    # the cloud acknowledged alerts up to an id
+    RULE = "rule"              # a rule added or removed by command (a future)
+
+
+@dataclass(frozen=True)
+class Alert:
+    payload: bytes
+    rule: str
+    device: str
+    state: str
 
 
 class StoreError(Exception):
@@ -132,6 +155,8 @@ class Store:
         self.new_data: asyncio.Event | None = None
         self.new_alert: asyncio.Event | None = None
         self.alerts_max = 10_000
+        self.alert_history_max = 1000
+        self.next_alert_id = 1
         self.next_seq = 1
         self.outbox_readings = 0
         self.outbox_bytes = 0
@@ -191,7 +216,7 @@ class Store:
         assert self._slots is not None and self._loop is not None
         async with self._slots:
             fut = self._loop.create_future()
-            self._q.put(("w", readings, fut))
+            self._q.put((Job.WRITE, readings, fut))
             return await fut
 
     async def dead_letter(self, source: str, topic: str, reason: str, detail: str, payload: bytes) -> None:
@@ -201,34 +226,53 @@ class Store:
         assert self._slots is not None and self._loop is not None
         async with self._slots:
             fut = self._loop.create_future()
-            self._q.put(("d", (time.time_ns(), source, topic, reason, detail[:500],
+            self._q.put((Job.DEAD_LETTER, (time.time_ns(), source, topic, reason, detail[:500],
                                bytes(payload[:self.cfg.dead_letter_payload_bytes])), fut))
             await fut
 
     def ack_outbox(self, upto_seq: int) -> None:
         """The cloud acknowledged every reading up to `upto_seq`: drop those outbox rows (in the next commit)."""
-        self._q.put(("a", upto_seq, None))
+        self._q.put((Job.OUTBOX_ACK, upto_seq, None))
 
-    def alert(self, payload: bytes) -> None:
-        """Keep an alert for the cloud (in the next commit; never blocks the caller)."""
-        self._q.put(("l", payload, None))
+    def alert(self, payload: bytes, rule: str, device: str, state: str) -> None:
+        """Keep an alert for the cloud and in the alert log (in the next commit; never blocks the caller)."""
+        self._q.put((Job.ALERT, Alert(payload, rule, device, state), None))
 
     async def save_rule(self, rule_id: str, doc: str | None) -> None:
         """Store (doc) or delete (None) a rule added by command; returns once committed."""
         assert self._loop is not None
         fut = self._loop.create_future()
-        self._q.put(("r", (rule_id, doc), fut))
+        self._q.put((Job.RULE, (rule_id, doc), fut))
         await fut
 
     async def load_rules(self) -> list[str]:
         return [d for (d,) in await self.query("SELECT doc FROM rules ORDER BY id")]
 
     def ack_alerts(self, upto_id: int) -> None:
-        self._q.put(("x", upto_id, None))
+        self._q.put((Job.ALERT_ACK, upto_id, None))
 
     async def read_alerts(self, after_id: int = 0, limit: int = 100) -> list[tuple[int, bytes]]:
         return await self._read(lambda: self._rconn.execute(  # type: ignore[union-attr]
             "SELECT id, payload FROM alerts WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall())
+
+    async def alert_history(self, rules: list[str], device: str | None, cleared: int) -> tuple[list[bytes], list[bytes]]:
+        """From the alert log: the latest firing alert of each of `rules`, and the last `cleared` cleared alerts
+        (oldest first), of `device` alone where one is named."""
+        def read() -> tuple[list[bytes], list[bytes]]:
+            c = self._rconn
+            assert c is not None
+            dev = "" if device is None else " AND device = ?"
+            args: tuple = () if device is None else (device,)
+            firing = []
+            for rule in rules[:1000]:
+                row = c.execute(f"SELECT payload FROM alert_log WHERE rule = ? AND state = 'firing'{dev} "
+                                "ORDER BY id DESC LIMIT 1", (rule, *args)).fetchone()
+                if row is not None:
+                    firing.append(row[0])
+            done = [p for (p,) in c.execute(f"SELECT payload FROM alert_log WHERE state = 'cleared'{dev} "
+                                            "ORDER BY id DESC LIMIT ?", (*args, cleared))]
+            return firing, done[::-1]
+        return await self._read(read)
 
     async def read_outbox(self, after_seq: int, max_readings: int, max_bytes: int) -> list[OutboxRow]:
         """Consecutive outbox rows after `after_seq`: at least one row, then up to the bounds."""
@@ -323,7 +367,7 @@ class Store:
             if job is _STOP:
                 break
             jobs = [job]
-            rows = len(job[1]) if job[0] == "w" else 0
+            rows = len(job[1]) if job[0] is Job.WRITE else 0
             deadline = time.monotonic() + delay
             while rows < max_rows:
                 try:
@@ -335,7 +379,7 @@ class Store:
                     stopping = True
                     break
                 jobs.append(nxt)
-                if nxt[0] == "w":
+                if nxt[0] is Job.WRITE:
                     rows += len(nxt[1])
             self._commit_guarded(conn, jobs)
             if time.monotonic() - self._last_maintenance >= MAINTENANCE_INTERVAL_S:
@@ -360,6 +404,9 @@ class Store:
         self.next_seq = int(row[0]) if row else 1
         row = conn.execute("SELECT value FROM meta WHERE key='acked_seq'").fetchone()
         self.acked_seq = int(row[0]) if row else 0
+        row = conn.execute("SELECT max(coalesce((SELECT value FROM meta WHERE key='next_alert_id'), 1), "
+                           "coalesce((SELECT max(id) + 1 FROM alerts), 1))").fetchone()
+        self.next_alert_id = int(row[0])
         n, b = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox").fetchone()
         self.outbox_readings, self.outbox_bytes = n, b
         self._load_registry(conn)
@@ -388,7 +435,7 @@ class Store:
         t0 = time.perf_counter()
         writes: list[tuple[int, list[Reading]]] = []   # (first seq, readings)
         dead: list[tuple] = []
-        alerts: list[tuple] = []
+        alerts: list[Alert] = []
         alerts_acked = 0
         rule_changes: list[tuple[str, str | None]] = []
         ack = 0
@@ -398,25 +445,27 @@ class Store:
         fresh: tuple[set, set] = (set(), set())  # devices and series this commit registers
         refused: dict[tuple[str, str, str], int] = {}
         for kind, payload, fut in jobs:
-            if kind == "w":
+            if kind is Job.WRITE:
                 if payload:
                     payload = self._admit(payload, fresh, refused)
                 if payload:
                     writes.append((seq, payload))
                     seq += len(payload)
                 results.append((fut, seq - 1))
-            elif kind == "d":
+            elif kind is Job.DEAD_LETTER:
                 dead.append(payload)
                 results.append((fut, 0))
-            elif kind == "l":
-                alerts.append((payload,))
-            elif kind == "x":
+            elif kind is Job.ALERT:
+                alerts.append(payload)
+            elif kind is Job.ALERT_ACK:
                 alerts_acked = max(alerts_acked, payload)
-            elif kind == "r":
+            elif kind is Job.RULE:
                 rule_changes.append(payload)
                 results.append((fut, 0))
-            else:
+            elif kind is Job.OUTBOX_ACK:
                 ack = max(ack, payload)
+            else:
+                raise AssertionError(f"unknown store job {kind!r}")
         n_rows = seq - self.next_seq
         for (source, device, point), n in (refused.items() if self.cfg.dead_letter_rows else ()):
             dead.append((now_ns, source, f"{device}/{point}"[:256], "registry_full",
@@ -455,12 +504,19 @@ class Store:
                     conn.execute("DELETE FROM rules WHERE id = ?", (rule_id,))
                 else:
                     conn.execute("INSERT OR REPLACE INTO rules VALUES (?, ?)", (rule_id, doc))
+            next_alert_id = self.next_alert_id
             if alerts:
-                conn.executemany("INSERT INTO alerts (payload) VALUES (?)", alerts)
-                dropped = conn.execute("DELETE FROM alerts WHERE id <= (SELECT max(id) FROM alerts) - ?",
-                                       (self.alerts_max,)).rowcount
+                ids = range(next_alert_id, next_alert_id + len(alerts))
+                next_alert_id += len(alerts)
+                conn.executemany("INSERT INTO alerts (id, payload) VALUES (?, ?)",
+                                 [(i, a.payload) for i, a in zip(ids, alerts)])
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_alert_id', ?)", (next_alert_id,))
+                dropped = conn.execute("DELETE FROM alerts WHERE id <= ?", (next_alert_id - 1 - self.alerts_max,)).rowcount
                 if dropped > 0:
                     self.metrics.alerts.labels("dropped").inc(dropped)
+                conn.executemany("INSERT INTO alert_log (id, rule, device, state, payload) VALUES (?,?,?,?,?)",
+                                 [(i, a.rule, a.device, a.state, a.payload) for i, a in zip(ids, alerts)])
+                conn.execute("DELETE FROM alert_log WHERE id <= ?", (next_alert_id - 1 - self.alert_history_max,))
             acked = (0, 0)
             if ack > self.acked_seq:
                 acked = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox "
@@ -478,6 +534,7 @@ class Store:
             self._resolve(results, StoreError(f"commit failed: {e}"))
             return
         self.next_seq = seq
+        self.next_alert_id = next_alert_id
         if ack > self.acked_seq:
             self.acked_seq = ack
             self.outbox_readings -= acked[0]

@@ -19,11 +19,11 @@ import collections
 import datetime as dt
 import json
 import logging
-import random
 import time
 from typing import Awaitable, Callable
 
 from edge_agent import __version__, tls
+from edge_agent.backoff import Backoff
 from edge_agent.config import UplinkConfig
 from edge_agent.metrics import Metrics
 from edge_agent.mqttio import ConnectError, MqttConnection, PublishError, Will
@@ -74,7 +74,7 @@ class Uplink:
                 "not_after": self.cert.not_after.astimezone(dt.timezone.utc).isoformat()})
 
     async def run(self) -> None:
-        delay = self.cfg.reconnect_min_s
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self.metrics.backoff_waits.labels("uplink"))
         while not self._stopping.is_set():
             if time.monotonic() - self._last_cert_check > CERT_CHECK_INTERVAL_S:
                 self.check_certificate()
@@ -92,14 +92,14 @@ class Uplink:
             except (ConnectError, PublishError, asyncio.TimeoutError) as e:
                 conn.close()
                 reason = str(e)
-                self.metrics.uplink_errors.labels(_reason_label(reason)).inc()
-                wait = delay * random.uniform(0.5, 1.0)
+                self.metrics.uplink_errors.labels(e.kind if isinstance(e, ConnectError) else
+                                                  "publish" if isinstance(e, PublishError) else "timed_out").inc()
+                wait = backoff.next()
                 log.warning("cloud connection failed", extra={"host": self.cfg.host, "port": self.cfg.port,
                                                              "error": reason, "retry_s": round(wait, 2)})
-                await self._sleep(wait)
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                await backoff.wait(self._stopping, wait)
                 continue
-            delay = self.cfg.reconnect_min_s
+            backoff.reset()
             self.connected = True
             self.metrics.uplink_connected.set(1)
             self.metrics.uplink_connects.inc()
@@ -118,13 +118,7 @@ class Uplink:
                 self.metrics.uplink_errors.labels("disconnected").inc()
                 log.warning("cloud connection lost", extra={"reason": reason})
                 conn.close()
-                await self._sleep(delay * random.uniform(0.5, 1.0))
-
-    async def _sleep(self, s: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), s)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
+                await backoff.wait(self._stopping)
 
     async def _pump(self, conn: MqttConnection) -> None:
         store, cfg = self.store, self.cfg
@@ -256,9 +250,3 @@ class Uplink:
                 pass
             await conn.disconnect()
 
-
-def _reason_label(reason: str) -> str:
-    for key in ("tls verification", "tls", "refused", "timed out", "CONNACK", "cannot connect"):
-        if key in reason:
-            return key.lower().replace(" ", "_")
-    return "other"

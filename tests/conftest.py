@@ -17,8 +17,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.brokers import Mosquitto, free_port
-from edge_agent.certs import CA
+from edge_agent.devkit.brokers import Mosquitto, free_port
+from edge_agent.devkit.certs import CA
 from edge_agent.config import to_toml
 
 

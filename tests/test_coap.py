@@ -10,7 +10,7 @@ import time
 import cbor2
 import pytest
 
-from edge_agent.brokers import free_udp_port
+from edge_agent.devkit.brokers import free_udp_port
 from conftest import wait_for
 
 COAP_CLIENT = shutil.which("coap-client-notls") or shutil.which("coap-client")
@@ -76,7 +76,7 @@ def test_coap_bad_input_gets_4xx_and_is_counted(local_broker, cloud_broker, make
 
 
 def start_sensor(port: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "edge_agent.simulators", "coap", "--port", str(port),
+    p = subprocess.Popen([sys.executable, "-m", "edge_agent.devkit.simulators", "coap", "--port", str(port),
                           "--max-age", "2", "--interval", "0.2"])
     time.sleep(0.8)
     return p

@@ -83,7 +83,7 @@ def test_read_commands_and_refusals(protocol, local_broker, cloud_broker, make_a
         assert cli.call("ping")["result"]["pong"] is True
         status = cli.call("status")["result"]
         assert status["gateway"] == "gw-test" and status["uplink_connected"] is True
-        assert status["components"] == {"glm": "running", "rules": "running", "uplink": "running", "mqtt": "running"}
+        assert status["components"] == {"glm": "running", "rules": "running", "control": "running", "uplink": "running", "mqtt": "running"}
         assert status["next_seq"] == 11
         wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 20, what="model")
         model = cli.call("status")["result"]["model"]
@@ -140,7 +140,7 @@ def test_read_commands_and_refusals(protocol, local_broker, cloud_broker, make_a
 
 
 def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, make_agent, pki):
-    from edge_agent.brokers import free_port
+    from edge_agent.devkit.brokers import free_port
     plc = Plc(free_port()).start()
     try:
         agent = make_agent(local_broker, cloud_broker, commands={"allow": ["ping", "status", "write", "ask"]},

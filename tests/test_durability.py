@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edge_agent.brokers import Mosquitto
+from edge_agent.devkit.brokers import Mosquitto
 from conftest import Publisher, wait_for
 
 CRASH_CYCLES = int(os.environ.get("EDGE_AGENT_CRASH_CYCLES", "20"))

@@ -130,8 +130,8 @@ def test_certificate_expiring_soon_warns_and_exports_days(local_broker, cloud_br
 
 def test_uplink_refuses_cloud_broker_with_untrusted_certificate(local_broker, make_agent, tmp_path, pki):
     """A broker whose certificate was signed by another CA is not talked to: verification is always on."""
-    from edge_agent.brokers import Mosquitto
-    from edge_agent.certs import CA
+    from edge_agent.devkit.brokers import Mosquitto
+    from edge_agent.devkit.certs import CA
     rogue = CA(tmp_path / "rogue", "rogue CA")
     cert, key = rogue.issue("rogue-broker", server=True)
     with Mosquitto.mtls(tmp_path / "rogue-broker", rogue.cert_path, cert, key) as broker:

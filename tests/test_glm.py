@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.config import ModelConfig
+from edge_agent.ops import TOOLSET
 from edge_agent.glm import schema
 from edge_agent.glm.engine import Busy, Engine, shipped_model_dir
 from edge_agent.glm.generate import GenerationTimeout
@@ -54,7 +55,7 @@ REFERENCE = {
 
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine(ModelConfig(providers=["cpu"]), metrics=Metrics())
+    e = Engine(ModelConfig(providers=["cpu"]), TOOLSET, metrics=Metrics())
     e.load()
     yield e
     e.close()
@@ -76,7 +77,7 @@ def test_constrained_output_is_always_a_valid_call(engine):
     for _ in range(40):
         text = "".join(rng.choice(alphabet, size=int(rng.integers(1, 60)))).strip() or "x"
         plan = engine.plan(text)
-        schema.validate_call(plan.call)  # raises if not
+        TOOLSET.validate(plan.call)  # raises if not
         for key in ("device", "filter"):  # names are spelt as in the question, never invented
             v = plan.call["args"].get(key)
             assert v is None or v in text, (text, plan.raw)
@@ -107,16 +108,18 @@ def test_numbers_and_windows_are_read_from_the_question():
     assert w("temp of pump-3") == list(schema.CONVENTIONAL_WINDOWS)
     assert {5, 300, 18000, 60, 3600} <= set(w("pump-3 temp, 5"))
     # the grammar holds them: a setpoint the operator did not say cannot be written
-    s = schema.request_schema("set fan_7 speed to two hundred and forty")
-    value = s["anyOf"][2]["properties"]["args"]["properties"]["value"]
+    def args(text: str, tool: str) -> dict:
+        return next(b for b in TOOLSET.narrowed(text)["anyOf"]
+                    if b["properties"]["tool"]["const"] == tool)["properties"]["args"]["properties"]
+
+    value = args("set fan_7 speed to two hundred and forty", "write_point")["value"]
     assert value["anyOf"][0] == {"enum": [240]}
-    s = schema.request_schema("turn on fan_7")
     assert all("enum" not in alt or all(isinstance(x, str) for x in alt["enum"])
-               for alt in s["anyOf"][2]["properties"]["args"]["properties"]["value"]["anyOf"])
-    filters = schema.request_schema("list all pumps and the press")["anyOf"][1]["properties"]["args"]["properties"]
+               for alt in args("turn on fan_7", "write_point")["value"]["anyOf"])
+    filters = args("list all pumps and the press", "list_devices")
     assert "pump" in filters["filter"]["anyOf"][0]["enum"] and "pumps" not in filters["filter"]["anyOf"][0]["enum"]
     assert "press" in filters["filter"]["anyOf"][0]["enum"]
-    filters = schema.request_schema("list all buses and switches")["anyOf"][1]["properties"]["args"]["properties"]
+    filters = args("list all buses and switches", "list_devices")
     assert {"bus", "switch"} <= set(filters["filter"]["anyOf"][0]["enum"])
     assert not {"buses", "buse", "switches", "switche"} & set(filters["filter"]["anyOf"][0]["enum"])
 
@@ -143,7 +146,7 @@ def _blocked(engine):
 
 
 def test_queue_bound_answers_busy_and_time_limit_counts_queue_wait():
-    e = Engine(ModelConfig(providers=["cpu"], queue=1, timeout_s=0.3), metrics=Metrics())
+    e = Engine(ModelConfig(providers=["cpu"], queue=1, timeout_s=0.3), TOOLSET, metrics=Metrics())
     e.load()
     try:
         gate, real = _blocked(e)
@@ -171,14 +174,16 @@ def test_provider_fallback_picks_cpu_and_says_why():
     opts = RuntimeOptions(providers=["tensorrt", "cuda", "cpu"])
     s = open_session(model, opts, available=["CPUExecutionProvider"])
     assert s.provider == "cpu" and s.file == "model.int8.onnx"
-    assert s.reasons == ["tensorrt: not offered by this onnxruntime build",
-                         "cuda: not offered by this onnxruntime build"]
+    assert [str(r) for r in s.reasons] == ["tensorrt: not offered by this onnxruntime build",
+                                           "cuda: not offered by this onnxruntime build"]
+    assert all(r.expected for r in s.reasons)
     # offered by name but unusable here (no GPU): onnxruntime falls back, and we say so
     import onnxruntime as ort
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         s = open_session(model, RuntimeOptions(providers=["cuda", "cpu"]),
                          available=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        assert s.provider == "cpu" and s.reasons and s.reasons[0].startswith("cuda: ")
+        assert s.provider == "cpu" and s.reasons and str(s.reasons[0]).startswith("cuda: ")
+        assert not s.reasons[0].expected
     with pytest.raises(RuntimeError, match="no execution provider"):
         open_session(model, RuntimeOptions(providers=["tensorrt"]), available=["CPUExecutionProvider"])
 
@@ -283,7 +288,7 @@ def test_engine_counts_a_refused_model(tmp_path):
     (d / "model.int8.onnx").write_bytes(b"garbage")
     m = Metrics()
     with pytest.raises(ModelError):
-        Engine(ModelConfig(dir=str(d), providers=["cpu"]), metrics=m).load()
+        Engine(ModelConfig(dir=str(d), providers=["cpu"]), TOOLSET, metrics=m).load()
     assert m.value("edge_agent_model_load_errors_total", {"reason": "digest"}) == 1
 
 
@@ -293,17 +298,16 @@ def test_cli_ask(tmp_path):
                           "turn off fan_7"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip()) == REFERENCE["turn off fan_7"]
+    # without --dry-run the question goes to the running daemon; with none running: one line, non-zero, no store made
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[gateway]\nstate_dir = "{tmp_path}"\n[uplink]\nenabled = false\n')
-    out = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--config", str(cfg), "list all pumps"],
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert json.loads(lines[0]) == REFERENCE["list all pumps"] and json.loads(lines[1]) == []
-    assert lines[2] == "0 devices matching 'pump'"
-    out = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--config", str(cfg), "turn off fan_7"],
-                         capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 2 and "nothing was written" in out.stderr
+    state = tmp_path / "state"
+    cfg.write_text(f'[gateway]\nstate_dir = "{state}"\n[uplink]\nenabled = false\n')
+    for argv in (["ask", "list all pumps"], ["op", "alerts.list"]):
+        out = subprocess.run([sys.executable, "-m", "edge_agent", *argv, "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 3 and out.stdout == "", out
+        assert out.stderr.count("\n") == 1 and "no edge agent is running" in out.stderr
+    assert not state.exists()
 
 
 def test_top_p_sampling_streams_and_stays_in_the_grammar(engine):
@@ -315,7 +319,7 @@ def test_top_p_sampling_streams_and_stays_in_the_grammar(engine):
                                 constraint=engine._constraint("max pressure on line2_press4 today"),
                                 on_token=streamed.extend, decode=engine.tok.decode)
         assert [t for t in streamed if t != engine.tok.eos_id] == r.ids  # the stream is the answer
-        schema.validate_call(json.loads(r.text))
+        TOOLSET.validate(json.loads(r.text))
         runs.append(r.text)
     assert runs[0] == runs[1]  # a seed reproduces its sample
     r = engine.gen.generate(ids, max_new_tokens=5, timeout_s=10, decode=engine.tok.decode)
@@ -391,7 +395,7 @@ def test_any_question_gets_a_bounded_grammar_that_compiles(text):
     assert len(said) <= schema.MAX_NUMBERS and all(abs(v) <= 1e9 for v in said)
     assert wins and all(1 <= w <= schema.MAX_WINDOW_S for w in wins)
     error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(
-        schema.request_schema(text)))
+        TOOLSET.narrowed(text)))
     assert error == "", error
 
 

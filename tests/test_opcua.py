@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from edge_agent.brokers import free_port
-from edge_agent.certs import opcua_app_cert
+from edge_agent.devkit.brokers import free_port
+from edge_agent.devkit.certs import opcua_app_cert
 from edge_agent.config import OpcuaConfig, OpcuaNodeConfig, OpcuaServerConfig
 from edge_agent.metrics import Metrics
-from edge_agent.southbound import WriteRefused
+from edge_agent.records import WriteRefused
 from edge_agent.southbound.opcua import OpcuaAdapter
 from conftest import wait_for
 
@@ -28,7 +28,7 @@ class Plc:
         return f"opc.tcp://127.0.0.1:{self.port}/plc/"
 
     def start(self) -> "Plc":
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent.simulators", "opcua", "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent.devkit.simulators", "opcua", "--port",
                                       str(self.port), *self.args])
         import socket
         wait_for(lambda: _listening(socket, self.port), 20, what="the PLC's port")

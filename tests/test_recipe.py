@@ -20,9 +20,9 @@ def test_recipe_smoke_builds_a_model_the_runtime_loads(tmp_path):
     from cryptography.hazmat.primitives import serialization
 
     from edge_agent.config import ModelConfig
-    from edge_agent.glm import schema
     from edge_agent.glm.engine import Engine
     from edge_agent.glm.generate import ConstraintError
+    from edge_agent.ops import TOOLSET
 
     out = tmp_path / "model" / "0.0.1"
     key = tmp_path / "signing.pem"
@@ -40,12 +40,12 @@ def test_recipe_smoke_builds_a_model_the_runtime_loads(tmp_path):
     pub = base64.b64encode(priv.public_key().public_bytes(serialization.Encoding.Raw,
                                                           serialization.PublicFormat.Raw)).decode()
     assert manifest["public_key"] == pub
-    e = Engine(ModelConfig(dir=str(out), public_key=pub, providers=["cpu"], max_new_tokens=64))
+    e = Engine(ModelConfig(dir=str(out), public_key=pub, providers=["cpu"], max_new_tokens=64), TOOLSET)
     e.load()
     try:
         try:  # a toy model: any valid call, or the clear out-of-budget error
             plan = e.plan("what is the max temperature of pump-3 over the last hour")
-            schema.validate_call(plan.call)
+            TOOLSET.validate(plan.call)
         except ConstraintError as err:
             assert "token budget" in str(err)
     finally:
@@ -60,6 +60,7 @@ def test_a_users_glm_checkpoint_drops_in(tmp_path):
 
     from edge_agent.config import ModelConfig
     from edge_agent.glm.engine import Engine, shipped_model_dir
+    from edge_agent.ops import TOOLSET
 
     ckpt = tmp_path / "ckpt"
     cfg = GlmConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -75,7 +76,8 @@ def test_a_users_glm_checkpoint_drops_in(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["architecture"]["context"] == 256 and manifest["torch_check"]["decode_max_abs_err"] < 1e-2
-    e = Engine(ModelConfig(dir=str(out), public_key=manifest["public_key"], providers=["cpu"], max_new_tokens=8))
+    e = Engine(ModelConfig(dir=str(out), public_key=manifest["public_key"], providers=["cpu"], max_new_tokens=8),
+               TOOLSET)
     e.load()
     assert e.info()["name"] == "glm-edge-custom"
     e.close()

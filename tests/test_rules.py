@@ -25,7 +25,7 @@ class Clock:
 def engine(*rules: RuleConfig) -> tuple[RuleEngine, list[dict], Clock]:
     out: list[dict] = []
     clock = Clock()
-    e = RuleEngine(RulesConfig(rule=list(rules)), "gw", lambda b: out.append(json.loads(b)), Metrics(), clock)
+    e = RuleEngine(RulesConfig(rule=list(rules)), "gw", lambda b, *_: out.append(json.loads(b)), Metrics(), clock)
     return e, out, clock
 
 
@@ -118,7 +118,7 @@ def test_alerts_raised_while_the_cloud_is_down_arrive_after_it_returns(local_bro
 
 
 def test_rule_actions_publish_locally_and_write_through_the_allow_list(local_broker, cloud_broker, make_agent):
-    from edge_agent.brokers import free_port
+    from edge_agent.devkit.brokers import free_port
     from test_opcua import FAST, NODES, Plc, _read
     import asyncio
     plc = Plc(free_port()).start()

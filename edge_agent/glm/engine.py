@@ -68,7 +68,7 @@ def shipped_model_dir() -> Path:
             versions = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _semver(p.name))
             if versions:
                 return versions[-1]
-    raise ModelError("no shipped model found (models/glm-edge-iot/<version>); set model.dir")
+    raise ModelError("no shipped model found (models/glm-edge-iot/<version>); set model.dir", "missing")
 
 
 def _semver(v: str) -> tuple:
@@ -79,8 +79,10 @@ def _semver(v: str) -> tuple:
 
 
 class Engine:
-    def __init__(self, cfg, cache_dir: Path | None = None, metrics=None, available: list[str] | None = None) -> None:
+    def __init__(self, cfg, tools: schema.Toolset, cache_dir: Path | None = None, metrics=None,
+                 available: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.tools = tools
         self.cache_dir = cache_dir
         self.metrics = metrics
         self._available = available
@@ -97,14 +99,14 @@ class Engine:
             model = load_verified(folder, self.cfg.public_key)
         except ModelError as e:
             if self.metrics is not None:
-                self.metrics.model_load_errors.labels(_reason(str(e))).inc()
+                self.metrics.model_load_errors.labels(e.reason).inc()
             raise
         opts = RuntimeOptions(providers=list(self.cfg.providers), threads=self.cfg.threads,
                               trt_fp16=self.cfg.trt_fp16, trt_int8=self.cfg.trt_int8,
                               trt_workspace_mb=self.cfg.trt_workspace_mb, cache_dir=self.cache_dir)
         session = open_session(model, opts, self._available)
         for r in session.reasons:  # not offered by this build: expected on a CPU box; a failure: worth a warning
-            (log.info if "not offered" in r else log.warning)("execution provider passed over", extra={"reason": r})
+            (log.info if r.expected else log.warning)("execution provider passed over", extra={"reason": str(r)})
         log.info("model loaded", extra={"model": model.name, "provider": session.provider, "file": session.file})
         self.tok = GlmTokenizer(model.blobs[model.manifest["tokenizer"]])
         import llguidance
@@ -119,15 +121,13 @@ class Engine:
         # the grammars an answer opens with, until it names its tool: the whole tool set, and the nameless tools
         # (a question without a usable word), compiled once
         self._openings = {}
-        for tools in (schema.TOOLS, ("list_devices", "status")):
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                {**schema.TOOL_SCHEMA, "anyOf": [b for b in schema.TOOL_SCHEMA["anyOf"]
-                                                 if b["properties"]["tool"]["const"] in tools]})
-            self._openings[tools] = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
+        for tools in (self.tools.names, self.tools.nameless):
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(self.tools.subset(tools))
+            self._openings[frozenset(tools)] = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
         # the tokens every answer opens with (`{"tool":"`), fed with the prompt in one forward pass
-        self._prefix = tuple(self._openings[schema.TOOLS].deep_copy().compute_ff_tokens())
+        self._prefix = tuple(self._openings[frozenset(self.tools.names)].deep_copy().compute_ff_tokens())
         # where lookahead drafts an answer's keys from (besides the question)
-        self.reference = Lookup([t for call in schema.EXAMPLE_CALLS
+        self.reference = Lookup([t for call in self.tools.example_calls
                                  for t in [*self.tok.tok.encode(schema.format_call(call)).ids, self.tok.eos_id]])
         self._thread = threading.Thread(target=self._work, name="glm-worker", daemon=True)
         self._thread.start()
@@ -137,7 +137,7 @@ class Engine:
             return None
         return {"name": self.model.manifest["name"], "version": self.model.manifest["version"],
                 "provider": self.session.provider, "file": self.session.file,
-                "passed_over": self.session.reasons}
+                "passed_over": [str(r) for r in self.session.reasons]}
 
     # ---- questions ----
     def submit(self, text: str, *, constrained: bool = True, timeout_s: float | None = None
@@ -226,7 +226,7 @@ class Engine:
                                 reference=self.reference)
         call, error = None, None
         try:
-            call = schema.validate_call(json.loads(res.text))
+            call = self.tools.validate(json.loads(res.text))
         except (ValueError, schema.InvalidCall) as e:
             error = f"the model's output is not a valid call: {e}"[:200]
         if constrained and error is not None:
@@ -240,12 +240,12 @@ class Engine:
 
     def _constraint(self, text: str) -> ToolCallConstraint:
         """The question's grammar: the tool set's until the answer names its tool, then that tool's call narrowed
-        to the question (schema.request_schema)."""
+        to the question (Toolset.narrowed)."""
         import llguidance
 
-        narrowed = schema.request_schema(text)
+        narrowed = self.tools.narrowed(text)
         tools = {b["properties"]["tool"]["const"]: b for b in narrowed["anyOf"]}
-        opening = self._openings[tuple(t for t in schema.TOOLS if t in tools)]
+        opening = self._openings[frozenset(tools)]
 
         def narrow(tool: str) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema({**narrowed, "anyOf": [tools[tool]]})
@@ -256,11 +256,3 @@ class Engine:
         if self.metrics is not None:
             self.metrics.glm_requests.labels(outcome).inc()
 
-
-def _reason(msg: str) -> str:
-    for key, reason in (("signature", "signature"), ("sha256", "digest"), ("the manifest says", "digest"),
-                        ("external data", "external_data"),
-                        ("missing", "missing"), ("manifest", "manifest")):
-        if key in msg:
-            return reason
-    return "other"

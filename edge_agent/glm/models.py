@@ -15,7 +15,9 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,12 @@ PROVIDER_KEYS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecu
 
 
 class ModelError(Exception):
-    """A model folder that must not be used, with the reason."""
+    """A model folder that must not be used: the message says why, `reason` is its metric label (signature, digest,
+    external_data, missing, manifest, public_key)."""
+
+    def __init__(self, message: str, reason: str = "manifest") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,15 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
         raw = base64.b64decode(text.strip(), validate=True)
         return Ed25519PublicKey.from_public_bytes(raw)
     except (binascii.Error, ValueError) as e:
-        raise ModelError(f"model.public_key is not a base64 Ed25519 public key: {e}") from None
+        raise ModelError(f"model.public_key is not a base64 Ed25519 public key: {e}", "public_key") from None
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
-    with path.open("rb") as f:
+    """A regular file's bytes, at most `limit` (a FIFO or a device in its place would block the reader: refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ModelError(f"{path.name}: not a regular file", "missing")
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ModelError(f"{path.name}: larger than {limit} bytes")
@@ -114,17 +125,21 @@ def _external_data(name: str, data: bytes) -> list[str]:
 def load_verified(folder: Path, public_key: str) -> VerifiedModel:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist")
+        raise ModelError(f"model folder {folder} does not exist", "missing")
     key = parse_public_key(public_key)
     try:
         body = _read_bounded(folder / "manifest.json", MAX_MANIFEST_BYTES)
         sig_text = _read_bounded(folder / "manifest.sig", 4096)
     except FileNotFoundError as e:
-        raise ModelError(f"{folder}: {Path(e.filename).name} is missing") from None
+        raise ModelError(f"{folder}: {Path(e.filename).name} is missing", "missing") from None
+    except OSError as e:  # a symlink (O_NOFOLLOW) or unreadable
+        raise ModelError(f"{folder}: {Path(e.filename or 'manifest').name} cannot be read: {e.strerror}",
+                         "missing") from None
     try:
         key.verify(base64.b64decode(sig_text.strip(), validate=True), body)
     except (InvalidSignature, binascii.Error, ValueError):
-        raise ModelError(f"{folder}: manifest signature does not verify with model.public_key") from None
+        raise ModelError(f"{folder}: manifest signature does not verify with model.public_key",
+                         "signature") from None
     try:
         manifest = _check_manifest(json.loads(body))
     except ValueError as e:
@@ -134,7 +149,7 @@ def load_verified(folder: Path, public_key: str) -> VerifiedModel:
     for name, meta in manifest["files"].items():
         path = folder / name
         if path.is_symlink() or not path.is_file():
-            raise ModelError(f"{name}: missing (or not a regular file) in {folder}")
+            raise ModelError(f"{name}: missing (or not a regular file) in {folder}", "missing")
         h, size = hashlib.sha256(), 0
         chunks = []
         with path.open("rb") as f:
@@ -147,9 +162,9 @@ def load_verified(folder: Path, public_key: str) -> VerifiedModel:
                     chunks.append(block)
         if size != meta["size"]:
             raise ModelError(f"{name}: {'more than ' if size > meta['size'] else ''}{size} bytes, the manifest "
-                             f"says {meta['size']}")
+                             f"says {meta['size']}", "digest")
         if h.hexdigest() != meta["sha256"]:
-            raise ModelError(f"{name}: sha256 does not match the manifest")
+            raise ModelError(f"{name}: sha256 does not match the manifest", "digest")
         if name in keep:
             blobs[name] = b"".join(chunks)
     external: dict[str, list[str]] = {}
@@ -158,7 +173,7 @@ def load_verified(folder: Path, public_key: str) -> VerifiedModel:
         for loc in locs:
             if loc not in manifest["files"] or Path(loc).name != loc:
                 raise ModelError(f"{name}: references external data {loc!r} that is not a listed file of "
-                                 "its folder")
+                                 "its folder", "external_data")
         if locs:
             external[name] = sorted(set(locs))
     return VerifiedModel(folder, manifest, blobs, external)

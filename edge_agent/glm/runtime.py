@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from edge_agent.glm.models import VerifiedModel
 
@@ -83,12 +83,22 @@ def session_options(opts: RuntimeOptions):
     return so
 
 
+class PassedOver(NamedTuple):
+    """A preferred provider that does not serve, and why; `expected` when the build simply lacks it (a CPU box)."""
+    provider: str
+    why: str
+    expected: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.provider}: {self.why}"
+
+
 @dataclass
 class Session:
     sess: Any  # onnxruntime.InferenceSession
     provider: str  # the short name that serves: tensorrt | cuda | cpu
     file: str
-    reasons: list[str]  # why earlier preferences were passed over
+    reasons: list[PassedOver]  # why earlier preferences were passed over
 
 
 def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str] | None = None) -> Session:
@@ -96,14 +106,14 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
     import onnxruntime as ort
 
     available = ort.get_available_providers() if available is None else available
-    reasons: list[str] = []
+    reasons: list[PassedOver] = []
     for kind in opts.providers:
         name = PROVIDERS[kind]
         if name not in available:
-            reasons.append(f"{kind}: not offered by this onnxruntime build")
+            reasons.append(PassedOver(kind, "not offered by this onnxruntime build", expected=True))
             continue
         if name not in model.manifest["providers"]:
-            reasons.append(f"{kind}: the model ships no file for it")
+            reasons.append(PassedOver(kind, "the model ships no file for it"))
             continue
         file = model.file_for(name)
         chain = [(name, provider_options(kind, opts, model.arch))]
@@ -117,10 +127,10 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
             sess = ort.InferenceSession(source, sess_options=session_options(opts),
                                         providers=[c[0] for c in chain], provider_options=[c[1] for c in chain])
         except Exception as e:  # noqa: BLE001 - a provider that cannot start: say why, try the next
-            reasons.append(f"{kind}: session failed: {type(e).__name__}: {str(e)[:200]}")
+            reasons.append(PassedOver(kind, f"session failed: {type(e).__name__}: {str(e)[:200]}"))
             continue
         if sess.get_providers()[0] != name:
-            reasons.append(f"{kind}: onnxruntime fell back to {sess.get_providers()[0]}")
+            reasons.append(PassedOver(kind, f"onnxruntime fell back to {sess.get_providers()[0]}"))
             continue
         return Session(sess, kind, file, reasons)
-    raise RuntimeError("no execution provider could serve the model: " + "; ".join(reasons))
+    raise RuntimeError("no execution provider could serve the model: " + "; ".join(map(str, reasons)))

@@ -4,11 +4,13 @@ Shared by the recipe that trains the model and the runtime that constrains it, s
 """
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import math
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
@@ -20,7 +22,6 @@ MAX_TEXT_CHARS = 256  # an operator's question beyond this is refused before tok
 MAX_NAME_CHARS = 48  # device / point / filter / string value bound inside the grammar
 AGGS = ("last", "min", "max", "avg", "count")
 MAX_WINDOW_S = 366 * 86400
-TOOLS = ("query_stats", "list_devices", "write_point", "status")
 # the point names the model normalises to ("temp" -> temperature); any other point is copied from the question
 CANONICAL_POINTS = ("temperature", "pressure", "humidity", "speed", "flow", "level", "voltage", "current", "power",
                     "vibration", "setpoint", "co2", "rpm", "enabled", "mode")
@@ -28,6 +29,44 @@ _STRIP = ",.;:!?()[]{}\"'`"
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}
 _NUMBER = {"type": "number", "minimum": -1e9, "maximum": 1e9}
+
+
+class Arg(enum.Enum):
+    """What a tool's argument is, which says how it is spelt, narrowed to a question and checked."""
+    DEVICE = "device"                  # a device id, copied from the question
+    DEVICE_OR_NULL = "device_or_null"  # a device id, or null for all
+    POINT = "point"                    # a canonical point, or a word of the question
+    AGG = "agg"                        # one of AGGS
+    WINDOW = "window"                  # seconds: a number the question says times a unit, or a convention
+    VALUE = "value"                    # a number the question says, a boolean, or a word of the question
+    FILTER = "filter"                  # a word of the question (a plural's singular), or null
+
+
+NAMED = (Arg.DEVICE, Arg.POINT, Arg.VALUE)  # a tool with one of these needs a word of the question
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One tool the model may call: its name, its arguments in the order the model writes them, an example call's
+    arguments (where lookahead drafts an answer's keys from). Declared by the operation that runs it."""
+    name: str
+    args: tuple[tuple[str, Arg], ...]
+    example: dict[str, Any]
+
+
+def _arg_schema(kind: Arg) -> dict[str, Any]:
+    if kind in (Arg.DEVICE, Arg.POINT):
+        return dict(_NAME)
+    if kind in (Arg.DEVICE_OR_NULL, Arg.FILTER):
+        return {"anyOf": [dict(_NAME), {"type": "null"}]}
+    if kind is Arg.AGG:
+        return {"enum": list(AGGS)}
+    if kind is Arg.WINDOW:
+        return {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_S}
+    if kind is Arg.VALUE:
+        return {"anyOf": [dict(_NUMBER), {"type": "boolean"}, dict(_NAME)]}
+    raise AssertionError(kind)  # pragma: no cover - Arg is a closed set
+
 
 def _tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
     """{"tool": name, "args": {...}} with exactly these args, in this order (the order the model writes them
@@ -38,17 +77,7 @@ def _tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
                                     "additionalProperties": False}}}
 
 
-TOOL_SCHEMA: dict[str, Any] = {
-    "x-guidance": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"},
-    "anyOf": [
-        _tool("query_stats", {"device": _NAME, "point": _NAME, "agg": {"enum": list(AGGS)},
-                              "window_s": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_S}}),
-        _tool("list_devices", {"filter": {"anyOf": [_NAME, {"type": "null"}]}}),
-        _tool("write_point", {"device": _NAME, "point": _NAME,
-                              "value": {"anyOf": [_NUMBER, {"type": "boolean"}, _NAME]}}),
-        _tool("status", {}),
-    ],
-}
+_FORMAT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
 def _sibilant_singular(word: str) -> str:
@@ -237,45 +266,6 @@ def windows(text: str) -> list[int]:
                                             if float(n * u).is_integer() and 1 <= n * u <= MAX_WINDOW_S)})
 
 
-def request_schema(text: str) -> dict[str, Any]:
-    """TOOL_SCHEMA narrowed to one question: names must be spelt as they are in the question (or be a canonical
-    point), so the model can neither invent a device nor garble one it copies; numbers must be ones the question
-    says (a written value as it is, a window as a number times a unit), so it cannot garble a setpoint either.
-    A filter is the singular of a plural word ("all pumps" -> "pump", "buses" -> "bus"; "press" stays): a substring
-    that finds at least as much."""
-    words = candidates(text)
-    said = numbers(text)
-    schema = json.loads(json.dumps(TOOL_SCHEMA))
-    q, ld, wp, st = schema["anyOf"]
-    if not words:  # nothing in the question can name a device or a point: only the nameless calls remain
-        ld["properties"]["args"]["properties"]["filter"] = {"type": "null"}
-        schema["anyOf"] = [ld, st]
-        return schema
-    name = {"enum": words}
-    plurals = {w for w in words if w.endswith("s") and not w.endswith("ss") and w[:-1] in words}
-    plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}  # not "buse"
-    filters = {"enum": [w for w in words if w not in plurals]}
-    value = [{"enum": said}] if said else []
-    # device ids carry a digit (0-9) and are not a plain number: prefer such words when there are any
-    numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)]
-    device = {"enum": numbered} if numbered else name
-    point = {"enum": list(dict.fromkeys([*CANONICAL_POINTS, *words]))}
-    q["properties"]["args"]["properties"].update(device=device, point=point, window_s={"enum": windows(text)})
-    ld["properties"]["args"]["properties"]["filter"] = {"anyOf": [filters, {"type": "null"}]}
-    wp["properties"]["args"]["properties"].update(device=device, point=point,
-                                                 value={"anyOf": [*value, {"type": "boolean"}, name]})
-    return schema
-
-
-# one call of each tool, in canonical spelling: where lookahead drafts the keys of an answer from
-EXAMPLE_CALLS = (
-    {"tool": "query_stats", "args": {"device": "pump-1", "point": "temperature", "agg": "avg", "window_s": 3600}},
-    {"tool": "write_point", "args": {"device": "pump-1", "point": "enabled", "value": True}},
-    {"tool": "list_devices", "args": {"filter": None}},
-    {"tool": "status", "args": {}},
-)
-
-
 def prompt(text: str) -> str:
     """The exact string the model sees before it writes the call (GLM-Edge chat layout)."""
     return f"{USER}\n{text.strip()}{ASSISTANT}\n"
@@ -296,40 +286,95 @@ def _name(value: Any, key: str) -> str:
     return value
 
 
-def validate_call(call: Any) -> dict[str, Any]:
-    """Check a call against TOOL_SCHEMA by hand (the grammar already enforces it; this is the second lock)."""
-    if not isinstance(call, dict) or set(call) != {"tool", "args"} or not isinstance(call["args"], dict):
-        raise InvalidCall('a call is {"tool": NAME, "args": {...}}')
-    tool, args = call["tool"], call["args"]
-    expected = {
-        "query_stats": {"device", "point", "agg", "window_s"},
-        "list_devices": {"filter"},
-        "write_point": {"device", "point", "value"},
-        "status": set(),
-    }.get(tool)
-    if expected is None:
-        raise InvalidCall(f"unknown tool {tool!r}; tools: {', '.join(TOOLS)}")
-    if set(args) != expected:
-        raise InvalidCall(f"{tool} takes exactly {sorted(expected)}")
-    if tool == "query_stats":
-        _name(args["device"], "device")
-        _name(args["point"], "point")
-        if args["agg"] not in AGGS:
-            raise InvalidCall(f"agg must be one of {', '.join(AGGS)}")
-        w = args["window_s"]
-        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WINDOW_S:
-            raise InvalidCall(f"window_s must be an integer in 1..{MAX_WINDOW_S}")
-    elif tool == "list_devices":
-        if args["filter"] is not None:
-            _name(args["filter"], "filter")
-    elif tool == "write_point":
-        _name(args["device"], "device")
-        _name(args["point"], "point")
-        v = args["value"]
+def _check(kind: Arg, key: str, v: Any) -> None:
+    if kind in (Arg.DEVICE, Arg.POINT):
+        _name(v, key)
+    elif kind in (Arg.DEVICE_OR_NULL, Arg.FILTER):
+        if v is not None:
+            _name(v, key)
+    elif kind is Arg.AGG:
+        if v not in AGGS:
+            raise InvalidCall(f"{key} must be one of {', '.join(AGGS)}")
+    elif kind is Arg.WINDOW:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WINDOW_S:
+            raise InvalidCall(f"{key} must be an integer in 1..{MAX_WINDOW_S}")
+    elif kind is Arg.VALUE:
         if isinstance(v, str):
-            _name(v, "value")
-        elif isinstance(v, bool):
-            pass
-        elif not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e9:
-            raise InvalidCall("value must be a finite number, a boolean or a short string")
-    return call
+            _name(v, key)
+        elif not isinstance(v, bool) and (not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e9):
+            raise InvalidCall(f"{key} must be a finite number, a boolean or a short string")
+    else:  # pragma: no cover - Arg is a closed set
+        raise AssertionError(kind)
+
+
+class Toolset:
+    """The tools the model may call (declared by the operations that run them): the grammar of every answer, the
+    grammar narrowed to one question, and the hand check of a call (the second lock)."""
+
+    def __init__(self, specs: Iterable[ToolSpec]) -> None:
+        self.specs = {s.name: s for s in specs}
+        self.names = tuple(self.specs)
+        # tools that need no word of the question: what a question without a usable word may still get
+        self.nameless = tuple(n for n, s in self.specs.items() if not any(k in NAMED for _, k in s.args))
+        self.schema: dict[str, Any] = {"x-guidance": _FORMAT, "anyOf": [
+            _tool(s.name, {a: _arg_schema(k) for a, k in s.args}) for s in self.specs.values()]}
+        self.example_calls = tuple({"tool": s.name, "args": dict(s.example)} for s in self.specs.values())
+        for call in self.example_calls:
+            self.validate(call)
+
+    def subset(self, names: Iterable[str]) -> dict[str, Any]:
+        keep = set(names)
+        return {**self.schema, "anyOf": [b for b in self.schema["anyOf"] if b["properties"]["tool"]["const"] in keep]}
+
+    def narrowed(self, text: str) -> dict[str, Any]:
+        """The schema narrowed to one question: names must be spelt as they are in the question (or be a canonical
+        point), so the model can neither invent a device nor garble one it copies; numbers must be ones the question
+        says (a written value as it is, a window as a number times a unit), so it cannot garble a setpoint either.
+        A filter is the singular of a plural word ("all pumps" -> "pump", "buses" -> "bus"; "press" stays): a
+        substring that finds at least as much."""
+        words = candidates(text)
+        if not words:  # nothing in the question can name a device or a point: only the nameless calls remain
+            out = []
+            for name in self.nameless:
+                out.append(_tool(name, {a: ({"type": "null"} if k in (Arg.FILTER, Arg.DEVICE_OR_NULL)
+                                            else _arg_schema(k)) for a, k in self.specs[name].args}))
+            return {"x-guidance": _FORMAT, "anyOf": out}
+        said = numbers(text)
+        plurals = {w for w in words if w.endswith("s") and not w.endswith("ss") and w[:-1] in words}
+        plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}  # not "buse"
+        # device ids carry a digit (0-9) and are not a plain number: prefer such words when there are any
+        numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)]
+        device = {"enum": numbered} if numbered else {"enum": words}
+        narrow = {
+            Arg.DEVICE: device,
+            Arg.DEVICE_OR_NULL: {"anyOf": [device, {"type": "null"}]},
+            Arg.POINT: {"enum": list(dict.fromkeys([*CANONICAL_POINTS, *words]))},
+            Arg.AGG: {"enum": list(AGGS)},
+            Arg.WINDOW: None,  # computed only where a tool takes one
+            Arg.VALUE: {"anyOf": [*([{"enum": said}] if said else []), {"type": "boolean"}, {"enum": words}]},
+            Arg.FILTER: {"anyOf": [{"enum": [w for w in words if w not in plurals]}, {"type": "null"}]},
+        }
+        out = []
+        for s in self.specs.values():
+            args = {}
+            for a, k in s.args:
+                if k is Arg.WINDOW and narrow[k] is None:
+                    narrow[k] = {"enum": windows(text)}
+                args[a] = narrow[k]
+            out.append(_tool(s.name, args))
+        return {"x-guidance": _FORMAT, "anyOf": out}
+
+    def validate(self, call: Any) -> dict[str, Any]:
+        """Check a call against the schema by hand (the grammar already enforces it; this is the second lock)."""
+        if not isinstance(call, dict) or set(call) != {"tool", "args"} or not isinstance(call["args"], dict):
+            raise InvalidCall('a call is {"tool": NAME, "args": {...}}')
+        tool, args = call["tool"], call["args"]
+        spec = self.specs.get(tool) if isinstance(tool, str) else None
+        if spec is None:
+            raise InvalidCall(f"unknown tool {str(tool)[:48]!r}; tools: {', '.join(self.names)}")
+        expected = [a for a, _ in spec.args]
+        if set(args) != set(expected):
+            raise InvalidCall(f"{tool} takes exactly {sorted(expected)}")
+        for a, k in spec.args:
+            _check(k, a, args[a])
+        return call

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from typing import Any
 
@@ -37,11 +36,12 @@ from aiocoap import Code, ContentFormat, Message
 from aiocoap.error import Error as CoapError
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from edge_agent.backoff import Backoff
 from edge_agent.config import CoapConfig, CoapObserveConfig, ConfigError
 from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.records import Reading, RejectedInput
-from edge_agent.southbound import DeadLetter, Sink, WriteRefused
+from edge_agent.southbound import DeadLetter, Sink
 from edge_agent.southbound.decode import make_decoder
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,6 @@ class CoapAdapter:
         for _ in range(self.cfg.max_concurrent):
             self._slots.release()
 
-    async def write_point(self, device: str, point: str, value: object) -> None:
-        raise WriteRefused("CoAP devices take no point writes through this adapter")
-
     # -- server --------------------------------------------------------------------------------
     async def handle_post(self, request: Message) -> Message:
         if self.cfg.require_oscore and not isinstance(request.remote, self._oscore_address):
@@ -203,13 +200,13 @@ class CoapAdapter:
     # -- observations --------------------------------------------------------------------------
     async def _observe(self, o: CoapObserveConfig) -> None:
         decode = make_decoder(o, "{device}", SOURCE)
-        delay = self.cfg.reconnect_min_s
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s,
+                          self.metrics.backoff_waits.labels("coap_observe"))
         first = True
         while True:
             if not first:
                 self.metrics.adapter_reconnects.labels(SOURCE).inc()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                await backoff.wait()
             first = False
             assert self._ctx is not None
             pr = self._ctx.request(Message(code=Code.GET, uri=o.uri, observe=0))
@@ -218,7 +215,7 @@ class CoapAdapter:
                 if not response.code.is_successful():
                     raise CoapError(f"{o.uri} answered {response.code}")
                 await self._notification(o, decode, response)
-                delay = self.cfg.reconnect_min_s
+                backoff.reset()
                 if response.opt.observe is None:
                     log.warning("resource does not support observe; polling at its Max-Age", extra={"uri": o.uri})
                     await asyncio.sleep(response.opt.max_age or DEFAULT_MAX_AGE_S)
@@ -244,7 +241,7 @@ class CoapAdapter:
             except (CoapError, asyncio.TimeoutError, TimeoutError, OSError) as e:
                 self.metrics.adapter_errors.labels(SOURCE, "observe").inc()
                 log.warning("observation failed", extra={"uri": o.uri, "error": str(e) or type(e).__name__,
-                                                         "retry_s": round(delay, 2)})
+                                                         "retry_s_at_most": round(backoff.step, 2)})
             finally:
                 if not pr.observation.cancelled:
                     pr.observation.cancel()

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 
 from paho.mqtt.client import MQTTMessage, topic_matches_sub
 
 from edge_agent import tls
+from edge_agent.backoff import Backoff
 from edge_agent.config import MqttIngestConfig
 from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.mqttio import ConnectError, MqttConnection
 from edge_agent.records import Reading, RejectedInput
-from edge_agent.southbound import DeadLetter, Sink, WriteRefused
+from edge_agent.southbound import DeadLetter, Sink
 from edge_agent.southbound.decode import Decoder, make_decoder
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ class MqttIngest:
         self._connected = metrics.ingest_connected.labels(SOURCE)
 
     async def run(self) -> None:
-        delay = self.cfg.reconnect_min_s
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s,
+                          self.metrics.backoff_waits.labels("mqtt_ingest"))
         while not self._stopping.is_set():
             conn = self._conn = MqttConnection(
                 client_id=self.client_id, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
@@ -84,12 +85,12 @@ class MqttIngest:
             except (ConnectError, asyncio.TimeoutError) as e:
                 conn.close()
                 self.metrics.adapter_errors.labels(SOURCE, "connect").inc()
+                wait = backoff.next()
                 log.warning("local broker connection failed", extra={"host": self.cfg.host, "port": self.cfg.port,
-                                                                     "error": str(e), "retry_s": round(delay, 2)})
-                await self._sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                                                                     "error": str(e), "retry_s": round(wait, 2)})
+                await backoff.wait(self._stopping, wait)
                 continue
-            delay = self.cfg.reconnect_min_s
+            backoff.reset()
             if self._ever_connected:
                 self.metrics.adapter_reconnects.labels(SOURCE).inc()
             self._ever_connected = True
@@ -103,13 +104,7 @@ class MqttIngest:
             if self._stopping.is_set():
                 return  # stop() takes the connection down after the flush
             log.warning("local broker connection lost", extra={"reason": conn.disconnected.result()})
-            await self._sleep(delay)
-
-    async def _sleep(self, s: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), s)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
+            await backoff.wait(self._stopping)
 
     async def stop(self) -> None:
         """Stop taking messages, commit and acknowledge what was taken, then disconnect."""
@@ -122,9 +117,6 @@ class MqttIngest:
                 pass
         if self._conn is not None:
             await self._conn.disconnect()
-
-    async def write_point(self, device: str, point: str, value: object) -> None:
-        raise WriteRefused("MQTT devices take no point writes through the ingest adapter")
 
     def publish_local(self, topic: str, payload: bytes) -> bool:
         """Publish on the local broker (QoS 1) if connected; False when there is no connection."""

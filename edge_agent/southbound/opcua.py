@@ -28,7 +28,6 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +36,12 @@ from asyncua import Client, Node, ua
 from asyncua.crypto import security_policies
 
 from edge_agent import tls
+from edge_agent.backoff import Backoff
 from edge_agent.config import OpcuaConfig, OpcuaNodeConfig, OpcuaServerConfig
 from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
-from edge_agent.records import Reading
-from edge_agent.southbound import DeadLetter, Sink, WriteRefused
+from edge_agent.records import Reading, WriteRefused
+from edge_agent.southbound import DeadLetter, Sink
 
 log = logging.getLogger(__name__)
 # asyncua logs every dropped connection with a traceback; the adapter reports each session failure itself
@@ -99,7 +99,7 @@ class _Session:
 
     async def run(self) -> None:
         cfg, m = self.cfg, self.a.metrics
-        delay = cfg.reconnect_min_s
+        backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s, m.backoff_waits.labels("opcua"))
         ever = False
         while True:
             self._lost = asyncio.get_running_loop().create_future()
@@ -118,17 +118,16 @@ class _Session:
                 raise
             except Exception as e:  # noqa: BLE001 - every failure of a remote session is retried
                 m.adapter_errors.labels(SOURCE, _reason(e)).inc()
-                wait = delay * random.uniform(0.8, 1.2)
+                wait = backoff.next()
                 log.warning("opcua session failed", extra={"endpoint": cfg.endpoint, "error": _describe(e),
                                                            "retry_s": round(wait, 2)})
                 await self._teardown(client)
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, cfg.reconnect_max_s)
+                await backoff.wait(delay=wait)
                 continue
             if ever:
                 m.adapter_reconnects.labels(SOURCE).inc()
             ever = True
-            delay = cfg.reconnect_min_s
+            backoff.reset()
             self.connected = True
             self.a.update_connected()
             log.info("opcua session up", extra={"endpoint": cfg.endpoint, "device": cfg.device,
@@ -141,7 +140,7 @@ class _Session:
                 await self._teardown(client)
             m.adapter_errors.labels(SOURCE, "session_lost").inc()
             log.warning("opcua session lost; reconnecting", extra={"endpoint": cfg.endpoint, "reason": reason})
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            await backoff.wait()
 
     async def _setup(self, client: Client) -> None:
         cfg = self.cfg

@@ -243,11 +243,20 @@ class Gen:
         t = self.rng.choice(STATUS_HELDOUT if self.heldout else STATUS)
         return t, {"tool": "status", "args": {}}
 
+    def alerts(self) -> tuple[str, dict]:
+        r = self.rng
+        if r.random() < 0.6:
+            t = r.choice(ALERTS_ALL_HELDOUT if self.heldout else ALERTS_ALL)
+            return t, {"tool": "list_alerts", "args": {"device": None}}
+        dev = self.device()
+        t = r.choice(ALERTS_DEVICE_HELDOUT if self.heldout else ALERTS_DEVICE)
+        return t.format(d=dev), {"tool": "list_alerts", "args": {"device": dev}}
+
     def example(self) -> tuple[str, dict]:
         r = self.rng
         k = r.random()
-        text, call = (self.query() if k < 0.45 else self.write() if k < 0.8 else
-                      self.list_devices() if k < 0.92 else self.status())
+        text, call = (self.query() if k < 0.43 else self.write() if k < 0.76 else
+                      self.list_devices() if k < 0.87 else self.alerts() if k < 0.94 else self.status())
         return self.noise(text), call
 
     def noise(self, text: str) -> str:
@@ -336,6 +345,18 @@ STATUS = ["status", "how are you", "gateway status", "health check", "are you ok
           "give me your health", "is the system ok", "how are things"]
 STATUS_HELDOUT = ["how is the gateway doing", "report your health", "give me a status report", "you alive?",
                   "health of the system"]
+ALERTS_ALL = ["which alarms are active?", "any active alerts", "show alerts", "list alarms", "what alarms are firing",
+              "are there any alarms", "show me the active alarms", "what is alarming", "any alerts right now?",
+              "open alarms", "current alerts", "list active alerts", "what's in alarm", "alarm list",
+              "show firing alerts", "which rules are firing", "anything in alarm?", "any warnings", "recent alerts",
+              "what went off", "alerts?", "show me the alarm list", "are any alerts firing", "list the alerts"]
+ALERTS_ALL_HELDOUT = ["which alarms are active right now", "anything firing?", "give me the alarm summary",
+                      "what alerts are open", "are any alarms raised"]
+ALERTS_DEVICE = ["any alarms on {d}?", "alerts for {d}", "is {d} in alarm", "show {d} alarms", "what alerts does {d} have",
+                 "list alarms of {d}", "active alerts on {d}", "is anything alarming on {d}", "{d} alarms",
+                 "did {d} raise an alert", "alarms for {d} please", "show me the alerts of {d}"]
+ALERTS_DEVICE_HELDOUT = ["does {d} have any active alarms", "alarm status of {d}", "what is {d} alarming about",
+                         "alerts raised by {d}"]
 
 
 def split(seed: int, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:

@@ -28,8 +28,8 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bench_ingest import metric, run_gen, wait_metric  # noqa: E402
-from edge_agent.brokers import Mosquitto, free_port  # noqa: E402
-from edge_agent.certs import CA  # noqa: E402
+from edge_agent.devkit.brokers import Mosquitto, free_port  # noqa: E402
+from edge_agent.devkit.certs import CA  # noqa: E402
 from edge_agent.config import to_toml  # noqa: E402
 
 

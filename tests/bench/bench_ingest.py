@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.brokers import Mosquitto, free_port  # noqa: E402
-from edge_agent.certs import CA  # noqa: E402
+from edge_agent.devkit.brokers import Mosquitto, free_port  # noqa: E402
+from edge_agent.devkit.certs import CA  # noqa: E402
 from edge_agent.config import to_toml  # noqa: E402
 
 GENERATOR = r"""

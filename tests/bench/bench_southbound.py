@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1].parent
 sys.path.insert(0, str(ROOT))
 
 from bench_ingest import metric, proc_stats  # noqa: E402  (tests/bench is on sys.path when run as a script)
-from edge_agent.brokers import free_port, free_udp_port  # noqa: E402
+from edge_agent.devkit.brokers import free_port, free_udp_port  # noqa: E402
 from edge_agent.config import to_toml  # noqa: E402
 
 CLIENT = r"""
@@ -79,7 +79,7 @@ def start_agent(work: Path, southbound: dict) -> tuple[subprocess.Popen, int]:
 
 def bench_opcua(work: Path, items: int, seconds: float) -> None:
     port = free_port()
-    plc = subprocess.Popen([sys.executable, "-m", "edge_agent.simulators", "opcua", "--port", str(port),
+    plc = subprocess.Popen([sys.executable, "-m", "edge_agent.devkit.simulators", "opcua", "--port", str(port),
                             "--extra", str(items), "--interval", "0.1"], cwd=ROOT)
     try:
         _bench_opcua(work, items, seconds, port, plc)

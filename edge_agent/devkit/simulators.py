@@ -1,9 +1,9 @@
 """Simulated field devices on loopback for `edge-agent demo`, the tests and the benchmarks.
 
-    python -m edge_agent.simulators coap --port 5699 [--max-age 2] [--interval 0.2]
+    python -m edge_agent.devkit.simulators coap --port 5699 [--max-age 2] [--interval 0.2]
         a CoAP sensor: observable /sensors/temp (JSON {"values": {"temperature": ..}}) and a
         plain-number /sensors/humidity, notifications every interval.
-    python -m edge_agent.simulators opcua --port 4840 [--extra 1000] [--interval 0.1]
+    python -m edge_agent.devkit.simulators opcua --port 4840 [--extra 1000] [--interval 0.1]
             [--cert C --key K --trust CLIENT_CERT]
         an asyncua PLC at opc.tcp://127.0.0.1:PORT/plc/: Objects/2:PLC with Temperature, Pressure
         (Double), Running (Boolean), Setpoint (Double, writable), Mode (Int16, writable) and
@@ -125,7 +125,7 @@ async def opcua_plc(host: str, port: int, extra: int = 0, interval: float = 0.1,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m edge_agent.simulators")
+    p = argparse.ArgumentParser(prog="python -m edge_agent.devkit.simulators")
     sub = p.add_subparsers(dest="kind", required=True)
     c = sub.add_parser("coap")
     c.add_argument("--host", default="127.0.0.1")

@@ -132,10 +132,11 @@ def _torch(arch: dict, ids: list[int], new: int, reps: int, threads: int) -> dic
 def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print) -> dict:
     import onnxruntime as ort
 
+    from edge_agent import ops
     from edge_agent.glm import schema
     from edge_agent.glm.engine import Engine
 
-    engine = Engine(cfg)
+    engine = Engine(cfg, ops.TOOLSET)
     engine.load()
     model = engine.model
     tok = engine.tok
@@ -223,7 +224,7 @@ def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int 
         p = engine.plan(t)
         dt = time.perf_counter() - t0
         if genai is not None:
-            sj = json.dumps(schema.request_schema(t))
+            sj = json.dumps(ops.TOOLSET.narrowed(t))
             n, gs = genai.guided(tok.encode_prompt(t), sj, cfg.max_new_tokens)
             nn, gns = genai.guided(tok.encode_prompt(t), sj, cfg.max_new_tokens, ngram=True)
         if i >= 2:

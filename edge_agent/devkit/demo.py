@@ -20,10 +20,10 @@ from pathlib import Path
 
 from edge_agent import config
 from edge_agent.app import App
-from edge_agent.brokers import INSTALL_HINT, Mosquitto, find_mosquitto, free_port, free_udp_port
-from edge_agent.certs import CA
+from edge_agent.devkit.brokers import INSTALL_HINT, Mosquitto, find_mosquitto, free_port, free_udp_port
+from edge_agent.devkit.certs import CA
 from edge_agent.mqttio import MqttConnection
-from edge_agent.simulators import coap_sensor, opcua_plc
+from edge_agent.devkit.simulators import coap_sensor, opcua_plc
 
 
 def demo_config(state: Path, local_port: int, cloud_port: int, ca: Path, cert: Path, key: Path,

@@ -1,0 +1,182 @@
+"""The router: what every operation has in common, and no operation.
+
+A request is a JSON object; a channel (the MQTT command topic `<prefix>/<gateway>/cmd/<name>`, the local control
+socket) hands its name and bytes here and delivers the reply this returns: `{"ok": true, "result": ...}` or
+`{"ok": false, "error": {"code": ..., "message": ...}}` — always valid JSON (no NaN, no Infinity).
+
+Error codes: `bad_request` (not JSON, not an object, unknown field, wrong type, bad id), `too_large`,
+`unknown_command`, `forbidden` (not in `commands.allow`), `busy` (at the concurrency bound, or the model's queue is
+full), `not_found`, `refused` (a write the adapter refused, with its reason), `timeout`, `unavailable` and
+`unanswerable` (ask: the model did not answer in time / is not loaded / made no valid call within its token budget),
+`internal`.
+
+In order, for every request: the size bound, JSON, the id, the operation's name, its fields (types, required,
+unknown, string length), the allow-list, request-id dedup (a request whose (name, id) was answered within
+`dedup_window_s` gets the same reply again without running twice: a write the cloud resent is executed once), the
+concurrency bound, then the operation; the outcome is counted per operation and code.
+
+Every request may carry an `id` (1-64 of letters, digits, `_.-`); over MQTT 3.1.1 it is required, since the reply
+goes to `<prefix>/<gateway>/res/<id>`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from edge_agent.config import CommandsConfig, ConfigError
+from edge_agent.metrics import Metrics
+from edge_agent.ops.base import MAX_STRING, CommandError, Gateway, Operation, Request, reply_error, reply_ok
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("edge_agent.audit")
+
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID_IN_TEXT = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.-]{1,64})"')  # to route a refusal of an unparsable request
+READ_ONLY = "read-only"  # in commands.allow: every operation that changes nothing
+
+
+def allowed(table: dict[str, Operation], allow: list[str]) -> frozenset[str]:
+    """The operations `commands.allow` names; raises ConfigError naming the key for an unknown one."""
+    out: set[str] = set()
+    for a in allow:
+        if a == READ_ONLY:
+            out |= {n for n, op in table.items() if not op.changes}
+        elif a in table:
+            out.add(a)
+        else:
+            raise ConfigError(f"commands.allow: unknown operation {a!r} (known: {READ_ONLY!r}, {', '.join(table)})")
+    return frozenset(out)
+
+
+class Router:
+    def __init__(self, cfg: CommandsConfig, table: dict[str, Operation], gw: Gateway, metrics: Metrics) -> None:
+        self.cfg, self.table, self.gw, self.metrics = cfg, table, gw, metrics
+        self.allow = allowed(table, cfg.allow)
+        self.by_tool = {op.tool.name: op for op in table.values() if op.tool is not None}
+        self._seen: collections.OrderedDict[tuple[str, str], tuple[float, bytes]] = collections.OrderedDict()
+        self._running: dict[tuple[str, str], asyncio.Future] = {}
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+
+    def parse(self, name: str, body: bytes) -> tuple[Operation, dict, str | None]:
+        """Validate a request; returns (operation, fields, id). Raises CommandError (carrying the id when one
+        could be read, so that even a refusal can be routed to res/<id>)."""
+        if len(body) > self.cfg.max_request_bytes:
+            m = _ID_IN_TEXT.search(body[:512])
+            raise CommandError("too_large", f"request of {len(body)} bytes > max_request_bytes "
+                                            f"{self.cfg.max_request_bytes}", m.group(1).decode() if m else None)
+        try:
+            doc = json.loads(body.decode("utf-8"), parse_constant=_no_constant) if body.strip() else {}
+        except (UnicodeDecodeError, ValueError) as e:
+            m = _ID_IN_TEXT.search(body[:512])
+            raise CommandError("bad_request", f"request is not JSON: {e}"[:200],
+                               m.group(1).decode() if m else None) from None
+        if not isinstance(doc, dict):
+            raise CommandError("bad_request", "request must be a JSON object")
+        rid = doc.pop("id", None)
+        if rid is not None and (not isinstance(rid, str) or not _ID.match(rid)):
+            raise CommandError("bad_request", "id must be 1-64 letters, digits, '_', '.', '-'")
+        op = self.table.get(name)
+        if op is None:
+            raise CommandError("unknown_command", f"unknown command {name[:64]!r} (known: {', '.join(self.table)})",
+                               rid)
+        return op, self.check_fields(op, doc, rid), rid
+
+    @staticmethod
+    def check_fields(op: Operation, doc: dict, rid: str | None = None) -> dict:
+        name = op.name
+        for k in doc:
+            if k not in op.fields:
+                raise CommandError("bad_request", f"{name}: unknown field {k[:40]!r} "
+                                                  f"(fields: {', '.join(op.fields) or 'none'}, id)", rid)
+        for k, f in op.fields.items():
+            if k not in doc:
+                if f.required:
+                    raise CommandError("bad_request", f"{name}: field {k!r} is required", rid)
+                continue
+            v = doc[k]
+            if not isinstance(v, f.types) or (isinstance(v, bool) and bool not in f.types):
+                raise CommandError("bad_request", f"{name}: field {k!r} must be {f.describe()}, "
+                                                  f"got {type(v).__name__}", rid)
+            if isinstance(v, str) and len(v) > MAX_STRING:
+                raise CommandError("bad_request", f"{name}: field {k!r} longer than {MAX_STRING} characters", rid)
+        return doc
+
+    async def handle(self, name: str, body: bytes, who: str) -> tuple[bytes, str | None]:
+        """Run one request; returns (reply, id). Never raises."""
+        rid = None
+        label = name if name in self.table else "unknown"
+        try:
+            op, fields, rid = self.parse(name, body)
+            self.check_allowed(op)
+            if rid is not None:
+                cached = self._cached(name, rid)
+                if cached is not None:
+                    self.metrics.commands.labels(name, "duplicate").inc()
+                    return cached, rid
+                running = self._running.get((name, rid))
+                if running is not None:  # the same id again while the first still runs: one execution
+                    self.metrics.commands.labels(name, "duplicate").inc()
+                    return await asyncio.shield(running), rid
+            if self._slots.locked():
+                raise CommandError("busy", f"{self.cfg.concurrency} commands are running; retry")
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            if rid is not None:
+                self._running[(name, rid)] = fut
+            try:
+                async with self._slots:
+                    reply = reply_ok(await self.run(op, fields, who))
+            except CommandError as e:
+                reply = reply_error(e.code, e.message, e.call)
+                self.metrics.commands.labels(name, e.code).inc()
+            except Exception as e:  # noqa: BLE001 - a bug answers 'internal', the agent keeps running
+                log.exception("command failed", extra={"command": name})
+                reply = reply_error("internal", f"{type(e).__name__}: {e}"[:200])
+                self.metrics.commands.labels(name, "internal").inc()
+            else:
+                self.metrics.commands.labels(name, "ok").inc()
+            finally:
+                if rid is not None:
+                    self._running.pop((name, rid), None)
+            fut.set_result(reply)
+            if rid is not None:
+                self._remember(name, rid, reply)
+            return reply, rid
+        except CommandError as e:
+            self.metrics.commands.labels(label, e.code).inc()
+            return reply_error(e.code, e.message), rid or e.rid
+        except Exception as e:  # noqa: BLE001 - a bug answers 'internal', the agent keeps running
+            log.exception("command failed", extra={"command": name})
+            self.metrics.commands.labels(label, "internal").inc()
+            return reply_error("internal", f"{type(e).__name__}: {e}"[:200]), rid
+
+    def check_allowed(self, op: Operation) -> None:
+        if op.name not in self.allow:
+            raise CommandError("forbidden", f"command {op.name!r} is not allowed on this gateway (commands.allow)")
+
+    async def run(self, op: Operation, fields: dict, who: str) -> Any:
+        """Run an operation whose request passed the checks (`ask` runs the call it plans through here)."""
+        return await op.run(self.gw, Request(op.name, fields, who, self.cfg, self))
+
+    def _cached(self, name: str, rid: str) -> bytes | None:
+        now = time.monotonic()
+        while self._seen:
+            (_, (t, _r)) = next(iter(self._seen.items()))
+            if now - t <= self.cfg.dedup_window_s:
+                break
+            self._seen.popitem(last=False)
+        hit = self._seen.get((name, rid))
+        return hit[1] if hit else None
+
+    def _remember(self, name: str, rid: str, reply: bytes) -> None:
+        self._seen[(name, rid)] = (time.monotonic(), reply)
+        while len(self._seen) > self.cfg.dedup_max:
+            self._seen.popitem(last=False)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")

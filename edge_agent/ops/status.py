@@ -1,0 +1,54 @@
+"""The gateway itself: ping, status, config.get, logs.tail."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from edge_agent.glm.schema import ToolSpec
+from edge_agent.ops.base import CommandError, Field, Gateway, Operation, Request
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+async def _ping(gw: Gateway, req: Request) -> dict:
+    return {"pong": True, "ts": time.time_ns()}
+
+
+async def _status(gw: Gateway, req: Request) -> dict:
+    return gw.status()
+
+
+def _status_answer(fields: dict, result: Any) -> str:
+    up = result.get("uptime_s", 0)
+    return (f"gateway {result.get('gateway')} up {up / 3600:.1f} h; uplink "
+            f"{'connected' if result.get('uplink_connected') else 'down'}; "
+            f"{result.get('outbox_readings', 0)} readings waiting for the cloud")
+
+
+async def _config(gw: Gateway, req: Request) -> dict:
+    return gw.config()
+
+
+async def _logs_tail(gw: Gateway, req: Request) -> list[str]:
+    f = req.fields
+    n = f.get("n", 50)
+    if not 1 <= n <= 1000:
+        raise CommandError("bad_request", "logs.tail: n must be 1 .. 1000")
+    level = f.get("level", "debug")
+    if level not in _LEVELS:
+        raise CommandError("bad_request", f"logs.tail: level must be one of {', '.join(_LEVELS)}")
+    comp = f.get("component")
+    lines = [line for lv, c, line in gw.log_lines()
+             if _LEVELS.get(lv, 50) >= _LEVELS[level] and (comp is None or c.startswith(comp))]
+    return lines[-n:]
+
+
+OPERATIONS = (
+    Operation("ping", "is the agent answering", {}, changes=False, run=_ping),
+    Operation("status", "version, uptime, components, outbox, uplink, model", {}, changes=False, run=_status,
+              answer=_status_answer, tool=ToolSpec("status", (), {}), examples=("how is the gateway",)),
+    Operation("config.get", "the effective configuration, secrets redacted", {}, changes=False, run=_config),
+    Operation("logs.tail", "the agent's last log lines (n, level, component prefix)",
+              {"n": Field((int,), False), "level": Field((str,), False), "component": Field((str,), False)},
+              changes=False, run=_logs_tail),
+)
