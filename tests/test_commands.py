@@ -3,9 +3,14 @@ MQTT 3.1.1 (request id, reply on <prefix>/<gateway>/res/<id>)."""
 from __future__ import annotations
 
 import json
+import os
 import queue
+import stat
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -221,4 +226,100 @@ def test_rules_added_by_command_fire_persist_and_go(local_broker, cloud_broker, 
         cli.close()
     log = agent.log()
     assert 'msg="rule added"' in log and 'msg="rule removed"' in log and 'msg="rule remove refused"' in log
+    assert agent.stop() == 0
+
+
+def _cli(agent, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "edge_agent", *argv, "--config", str(agent.config_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_alerts_list_over_mqtt_the_cli_and_ask(local_broker, cloud_broker, make_agent, pki, tmp_path):
+    """alerts.list, added as one definition: reachable over MQTT, from the CLI (the daemon's control socket) and,
+    as the GLM tool list_alerts, from ask."""
+    agent = make_agent(local_broker, cloud_broker, rules={"rule": [
+        {"id": "hot", "kind": "above", "device": "boiler-1", "point": "temperature", "threshold": 80,
+         "hysteresis": 2, "cooldown_s": 0},
+        {"id": "full", "kind": "above", "device": "tank-2", "point": "level", "threshold": 90, "cooldown_s": 0}]},
+        ).start()
+    agent.wait_ready()
+    pub = Publisher(local_broker)
+    for v in (85, 75, 86):  # fires, clears, fires again
+        pub.publish(0, payload=json.dumps({"values": {"temperature": v}}).encode(), device="boiler-1")
+    pub.publish(0, payload=b'{"values": {"level": 95}}', device="tank-2")
+    pub.publish(0, payload=b'{"values": {"level": 50}}', device="tank-2")
+    wait_for(lambda: agent.metric("edge_agent_alerts_total", 'state="cleared"') == 2, 10, what="alerts")
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        r = cli.call("alerts.list")["result"]
+        assert [(a["rule"], a["state"], a["value"]) for a in r["firing"]] == [("hot", "firing", 86)]
+        assert [(a["rule"], a["value"]) for a in r["cleared"]] == [("hot", 75), ("full", 50)]  # oldest first
+        r = cli.call("alerts.list", {"device": "tank-2", "cleared": 5})["result"]
+        assert r["firing"] == [] and [a["rule"] for a in r["cleared"]] == ["full"]
+        assert cli.call("alerts.list", {"cleared": 1})["result"]["cleared"][0]["rule"] == "full"
+        assert cli.call("alerts.list", {"cleared": 101})["error"]["code"] == "bad_request"
+        assert cli.call("alerts.list", {"device": 7})["error"]["message"] == \
+            "alerts.list: field 'device' must be str or null, got int"
+        # the CLI, through the daemon's control socket: the same operation, the same reply
+        out = _cli(agent, "op", "alerts.list", "cleared=0")
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
+        assert reply["ok"] and [a["rule"] for a in reply["result"]["firing"]] == ["hot"]
+        assert reply["result"]["cleared"] == []
+        out = _cli(agent, "op", "alerts.list", "cleared=lots")
+        assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "bad_request"
+        out = _cli(agent, "op", "write", "device=plc-1", "point=setpoint", "value=1")
+        assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "forbidden"  # the allow-list too
+        # ask: the model calls list_alerts, the operation runs, the answer is one line
+        wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 20, what="model")
+        a = cli.call("ask", {"text": "which alarms are active?"})["result"]
+        assert a["call"] == {"tool": "list_alerts", "args": {"device": None}}
+        assert a["answer"] == "1 alarm active: boiler-1/temperature is 86, above 80"
+        out = _cli(agent, "ask", "any alarms on tank-2?")
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert json.loads(lines[0])["result"]["call"] == {"tool": "list_alerts", "args": {"device": "tank-2"}}
+        assert lines[1] == "no alarm is active on tank-2"
+    finally:
+        cli.close()
+        pub.close()
+    sock = Path(agent_state(agent)) / "control.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600  # only the agent's user can reach the daemon
+    assert agent.stop() == 0
+    assert not sock.exists()
+
+
+def agent_state(agent) -> str:
+    import tomllib
+    return tomllib.loads(agent.config_path.read_text())["gateway"]["state_dir"]
+
+
+def test_control_socket_refuses_what_the_router_refuses(local_broker, cloud_broker, make_agent):
+    """Hostile local clients: garbage, an unknown operation, a huge request, a client that sends nothing."""
+    import socket as so
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False}, commands={"max_request_bytes": 1024}
+                       ).start()
+    agent.wait_ready()
+    path = str(Path(agent_state(agent)) / "control.sock")
+
+    def ask(raw: bytes, timeout: float = 10) -> bytes:
+        with so.socket(so.AF_UNIX, so.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(raw)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data
+
+    assert json.loads(ask(b"ping\n{}\n"))["result"]["pong"] is True
+    assert json.loads(ask(b"status\nnot json\n"))["error"]["code"] == "bad_request"
+    assert json.loads(ask(b"reboot\n{}\n"))["error"]["code"] == "unknown_command"
+    assert json.loads(ask(b"ping\n" + b'{"x":"' + b"a" * 4000 + b'"}\n'))["error"]["code"] == "too_large"
+    assert ask(b"ping\n" + b"a" * 200_000 + b"\n") == b""  # past the line bound: dropped, the agent goes on
+    assert json.loads(ask(b"ask\n{\"text\": \"status\"}\n"))["error"]["code"] == "unavailable"
+    with so.socket(so.AF_UNIX, so.SOCK_STREAM) as idle:  # says nothing: the others are still served
+        idle.connect(path)
+        assert json.loads(ask(b"ping\n{}\n"))["ok"]
     assert agent.stop() == 0

@@ -1,0 +1,73 @@
+"""The house's shape, checked on the code: dependencies point one way, down; protocol libraries stay in their
+adapters and the MQTT seam; the daemon never imports the devkit; the operations table is the one home of every
+operation and of the GLM's tools."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from edge_agent import ops
+from edge_agent.config import ConfigError
+
+PKG = Path(__file__).resolve().parents[1] / "edge_agent"
+# lower number = lower layer; a module may import its own layer's package or any lower layer
+RANK = {"records": 0, "config": 0, "metrics": 0, "logs": 0, "tls": 0, "backoff": 0, "systemd": 0, "mqttio": 0,
+        "glm": 1, "store": 1, "southbound": 1, "rules": 1, "agent": 2, "ops": 3, "uplink": 3, "control": 3,
+        "app": 4, "devkit": 5, "cli": 6, "__main__": 7, "__init__": 0}
+PROTOCOLS = {"paho": ("mqttio", "southbound/mqtt.py"), "aiocoap": ("southbound/coap.py",),
+             "asyncua": ("southbound/opcua.py",)}
+
+
+def _room(rel: str) -> str:
+    return rel.split("/")[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+            if node.module == "edge_agent":
+                out += [f"edge_agent.{a.name}" for a in node.names]
+    return out
+
+
+MODULES = sorted(p for p in PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path):
+    rel = str(path.relative_to(PKG))
+    room = _room(rel)
+    assert room in RANK, f"{rel}: a new room; give it a layer in RANK"
+    for mod in _imports(path):
+        top = mod.split(".")[0]
+        if top == "edge_agent" and "." in mod:
+            target = mod.split(".")[1]
+            if target == "__version__":
+                continue
+            assert target in RANK, f"{rel} imports {mod}: unknown room"
+            assert target == room or RANK[target] < RANK[room] or (RANK[target] == RANK[room] == 0), \
+                f"{rel} (layer {RANK[room]}) imports {mod} (layer {RANK[target]}): dependencies point down"
+            if room not in ("devkit", "cli", "__main__"):
+                assert target != "devkit", f"{rel}: the daemon never imports the devkit"
+        if top in PROTOCOLS and room != "devkit":
+            assert any(rel.startswith(p) for p in PROTOCOLS[top]), f"{rel} imports {top}: only its adapter may"
+
+
+def test_every_operation_is_declared_once_and_its_tool_too():
+    assert len(ops.TABLE) == len({op.name for op in ops.TABLE.values()})
+    tools = [op.tool.name for op in ops.TABLE.values() if op.tool is not None]
+    assert sorted(tools) == sorted(ops.TOOLSET.names) == sorted(ops.BY_TOOL)
+    for op in ops.TABLE.values():
+        if op.tool is not None:  # the tool's arguments are the operation's fields, so a call runs as it is
+            assert {a for a, _ in op.tool.args} <= set(op.fields), op.name
+            assert op.answer is not None, f"{op.name}: a tool's operation answers in words"
+    assert ops.allowed(ops.TABLE, ["read-only"]) == {n for n, op in ops.TABLE.items() if not op.changes}
+    assert "write" not in ops.allowed(ops.TABLE, ["read-only"]) and "alerts.list" in ops.allowed(ops.TABLE, ["read-only"])
+    with pytest.raises(ConfigError, match=r"commands.allow: unknown operation 'reboot'"):
+        ops.allowed(ops.TABLE, ["read-only", "reboot"])
