@@ -65,10 +65,11 @@ class App:
         self._actions: set[asyncio.Task] = set()
 
     async def sink(self, readings: list) -> int:
-        """Where adapters hand readings: committed first, then seen by the rules."""
-        seq = await self.store.write(readings)
+        """Where adapters hand readings: committed first, then seen by the rules (which never raise: a committed
+        batch is always acknowledged)."""
+        seq, admitted = await self.store.commit(readings)
         if self.rules is not None:
-            self.rules.observe(readings)
+            self.rules.observe(admitted)
         return seq
 
     def build(self) -> None:
@@ -138,9 +139,25 @@ class App:
             raise ValueError(str(e)) from None
         if rc.id in self.rules.from_config:
             raise PermissionError(f"rule {rc.id!r} comes from the config file; change it there")
+        self.check_command_rule(rc)
         await self.store.save_rule(rc.id, json.dumps(dataclasses.asdict(rc)))
         self.rules.add(rc)
         return dataclasses.asdict(rc)
+
+    def check_command_rule(self, rc) -> None:
+        """What a rule added by command may do: no more than the operations allowed to the sender would."""
+        cfg = self.cfg.rules
+        if rc.action_device and (self.router is None or "write" not in self.router.allow):
+            raise PermissionError("a rule with a write action needs the write operation allowed on this gateway "
+                                  "(commands.allow)")
+        if rc.local_topic and not rc.local_topic.startswith(cfg.command_topic_prefix):
+            raise PermissionError(f"local_topic must start with {cfg.command_topic_prefix!r} "
+                                  "(rules.command_topic_prefix)")
+        added = [r for r in self.rules.rules if r.cfg.id not in self.rules.from_config and r.cfg.id != rc.id] \
+            if self.rules else []
+        if len(added) >= cfg.max_command_rules:
+            raise PermissionError(f"{len(added)} rules were added by command, the most rules.max_command_rules "
+                                  "allows; remove one first")
 
     async def rules_remove(self, rule_id: str) -> bool:
         if self.rules is None:

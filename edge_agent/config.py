@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
-import tomllib
 import typing
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the same parser, from PyPI
+    import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +218,8 @@ class UplinkConfig:
     max_inflight: int = opt(32, doc="telemetry messages awaiting PUBACK at once", ge=1, le=65535)
     reconnect_min_s: float = opt(0.5, doc="first reconnect delay (jittered)", ge=0.05)
     reconnect_max_s: float = opt(60.0, doc="reconnect delay cap", ge=0.1)
+    publish_timeout_s: float = opt(15.0, doc="a publish the cloud has not acknowledged by then declares the link "
+                                   "dead: counted, reconnected, sent again", ge=0.5, le=600)
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
 
 
@@ -239,6 +246,10 @@ class RulesConfig:
     enabled: bool = opt(True, doc="evaluate rules on the ingest path; alerts go through the store to the cloud")
     max_pending_alerts: int = opt(10_000, doc="alerts waiting for the cloud; beyond, the oldest go (counted)",
                                   ge=10, le=10_000_000)
+    max_command_rules: int = opt(100, doc="rules that rules.add may hold at once (besides the config's); beyond, "
+                                 "refused", ge=0, le=10_000)
+    command_topic_prefix: str = opt("alarms/", doc="a rule added by command may publish locally only under this "
+                                    "topic prefix")
     history_max: int = opt(1000, doc="alerts kept in the alert log for alerts.list (firing and cleared); beyond, the "
                            "oldest go", ge=10, le=1_000_000)
     rule: list[RuleConfig] = opt(factory=list, doc="the rules ([[rules.rule]] tables)")
@@ -333,6 +344,8 @@ def _convert(key: str, hint: Any, raw: Any) -> Any:
     if hint is float:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_describe(raw)}")
+        if not math.isfinite(raw):  # TOML's nan/inf, JSON's 1e999: no bound or threshold is infinite
+            raise ConfigError(f"{key}: expected a finite number, got {raw}")
         return float(raw)
     if hint is str:
         if not isinstance(raw, str):
@@ -476,8 +489,8 @@ def _check_rule(rc: "RuleConfig", key: str) -> None:
         except ValueError:
             raise ConfigError(f"{key}.action_value: expected a JSON value (false, 0, 12.5, \"stop\"), "
                               f"got {rc.action_value!r}") from None
-        if not isinstance(v, (bool, int, float, str)):
-            raise ConfigError(f"{key}.action_value: expected a number, boolean or string")
+        if not isinstance(v, (bool, int, float, str)) or (isinstance(v, float) and not math.isfinite(v)):
+            raise ConfigError(f"{key}.action_value: expected a finite number, boolean or string")
 
 
 def action_value(rc: "RuleConfig") -> object:

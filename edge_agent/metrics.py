@@ -52,6 +52,8 @@ class Metrics:
                                       ["source", "reason"], registry=r)
         self.commands = Counter(p + "commands", "Commands answered, by outcome (ok, duplicate, or the error code)",
                                 ["command", "outcome"], registry=r)
+        self.rule_errors = Counter(p + "rule_errors", "Readings a rule failed on (skipped; the others go on)",
+                                   ["rule"], registry=r)
         self.alerts = Counter(p + "alerts", "Alerts by state: firing, cleared, suppressed (cooldown), dropped "
                               "(bound), sent (acknowledged by the cloud)", ["state"], registry=r)
         self.backoff_waits = Counter(p + "backoff_waits", "Waits before a retry (reconnects, re-registrations, "

@@ -58,6 +58,16 @@ class _Client(paho.Client):
     """paho Client with buffered socket reads and coalesced writes (see the module doc)."""
 
     _rbuf: bytes = b""
+    tls_name: str = ""  # the name to verify in the broker's certificate, when not the host connected to
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        """paho's, with the name to verify ours to choose (uplink.server_hostname); our contexts always check it."""
+        ctx = self._ssl_context
+        assert ctx is not None and ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+        sock = ctx.wrap_socket(tcp_sock, server_hostname=self.tls_name or self._host, do_handshake_on_connect=False)
+        sock.settimeout(self._connect_timeout)
+        sock.do_handshake()
+        return sock
     _rpos: int = 0
 
     def _sock_recv(self, bufsize: int) -> bytes:
@@ -154,7 +164,8 @@ class MqttConnection:
                  ssl_context: ssl.SSLContext | None = None, username: str = "", password: str = "",
                  clean_start: bool = True, will: Will | None = None, receive_maximum: int = 0,
                  manual_ack: bool = False, max_inflight: int = 20,
-                 on_message: MessageCallback | None = None, lean_publish: bool = False) -> None:
+                 on_message: MessageCallback | None = None, lean_publish: bool = False,
+                 server_hostname: str = "") -> None:
         self._loop = asyncio.get_running_loop()
         self.host, self.port, self.keepalive = host, port, keepalive
         self.v5 = protocol == "5"
@@ -171,6 +182,7 @@ class MqttConnection:
         c.lean_publish = lean_publish
         if ssl_context is not None:
             c.tls_set_context(ssl_context)
+            c.tls_name = server_hostname
         if username:
             c.username_pw_set(username, password or None)
         if will is not None:

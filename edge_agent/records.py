@@ -21,6 +21,16 @@ class Reading(NamedTuple):
     source: str = ""
 
 
+class StoreError(Exception):
+    """A commit that did not happen. `data`: the readings themselves could not be stored (a value SQLite or the
+    outbox encoding refuses) — resending them cannot help, their source must split the batch and set the culprit
+    aside; otherwise (the disk, the database) the source keeps them and retries."""
+
+    def __init__(self, message: str, data: bool = False) -> None:
+        super().__init__(message)
+        self.data = data
+
+
 class WriteRefused(Exception):
     """A point write an adapter will not perform; the message is the reason."""
 

@@ -33,6 +33,7 @@ import time
 from typing import Callable
 
 from edge_agent.config import RuleConfig, RulesConfig
+from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.records import Reading
 
@@ -114,6 +115,7 @@ class RuleEngine:
         self.rules: list[_Rule] = []
         self._by_series: dict[tuple[str, str], list[_Rule]] = {}
         self.from_config = {r.id for r in cfg.rule}
+        self._rl = RateLimited(log)
         for r in cfg.rule:
             self.add(r)
         self._stop = asyncio.Event()
@@ -142,6 +144,9 @@ class RuleEngine:
                  "firing": r.firing} for r in self.rules]
 
     def observe(self, readings: list[Reading]) -> None:
+        """Feed committed readings to the rules that watch them. Never raises: a rule that fails on a value is
+        counted (`edge_agent_rule_errors_total{rule}`) and logged (rate-limited), and the others go on — ingest has
+        committed these readings already and must acknowledge them."""
         by = self._by_series
         if not by:
             return
@@ -149,7 +154,12 @@ class RuleEngine:
             rules = by.get((r.device, r.point))
             if rules:
                 for rule in rules:
-                    rule.feed(r)
+                    try:
+                        rule.feed(r)
+                    except Exception as e:  # noqa: BLE001 - see the docstring
+                        self.metrics.rule_errors.labels(rule.cfg.id).inc()
+                        self._rl.warning(rule.cfg.id, "rule failed on a reading; skipped", rule=rule.cfg.id,
+                                         device=r.device, point=r.point, error=f"{type(e).__name__}: {e}"[:200])
 
     def tick(self) -> None:
         now = self.clock()

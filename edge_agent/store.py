@@ -42,7 +42,7 @@ from typing import Any
 
 from edge_agent.config import StoreConfig
 from edge_agent.metrics import Metrics
-from edge_agent.records import Reading
+from edge_agent.records import Reading, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,6 @@ class Alert:
     rule: str
     device: str
     state: str
-
-
-class StoreError(Exception):
-    pass
 
 
 @dataclass
@@ -161,7 +157,7 @@ class Store:
         self.outbox_readings = 0
         self.outbox_bytes = 0
         self.acked_seq = 0
-        self._known_devices: set[str] = set()
+        self._known_devices: dict[str, str] = {}  # device -> the source that registered it (its owner)
         self._series: dict[tuple[str, str], int] = {}
         self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
         self._seen_points: dict[tuple[str, str], str | None] = {}
@@ -213,6 +209,11 @@ class Store:
     # -- API for the event loop ------------------------------------------------------------------
     async def write(self, readings: list[Reading]) -> int:
         """Commit readings; returns the seq of the last one once it is durable."""
+        return (await self.commit(readings))[0]
+
+    async def commit(self, readings: list[Reading]) -> tuple[int, list[Reading]]:
+        """Commit readings; once durable, returns the last seq and the readings the registry took (refused ones are
+        counted and dead-lettered: see _admit)."""
         assert self._slots is not None and self._loop is not None
         async with self._slots:
             fut = self._loop.create_future()
@@ -425,10 +426,11 @@ class Store:
                 pass
             self._load_registry(conn)
             self._resolve([(fut, 0) for kind, _, fut in jobs if fut is not None],
-                          StoreError(f"commit crashed: {type(e).__name__}: {e}"))
+                          StoreError(f"commit crashed: {type(e).__name__}: {e}"[:300],
+                                     data=isinstance(e, (UnicodeError, OverflowError, TypeError, ValueError))))
 
     def _load_registry(self, conn: sqlite3.Connection) -> None:
-        self._known_devices = {r[0] for r in conn.execute("SELECT device FROM devices")}
+        self._known_devices = dict(conn.execute("SELECT device, source FROM devices"))
         self._series = {(d, p): i for i, d, p in conn.execute("SELECT id, device, point FROM points")}
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[tuple]) -> None:
@@ -442,8 +444,8 @@ class Store:
         results: list[tuple[asyncio.Future, int]] = []
         seq = self.next_seq
         now_ns = time.time_ns()
-        fresh: tuple[set, set] = (set(), set())  # devices and series this commit registers
-        refused: dict[tuple[str, str, str], int] = {}
+        fresh: tuple[dict, set] = ({}, set())  # devices (-> source) and series this commit registers
+        refused: dict[tuple[str, str, str, str], int] = {}  # (reason, source, device, point) -> readings
         for kind, payload, fut in jobs:
             if kind is Job.WRITE:
                 if payload:
@@ -451,7 +453,7 @@ class Store:
                 if payload:
                     writes.append((seq, payload))
                     seq += len(payload)
-                results.append((fut, seq - 1))
+                results.append((fut, (seq - 1, payload)))
             elif kind is Job.DEAD_LETTER:
                 dead.append(payload)
                 results.append((fut, 0))
@@ -467,10 +469,13 @@ class Store:
             else:
                 raise AssertionError(f"unknown store job {kind!r}")
         n_rows = seq - self.next_seq
-        for (source, device, point), n in (refused.items() if self.cfg.dead_letter_rows else ()):
-            dead.append((now_ns, source, f"{device}/{point}"[:256], "registry_full",
-                         f"{n} reading(s) of a new series refused: the registry holds store.max_devices = "
-                         f"{self.cfg.max_devices} devices and store.max_points = {self.cfg.max_points} series", b""))
+        for (reason, source, device, point), n in (refused.items() if self.cfg.dead_letter_rows else ()):
+            why = (f"{n} reading(s) of a new series refused: the registry holds store.max_devices = "
+                   f"{self.cfg.max_devices} devices and store.max_points = {self.cfg.max_points} series"
+                   if reason == "registry_full" else
+                   f"{n} reading(s) refused: device {device!r} belongs to source "
+                   f"{self._known_devices.get(device) or fresh[0].get(device)!r}, not {source!r}")
+            dead.append((now_ns, source, f"{device}/{point}"[:256], reason, why, b""))
         chunk = self.cfg.outbox_chunk_readings
         out_rows: list[tuple] = []
         new_devices: list[tuple[str, str]] = []
@@ -531,7 +536,8 @@ class Store:
                 pass
             self._load_registry(conn)
             log.error("store commit failed; the sources will redeliver", extra={"error": str(e)})
-            self._resolve(results, StoreError(f"commit failed: {e}"))
+            self._resolve(results, StoreError(f"commit failed: {e}",
+                                              data=isinstance(e, (sqlite3.InterfaceError, sqlite3.DataError))))
             return
         self.next_seq = seq
         self.next_alert_id = next_alert_id
@@ -546,11 +552,16 @@ class Store:
             for d, src in new_devices:
                 log.info("device registered", extra={"device": d, "source": src})
         if refused:
-            self.metrics.readings_refused.labels("registry_full").inc(sum(refused.values()))
+            by_reason: dict[str, int] = {}
+            for (reason, *_), n in refused.items():
+                by_reason[reason] = by_reason.get(reason, 0) + n
+            for reason, n in by_reason.items():
+                self.metrics.readings_refused.labels(reason).inc(n)
             if time.monotonic() - self._last_refusal_log > 60:  # a spamming device must not flood the log either
                 self._last_refusal_log = time.monotonic()
-                log.warning("registry full: readings of new devices/series refused", extra={
+                log.warning("readings refused by the registry", extra={
                     "max_devices": self.cfg.max_devices, "max_points": self.cfg.max_points,
+                    **{f"refused_{k}": v for k, v in by_reason.items()},
                     "example": "/".join(next(iter(refused))[1:])})
         self.metrics.store_commits.inc()
         self.metrics.store_commit_seconds.observe(time.perf_counter() - t0)
@@ -558,29 +569,38 @@ class Store:
         self.metrics.outbox_bytes.set(self.outbox_bytes)
         self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts))
 
-    def _admit(self, readings: list[Reading], fresh: tuple[set, set],
-               refused: dict[tuple[str, str, str], int]) -> list[Reading]:
-        """The readings whose series the registry holds or has room for (`fresh`: what this commit adds); the
-        others are counted in `refused` by (source, device, point)."""
+    def _admit(self, readings: list[Reading], fresh: tuple[dict, set],
+               refused: dict[tuple[str, str, str, str], int]) -> list[Reading]:
+        """The readings the registry takes (`fresh`: what this commit adds); the others are counted in `refused`
+        by (reason, source, device, point). A device belongs to the source that registered it: readings for it from
+        another source are refused (`source_mismatch`: one protocol cannot pose as a device of another). A new
+        device or series beyond the registry's bounds is refused (`registry_full`)."""
         known_d, series = self._known_devices, self._series
         new_d, new_s = fresh
-        if not ({(r.device, r.point) for r in readings} - series.keys() - new_s):
-            return readings  # the usual case: every series is known
+        pairs = {(r.device, r.source) for r in readings}
+        own = len(pairs) == len({d for d, _ in pairs}) and all(known_d.get(d, new_d.get(d, s)) == s for d, s in pairs)
+        if own and not ({(r.device, r.point) for r in readings} - series.keys() - new_s):
+            return readings  # the usual case: every series is known, from its own source
         out: list[Reading] = []
         for r in readings:
+            owner = known_d.get(r.device) or new_d.get(r.device)
+            if owner is not None and owner != r.source:
+                k = ("source_mismatch", r.source, r.device, r.point)
+                refused[k] = refused.get(k, 0) + 1
+                continue
             key = (r.device, r.point)
             if key in series or key in new_s:
                 out.append(r)
                 continue
-            device_is_new = r.device not in known_d and r.device not in new_d
+            device_is_new = owner is None
             if (device_is_new and len(known_d) + len(new_d) >= self.cfg.max_devices) or \
                     len(series) + len(new_s) >= self.cfg.max_points:
-                k = (r.source, r.device, r.point)
+                k = ("registry_full", r.source, r.device, r.point)
                 refused[k] = refused.get(k, 0) + 1
                 continue
             new_s.add(key)
             if device_is_new:
-                new_d.add(r.device)
+                new_d[r.device] = r.source
             out.append(r)
         return out
 
@@ -598,7 +618,7 @@ class Store:
             conn.executemany("INSERT OR IGNORE INTO devices VALUES (?,?,?,?)",
                              [(d, s, now_ns, now_ns) for d, s in fresh_d])
             new_devices.extend(fresh_d)
-            self._known_devices.update(d for d, _ in fresh_d)
+            self._known_devices.update(fresh_d)
         for (d, p), u in seen_p.items():
             if (d, p) not in self._series:
                 conn.execute("INSERT OR IGNORE INTO points (device, point, unit, first_seen_ns, last_seen_ns) "

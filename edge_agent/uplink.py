@@ -82,13 +82,13 @@ class Uplink:
                 client_id=self.gateway, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
                 keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, clean_start=True,
                 will=Will(self.status_topic, self._status("offline")), max_inflight=self.cfg.max_inflight,
-                manual_ack=True, receive_maximum=self.max_commands * 4,
+                manual_ack=True, receive_maximum=self.max_commands * 4, server_hostname=self.cfg.server_hostname,
                 on_message=lambda msg: self._on_command_message(conn, msg))
             try:
                 await conn.connect()
                 if self.on_command is not None:
-                    await conn.subscribe([(self.cmd_prefix + "+", 1)])
-                await conn.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+                    await conn.subscribe([(self.cmd_prefix + "+", 1)], timeout=self.cfg.publish_timeout_s)
+                await self._acked_publish(conn, self.status_topic, self._status("online"), retain=True)
             except (ConnectError, PublishError, asyncio.TimeoutError) as e:
                 conn.close()
                 reason = str(e)
@@ -120,11 +120,32 @@ class Uplink:
                 conn.close()
                 await backoff.wait(self._stopping)
 
+    async def _acked_publish(self, conn: MqttConnection, topic: str, payload: bytes, retain: bool = False,
+                             correlation_data: bytes | None = None) -> None:
+        """Publish at QoS 1 and wait for the PUBACK, at most publish_timeout_s; past it the link is dead: counted,
+        closed (the run loop reconnects), PublishError."""
+        fut = conn.publish(topic, payload, qos=1, retain=retain, correlation_data=correlation_data)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.cfg.publish_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._dead_link(conn, topic)
+            raise PublishError(f"no PUBACK within {self.cfg.publish_timeout_s} s") from None
+
+    def _dead_link(self, conn: MqttConnection, what: str) -> None:
+        if conn.disconnected.done():
+            return
+        self.metrics.uplink_errors.labels("puback_timeout").inc()
+        log.error("the cloud stopped acknowledging; the link is declared dead and reconnected", extra={
+            "waiting_for": what[:120], "publish_timeout_s": self.cfg.publish_timeout_s})
+        conn.close()
+
     async def _pump(self, conn: MqttConnection) -> None:
         store, cfg = self.store, self.cfg
         assert store.new_data is not None
         sent = max(self._acked, store.acked_seq)
-        inflight: collections.deque[tuple[int, int, asyncio.Future]] = collections.deque()
+        inflight: collections.deque[tuple[int, int, asyncio.Future, float]] = collections.deque()
+        loop = asyncio.get_running_loop()
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
@@ -137,7 +158,7 @@ class Uplink:
                     count = sum(r.count for r in rows)
                     payload = (f'{{"gateway":"{self.gateway}","first_seq":{first},"last_seq":{last},'
                                f'"count":{count},"readings":[').encode() + b",".join(r.payload for r in rows) + b"]}"
-                    inflight.append((last, count, conn.publish(self.telemetry_topic, payload, qos=1)))
+                    inflight.append((last, count, conn.publish(self.telemetry_topic, payload, qos=1), loop.time()))
                     self.metrics.batches_sent.inc()
                     sent = last
                 if self._stopping.is_set() and not inflight:
@@ -151,12 +172,19 @@ class Uplink:
                     if len(inflight) < cfg.max_inflight:
                         new = asyncio.ensure_future(store.new_data.wait())
                         waits.append(new)
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                timeout = None
+                if inflight:  # the oldest batch's PUBACK has a deadline
+                    timeout = max(0.0, inflight[0][3] + cfg.publish_timeout_s - loop.time())
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if new is not None:
                     new.cancel()
+                if inflight and not inflight[0][2].done() and \
+                        loop.time() - inflight[0][3] >= cfg.publish_timeout_s:
+                    self._dead_link(conn, f"telemetry up to seq {inflight[0][0]}")
+                    return
                 acked_to = 0
                 while inflight and inflight[0][2].done():
-                    last, count, fut = inflight.popleft()
+                    last, count, fut, _ = inflight.popleft()
                     if fut.exception() is not None:
                         if not conn.disconnected.done():
                             log.error("cloud refused a telemetry batch; reconnecting to resend",
@@ -175,9 +203,8 @@ class Uplink:
                     return
         finally:
             stop.cancel()
-            for _, _, fut in inflight:
-                if fut.done():
-                    fut.exception()  # retrieved: the batch is resent on the next connection
+            for _, _, fut, _ in inflight:  # retrieved, now or when it ends: the batch is resent on the next connection
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _alert_pump(self, conn: MqttConnection) -> None:
         """Alerts leave the store one by one, each after the cloud's PUBACK, oldest first."""
@@ -192,7 +219,7 @@ class Uplink:
                 continue
             for aid, payload in rows:
                 try:
-                    await conn.publish(self.alerts_topic, payload, qos=1)
+                    await self._acked_publish(conn, self.alerts_topic, payload)
                 except PublishError:
                     return  # what was not acknowledged goes again on the next connection
                 sent = aid
@@ -223,7 +250,7 @@ class Uplink:
             log.warning("command without a response topic or id; no reply possible", extra={"command": name[:64]})
         else:
             try:
-                await conn.publish(topic, reply, qos=1, correlation_data=correlation)
+                await self._acked_publish(conn, topic, reply, correlation_data=correlation)
             except PublishError as e:
                 log.warning("command reply not delivered", extra={"command": name[:64], "error": str(e)})
                 return  # not acknowledged: the request comes again on the next connection

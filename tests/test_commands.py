@@ -291,7 +291,7 @@ def test_alerts_list_over_mqtt_the_cli_and_ask(local_broker, cloud_broker, make_
 
 
 def agent_state(agent) -> str:
-    import tomllib
+    from edge_agent.config import tomllib
     return tomllib.loads(agent.config_path.read_text())["gateway"]["state_dir"]
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
+from edge_agent.config import tomllib
 from pathlib import Path
 
 import pytest

@@ -46,9 +46,10 @@ def test_crashed_component_restarts_with_capped_backoff_and_is_counted(tmp_path)
             await asyncio.sleep(0.01)
         assert app.metrics.value("edge_agent_component_restarts_total", {"component": "flaky"}) == 5
         gaps = [b - a for a, b in zip(flaky.starts, flaky.starts[1:])]
-        # 0.05, 0.1, 0.2 (cap), 0.2, 0.2
-        assert 0.04 <= gaps[0] < 0.09 and 0.09 <= gaps[1] < 0.16
-        assert all(0.19 <= g < 0.3 for g in gaps[2:]), gaps
+        # steps 0.05, 0.1, 0.2 (cap), 0.2, 0.2; each wait drawn from [half, all] of its step (the shared Backoff)
+        assert 0.024 <= gaps[0] < 0.09 and 0.049 <= gaps[1] < 0.16, gaps
+        assert all(0.099 <= g < 0.3 for g in gaps[2:]), gaps
+        assert app.metrics.value("edge_agent_backoff_waits_total", {"loop": "restart_flaky"}) == 5
         assert app.state["flaky"] == "running"
         app.request_stop()
         await task

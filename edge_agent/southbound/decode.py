@@ -49,6 +49,11 @@ def _check_value(point: str, v: Any) -> Any:
     if t is str:
         if len(v) > MAX_STRING_VALUE:
             raise RejectedInput("bad_value", f"{point}: string longer than {MAX_STRING_VALUE}")
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no UTF-8 can store it
+                raise RejectedInput("bad_value", f"{point}: string is not valid Unicode (a lone surrogate)") from None
         return v
     raise RejectedInput("bad_value", f"{point}: expected a number, boolean or string, got {type(v).__name__}")
 

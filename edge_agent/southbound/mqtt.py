@@ -28,7 +28,7 @@ from edge_agent.config import MqttIngestConfig
 from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.mqttio import ConnectError, MqttConnection
-from edge_agent.records import Reading, RejectedInput
+from edge_agent.records import Reading, RejectedInput, StoreError
 from edge_agent.southbound import DeadLetter, Sink
 from edge_agent.southbound.decode import Decoder, make_decoder
 
@@ -56,7 +56,7 @@ class MqttIngest:
         self._paused = False
         self._stopping = asyncio.Event()
         self._conn: MqttConnection | None = None
-        self._batch: list[tuple[int, int]] = []      # (mid, qos) in arrival order
+        self._batch: list[tuple[int, int, int, bytes]] = []  # (mid, qos, its first reading, payload), in order
         self._batch_bytes = 0
         self._pending_bytes = 0
         self._readings: list[Reading] = []
@@ -138,8 +138,8 @@ class MqttIngest:
             self._paused = True
             self._conn.pause_reading()
             self.metrics.ingest_paused.labels(SOURCE).inc()
-        self._batch.append((msg.mid, msg.qos))
         payload = msg.payload
+        self._batch.append((msg.mid, msg.qos, len(self._readings), payload))
         self._batch_bytes += len(payload)
         topic = msg._topic.decode("utf-8", "replace")
         try:
@@ -152,10 +152,11 @@ class MqttIngest:
             self._received.inc(len(readings))
             self._last.set(time.time())
         except RejectedInput as e:
-            self._reject(topic, payload, e)
+            self._dead.append(self._reject(topic, payload, e))
         except Exception as e:  # a decoder bug: keep the payload, count it, keep running
             log.exception("decoder failed", extra={"topic": topic[:120]})
-            self._reject(topic, payload, RejectedInput("internal_error", f"{type(e).__name__}: {e}"))
+            self._dead.append(self._reject(topic, payload,
+                                           RejectedInput("internal_error", f"{type(e).__name__}: {e}")))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -174,10 +175,11 @@ class MqttIngest:
             self._routes_cache[topic] = decode
         return decode
 
-    def _reject(self, topic: str, payload: bytes, e: RejectedInput) -> None:
+    def _reject(self, topic: str, payload: bytes, e: RejectedInput) -> tuple[str, str, str, str, bytes]:
+        """Count and log a refused message; returns its dead letter."""
         self.metrics.messages_rejected.labels(SOURCE, e.reason).inc()
         self._rl.warning(e.reason, "payload rejected", reason=e.reason, topic=topic[:120], detail=e.detail[:200])
-        self._dead.append((SOURCE, topic[:256], e.reason, e.detail, payload))
+        return SOURCE, topic[:256], e.reason, e.detail, payload
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -188,11 +190,16 @@ class MqttIngest:
         prev, conn = self._last_flush, self._conn
         self._last_flush = asyncio.ensure_future(self._commit_and_ack(conn, batch, size, readings, dead, prev))
 
-    async def _commit_and_ack(self, conn: MqttConnection | None, batch: list[tuple[int, int]], size: int,
-                              readings: list[Reading], dead: list, prev: asyncio.Future | None) -> None:
+    async def _commit_and_ack(self, conn: MqttConnection | None, batch: list[tuple[int, int, int, bytes]],
+                              size: int, readings: list[Reading], dead: list, prev: asyncio.Future | None) -> None:
         try:
             if readings:
-                await self.sink(readings)
+                try:
+                    await self.sink(readings)
+                except StoreError as e:
+                    if not e.data:
+                        raise
+                    await self._commit_one_by_one(batch, readings, e)
             for d in dead:
                 await self.dead_letter(*d)
             if prev is not None:
@@ -216,6 +223,24 @@ class MqttIngest:
                 if self._conn is not None:
                     self._conn.resume_reading()
         if conn is not None:
-            for mid, qos in batch:
+            for mid, qos, _, _ in batch:
                 if qos:
                     conn.ack(mid, qos)
+
+    async def _commit_one_by_one(self, batch: list[tuple[int, int, int, bytes]], readings: list[Reading],
+                                 error: StoreError) -> None:
+        """The store refused the batch's data: commit message by message, and set aside (dead letter, counted,
+        acknowledged) each message the store refuses alone — one message never holds back the others."""
+        log.warning("store refused a batch's data; committing its messages one by one", extra={
+            "messages": len(batch), "error": str(error)[:200]})
+        ends = [b[2] for b in batch[1:]] + [len(readings)]
+        for (mid, _qos, start, payload), end in zip(batch, ends):
+            if start == end:
+                continue
+            try:
+                await self.sink(readings[start:end])
+            except StoreError as e:
+                if not e.data:
+                    raise
+                await self.dead_letter(*self._reject(f"mid/{mid}", payload,
+                                                     RejectedInput("store_refused", str(e)[:300])))

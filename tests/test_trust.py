@@ -1,0 +1,236 @@
+"""Trust under attack and faults (issue: nothing acknowledged is lost, nothing unauthorised runs). Each test performs
+an attack a review found and asserts the promise."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+from conftest import Publisher, wait_for
+from test_commands import CommandClient
+
+from edge_agent.config import MqttIngestConfig, StoreConfig
+from edge_agent.metrics import Metrics
+from edge_agent.records import Reading, StoreError
+from edge_agent.store import Store
+
+
+def test_a_poison_payload_is_refused_at_decode_and_holds_back_nothing(local_broker, cloud_broker, make_agent):
+    """A lone surrogate in a string value decodes as JSON but no UTF-8 can store it: refused with a reason,
+    dead-lettered, acknowledged; the good messages around it are committed exactly once."""
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False}).start()
+    agent.wait_ready()
+    pub = Publisher(local_broker)
+    for i in range(20):
+        pub.publish(i, device="pump-1")
+        if i % 5 == 0:
+            pub.publish(100 + i, device="pump-1", payload=b'{"values": {"x": "\\ud800", "y": 1}}')
+    wait_for(lambda: len(pub.acked()) == 24, 10, what="every message acknowledged by the broker")
+    wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 40, 10, what="good readings")
+    time.sleep(1.0)  # nothing comes again: no redelivery loop
+    assert agent.metric("edge_agent_readings_committed_total") == 40
+    assert agent.metric("edge_agent_messages_rejected_total", 'reason="bad_value",source="mqtt"') == 4
+    assert (agent.metric("edge_agent_component_restarts_total", 'component="mqtt"') or 0) == 0
+    pub.close()
+    assert agent.stop() == 0
+
+
+def test_a_batch_the_store_refuses_is_split_and_only_the_culprit_is_set_aside(local_broker):
+    """Defence behind the decoder: when the store refuses a batch's data, ingest commits message by message,
+    dead-letters the one the store refuses alone, acknowledges all, and commits the rest exactly once."""
+    from edge_agent.southbound.mqtt import MqttIngest
+
+    committed: list[Reading] = []
+    dead: list[tuple] = []
+
+    async def sink(readings: list[Reading]) -> int:
+        if any(r.device == "poison" for r in readings):
+            raise StoreError("commit crashed: UnicodeEncodeError", data=True)
+        committed.extend(readings)
+        return len(committed)
+
+    async def dead_letter(*args) -> None:
+        dead.append(args)
+
+    async def main():
+        cfg = MqttIngestConfig(port=local_broker.port, reconnect_min_s=0.1, reconnect_max_s=0.5)
+        ingest = MqttIngest(cfg, "gw-split", sink, dead_letter, Metrics())
+        task = asyncio.create_task(ingest.run())
+        await asyncio.sleep(0.5)
+        pub = Publisher(local_broker, client_id="splitter")
+        for i in range(30):
+            pub.publish(i, device="poison" if i == 13 else f"dev-{i}")
+        for _ in range(100):
+            if len(pub.acked()) == 30 and len(committed) == 58:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        await ingest.stop()
+        await task
+        pub.close()
+        return ingest
+
+    asyncio.run(main())
+    assert len(committed) == 58 and len({(r.device, r.point) for r in committed}) == 58  # each good one once
+    assert [d[2] for d in dead] == ["store_refused"] and b'"n": 13' in dead[0][4]
+
+
+def test_the_store_says_which_failures_are_the_data(tmp_path):
+    async def main():
+        s = Store(StoreConfig(), tmp_path, Metrics())
+        await s.open()
+        for bad in ("\ud800", 1 << 70):
+            try:
+                await s.write([Reading("d", "p", bad, None, time.time_ns(), "good", "test")])
+            except StoreError as e:
+                assert e.data, e
+            else:
+                raise AssertionError(f"{bad!r} must be refused")
+        assert await s.write([Reading("d", "p", 1.0, None, time.time_ns(), "good", "test")]) == 1
+        await s.close()
+    asyncio.run(main())
+
+
+def test_a_rule_that_fails_never_fails_a_committed_batch(local_broker, cloud_broker, make_agent):
+    """A z-score rule on 1e200 overflows; the batch was committed and is acknowledged once; the failure is
+    counted; the other rules go on."""
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False}, rules={"rule": [
+        {"id": "z", "kind": "zscore", "device": "m-1", "point": "v", "threshold": 3, "window": 5, "cooldown_s": 0},
+        {"id": "hot", "kind": "above", "device": "m-1", "point": "v", "threshold": 10, "cooldown_s": 0}]}).start()
+    agent.wait_ready()
+    pub = Publisher(local_broker)
+    for i in range(12):
+        pub.publish(i, device="m-1", payload=json.dumps({"values": {"v": 1e200 if i % 2 else 1.0}}).encode())
+    wait_for(lambda: len(pub.acked()) == 12, 10, what="acknowledged")
+    wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 12, 10, what="committed")
+    time.sleep(1.0)
+    assert agent.metric("edge_agent_readings_committed_total") == 12  # no redelivery, no duplicates
+    assert agent.metric("edge_agent_rule_errors_total", 'rule="z"') >= 1
+    assert agent.metric("edge_agent_alerts_total", 'state="firing"') >= 1  # the other rule went on
+    pub.close()
+    assert agent.stop() == 0
+
+
+def test_alert_ids_never_repeat_across_acks_and_restarts(tmp_path):
+    async def main():
+        ids = []
+        for round_ in range(3):
+            s = Store(StoreConfig(), tmp_path, Metrics())
+            await s.open()
+            for k in range(4):
+                s.alert(json.dumps({"n": round_ * 4 + k}).encode(), "r", "d", "firing")
+            await s.write([Reading("d", "p", 1.0, None, time.time_ns(), "good", "test")])  # commits the alerts
+            rows = await s.read_alerts(0)
+            ids += [i for i, _ in rows]
+            s.ack_alerts(rows[-1][0])  # the cloud took them all: the table is empty again
+            await s.write([Reading("d", "p", 2.0, None, time.time_ns(), "good", "test")])
+            assert await s.read_alerts(0) == []
+            await s.close()
+        assert ids == list(range(1, 13))
+    asyncio.run(main())
+
+
+def test_alerts_fired_and_cleared_across_an_outage_and_a_restart_all_arrive_in_order(
+        local_broker, cloud_broker, make_agent, pki):
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    cert, key = pki["viewer"]
+    got: list[dict] = []
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id="alert-order", clean_session=False)
+    c.tls_set(ca_certs=str(pki["ca"].cert_path), certfile=str(cert), keyfile=str(key))
+    c.on_message = lambda _c, _u, m: got.append(json.loads(m.payload))
+    c.reconnect_delay_set(0.1, 0.5)
+    c.connect("localhost", cloud_broker.port, 30)
+    c.subscribe("edge/+/alerts", 1)
+    c.loop_start()
+    time.sleep(0.3)
+    rules = {"rule": [{"id": "hot", "kind": "above", "device": "b-1", "point": "t", "threshold": 80,
+                       "cooldown_s": 0}]}
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False}, rules=rules).start()
+    agent.wait_ready()
+    pub = Publisher(local_broker)
+    values = []
+
+    def cycles(n: int, start: int) -> None:
+        for k in range(start, start + n):
+            for v in (90 + k, 50):
+                values.append(v)
+                pub.publish(0, device="b-1", payload=json.dumps({"values": {"t": v}}).encode())
+                time.sleep(0.01)
+
+    cycles(10, 0)
+    wait_for(lambda: len(got) == 20, 20, what="the first alerts at the cloud")
+    cloud_broker.stop()
+    cycles(10, 10)
+    wait_for(lambda: agent.metric("edge_agent_alerts_total", 'state="cleared"') == 20, 10, what="raised offline")
+    assert agent.stop() == 0
+    agent.start()
+    agent.wait_ready()
+    cycles(5, 20)
+    wait_for(lambda: agent.metric("edge_agent_alerts_total", 'state="cleared"') == 5, 10, what="after restart")
+    cloud_broker.start()
+    wait_for(lambda: len(got) >= 50, 30, what="every alert at the cloud")
+    time.sleep(0.5)
+    assert [a["value"] for a in got] == values  # all, once each, in order
+    pub.close()
+    c.loop_stop()
+    c.disconnect()
+    assert agent.stop() == 0
+
+
+def test_a_device_belongs_to_the_source_that_registered_it(tmp_path):
+    """One protocol cannot pose as another's device: an MQTT reading for an OPC UA device is refused, counted,
+    dead-lettered, and never reaches the rules."""
+    def R(device: str, source: str, v: float = 1.0) -> Reading:
+        return Reading(device, "setpoint", v, None, time.time_ns(), "good", source)
+
+    async def main():
+        s = Store(StoreConfig(), tmp_path, Metrics())
+        await s.open()
+        await s.write([R("plc-1", "opcua")])
+        seq, admitted = await s.commit([R("plc-1", "mqtt", 0.0), R("pump-1", "mqtt"), R("plc-1", "opcua", 2.0)])
+        assert [(r.device, r.source) for r in admitted] == [("pump-1", "mqtt"), ("plc-1", "opcua")] and seq == 3
+        # a new device claimed by two sources in one batch: the first one's
+        seq, admitted = await s.commit([R("new-1", "coap"), R("new-1", "mqtt")])
+        assert [r.source for r in admitted] == ["coap"]
+        assert s.metrics.value("edge_agent_readings_refused_total", {"reason": "source_mismatch"}) == 2
+        dead = await s.query("SELECT source, topic, reason, detail FROM dead_letters ORDER BY id")
+        assert dead[0][:3] == ("mqtt", "plc-1/setpoint", "source_mismatch") and "'opcua'" in dead[0][3]
+        await s.close()
+        s = Store(StoreConfig(), tmp_path, Metrics())  # ownership is kept across restarts
+        await s.open()
+        _, admitted = await s.commit([R("plc-1", "mqtt")])
+        assert admitted == []
+        await s.close()
+    asyncio.run(main())
+
+
+def test_rules_added_by_command_can_do_no_more_than_the_sender(local_broker, cloud_broker, make_agent, pki):
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False},
+                       commands={"allow": ["read-only", "rules.add", "rules.remove"]},
+                       rules={"max_command_rules": 3}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    cli = CommandClient(cloud_broker, pki, "5")
+    base = {"kind": "above", "device": "b-1", "point": "t", "threshold": 80}
+    try:
+        err = cli.call("rules.add", {"rule": {**base, "id": "w", "action_device": "plc-1",
+                                              "action_point": "setpoint", "action_value": "0"}})["error"]
+        assert err["code"] == "refused" and "write operation allowed" in err["message"]
+        err = cli.call("rules.add", {"rule": {**base, "id": "t", "local_topic": "actuators/valve-3/open"}})["error"]
+        assert err["code"] == "refused" and "'alarms/'" in err["message"]
+        assert cli.call("rules.add", {"rule": {**base, "id": "ok", "local_topic": "alarms/b-1"}})["ok"]
+        for bad in (b'{"rule": {"id": "n", "kind": "above", "device": "b", "point": "t", "threshold": NaN}}',
+                    b'{"rule": {"id": "n", "kind": "above", "device": "b", "point": "t", "threshold": 1e999}}'):
+            reply = cli.call("rules.add", bad)
+            assert reply["error"]["code"] == "bad_request", reply
+        for i in range(2):
+            assert cli.call("rules.add", {"rule": {**base, "id": f"r{i}"}})["ok"]
+        err = cli.call("rules.add", {"rule": {**base, "id": "one-too-many"}})["error"]
+        assert err["code"] == "refused" and "max_command_rules" in err["message"]
+        assert cli.call("rules.add", {"rule": {**base, "id": "r0", "threshold": 70}})["ok"]  # replacing is fine
+        assert all(math.isfinite(r["threshold"]) for r in cli.call("rules.list")["result"])
+    finally:
+        cli.close()
+    assert agent.stop() == 0
