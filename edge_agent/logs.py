@@ -17,10 +17,26 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
 
 
-def _quote(v: object) -> str:
+MAX_VALUE_CHARS = 2000  # a value longer than this is cut (with a mark); a traceback is cut at 8,000
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    e = _ESCAPES.get(c)
+    if e is not None:
+        return e
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+
+
+def _quote(v: object, limit: int = MAX_VALUE_CHARS) -> str:
+    """A logfmt value: quoted when it must be; control characters (and lone surrogates, DEL, C1 controls) escaped so
+    that an attacker's payload can neither forge a log line nor a field, nor write terminal escapes; bounded."""
     s = str(v)
-    if s == "" or any(c in s for c in ' "=\n\t'):
-        s = '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if len(s) > limit:
+        s = s[:limit] + f"...[{len(s) - limit} more]"
+    if s == "" or not s.isprintable() or any(c in s for c in ' "=\\'):
+        s = '"' + "".join(c if c.isprintable() and c not in '"\\' else _escape(c) for c in s) + '"'
     return s
 
 
@@ -43,7 +59,7 @@ class LogfmtFormatter(logging.Formatter):
             if k not in _RESERVED and not k.startswith("_"):
                 parts.append(f"{k}={_quote(v)}")
         if record.exc_info:
-            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+            parts.append(f"exc={_quote(self.formatException(record.exc_info), 8000)}")
         return prefix + " ".join(parts)
 
 

@@ -39,3 +39,15 @@ def test_rate_limited_keeps_a_burst_then_summarises():
     time.sleep(0.25)
     rl.warning("bad_json", "payload rejected", reason="bad_json")
     assert len(records) == 4 and records[-1].suppressed_before == 47
+
+
+def test_hostile_values_cannot_forge_lines_fields_or_terminal_escapes():
+    fmt = LogfmtFormatter(journal=True)
+    topic = 'devices/x\nlevel=error component=audit msg="write done" who=admin\x1b[2J\r\x00\u2028\ud800'
+    line = fmt.format(_record("payload rejected", topic=topic, detail="y" * 5000))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\x00" not in line
+    assert "\u2028" not in line and "\ud800" not in line
+    assert line.count(" level=") == 0 and line.startswith("<4>level=warning component=uplink")
+    assert 'topic="devices/x\\nlevel=error component=audit msg=\\"write done\\" who=admin\\x1b[2J\\r\\x00' \
+           '\\u2028\\ud800"' in line
+    assert len(line) < 2200 and "...[3000 more]" in line  # bounded

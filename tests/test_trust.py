@@ -234,3 +234,53 @@ def test_rules_added_by_command_can_do_no_more_than_the_sender(local_broker, clo
     finally:
         cli.close()
     assert agent.stop() == 0
+
+
+def test_a_cloud_that_stops_acknowledging_is_declared_dead_and_nothing_is_lost(
+        local_broker, cloud_broker, make_agent, cloud_subscriber):
+    """The broker keeps the TCP connection but stops answering (SIGSTOP): within publish_timeout_s the link is
+    declared dead, counted and reconnected; status says it is down; once the broker answers again, every reading
+    arrives."""
+    import signal
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False},
+                       uplink={"publish_timeout_s": 1.0, "keepalive_s": 60}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    viewer = cloud_subscriber()
+    pub = Publisher(local_broker)
+    for i in range(10):
+        pub.publish(i)
+    wait_for(lambda: len(viewer.seqs()) >= 20, 10, what="first readings at the cloud")
+    cloud_broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(10, 60):
+            pub.publish(i)
+        t0 = time.monotonic()
+        wait_for(lambda: agent.metric("edge_agent_uplink_errors_total", 'reason="puback_timeout"'), 10,
+                 what="the dead link noticed")
+        assert time.monotonic() - t0 < 5
+        wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 0, 5, what="status says down")
+    finally:
+        cloud_broker.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: set(range(1, 121)) <= set(viewer.seqs()), 30, what="every reading after the broker answers")
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="reconnected")
+    pub.close()
+    viewer.close()
+    assert agent.stop() == 0
+
+
+def test_uplink_server_hostname_is_the_name_verified(local_broker, cloud_broker, make_agent):
+    """Connecting by address, the name to verify is uplink.server_hostname: a name the broker's certificate does
+    not carry is refused (tls_verification), the right one connects."""
+    bad = make_agent(local_broker, cloud_broker, model={"enabled": False},
+                     uplink={"host": "127.0.0.1", "server_hostname": "cloud.example.invalid"}).start()
+    bad.wait_ready()
+    wait_for(lambda: (bad.metric("edge_agent_uplink_errors_total", 'reason="tls_verification"') or 0) >= 1, 10,
+             what="refused")
+    assert bad.metric("edge_agent_uplink_connected") == 0
+    assert bad.stop() == 0
+    good = make_agent(local_broker, cloud_broker, model={"enabled": False},
+                      uplink={"host": "127.0.0.1", "server_hostname": "localhost"}).start()
+    good.wait_ready()
+    wait_for(lambda: good.metric("edge_agent_uplink_connected") == 1, 10, what="connected")
+    assert good.stop() == 0
