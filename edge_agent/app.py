@@ -205,7 +205,8 @@ class App:
                 "components": dict(self.state), "outbox_readings": self.store.outbox_readings,
                 "outbox_bytes": self.store.outbox_bytes, "acked_seq": self.store.acked_seq,
                 "next_seq": self.store.next_seq, "uplink_connected": bool(self.uplink and self.uplink.connected),
-                "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink else None,
+                "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink and self.uplink.cert else None,
+                "uplink_error": self.uplink.tls_error if self.uplink else None,
                 "model": self.agent.info() if self.agent else None}
 
     def request_stop(self) -> None:

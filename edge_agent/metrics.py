@@ -52,6 +52,9 @@ class Metrics:
                                       ["source", "reason"], registry=r)
         self.commands = Counter(p + "commands", "Commands answered, by outcome (ok, duplicate, or the error code)",
                                 ["command", "outcome"], registry=r)
+        self.readings_retimed = Counter(p + "readings_retimed", "Readings whose timestamp disagreed with the "
+                                        "gateway's clock: stored with the receive time, quality says why",
+                                        ["source", "quality"], registry=r)
         self.rule_errors = Counter(p + "rule_errors", "Readings a rule failed on (skipped; the others go on)",
                                    ["rule"], registry=r)
         self.alerts = Counter(p + "alerts", "Alerts by state: firing, cleared, suppressed (cooldown), dropped "

@@ -19,6 +19,8 @@ import collections
 import datetime as dt
 import json
 import logging
+import os
+import ssl
 import time
 from typing import Awaitable, Callable
 
@@ -43,9 +45,10 @@ class Uplink:
         self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
         self.on_command = on_command
         self.max_commands = max_commands
-        # Refuses (TlsConfigError) an unreadable CA, a key readable by others, an expired certificate.
-        self.ssl_context = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, prefix="uplink.")
-        self.cert = tls.load_cert(cfg.cert_file, "uplink.cert_file")
+        self.ssl_context: ssl.SSLContext | None = None
+        self.cert: tls.CertInfo | None = None
+        self.tls_error: str | None = None  # why the uplink cannot connect with its certificate files, if it cannot
+        self._tls_files: tuple | None = None
         base = f"{cfg.topic_prefix}/{gateway_id}"
         self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
         self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
@@ -56,7 +59,32 @@ class Uplink:
         self._acked = 0
         self._last_cert_check = 0.0
         self.connected = False
+        self._load_tls()
+
+    def _load_tls(self) -> bool:
+        """(Re)build the TLS context when the certificate files changed or the last try failed. A problem with them
+        (unreadable, a key readable by others, expired, not matching) disables only the uplink: counted, said in
+        status, retried with backoff — the rest of the agent keeps storing data. True when a context is ready."""
+        cfg = self.cfg
+        sig = tuple(_stat(p) for p in (cfg.ca_file, cfg.cert_file, cfg.key_file))
+        if self.ssl_context is not None and sig == self._tls_files:
+            return True
+        try:
+            ctx = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, prefix="uplink.")
+            cert = tls.load_cert(cfg.cert_file, "uplink.cert_file")
+        except tls.TlsConfigError as e:
+            self.ssl_context, self._tls_files = None, None
+            if str(e) != self.tls_error:
+                log.error("uplink disabled until its certificate files are fixed; data keeps being stored",
+                          extra={"error": str(e)})
+            self.tls_error = str(e)
+            self.metrics.uplink_errors.labels("tls_config").inc()
+            return False
+        if self.tls_error is not None or self._tls_files is not None:
+            log.info("uplink certificate files loaded", extra={"cert": cfg.cert_file, "subject": cert.subject})
+        self.ssl_context, self.cert, self._tls_files, self.tls_error = ctx, cert, sig, None
         self.check_certificate()
+        return True
 
     def _status(self, state: str) -> bytes:
         return json.dumps({"state": state, "gateway": self.gateway, "version": __version__,
@@ -64,6 +92,8 @@ class Uplink:
 
     def check_certificate(self) -> None:
         self._last_cert_check = time.monotonic()
+        if self.cert is None:
+            return
         days = self.cert.days_left()
         self.metrics.cert_days_left.labels("uplink").set(round(days, 2))
         expiring = days < self.cfg.cert_warn_days
@@ -78,6 +108,9 @@ class Uplink:
         while not self._stopping.is_set():
             if time.monotonic() - self._last_cert_check > CERT_CHECK_INTERVAL_S:
                 self.check_certificate()
+            if not self._load_tls():
+                await backoff.wait(self._stopping)
+                continue
             conn = self._conn = MqttConnection(
                 client_id=self.gateway, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
                 keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, clean_start=True,
@@ -277,3 +310,10 @@ class Uplink:
                 pass
             await conn.disconnect()
 
+
+def _stat(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, st.st_mtime_ns, st.st_size, st.st_ino)

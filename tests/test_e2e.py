@@ -87,7 +87,7 @@ def test_cloud_broker_refuses_client_without_certificate(cloud_broker, pki):
 def _run_check(config_path):
     import subprocess
     import sys
-    return subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(config_path)],
+    return subprocess.run([sys.executable, "-m", "edge_agent", "check", "--config", str(config_path)],
                           capture_output=True, text=True, timeout=30)
 
 

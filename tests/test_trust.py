@@ -284,3 +284,36 @@ def test_uplink_server_hostname_is_the_name_verified(local_broker, cloud_broker,
     good.wait_ready()
     wait_for(lambda: good.metric("edge_agent_uplink_connected") == 1, 10, what="connected")
     assert good.stop() == 0
+
+
+def test_an_expired_certificate_disables_only_the_uplink_until_it_is_replaced(
+        local_broker, cloud_broker, make_agent, pki, tmp_path, cloud_subscriber):
+    import datetime as dt
+    import os
+    import shutil
+    now = dt.datetime.now(dt.timezone.utc)
+    old_cert, old_key = pki["ca"].issue("gw-old", not_before=now - dt.timedelta(days=10),
+                                        not_after=now - dt.timedelta(days=1))
+    cert, key = tmp_path / "gw.pem", tmp_path / "gw.key"
+    shutil.copy(old_cert, cert)
+    shutil.copy(old_key, key)
+    os.chmod(key, 0o600)
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False},
+                       uplink={"cert_file": str(cert), "key_file": str(key)}).start()
+    agent.wait_ready()
+    viewer = cloud_subscriber()
+    pub = Publisher(local_broker)
+    for i in range(10):
+        pub.publish(i)
+    wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 20, 10, what="ingest goes on")
+    assert agent.proc.poll() is None
+    assert agent.metric("edge_agent_uplink_errors_total", 'reason="tls_config"') >= 1
+    assert "uplink disabled until its certificate files are fixed" in agent.log() and "expired" in agent.log()
+    good_cert, good_key = pki["gateway"]
+    shutil.copy(good_key, key)
+    shutil.copy(good_cert, cert)
+    wait_for(lambda: set(range(1, 21)) <= set(viewer.seqs()), 30, what="the backlog at the cloud once replaced")
+    assert 'msg="uplink certificate files loaded"' in agent.log()
+    pub.close()
+    viewer.close()
+    assert agent.stop() == 0

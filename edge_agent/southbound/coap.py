@@ -74,8 +74,9 @@ class CoapAdapter:
 
     def __init__(self, cfg: CoapConfig, sink: Sink, dead_letter: DeadLetter, metrics: Metrics) -> None:
         self.cfg, self.sink, self.dead_letter, self.metrics = cfg, sink, dead_letter, metrics
-        self.decode_json = make_decoder(cfg.payload, "{device}", SOURCE)
-        self.decode_cbor = make_decoder(cfg.payload, "{device}", SOURCE, cbor=True)
+        self._retimed = lambda q: metrics.readings_retimed.labels(SOURCE, q).inc()  # noqa: E731
+        self.decode_json = make_decoder(cfg.payload, "{device}", SOURCE, retimed=self._retimed)
+        self.decode_cbor = make_decoder(cfg.payload, "{device}", SOURCE, cbor=True, retimed=self._retimed)
         self._slots = asyncio.Semaphore(cfg.max_concurrent)
         self._stopping = asyncio.Event()
         self._ctx: aiocoap.Context | None = None
@@ -199,7 +200,7 @@ class CoapAdapter:
 
     # -- observations --------------------------------------------------------------------------
     async def _observe(self, o: CoapObserveConfig) -> None:
-        decode = make_decoder(o, "{device}", SOURCE)
+        decode = make_decoder(o, "{device}", SOURCE, retimed=self._retimed)
         backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s,
                           self.metrics.backoff_waits.labels("coap_observe"))
         first = True

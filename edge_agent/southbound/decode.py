@@ -2,6 +2,11 @@
 
 Reasons are short metric labels: not_utf8, bad_json, bad_cbor, non_finite, bad_shape, no_values, bad_value,
 bad_point, bad_timestamp, bad_device, topic_mismatch, too_large.
+
+A clock disagreement never loses a reading: a timestamp that is a number but before 2000 or more than a day ahead of
+the gateway's clock (a device without a real-time clock, or a gateway whose clock is behind) is replaced by the
+receive time and the reading's quality says why (`ts_before_2000`, `ts_ahead`), counted in
+`edge_agent_readings_retimed_total{source,quality}`. Only a timestamp that is not a finite number is refused.
 """
 from __future__ import annotations
 
@@ -94,7 +99,8 @@ class DevicePattern:
 Decoder = Callable[[str, bytes, int], list[Reading]]
 
 
-def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: bool = False) -> Decoder:
+def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: bool = False,
+                 retimed: Callable[[str], None] | None = None) -> Decoder:
     """Build a decoder: (topic or path, payload, receive time ns) -> readings; the device id is the
     `{device}` part of the topic/path under `device_pattern`. `cbor`: the json decoder's document
     arrives as CBOR (same structure, same paths)."""
@@ -106,18 +112,21 @@ def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: boo
     value_path = cfg.value_path.split(".") if cfg.value_path else []
     point = _check_name("point", cfg.point)
 
-    def timestamp(raw: Any, recv_ns: int) -> int:
+    def timestamp(raw: Any, recv_ns: int) -> tuple[int, str]:
+        """(timestamp, quality)"""
         if raw is _MISSING:
-            return recv_ns
+            return recv_ns, "good"
         if type(raw) not in (int, float):
             raise RejectedInput("bad_timestamp", f"timestamp must be a number of {cfg.ts_unit}, got {raw!r:.40}")
         if type(raw) is float and not math.isfinite(raw):
             raise RejectedInput("bad_timestamp", f"timestamp {raw!r} is not finite")
         ts = int(raw * scale) if type(raw) is int else int(min(max(raw * scale, -1e30), 1e30))
-        if ts < _MIN_TS_NS or ts > recv_ns + _MAX_FUTURE_NS:
-            raise RejectedInput("bad_timestamp", f"timestamp {raw!r:.40} {cfg.ts_unit} is before 2000 or "
-                                                 "more than a day ahead")
-        return ts
+        if _MIN_TS_NS <= ts <= recv_ns + _MAX_FUTURE_NS:
+            return ts, "good"
+        quality = "ts_before_2000" if ts < _MIN_TS_NS else "ts_ahead"
+        if retimed is not None:
+            retimed(quality)
+        return recv_ns, quality
 
     def text(payload: bytes) -> str:
         try:
@@ -150,18 +159,18 @@ def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: boo
             if value_path:
                 raise RejectedInput("bad_shape", f"expected a JSON object, got {type(doc).__name__}")
             doc = {"": doc}
-        ts = timestamp(_path(doc, ts_path) if ts_path else _MISSING, recv_ns)
+        ts, quality = timestamp(_path(doc, ts_path) if ts_path else _MISSING, recv_ns)
         values = _path(doc, values_path) if values_path else _MISSING
         if values is _MISSING:
             v = _path(doc, value_path) if value_path else doc.get("", _MISSING)
             if v is _MISSING:
                 raise RejectedInput("no_values", f"neither '{cfg.values_path}' nor '{cfg.value_path}' in the payload")
-            return [Reading(device, point, _check_value(point, v), unit, ts, "good", source)]
+            return [Reading(device, point, _check_value(point, v), unit, ts, quality, source)]
         if not isinstance(values, dict):
             raise RejectedInput("bad_shape", f"'{cfg.values_path}' must be an object of point: value")
         if not values:
             raise RejectedInput("no_values", f"'{cfg.values_path}' is empty")
-        return [Reading(device, _check_name("point", p), _check_value(p, v), unit, ts, "good", source)
+        return [Reading(device, _check_name("point", p), _check_value(p, v), unit, ts, quality, source)
                 for p, v in values.items()]
 
     def decode_number(topic: str, payload: bytes, recv_ns: int) -> list[Reading]:

@@ -44,7 +44,9 @@ class MqttIngest:
         self.cfg = cfg
         self.client_id = cfg.client_id or f"{gateway_id}-ingest"
         self.sink, self.dead_letter, self.metrics = sink, dead_letter, metrics
-        self.routes: list[tuple[str, Decoder]] = [(t.filter, make_decoder(t, t.device, SOURCE)) for t in cfg.topics]
+        retimed = lambda q: metrics.readings_retimed.labels(SOURCE, q).inc()  # noqa: E731
+        self.routes: list[tuple[str, Decoder]] = [(t.filter, make_decoder(t, t.device, SOURCE, retimed=retimed))
+                                                  for t in cfg.topics]
         self._routes_cache: dict[str, Decoder] = {}
         self._ever_connected = False
         self.ssl_context = None
