@@ -92,7 +92,7 @@ class App:
         if cfg.uplink.enabled:
             on_command = self.router.handle if cfg.commands.enabled else None
             self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
-                                 cfg.commands.concurrency)
+                                 cfg.commands.concurrency, tuple(cfg.commands.reply_prefixes))
             self.components.append(self.uplink)
         if cfg.southbound.coap.enabled:
             from edge_agent.southbound.coap import CoapAdapter

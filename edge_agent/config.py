@@ -269,6 +269,9 @@ class CommandsConfig:
     dedup_max: int = opt(1000, doc="request ids remembered at most (oldest forgotten first)", ge=1, le=1_000_000)
     query_max_rows: int = opt(1_000_000, doc="readings a query may scan; beyond, it is refused", ge=1000)
     concurrency: int = opt(8, doc="commands executing at once; beyond, 'busy'", ge=1, le=1000)
+    reply_prefixes: list[str] = opt(factory=list, doc="MQTT 5 response topics may start with these, besides "
+                                    "<prefix>/<gateway>/res/ (always allowed); a request whose response topic is "
+                                    "elsewhere is refused unrun and counted")
 
 
 @dataclass

@@ -41,7 +41,8 @@ class Uplink:
     name = "uplink"
 
     def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics,
-                 on_command: CommandHandler | None = None, max_commands: int = 8) -> None:
+                 on_command: CommandHandler | None = None, max_commands: int = 8,
+                 reply_prefixes: tuple[str, ...] = ()) -> None:
         self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
         self.on_command = on_command
         self.max_commands = max_commands
@@ -52,6 +53,7 @@ class Uplink:
         base = f"{cfg.topic_prefix}/{gateway_id}"
         self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
         self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
+        self.reply_prefixes = (self.res_prefix, *reply_prefixes)
         self.alerts_topic = f"{base}/alerts"
         self._serving: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
@@ -275,8 +277,15 @@ class Uplink:
     async def _serve(self, conn: MqttConnection, mid: int, qos: int, name: str, body: bytes, reply_to: str | None,
                      correlation: bytes | None) -> None:
         assert self.on_command is not None
-        who = f"reply_to={reply_to}" if reply_to else "mqtt"
-        reply, rid = await self.on_command(name, body, who)
+        if reply_to is not None and (not reply_to.startswith(self.reply_prefixes) or "+" in reply_to
+                                     or "#" in reply_to):
+            # a reply must never land on telemetry, another gateway's commands, or anywhere the sender chose
+            self.metrics.commands.labels("unknown", "bad_reply_topic").inc()
+            log.warning("command refused unrun: its response topic is outside the allowed prefixes", extra={
+                "command": name[:64], "response_topic": reply_to[:120], "allowed": ",".join(self.reply_prefixes)})
+            conn.ack(mid, qos)
+            return
+        reply, rid = await self.on_command(name, body, "mqtt")
         topic = reply_to or (self.res_prefix + rid if rid else None)
         if topic is None or "+" in topic or "#" in topic:
             self.metrics.commands.labels("unknown", "unroutable").inc()

@@ -32,7 +32,7 @@ class CommandClient:
         c = self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"operator-{uuid.uuid4().hex[:8]}",
                                  protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311)
         c.tls_set(ca_certs=str(pki["ca"].cert_path), certfile=str(cert), keyfile=str(key))
-        self.reply_topic = f"cloud/replies/{uuid.uuid4().hex[:8]}"
+        self.reply_topic = f"edge/gw-test/res/v5-{uuid.uuid4().hex[:8]}"  # replies stay under the gateway's prefix
         c.on_message = self._on_message
         c.connect("localhost", broker.port, 30)
         c.loop_start()
@@ -179,7 +179,9 @@ def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, m
         log = agent.log()
         assert log.count('msg="write done"') == 2 and log.count("msg=\"opcua write\"") == 2
         assert "via ask" in log
-        assert 'msg="write refused"' in log and "reply_to=cloud/replies/" in log
+        # who: what the agent knows (the channel; an operator's key id when requests are signed), never a claim the
+        # sender chose such as its reply topic
+        assert 'msg="write refused"' in log and "who=mqtt " in log and "reply_to=" not in log
         assert agent.stop() == 0
     finally:
         plc.kill()

@@ -317,3 +317,60 @@ def test_an_expired_certificate_disables_only_the_uplink_until_it_is_replaced(
     pub.close()
     viewer.close()
     assert agent.stop() == 0
+
+
+def test_the_cloud_acl_confines_each_gateway_and_replies_stay_under_the_prefix(
+        local_broker, cloud_broker, make_agent, pki):
+    """The shipped ACL (systemd/mosquitto-cloud.acl) runs on the tests' cloud broker: another gateway's certificate
+    can neither command this one nor read its telemetry; a request whose MQTT 5 response topic lies outside the
+    allowed prefixes is refused unrun and counted."""
+    import queue
+    import uuid
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    cert, key = pki["ca"].issue("gw-other")
+    got: "queue.Queue[str]" = queue.Queue()
+    other = paho.Client(CallbackAPIVersion.VERSION2, client_id="gw-other", protocol=paho.MQTTv5)
+    other.tls_set(ca_certs=str(pki["ca"].cert_path), certfile=str(cert), keyfile=str(key))
+    other.on_message = lambda _c, _u, m: got.put(m.topic)
+    other.connect("localhost", cloud_broker.port, 30)
+    other.loop_start()
+    try:
+        other.subscribe([("edge/gw-test/#", 1), ("edge/gw-other/res/#", 1)])
+        time.sleep(0.3)
+        pub = Publisher(local_broker)
+        for i in range(5):
+            pub.publish(i)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "edge/gw-other/res/x"
+        other.publish("edge/gw-test/cmd/ping", b'{"id": "p1"}', qos=1, properties=props)
+        wait_for(lambda: agent.metric("edge_agent_uplink_readings_acked_total") == 10, 10, what="telemetry")
+        time.sleep(0.5)
+        assert got.empty(), "another gateway read this gateway's topics or got a reply"
+        assert (agent.metric("edge_agent_commands_total", 'command="ping",outcome="ok"') or 0) == 0
+        pub.close()
+    finally:
+        other.loop_stop()
+        other.disconnect()
+    # the operator (the cloud side's identity) is allowed to command; its reply topic is still confined
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        assert cli.call("ping")["ok"]
+        for bad in ("edge/gw-test/telemetry", "edge/gw-other/cmd/write", "cloud/anything"):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = bad
+            props.CorrelationData = uuid.uuid4().bytes
+            cli.c.publish("edge/gw-test/cmd/ping", b"{}", qos=1, properties=props)
+        wait_for(lambda: agent.metric("edge_agent_commands_total", 'command="unknown",outcome="bad_reply_topic"')
+                 == 3, 10, what="refused")
+        assert agent.metric("edge_agent_commands_total", 'command="ping",outcome="ok"') == 1
+    finally:
+        cli.close()
+    assert agent.stop() == 0

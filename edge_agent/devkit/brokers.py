@@ -39,6 +39,16 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+def cloud_acl() -> Path:
+    """The shipped cloud-side ACL: in a checkout (systemd/) or an installed wheel (<prefix>/share/edge-agent/)."""
+    import sys
+    for p in (Path(__file__).resolve().parents[2] / "systemd" / "mosquitto-cloud.acl",
+              Path(sys.prefix) / "share" / "edge-agent" / "mosquitto-cloud.acl"):
+        if p.is_file():
+            return p
+    raise FileNotFoundError("mosquitto-cloud.acl not found (systemd/ in a checkout, share/edge-agent/ installed)")
+
+
 class Mosquitto:
     def __init__(self, directory: Path, port: int, lines: list[str]) -> None:
         self.binary = find_mosquitto()
@@ -61,10 +71,14 @@ class Mosquitto:
         return cls(directory, port or free_port(), ["allow_anonymous true"])
 
     @classmethod
-    def mtls(cls, directory: Path, ca: Path, cert: Path, key: Path, port: int | None = None) -> "Mosquitto":
+    def mtls(cls, directory: Path, ca: Path, cert: Path, key: Path, port: int | None = None,
+             acl: Path | None = None) -> "Mosquitto":
+        """A cloud broker: client certificates required, identity from the certificate, and the shipped ACL
+        (systemd/mosquitto-cloud.acl; each gateway confined to its own topics) unless another is given."""
         return cls(directory, port or free_port(), [
             f"cafile {ca}", f"certfile {cert}", f"keyfile {key}", "require_certificate true",
-            "use_identity_as_username true", "tls_version tlsv1.2", "allow_anonymous false"])
+            "use_identity_as_username true", "tls_version tlsv1.2", "allow_anonymous false",
+            f"acl_file {acl or cloud_acl()}"])
 
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         """Start and wait for the port. Blocking by design (tests, benchmarks); from a coroutine call it

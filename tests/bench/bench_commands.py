@@ -28,7 +28,7 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from bench_ingest import metric, run_gen, wait_metric  # noqa: E402
-from edge_agent.devkit.brokers import Mosquitto, free_port  # noqa: E402
+from edge_agent.devkit.brokers import Mosquitto, cloud_acl, free_port  # noqa: E402
 from edge_agent.devkit.certs import CA  # noqa: E402
 from edge_agent.config import to_toml  # noqa: E402
 
@@ -68,9 +68,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         ca = CA(work / "pki")
-        server, gw, op = ca.issue("cloud", server=True), ca.issue("bench-gw"), ca.issue("operator")
+        server, gw, op = ca.issue("cloud", server=True), ca.issue("bench-gw"), ca.issue("cloud-viewer")
         local = Mosquitto.local(work / "local").start()
-        cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, *server).start()
+        acl = work / "bench.acl"  # the shipped ACL, and a bench-only echo topic for the transport baseline
+        acl.write_text(cloud_acl().read_text() + "\npattern readwrite echo/#\n")
+        cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, *server, acl=acl).start()
         mport = free_port()
         cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")}, "log": {"level": "warning"},
                "southbound": {"mqtt": {"port": local.port}},
@@ -86,7 +88,7 @@ def main() -> None:
             run_gen(local.port, 2000, 100)
             wait_metric(mport, "edge_agent_readings_committed_total", 10_000, 60)
             cli = Client(cloud.port, ca, op, a.protocol, "operator")
-            cli.c.subscribe("edge/bench-gw/res/+", 1)
+            cli.c.subscribe([("edge/bench-gw/res/+", 1), ("echo/res", 1)])
             time.sleep(0.5)
             results = {}
             ask = {"text": "what is the average temperature of dev-007 over the last hour"}
@@ -101,7 +103,7 @@ def main() -> None:
                 results[name] = (pct(xs, 0.5), pct(xs, 0.99))
             # the transport alone: an echo client on the same broker answers on the reply topic
             echo = Client(cloud.port, ca, op, a.protocol, "echo")
-            echo.c.on_message = lambda c, _u, m: c.publish("edge/bench-gw/res/echo", m.payload, qos=1)
+            echo.c.on_message = lambda c, _u, m: c.publish("echo/res", m.payload, qos=1)
             echo.c.subscribe("echo/cmd", 1)
             time.sleep(0.5)
             xs = [cli.rtt("echo/cmd", {"id": "echo"}) for _ in range(a.n)]

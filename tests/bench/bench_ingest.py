@@ -140,7 +140,7 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
     ca = CA(work / "pki")
     server = ca.issue("cloud", server=True)
     gw = ca.issue("bench-gw")
-    viewer = ca.issue("viewer")
+    viewer = ca.issue("cloud-viewer")
     local = Mosquitto.local(work / "local").start()
     cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, *server).start()
     mport = free_port()
