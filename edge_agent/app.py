@@ -231,6 +231,9 @@ class App:
         helpers = [asyncio.create_task(self._loop_lag()), asyncio.create_task(self._status_lines())]
         if self.notifier.watchdog_s:
             helpers.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s / 2)))
+        if self.router is not None and not self.router.keys and self.uplink is not None and self.cfg.commands.enabled:
+            log.warning("no operator keys (commands.operator_keys): operations that change the gateway trust the "
+                        "cloud broker's ACL alone")
         self.notifier.ready(self.status_line())
         log.info("edge agent started", extra={"version": __version__, "gateway": self.cfg.gateway.id,
                                               "components": ",".join(c.name for c in self.components)})

@@ -41,10 +41,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import shutil
+
     from edge_agent import ops, tls
+    from edge_agent.ops.signing import parse_keys
     try:
         cfg = config.load(args.config)
         ops.allowed(ops.TABLE, cfg.commands.allow)
+        keys = parse_keys(cfg.commands.operator_keys)
         if cfg.uplink.enabled:
             tls.client_context(cfg.uplink.ca_file, cfg.uplink.cert_file, cfg.uplink.key_file, prefix="uplink.")
         mq = cfg.southbound.mqtt
@@ -61,6 +65,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"# model {m.name}: signature and files verified")
         except ModelError as e:
             print(f"# model NOT usable, ask will answer 'unavailable': {e}")
+    if cfg.uplink.enabled and cfg.commands.enabled and not keys:
+        print("# warning: no operator keys (commands.operator_keys): operations that change the gateway trust the "
+              "cloud broker's ACL alone")
+    where = Path(cfg.gateway.state_dir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if cfg.store.quota_bytes > free:
+        print(f"# warning: store.quota_bytes ({cfg.store.quota_bytes} B) is more than the free space on {where} "
+              f"({free} B): the disk fills before the quota applies")
     print(f"# effective configuration of {args.config} (secrets redacted)")
     print(config.to_toml(config.to_dict(cfg)).lstrip())
     return 0
@@ -165,6 +179,30 @@ def cmd_op(args: argparse.Namespace) -> int:
     return _call_daemon(args, args.name, request)
 
 
+def cmd_sign(args: argparse.Namespace) -> int:
+    """An operator's signed request, as JSON to publish on <prefix>/<gateway>/cmd/<name>."""
+    import uuid
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from edge_agent.ops.signing import sign
+    try:
+        key = load_pem_private_key(Path(args.key).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as e:
+        return _fail(f"--key {args.key}: not a readable unencrypted PEM private key ({e})")
+    if not isinstance(key, Ed25519PrivateKey):
+        return _fail(f"--key {args.key}: not an Ed25519 key (make one: openssl genpkey -algorithm ed25519)")
+    fields = {}
+    for item in args.fields:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            return _fail(f"field {item!r}: expected NAME=VALUE")
+        fields[k] = _field_value(v)
+    _print_json(sign(key, args.key_id, args.name, args.id or uuid.uuid4().hex[:16], fields))
+    return 0
+
+
 def cmd_ops(_args: argparse.Namespace) -> int:
     from edge_agent import ops
     for op in ops.TABLE.values():
@@ -235,6 +273,13 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--config", default=DEFAULT_CONFIG, help="where the agent's state directory is said")
     o.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent's reply")
     o.set_defaults(fn=cmd_op)
+    sg = sub.add_parser("sign", help="print an operator-signed request (for gateways with commands.operator_keys)")
+    sg.add_argument("name", help="the operation, e.g. write")
+    sg.add_argument("fields", nargs="*", metavar="NAME=VALUE")
+    sg.add_argument("--key", required=True, help="the operator's Ed25519 private key (PEM)")
+    sg.add_argument("--key-id", required=True, help="its id in the gateway's commands.operator_keys")
+    sg.add_argument("--id", default="", help="the request id (default: a random one)")
+    sg.set_defaults(fn=cmd_sign)
     ls = sub.add_parser("ops", help="list the operations: what each takes, whether it changes anything")
     ls.set_defaults(fn=cmd_ops)
     b = sub.add_parser("bench", help="benchmarks: 'bench model' times the GLM against its peers")

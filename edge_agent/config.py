@@ -269,6 +269,11 @@ class CommandsConfig:
     dedup_max: int = opt(1000, doc="request ids remembered at most (oldest forgotten first)", ge=1, le=1_000_000)
     query_max_rows: int = opt(1_000_000, doc="readings a query may scan; beyond, it is refused", ge=1000)
     concurrency: int = opt(8, doc="commands executing at once; beyond, 'busy'", ge=1, le=1000)
+    operator_keys: list[str] = opt(factory=list, doc="operators' Ed25519 public keys, \"KEY_ID=BASE64\" each; when "
+                                   "any is set, every operation that changes anything must be signed by one (the "
+                                   "audit records the key id); none: the broker's ACL alone decides who may")
+    signature_max_age_s: float = opt(300.0, doc="a signature older (or further ahead) than this is refused",
+                                     ge=1, le=86400)
     reply_prefixes: list[str] = opt(factory=list, doc="MQTT 5 response topics may start with these, besides "
                                     "<prefix>/<gateway>/res/ (always allowed); a request whose response topic is "
                                     "elsewhere is refused unrun and counted")
@@ -467,6 +472,9 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"model.providers: unknown provider {p!r} (tensorrt, cuda, cpu)")
     if not cfg.model.providers or len(set(cfg.model.providers)) != len(cfg.model.providers):
         raise ConfigError("model.providers: name each of tensorrt, cuda, cpu at most once, at least one")
+    if cfg.commands.operator_keys and cfg.commands.signature_max_age_s > cfg.commands.dedup_window_s:
+        raise ConfigError("commands.signature_max_age_s: must not exceed commands.dedup_window_s, or a signed "
+                          "request could be replayed after its id is forgotten")
     up = cfg.uplink
     if up.enabled:
         for k in ("ca_file", "cert_file", "key_file"):

@@ -374,3 +374,63 @@ def test_the_cloud_acl_confines_each_gateway_and_replies_stay_under_the_prefix(
     finally:
         cli.close()
     assert agent.stop() == 0
+
+
+def test_changing_operations_need_an_operators_signature_when_keys_are_configured(
+        local_broker, cloud_broker, make_agent, pki, tmp_path):
+    import base64
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_agent.ops.signing import sign
+
+    alice, mallory = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    pub = base64.b64encode(alice.public_key().public_bytes(serialization.Encoding.Raw,
+                                                           serialization.PublicFormat.Raw)).decode()
+    agent = make_agent(local_broker, cloud_broker, commands={
+        "allow": ["read-only", "write", "rules.add", "rules.remove"], "operator_keys": [f"alice={pub}"]}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    rule = {"rule": {"id": "hot", "kind": "above", "device": "b-1", "point": "t", "threshold": 80}}
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        assert cli.call("ping")["ok"]  # read-only: no signature needed
+        err = cli.call("rules.add", rule)["error"]
+        assert err["code"] == "forbidden" and "requires an operator's signature" in err["message"]
+        ok = cli.call("rules.add", json.dumps(sign(alice, "alice", "rules.add", "r-1", rule)).encode(), rid="r-1")
+        assert ok["ok"], ok
+        for body, why in (
+                (sign(mallory, "mallory", "rules.add", "r-2", rule), "unknown key 'mallory'"),
+                (sign(mallory, "alice", "rules.add", "r-3", rule), "does not verify"),
+                (sign(alice, "alice", "rules.add", "r-4", rule, ts=int((time.time() - 600) * 1000)), "replayed"),
+                ({**sign(alice, "alice", "rules.add", "r-5", rule), "rule": {**rule["rule"], "threshold": 1}},
+                 "does not verify"),  # a changed argument
+                ({**sign(alice, "alice", "rules.add", "r-6", rule), "id": "r-7"}, "does not verify"),  # another id
+                (sign(alice, "alice", "rules.remove", "r-8", rule), "does not verify")):  # made for another op
+            reply = cli.call("rules.add", json.dumps(body).encode(), rid=body["id"])
+            assert reply["error"]["code"] in ("forbidden", "bad_request") and why in reply["error"]["message"], reply
+        # the CLI makes the request an operator publishes
+        key = tmp_path / "alice.pem"
+        key.write_bytes(alice.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        out = subprocess.run([sys.executable, "-m", "edge_agent", "sign", "rules.remove", "rule_id=hot",
+                              "--key", str(key), "--key-id", "alice", "--id", "r-9"],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        assert cli.call("rules.remove", out.stdout.encode(), rid="r-9")["result"] == {"removed": "hot"}
+        # ask: a question whose call would write needs a signed ask too
+        wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 20, what="model")
+        err = cli.call("ask", {"text": "set pump-1 speed to 40"})["error"]
+        assert err["code"] == "forbidden" and "signature" in err["message"] and err["call"]["tool"] == "write_point"
+    finally:
+        cli.close()
+    log = agent.log()
+    assert 'msg="rule added" who=key:alice' in log and 'msg="rule removed" who=key:alice' in log
+    assert "trust the cloud broker's ACL alone" not in log
+    assert agent.stop() == 0

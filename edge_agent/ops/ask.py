@@ -34,7 +34,13 @@ async def _ask(gw: Gateway, req: Request) -> dict:
                                         f"{op.name!r} is not allowed on this gateway (commands.allow)",
                            call=call) from None
     try:
-        result = await req.router.run(op, req.router.check_fields(op, fields), f"{req.who} via ask")
+        req.router.check_signed(op, req.signer)
+    except CommandError as e:
+        audit.warning("ask refused", extra={"who": req.who, "text": text[:200], "call": json.dumps(call)})
+        e.call = call
+        raise
+    try:
+        result = await req.router.run(op, req.router.check_fields(op, fields), f"{req.who} via ask", req.signer)
     except CommandError as e:
         e.call = call
         raise

@@ -63,6 +63,7 @@ class Request:
     who: str                       # for the audit: the channel and what it knows of the sender
     cfg: CommandsConfig
     router: "Router"               # ask runs the call it plans through the same router
+    signer: str | None = None      # the operator key that signed the request, when it was signed
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 from edge_agent.config import CommandsConfig, ConfigError
 from edge_agent.metrics import Metrics
+from edge_agent.ops import signing
 from edge_agent.ops.base import MAX_STRING, CommandError, Gateway, Operation, Request, reply_error, reply_ok
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,14 @@ class Router:
         self.cfg, self.table, self.gw, self.metrics = cfg, table, gw, metrics
         self.allow = allowed(table, cfg.allow)
         self.by_tool = {op.tool.name: op for op in table.values() if op.tool is not None}
+        self.keys = signing.parse_keys(cfg.operator_keys)
         self._seen: collections.OrderedDict[tuple[str, str], tuple[float, bytes]] = collections.OrderedDict()
         self._running: dict[tuple[str, str], asyncio.Future] = {}
         self._slots = asyncio.Semaphore(cfg.concurrency)
 
-    def parse(self, name: str, body: bytes) -> tuple[Operation, dict, str | None]:
-        """Validate a request; returns (operation, fields, id). Raises CommandError (carrying the id when one
-        could be read, so that even a refusal can be routed to res/<id>)."""
+    def parse(self, name: str, body: bytes) -> tuple[Operation, dict, str | None, str | None]:
+        """Validate a request; returns (operation, fields, id, signer). Raises CommandError (carrying the id when
+        one could be read, so that even a refusal can be routed to res/<id>)."""
         if len(body) > self.cfg.max_request_bytes:
             m = _ID_IN_TEXT.search(body[:512])
             raise CommandError("too_large", f"request of {len(body)} bytes > max_request_bytes "
@@ -80,11 +82,23 @@ class Router:
         rid = doc.pop("id", None)
         if rid is not None and (not isinstance(rid, str) or not _ID.match(rid)):
             raise CommandError("bad_request", "id must be 1-64 letters, digits, '_', '.', '-'")
+        sig = doc.pop("sig", None)
         op = self.table.get(name)
         if op is None:
             raise CommandError("unknown_command", f"unknown command {name[:64]!r} (known: {', '.join(self.table)})",
                                rid)
-        return op, self.check_fields(op, doc, rid), rid
+        fields = self.check_fields(op, doc, rid)
+        signer = None
+        if sig is not None:
+            if not self.keys:
+                raise CommandError("bad_request", "this gateway has no operator keys (commands.operator_keys); send "
+                                                  "the request unsigned", rid)
+            try:
+                signer = signing.verify(self.keys, self.cfg.signature_max_age_s, name, rid, sig, fields)
+            except CommandError as e:
+                e.rid = rid
+                raise
+        return op, fields, rid, signer
 
     @staticmethod
     def check_fields(op: Operation, doc: dict, rid: str | None = None) -> dict:
@@ -111,8 +125,9 @@ class Router:
         rid = None
         label = name if name in self.table else "unknown"
         try:
-            op, fields, rid = self.parse(name, body)
+            op, fields, rid, signer = self.parse(name, body)
             self.check_allowed(op)
+            self.check_signed(op, signer)
             if rid is not None:
                 cached = self._cached(name, rid)
                 if cached is not None:
@@ -129,7 +144,7 @@ class Router:
                 self._running[(name, rid)] = fut
             try:
                 async with self._slots:
-                    reply = reply_ok(await self.run(op, fields, who))
+                    reply = reply_ok(await self.run(op, fields, f"key:{signer}" if signer else who, signer))
             except CommandError as e:
                 reply = reply_error(e.code, e.message, e.call)
                 self.metrics.commands.labels(name, e.code).inc()
@@ -158,9 +173,14 @@ class Router:
         if op.name not in self.allow:
             raise CommandError("forbidden", f"command {op.name!r} is not allowed on this gateway (commands.allow)")
 
-    async def run(self, op: Operation, fields: dict, who: str) -> Any:
+    def check_signed(self, op: Operation, signer: str | None) -> None:
+        if op.changes and self.keys and signer is None:
+            raise CommandError("forbidden", f"{op.name!r} changes the gateway and this gateway requires an operator's "
+                                            "signature for that (commands.operator_keys)")
+
+    async def run(self, op: Operation, fields: dict, who: str, signer: str | None = None) -> Any:
         """Run an operation whose request passed the checks (`ask` runs the call it plans through here)."""
-        return await op.run(self.gw, Request(op.name, fields, who, self.cfg, self))
+        return await op.run(self.gw, Request(op.name, fields, who, self.cfg, self, signer))
 
     def _cached(self, name: str, rid: str) -> bytes | None:
         now = time.monotonic()
