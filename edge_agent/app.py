@@ -86,13 +86,15 @@ class App:
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
             write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
             rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
-            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan), self.metrics)
+            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan), self.metrics, journal=self.store)
+        self.store.requests_keep_s, self.store.requests_max = cfg.commands.dedup_window_s, cfg.commands.dedup_max
         self.control = ControlServer(Path(cfg.gateway.state_dir), self.router.handle)
         self.components.append(self.control)
         if cfg.uplink.enabled:
             on_command = self.router.handle if cfg.commands.enabled else None
             self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
-                                 cfg.commands.concurrency, tuple(cfg.commands.reply_prefixes))
+                                 cfg.commands.concurrency, tuple(cfg.commands.reply_prefixes),
+                                 cfg.commands.session_expiry_s)
             self.components.append(self.uplink)
         if cfg.southbound.coap.enabled:
             from edge_agent.southbound.coap import CoapAdapter

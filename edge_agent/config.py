@@ -265,7 +265,8 @@ class CommandsConfig:
                            "operation that changes nothing; write and rules.add/remove are off by default")
     max_request_bytes: int = opt(16384, doc="larger requests are refused", ge=64, le=1 << 20)
     dedup_window_s: float = opt(600.0, doc="a request id seen within this window is answered from the cache, "
-                                "not executed again", ge=0, le=86400)
+                                "not executed again; the ids of changing operations are committed to the store "
+                                "before they run, so this holds across restarts too", ge=0, le=86400)
     dedup_max: int = opt(1000, doc="request ids remembered at most (oldest forgotten first)", ge=1, le=1_000_000)
     query_max_rows: int = opt(1_000_000, doc="readings a query may scan; beyond, it is refused", ge=1000)
     concurrency: int = opt(8, doc="commands executing at once; beyond, 'busy'", ge=1, le=1000)
@@ -274,6 +275,12 @@ class CommandsConfig:
                                    "audit records the key id); none: the broker's ACL alone decides who may")
     signature_max_age_s: float = opt(300.0, doc="a signature older (or further ahead) than this is refused",
                                      ge=1, le=86400)
+    session_expiry_s: int = opt(3600, doc="the broker keeps the command subscription and the QoS 1 commands sent "
+                                "while the agent is down for this long (MQTT 5 session expiry; 3.1.1: a persistent "
+                                "session, expired by the broker's own setting)", ge=0, le=7 * 86400)
+    max_age_s: float = opt(300.0, doc="a request carrying \"ts\" (unix ms when sent) older than this is answered "
+                           "'expired' and not run (a command queued while the agent was down is never run late)",
+                           ge=1, le=7 * 86400)
     reply_prefixes: list[str] = opt(factory=list, doc="MQTT 5 response topics may start with these, besides "
                                     "<prefix>/<gateway>/res/ (always allowed); a request whose response topic is "
                                     "elsewhere is refused unrun and counted")

@@ -162,7 +162,8 @@ class MqttConnection:
 
     def __init__(self, *, client_id: str, host: str, port: int, protocol: str = "5", keepalive: int = 30,
                  ssl_context: ssl.SSLContext | None = None, username: str = "", password: str = "",
-                 clean_start: bool = True, will: Will | None = None, receive_maximum: int = 0,
+                 clean_start: bool = True, session_expiry_s: int = 0xFFFFFFFF, will: Will | None = None,
+                 receive_maximum: int = 0,
                  manual_ack: bool = False, max_inflight: int = 20,
                  on_message: MessageCallback | None = None, lean_publish: bool = False,
                  server_hostname: str = "") -> None:
@@ -170,6 +171,7 @@ class MqttConnection:
         self.host, self.port, self.keepalive = host, port, keepalive
         self.v5 = protocol == "5"
         self.clean_start = clean_start
+        self.session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
         c = self._c = _Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                               protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311,
@@ -217,7 +219,7 @@ class MqttConnection:
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
             if not self.clean_start:
-                props.SessionExpiryInterval = 0xFFFFFFFF
+                props.SessionExpiryInterval = self.session_expiry_s
             if self.receive_maximum:
                 props.ReceiveMaximum = self.receive_maximum
         try:

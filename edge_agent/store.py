@@ -9,6 +9,8 @@ Tables
   for it, or when the disk quota evicts it (counted, logged).
 - `devices`, `points`: the registry, filled as readings arrive.
 - `dead_letters`: rejected payloads, bounded.
+- `requests`: the ids of changing requests, committed before they run, with their reply once they have one:
+  a request resent after a crash is answered from here, never run twice (`requests_keep_s`, `requests_max`).
 - `alerts`: alerts the cloud has not acknowledged (ids from `meta.next_alert_id`, never reused, so the uplink's
   cursor can never skip one); `alert_log`: the last `rules.history_max` alerts, for `alerts.list`.
 - `meta`: the next seq; `seq_marks`: (time, seq) marks that make age-based retention a primary-key
@@ -66,6 +68,8 @@ CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, payload BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS alert_log (
     id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (id TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS requests (
+    name TEXT NOT NULL, rid TEXT NOT NULL, ts_ns INTEGER NOT NULL, reply BLOB, PRIMARY KEY (name, rid)) WITHOUT ROWID;
 """
 
 _STOP = object()
@@ -80,6 +84,8 @@ class Job(enum.Enum):
     ALERT = "alert"            # an alert for the cloud and the alert log
     ALERT_ACK = "alert_ack"    # the cloud acknowledged alerts up to an id
     RULE = "rule"              # a rule added or removed by command (a future)
+    REQUEST = "request"        # take a request id: (name, rid) -> None (new) or its earlier reply (a future)
+    REQUEST_REPLY = "reply"    # the reply of a taken request id
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,8 @@ class Store:
         self.new_alert: asyncio.Event | None = None
         self.alerts_max = 10_000
         self.alert_history_max = 1000
+        self.requests_keep_s = 600.0
+        self.requests_max = 1000
         self.next_alert_id = 1
         self.next_seq = 1
         self.outbox_readings = 0
@@ -245,6 +253,17 @@ class Store:
         fut = self._loop.create_future()
         self._q.put((Job.RULE, (rule_id, doc), fut))
         await fut
+
+    async def take_request(self, name: str, rid: str) -> bytes | None:
+        """Commit a changing request's id before it runs. None: new, run it. Else it was taken before (within
+        requests_keep_s): its reply, or b"" when it never got one (the agent stopped while it ran)."""
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._q.put((Job.REQUEST, (name, rid), fut))
+        return await fut
+
+    def request_reply(self, name: str, rid: str, reply: bytes) -> None:
+        self._q.put((Job.REQUEST_REPLY, (name, rid, reply), None))
 
     async def load_rules(self) -> list[str]:
         return [d for (d,) in await self.query("SELECT doc FROM rules ORDER BY id")]
@@ -440,6 +459,8 @@ class Store:
         alerts: list[Alert] = []
         alerts_acked = 0
         rule_changes: list[tuple[str, str | None]] = []
+        taken: list[tuple[tuple[str, str], asyncio.Future]] = []
+        replies: list[tuple[bytes, str, str]] = []
         ack = 0
         results: list[tuple[asyncio.Future, int]] = []
         seq = self.next_seq
@@ -466,6 +487,10 @@ class Store:
                 results.append((fut, 0))
             elif kind is Job.OUTBOX_ACK:
                 ack = max(ack, payload)
+            elif kind is Job.REQUEST:
+                taken.append((payload, fut))
+            elif kind is Job.REQUEST_REPLY:
+                replies.append((payload[2], payload[0], payload[1]))
             else:
                 raise AssertionError(f"unknown store job {kind!r}")
         n_rows = seq - self.next_seq
@@ -504,6 +529,14 @@ class Store:
                                  "VALUES (?,?,?,?,?,?)", dead)
             if alerts_acked:
                 conn.execute("DELETE FROM alerts WHERE id <= ?", (alerts_acked,))
+            for (name, rid), fut in taken:
+                row = conn.execute("SELECT reply FROM requests WHERE name = ? AND rid = ? AND ts_ns >= ?",
+                                   (name, rid, now_ns - int(self.requests_keep_s * 1e9))).fetchone()
+                if row is None:
+                    conn.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, NULL)", (name, rid, now_ns))
+                results.append((fut, None if row is None else (row[0] or b"")))
+            if replies:
+                conn.executemany("UPDATE requests SET reply = ? WHERE name = ? AND rid = ?", replies)
             for rule_id, doc in rule_changes:
                 if doc is None:
                     conn.execute("DELETE FROM rules WHERE id = ?", (rule_id,))
@@ -667,6 +700,7 @@ class Store:
             self._retention(conn)
             self._enforce_quota(conn)
             self._trim_dead_letters(conn)
+            self._trim_requests(conn)
             self._publish_gauges(conn)
         except sqlite3.Error as e:
             log.error("store maintenance failed", extra={"error": str(e)})
@@ -737,6 +771,13 @@ class Store:
             self.metrics.outbox_evicted.inc(evicted)
             log.warning("disk quota reached: evicted the oldest outbox readings; they will not reach the cloud",
                         extra={"evicted": evicted, "quota_bytes": quota, "used_bytes": self.used_bytes(conn)})
+
+    def _trim_requests(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM requests WHERE ts_ns < ?", (time.time_ns() - int(self.requests_keep_s * 1e9),))
+        n = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+        if n > self.requests_max:  # bounded: the oldest ids go first, as the in-memory cache's do
+            conn.execute("DELETE FROM requests WHERE ts_ns <= (SELECT ts_ns FROM requests ORDER BY ts_ns "
+                         "LIMIT 1 OFFSET ?)", (n - self.requests_max - 1,))
 
     def _trim_dead_letters(self, conn: sqlite3.Connection) -> None:
         n = conn.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",

@@ -42,7 +42,7 @@ class Uplink:
 
     def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics,
                  on_command: CommandHandler | None = None, max_commands: int = 8,
-                 reply_prefixes: tuple[str, ...] = ()) -> None:
+                 reply_prefixes: tuple[str, ...] = (), session_expiry_s: int = 3600) -> None:
         self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
         self.on_command = on_command
         self.max_commands = max_commands
@@ -54,6 +54,7 @@ class Uplink:
         self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
         self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
         self.reply_prefixes = (self.res_prefix, *reply_prefixes)
+        self.session_expiry_s = session_expiry_s
         self.alerts_topic = f"{base}/alerts"
         self._serving: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
@@ -115,7 +116,9 @@ class Uplink:
                 continue
             conn = self._conn = MqttConnection(
                 client_id=self.gateway, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
-                keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context, clean_start=True,
+                keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context,
+                # the command subscription and the commands sent while the agent is down outlive a restart
+                clean_start=self.on_command is None, session_expiry_s=self.session_expiry_s,
                 will=Will(self.status_topic, self._status("offline")), max_inflight=self.cfg.max_inflight,
                 manual_ack=True, receive_maximum=self.max_commands * 4, server_hostname=self.cfg.server_hostname,
                 on_message=lambda msg: self._on_command_message(conn, msg))

@@ -434,3 +434,65 @@ def test_changing_operations_need_an_operators_signature_when_keys_are_configure
     assert 'msg="rule added" who=key:alice' in log and 'msg="rule removed" who=key:alice' in log
     assert "trust the cloud broker's ACL alone" not in log
     assert agent.stop() == 0
+
+
+def test_writes_never_replay_after_kill_9_and_commands_sent_while_down_run_unless_expired(
+        local_broker, cloud_broker, make_agent, pki):
+    """Request ids of changing operations are committed before they run: after kill -9 a resent earlier write is
+    answered from the store, not run again (the PLC keeps the newer value). The command session persists: a QoS 1
+    command sent while the agent is down runs when it is back; one carrying a ts older than commands.max_age_s is
+    answered 'expired' and not run."""
+    import asyncio
+
+    from edge_agent.devkit.brokers import free_port
+    from test_opcua import FAST, NODES, Plc, _read
+
+    plc = Plc(free_port()).start()
+    try:
+        agent = make_agent(local_broker, cloud_broker, model={"enabled": False},
+                           commands={"allow": ["read-only", "write"], "max_age_s": 5},
+                           southbound__opcua={"enabled": True, "servers": [
+                               {"device": "plc-1", "endpoint": plc.endpoint, **FAST, "nodes": NODES}]}).start()
+        agent.wait_ready()
+        wait_for(lambda: agent.metric("edge_agent_ingest_connected", 'source="opcua"') == 1, 20, what="opcua")
+        wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+        cli = CommandClient(cloud_broker, pki, "3.1.1")
+        try:
+            w = {"device": "plc-1", "point": "setpoint"}
+            first = cli.call("write", {**w, "value": 10}, rid="w-10")
+            assert first["ok"]
+            assert cli.call("write", {**w, "value": 20}, rid="w-20")["ok"]
+            agent.kill9()
+            agent.start()
+            agent.wait_ready()
+            wait_for(lambda: agent.metric("edge_agent_ingest_connected", 'source="opcua"') == 1, 20, what="opcua")
+            wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+            again = cli.call("write", {**w, "value": 10}, rid="w-10")  # the cloud resends an old write
+            assert again == first
+            assert asyncio.run(_read(plc.endpoint, "2:PLC/2:Setpoint")) == 20
+            assert (agent.metric("edge_agent_commands_total", 'command="write",outcome="ok"') or 0) == 0
+            # while the agent is down: one command in time, one that will be too old when it arrives
+            assert agent.stop() == 0
+            cli.c.publish("edge/gw-test/cmd/write", json.dumps({**w, "value": 30, "id": "w-30"}).encode(), qos=1)
+            old = int((time.time() - 60) * 1000)
+            cli.c.publish("edge/gw-test/cmd/write", json.dumps({**w, "value": 40, "id": "w-40", "ts": old}).encode(),
+                          qos=1)
+            time.sleep(0.5)
+            agent.start()
+            agent.wait_ready()
+            replies = {}
+            deadline = time.monotonic() + 20
+            while len(replies) < 2 and time.monotonic() < deadline:
+                try:
+                    topic, _, reply = cli.replies.get(timeout=0.2)
+                except Exception:  # noqa: BLE001 - queue.Empty
+                    continue
+                replies[topic.rsplit("/", 1)[1]] = reply
+            assert replies["w-30"]["ok"], replies
+            assert replies["w-40"]["error"]["code"] == "expired", replies
+            assert asyncio.run(_read(plc.endpoint, "2:PLC/2:Setpoint")) == 30
+        finally:
+            cli.close()
+        assert agent.stop() == 0
+    finally:
+        plc.kill()

@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from edge_agent.config import CommandsConfig, ConfigError
 from edge_agent.metrics import Metrics
@@ -39,6 +39,13 @@ audit = logging.getLogger("edge_agent.audit")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ID_IN_TEXT = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.-]{1,64})"')  # to route a refusal of an unparsable request
 READ_ONLY = "read-only"  # in commands.allow: every operation that changes nothing
+
+
+class Journal(Protocol):
+    """Where the ids of changing requests are committed before they run (the store)."""
+    async def take_request(self, name: str, rid: str) -> bytes | None: ...
+
+    def request_reply(self, name: str, rid: str, reply: bytes) -> None: ...
 
 
 def allowed(table: dict[str, Operation], allow: list[str]) -> frozenset[str]:
@@ -55,8 +62,9 @@ def allowed(table: dict[str, Operation], allow: list[str]) -> frozenset[str]:
 
 
 class Router:
-    def __init__(self, cfg: CommandsConfig, table: dict[str, Operation], gw: Gateway, metrics: Metrics) -> None:
-        self.cfg, self.table, self.gw, self.metrics = cfg, table, gw, metrics
+    def __init__(self, cfg: CommandsConfig, table: dict[str, Operation], gw: Gateway, metrics: Metrics,
+                 journal: Journal | None = None) -> None:
+        self.cfg, self.table, self.gw, self.metrics, self.journal = cfg, table, gw, metrics, journal
         self.allow = allowed(table, cfg.allow)
         self.by_tool = {op.tool.name: op for op in table.values() if op.tool is not None}
         self.keys = signing.parse_keys(cfg.operator_keys)
@@ -82,6 +90,14 @@ class Router:
         rid = doc.pop("id", None)
         if rid is not None and (not isinstance(rid, str) or not _ID.match(rid)):
             raise CommandError("bad_request", "id must be 1-64 letters, digits, '_', '.', '-'")
+        sent = doc.pop("ts", None)
+        if sent is not None:
+            if isinstance(sent, bool) or not isinstance(sent, int):
+                raise CommandError("bad_request", "ts must be an integer: unix time in milliseconds", rid)
+            age = time.time() - sent / 1000
+            if age > self.cfg.max_age_s:
+                raise CommandError("expired", f"the request was sent {age:.0f} s ago, more than commands.max_age_s "
+                                              f"({self.cfg.max_age_s:g}); it is not run late", rid)
         sig = doc.pop("sig", None)
         op = self.table.get(name)
         if op is None:
@@ -142,9 +158,18 @@ class Router:
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             if rid is not None:
                 self._running[(name, rid)] = fut
+            journaled = op.changes and rid is not None and self.journal is not None
             try:
                 async with self._slots:
-                    reply = reply_ok(await self.run(op, fields, f"key:{signer}" if signer else who, signer))
+                    prior = await self.journal.take_request(name, rid) if journaled else None  # type: ignore[union-attr]
+                    if prior is not None:  # taken before a restart: never run twice
+                        journaled = False
+                        self.metrics.commands.labels(name, "duplicate").inc()
+                        reply = prior or reply_error("duplicate", f"request id {rid!r} was taken before the agent "
+                                                     "restarted and its outcome was not recorded; it is not run "
+                                                     "again (check with a read)")
+                    else:
+                        reply = reply_ok(await self.run(op, fields, f"key:{signer}" if signer else who, signer))
             except CommandError as e:
                 reply = reply_error(e.code, e.message, e.call)
                 self.metrics.commands.labels(name, e.code).inc()
@@ -153,10 +178,13 @@ class Router:
                 reply = reply_error("internal", f"{type(e).__name__}: {e}"[:200])
                 self.metrics.commands.labels(name, "internal").inc()
             else:
-                self.metrics.commands.labels(name, "ok").inc()
+                if journaled or prior is None:
+                    self.metrics.commands.labels(name, "ok").inc()
             finally:
                 if rid is not None:
                     self._running.pop((name, rid), None)
+            if journaled:
+                self.journal.request_reply(name, rid, reply)  # type: ignore[union-attr]
             fut.set_result(reply)
             if rid is not None:
                 self._remember(name, rid, reply)

@@ -92,6 +92,7 @@ class _Session:
         self.by_point: dict[str, _Bound] = {}
         self._lost: asyncio.Future | None = None
         self.connected = False
+        self.up = asyncio.Event()  # set while a session is up: a write that arrives early waits for it (bounded)
 
     def lost(self, reason: str) -> None:
         if self._lost is not None and not self._lost.done():
@@ -129,6 +130,7 @@ class _Session:
             ever = True
             backoff.reset()
             self.connected = True
+            self.up.set()
             self.a.update_connected()
             log.info("opcua session up", extra={"endpoint": cfg.endpoint, "device": cfg.device,
                                                 "items": len(self.by_node), "policy": cfg.security_policy})
@@ -136,6 +138,7 @@ class _Session:
                 reason = await self._lost
             finally:
                 self.connected = False
+                self.up.clear()
                 self.a.update_connected()
                 await self._teardown(client)
             m.adapter_errors.labels(SOURCE, "session_lost").inc()
@@ -226,9 +229,14 @@ class _Session:
             raise WriteRefused(f"{self.cfg.device} has no point {point!r}")
         if not n.writable:
             raise WriteRefused(f"{self.cfg.device}/{point} is not writable (not allow-listed)")
+        if not self.connected:  # at start-up, or a reconnect under way: wait for the session, bounded
+            try:
+                await asyncio.wait_for(self.up.wait(), self.cfg.request_timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
         b = self.by_point.get(point)
         if b is None or b.vtype is None or not self.connected:
-            raise WriteRefused(f"{self.cfg.device} is not connected")
+            raise WriteRefused(f"{self.cfg.device} is not connected (waited {self.cfg.request_timeout_s:g} s)")
         vt = b.vtype
         if vt == ua.VariantType.Boolean:
             if not isinstance(value, bool):
