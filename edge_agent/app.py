@@ -86,7 +86,9 @@ class App:
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
             write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
             rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
-            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan), self.metrics, journal=self.store)
+            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan,
+            pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped"))), self.metrics,
+            journal=self.store)
         self.store.requests_keep_s, self.store.requests_max = cfg.commands.dedup_window_s, cfg.commands.dedup_max
         self.control = ControlServer(Path(cfg.gateway.state_dir), self.router.handle)
         self.components.append(self.control)

@@ -287,6 +287,16 @@ class CommandsConfig:
 
 
 @dataclass
+class AskConfig:
+    writes: str = opt("confirm", doc="a write the model proposes: confirm (the reply carries it and a one-time token; "
+                      "the confirm operation runs it), direct (runs at once), never", choices=("confirm", "direct",
+                                                                                             "never"))
+    confirm_ttl_s: float = opt(60.0, doc="a confirmation token expires after this", ge=5, le=3600)
+    max_pending: int = opt(64, doc="writes awaiting confirmation at once; beyond, the oldest is dropped (counted)",
+                           ge=1, le=10_000)
+
+
+@dataclass
 class ModelConfig:
     enabled: bool = opt(True, doc="load the GLM for the ask command (off: ask answers 'unavailable')")
     dir: str = opt("", doc="model folder (manifest.json, manifest.sig, files); '' = the shipped default model")
@@ -329,6 +339,7 @@ class Config:
     commands: CommandsConfig = opt(factory=CommandsConfig, doc="the command channel over the uplink")
     rules: RulesConfig = opt(factory=RulesConfig, doc="rules and alerts (edge autonomy)")
     model: ModelConfig = opt(factory=ModelConfig, doc="the GLM on the gateway (ask)")
+    ask: AskConfig = opt(factory=AskConfig, doc="what ask may do with the model's calls")
     metrics: MetricsConfig = opt(factory=MetricsConfig, doc="Prometheus endpoint")
     supervisor: SupervisorConfig = opt(factory=SupervisorConfig, doc="component supervision")
 

@@ -55,6 +55,10 @@ class Metrics:
         self.readings_retimed = Counter(p + "readings_retimed", "Readings whose timestamp disagreed with the "
                                         "gateway's clock: stored with the receive time, quality says why",
                                         ["source", "quality"], registry=r)
+        self.ask_outcomes = Counter(p + "ask_outcomes", "ask answers by outcome: done, clarify (nothing ran: the "
+                                    "question did not plainly ask it, or names what the gateway does not know), "
+                                    "confirm (a write awaits its token), confirmed, dropped (a pending write "
+                                    "pushed out at ask.max_pending)", ["outcome"], registry=r)
         self.rule_errors = Counter(p + "rule_errors", "Readings a rule failed on (skipped; the others go on)",
                                    ["rule"], registry=r)
         self.alerts = Counter(p + "alerts", "Alerts by state: firing, cleared, suppressed (cooldown), dropped "

@@ -149,6 +149,7 @@ def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, m
     plc = Plc(free_port()).start()
     try:
         agent = make_agent(local_broker, cloud_broker, commands={"allow": ["ping", "status", "write", "ask"]},
+                           ask={"writes": "direct"},  # here: the model's write runs at once (confirm: test_trust)
                            southbound__opcua={"enabled": True, "servers": [
                                {"device": "plc-1", "endpoint": plc.endpoint, **FAST, "nodes": NODES}]}).start()
         agent.wait_ready()

@@ -425,6 +425,10 @@ def test_changing_operations_need_an_operators_signature_when_keys_are_configure
         assert out.returncode == 0, out.stderr
         assert cli.call("rules.remove", out.stdout.encode(), rid="r-9")["result"] == {"removed": "hot"}
         # ask: a question whose call would write needs a signed ask too
+        pub = Publisher(local_broker)
+        pub.publish(0, device="pump-1", payload=b'{"values": {"speed": 30}}')
+        wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 1, 10, what="pump-1 registered")
+        pub.close()
         wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 20, what="model")
         err = cli.call("ask", {"text": "set pump-1 speed to 40"})["error"]
         assert err["code"] == "forbidden" and "signature" in err["message"] and err["call"]["tool"] == "write_point"

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from edge_agent.glm.schema import Toolset
 from edge_agent.ops import ask, data, rules, status, write
+from edge_agent.ops.ask import PendingWrites
 from edge_agent.ops.base import CommandError, Gateway, Operation, reply_error, reply_ok
 from edge_agent.ops.router import READ_ONLY, Router, allowed
 
 _ORDER = ("ping", "status", "devices", "query", "write", "logs.tail", "ask", "config.get", "rules.list",
-          "rules.add", "rules.remove", "alerts.list")
+          "rules.add", "rules.remove", "alerts.list", "confirm")
 _ALL = {op.name: op for mod in (status, data, write, rules, ask) for op in mod.OPERATIONS}
 assert set(_ALL) == set(_ORDER), "list a new operation in _ORDER (the order `known:` messages and docs show)"
 TABLE: dict[str, Operation] = {name: _ALL[name] for name in _ORDER}
 BY_TOOL: dict[str, Operation] = {op.tool.name: op for op in TABLE.values() if op.tool is not None}
 TOOLSET = Toolset(op.tool for op in TABLE.values() if op.tool is not None)
 
-__all__ = ["BY_TOOL", "READ_ONLY", "TABLE", "TOOLSET", "CommandError", "Gateway", "Operation", "Router", "allowed",
+__all__ = ["BY_TOOL", "READ_ONLY", "TABLE", "TOOLSET", "CommandError", "Gateway", "Operation", "PendingWrites",
+           "Router", "allowed",
            "reply_error", "reply_ok"]

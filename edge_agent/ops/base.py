@@ -53,6 +53,7 @@ class Gateway:
     rules_remove: Callable[[str], Awaitable[bool]]     # raises PermissionError (a config rule)
     alerts: Callable[[str | None, int], Awaitable[dict]]  # (device or None, cleared to show) -> firing, cleared
     ask: Callable[[str], Awaitable[dict]] | None = None  # the agent's plan(); raises agent.AskError
+    pending: Any = None  # ops.ask.PendingWrites: writes ask proposed, awaiting confirmation
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""The operator's words against the model's write: defence in depth outside the model.
+
+The GLM only proposes. A `write_point` it proposes runs only when the question is a plain imperative that states
+what to write: the value in the operator's own words (a number for a numeric point; on/off, start/stop,
+enable/disable words for `enabled`, their direction agreeing with the value; a stated mode word for `mode`), a
+device named by its id, and nothing that makes it a question, a negation, a condition, a reminder, a request to be
+alerted or a how-to. Anything else becomes `clarify` with the reason — an answer, not an error, and nothing is
+written. The checks read the words; they do not need the model to be right.
+"""
+from __future__ import annotations
+
+import re
+
+from edge_agent.glm.schema import candidates, numbers
+
+ON_WORDS = ("on", "start", "enable", "activate", "resume", "open", "up", "true", "run", "engage")
+OFF_WORDS = ("off", "stop", "disable", "deactivate", "halt", "close", "down", "shut", "false", "kill", "pause")
+_WORD = re.compile(r"[a-z0-9_'-]+")
+_QUESTION_OPENERS = {"is", "are", "was", "were", "does", "do", "did", "has", "have", "had", "what", "why", "who",
+                     "whom", "whose", "when", "where", "how", "which", "should", "shall", "might", "may", "isn't",
+                     "aren't", "wasn't", "doesn't", "didn't"}
+_REQUESTS = {"can", "could", "would", "will", "please", "pls", "kindly"}  # "could you set ..." is an order
+_POLITE = _REQUESTS | {"you", "u", "hey", "hi", "ok", "okay", "yo", "now", "then", "so", "and", "just"}
+_NEGATIONS = {"not", "don't", "dont", "never", "no", "without", "nor", "cannot", "avoid", "neither", "nothing"}
+_CONDITIONS = {"if", "when", "whenever", "once", "unless", "until", "after", "before", "in case", "as soon as",
+               "while", "later", "tomorrow", "tonight", "remind", "schedule", "every", "daily", "hourly"}
+_ALERTS = ("alert me", "notify me", "warn me", "let me know", "tell me when", "tell me if", "ping me",
+           "message me", "email me", "page me")
+_HOWTO = ("how do i", "how can i", "how to", "how would i", "how should i", "what happens if", "what would happen",
+          "what if", "suppose", "imagine", "hypothetically", "would it", "could it")
+_PRONOUNS = {"it", "this", "that", "them", "they", "these", "those", "one", "thing", "device", "the"}
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
+
+
+def check_write(text: str, args: dict) -> str | None:
+    """None when the question plainly asks for exactly this write; else why it does not (for `clarify`)."""
+    low = " " + " ".join(_words(text)) + " "
+    words = low.split()
+    if not words:
+        return "the question asks nothing the gateway can do"
+    opener = next((w for w in words if w not in _POLITE), "")
+    asked = text.rstrip().endswith("?") and words[0] not in _REQUESTS
+    if opener in _QUESTION_OPENERS or asked:
+        return "that reads as a question, not an order to write; say it as a command to change anything"
+    if any(p in low for p in _HOWTO):
+        return "that asks how or what if, not for a write; say the change itself to make it"
+    if any(p in low for p in _ALERTS):
+        return "to be alerted, add a rule (rules.add); nothing was written"
+    neg = next((w for w in words if w in _NEGATIONS or w.endswith("n't")), None)
+    if neg is not None:
+        return f"the order is negated ({neg!r}); nothing was written — say plainly what to change"
+    cond = next((c for c in _CONDITIONS if f" {c} " in low), None)
+    if cond is not None:
+        return (f"the order depends on a condition or a time ({cond!r}); the gateway writes only now and "
+                "unconditionally — a rule (rules.add) acts on conditions")
+    device = str(args.get("device", ""))
+    if device.lower() in _PRONOUNS or not re.search(r"[0-9]", device):
+        named = [w for w in candidates(text) if re.search(r"[0-9]", w)]
+        return f"which device? {device!r} is not a device id" + (f" (the question names {named[0]!r})"
+                                                                 if named else "")
+    point, value = str(args.get("point", "")), args.get("value")
+    if isinstance(value, bool):
+        on = any(w in ON_WORDS for w in words)
+        off = any(w in OFF_WORDS for w in words)
+        if not on and not off:
+            return f"which value? the question says no on/off, start/stop or enable/disable for {point}"
+        if on and off or (value and not on) or (not value and not off):
+            return f"the question's on/off words do not say {str(value).lower()} for {point} unambiguously"
+        return None
+    if isinstance(value, (int, float)):
+        if point in ("enabled",):
+            return "enabled takes on or off; say which"
+        if value not in numbers(text):
+            return f"which value? {value!r} is not a number the question states"
+        return None
+    if isinstance(value, str):
+        if value.lower() not in words and value not in text:
+            return f"which value? {value!r} is not in the question"
+        if point == "enabled":
+            return "enabled takes on or off; say which"
+        return None
+    return "which value? the question states none"
