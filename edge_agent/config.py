@@ -70,6 +70,13 @@ class StoreConfig:
                            "(counted, dead-lettered), known devices go on", ge=1, le=10_000_000)
     max_points: int = opt(100_000, doc="series (device, point) the registry holds; readings of a new series beyond "
                           "it are refused (counted, dead-lettered), known series go on", ge=1, le=100_000_000)
+    max_points_per_device: int = opt(1000, doc="series one device may register; its readings of a new point beyond "
+                                     "are refused (counted, dead-lettered)", ge=1, le=1_000_000)
+    new_devices_per_minute: int = opt(600, doc="new devices one source (mqtt, coap, opcua) may register per minute; "
+                                      "beyond, refused (counted, dead-lettered) — one client cannot fill the "
+                                      "registry in seconds", ge=1, le=1_000_000)
+    series_expiry_s: int = opt(30 * 86400, doc="a series silent this long leaves the registry (and a device with "
+                               "none left); its readings stay in the window; 0 = never", ge=0)
 
 
 @dataclass(kw_only=True)

@@ -59,6 +59,8 @@ class Metrics:
                                     "question did not plainly ask it, or names what the gateway does not know), "
                                     "confirm (a write awaits its token), confirmed, dropped (a pending write "
                                     "pushed out at ask.max_pending)", ["outcome"], registry=r)
+        self.registry_expired = Counter(p + "registry_expired", "Series and devices that left the registry after "
+                                        "store.series_expiry_s of silence", ["kind"], registry=r)
         self.rule_errors = Counter(p + "rule_errors", "Readings a rule failed on (skipped; the others go on)",
                                    ["rule"], registry=r)
         self.alerts = Counter(p + "alerts", "Alerts by state: firing, cleared, suppressed (cooldown), dropped "

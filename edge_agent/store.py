@@ -28,6 +28,7 @@ loop only awaits futures.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import json
@@ -166,6 +167,9 @@ class Store:
         self.outbox_bytes = 0
         self.acked_seq = 0
         self._known_devices: dict[str, str] = {}  # device -> the source that registered it (its owner)
+        self._device_points: collections.Counter[str] = collections.Counter()  # device -> series it has
+        self._new_devices: dict[str, collections.deque] = {}  # source -> when it registered its latest devices
+        self._last_expiry = 0.0
         self._series: dict[tuple[str, str], int] = {}
         self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
         self._seen_points: dict[tuple[str, str], str | None] = {}
@@ -451,6 +455,7 @@ class Store:
     def _load_registry(self, conn: sqlite3.Connection) -> None:
         self._known_devices = dict(conn.execute("SELECT device, source FROM devices"))
         self._series = {(d, p): i for i, d, p in conn.execute("SELECT id, device, point FROM points")}
+        self._device_points = collections.Counter(d for d, _ in self._series)
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[tuple]) -> None:
         t0 = time.perf_counter()
@@ -465,7 +470,8 @@ class Store:
         results: list[tuple[asyncio.Future, int]] = []
         seq = self.next_seq
         now_ns = time.time_ns()
-        fresh: tuple[dict, set] = ({}, set())  # devices (-> source) and series this commit registers
+        fresh: tuple[dict, set, collections.Counter] = ({}, set(), collections.Counter())  # devices (-> source),
+        # series and series per device this commit registers
         refused: dict[tuple[str, str, str, str], int] = {}  # (reason, source, device, point) -> readings
         for kind, payload, fut in jobs:
             if kind is Job.WRITE:
@@ -495,11 +501,17 @@ class Store:
                 raise AssertionError(f"unknown store job {kind!r}")
         n_rows = seq - self.next_seq
         for (reason, source, device, point), n in (refused.items() if self.cfg.dead_letter_rows else ()):
-            why = (f"{n} reading(s) of a new series refused: the registry holds store.max_devices = "
-                   f"{self.cfg.max_devices} devices and store.max_points = {self.cfg.max_points} series"
-                   if reason == "registry_full" else
-                   f"{n} reading(s) refused: device {device!r} belongs to source "
-                   f"{self._known_devices.get(device) or fresh[0].get(device)!r}, not {source!r}")
+            why = {"registry_full": f"{n} reading(s) of a new series refused: the registry holds store.max_devices = "
+                                    f"{self.cfg.max_devices} devices and store.max_points = {self.cfg.max_points} "
+                                    "series",
+                   "device_points_full": f"{n} reading(s) of a new point refused: {device!r} has "
+                                         f"store.max_points_per_device = {self.cfg.max_points_per_device} series",
+                   "new_device_rate": f"{n} reading(s) of a new device refused: source {source!r} registered "
+                                      f"store.new_devices_per_minute = {self.cfg.new_devices_per_minute} devices in "
+                                      "the last minute",
+                   "source_mismatch": f"{n} reading(s) refused: device {device!r} belongs to source "
+                                      f"{self._known_devices.get(device) or fresh[0].get(device)!r}, not "
+                                      f"{source!r}"}[reason]
             dead.append((now_ns, source, f"{device}/{point}"[:256], reason, why, b""))
         chunk = self.cfg.outbox_chunk_readings
         out_rows: list[tuple] = []
@@ -602,14 +614,15 @@ class Store:
         self.metrics.outbox_bytes.set(self.outbox_bytes)
         self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts))
 
-    def _admit(self, readings: list[Reading], fresh: tuple[dict, set],
+    def _admit(self, readings: list[Reading], fresh: tuple[dict, set, collections.Counter],
                refused: dict[tuple[str, str, str, str], int]) -> list[Reading]:
         """The readings the registry takes (`fresh`: what this commit adds); the others are counted in `refused`
         by (reason, source, device, point). A device belongs to the source that registered it: readings for it from
         another source are refused (`source_mismatch`: one protocol cannot pose as a device of another). A new
-        device or series beyond the registry's bounds is refused (`registry_full`)."""
+        device or series beyond the registry's bounds is refused (`registry_full`), a new point beyond a device's
+        bound (`device_points_full`), a new device beyond its source's rate (`new_device_rate`)."""
         known_d, series = self._known_devices, self._series
-        new_d, new_s = fresh
+        new_d, new_s, new_per_device = fresh
         pairs = {(r.device, r.source) for r in readings}
         own = len(pairs) == len({d for d, _ in pairs}) and all(known_d.get(d, new_d.get(d, s)) == s for d, s in pairs)
         if own and not ({(r.device, r.point) for r in readings} - series.keys() - new_s):
@@ -628,14 +641,34 @@ class Store:
             device_is_new = owner is None
             if (device_is_new and len(known_d) + len(new_d) >= self.cfg.max_devices) or \
                     len(series) + len(new_s) >= self.cfg.max_points:
-                k = ("registry_full", r.source, r.device, r.point)
+                reason = "registry_full"
+            elif self._device_points[r.device] + new_per_device[r.device] >= self.cfg.max_points_per_device:
+                reason = "device_points_full"
+            elif device_is_new and not self._may_register(r.source):
+                reason = "new_device_rate"
+            else:
+                reason = ""
+            if reason:
+                k = (reason, r.source, r.device, r.point)
                 refused[k] = refused.get(k, 0) + 1
                 continue
             new_s.add(key)
+            new_per_device[r.device] += 1
             if device_is_new:
                 new_d[r.device] = r.source
             out.append(r)
         return out
+
+    def _may_register(self, source: str) -> bool:
+        """A source's new-device budget: store.new_devices_per_minute in any 60 s."""
+        q = self._new_devices.setdefault(source, collections.deque())
+        now = time.monotonic()
+        while q and q[0] <= now - 60:
+            q.popleft()
+        if len(q) >= self.cfg.new_devices_per_minute:
+            return False
+        q.append(now)
+        return True
 
     def _register(self, conn: sqlite3.Connection, writes: list[tuple[int, list[Reading]]], now_ns: int,
                   new_devices: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -658,6 +691,7 @@ class Store:
                              "VALUES (?,?,?,?,?)", (d, p, u, now_ns, now_ns))
                 self._series[(d, p)] = conn.execute("SELECT id FROM points WHERE device=? AND point=?",
                                                     (d, p)).fetchone()[0]
+                self._device_points[d] += 1
         return self._series
 
     def _flush_seen(self, conn: sqlite3.Connection) -> None:
@@ -701,6 +735,7 @@ class Store:
             self._enforce_quota(conn)
             self._trim_dead_letters(conn)
             self._trim_requests(conn)
+            self._expire_series(conn)
             self._publish_gauges(conn)
         except sqlite3.Error as e:
             log.error("store maintenance failed", extra={"error": str(e)})
@@ -771,6 +806,30 @@ class Store:
             self.metrics.outbox_evicted.inc(evicted)
             log.warning("disk quota reached: evicted the oldest outbox readings; they will not reach the cloud",
                         extra={"evicted": evicted, "quota_bytes": quota, "used_bytes": self.used_bytes(conn)})
+
+    def _expire_series(self, conn: sqlite3.Connection) -> None:
+        """Series silent for store.series_expiry_s leave the registry (and devices with none left): a client that
+        once sent thousands of made-up names does not hold the registry's room for good. Once a minute at most
+        (more often only for a shorter expiry)."""
+        if not self.cfg.series_expiry_s or time.monotonic() - self._last_expiry < min(60, self.cfg.series_expiry_s):
+            return
+        self._last_expiry = time.monotonic()
+        cutoff = time.time_ns() - self.cfg.series_expiry_s * 1_000_000_000
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            n = conn.execute("DELETE FROM points WHERE last_seen_ns < ?", (cutoff,)).rowcount
+            m = conn.execute("DELETE FROM devices WHERE last_seen_ns < ? AND device NOT IN "
+                             "(SELECT device FROM points)", (cutoff,)).rowcount
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            conn.execute("ROLLBACK")
+            raise
+        if n or m:
+            self._load_registry(conn)
+            self.metrics.registry_expired.labels("series").inc(n)
+            self.metrics.registry_expired.labels("device").inc(m)
+            log.info("silent series left the registry", extra={"series": n, "devices": m,
+                                                               "series_expiry_s": self.cfg.series_expiry_s})
 
     def _trim_requests(self, conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM requests WHERE ts_ns < ?", (time.time_ns() - int(self.requests_keep_s * 1e9),))

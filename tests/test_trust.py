@@ -500,3 +500,38 @@ def test_writes_never_replay_after_kill_9_and_commands_sent_while_down_run_unles
         assert agent.stop() == 0
     finally:
         plc.kill()
+
+
+def test_one_client_cannot_fill_the_registry_for_good(tmp_path):
+    """Caps per device (points) and per source (new devices a minute); silent series expire; refusals counted per
+    reason; the devices that behave go on."""
+    def R(device: str, point: str, source: str = "mqtt") -> Reading:
+        return Reading(device, point, 1.0, None, time.time_ns(), "good", source)
+
+    async def main():
+        cfg = StoreConfig(max_points_per_device=5, new_devices_per_minute=10, series_expiry_s=1)
+        s = Store(cfg, tmp_path, Metrics())
+        await s.open()
+        _, ok = await s.commit([R("good-1", "t")])
+        # one message with hundreds of points for one device: only the first 5 series register
+        _, admitted = await s.commit([R("spammer-1", f"p{i}") for i in range(300)] + [R("good-1", "t")])
+        assert len(admitted) == 6 and admitted[-1].device == "good-1"
+        # a flood of new devices from one source: 10 a minute (good-1 and spammer-1 took 2 of this minute's)
+        _, admitted = await s.commit([R(f"fake-{i}", "x") for i in range(100)])
+        assert len(admitted) == 8
+        _, admitted = await s.commit([R("coap-1", "x", "coap"), R("good-1", "t")])  # other sources, known ones: fine
+        assert len(admitted) == 2
+        v = s.metrics.value
+        assert v("edge_agent_readings_refused_total", {"reason": "device_points_full"}) == 295
+        assert v("edge_agent_readings_refused_total", {"reason": "new_device_rate"}) == 92
+        # silence: the spammer's series expire (the maintenance pass runs each second while idle)
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if v("edge_agent_registry_expired_total", {"kind": "series"}) >= 15:
+                break
+        assert v("edge_agent_registry_expired_total", {"kind": "series"}) >= 15
+        devices = [d for (d,) in await s.query("SELECT device FROM devices")]
+        assert "spammer-1" not in devices
+        await s.close()
+
+    asyncio.run(main())
