@@ -59,6 +59,13 @@ class StoreConfig:
                            choices=("full", "normal"))
     quota_bytes: int = opt(1 << 30, doc="disk quota for the database; beyond it the oldest outbox rows go",
                            ge=1 << 20)
+    at_quota: str = opt("evict", doc="at the quota (the smaller of quota_bytes and half the disk's room "
+                        "less disk_reserve_bytes: deleting needs WAL room): evict (the oldest outbox rows go, counted) or backpressure (new readings "
+                        "wait with their source — the broker holds them — until the cloud's acknowledgements free "
+                        "room)", choices=("evict", "backpressure"))
+    disk_reserve_bytes: int = opt(8 << 20, doc="space kept free on the state directory's filesystem (at most an eighth "
+                                  "of it), and a file of this size set aside so that a full disk still leaves room "
+                                  "to record acknowledgements and delete", ge=0, le=1 << 34)
     outbox_chunk_readings: int = opt(500, doc="readings per outbox row (an uplink batch holds one or more)",
                                      ge=1, le=100_000)
     retention_s: int = opt(7 * 86400, doc="readings window: keep this many seconds", ge=60)

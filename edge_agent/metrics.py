@@ -61,6 +61,8 @@ class Metrics:
                                     "pushed out at ask.max_pending)", ["outcome"], registry=r)
         self.registry_expired = Counter(p + "registry_expired", "Series and devices that left the registry after "
                                         "store.series_expiry_s of silence", ["kind"], registry=r)
+        self.store_full = Gauge(p + "store_full", "1 while the store is at its quota and holds new readings back "
+                                "(store.at_quota = backpressure)", registry=r)
         self.rule_errors = Counter(p + "rule_errors", "Readings a rule failed on (skipped; the others go on)",
                                    ["rule"], registry=r)
         self.alerts = Counter(p + "alerts", "Alerts by state: firing, cleared, suppressed (cooldown), dropped "

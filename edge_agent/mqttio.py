@@ -393,7 +393,10 @@ class MqttConnection:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise ConnectError("subscribe", f"subscribe failed: {paho.error_string(rc)}")
         fut = self._subs[mid] = self._loop.create_future()
-        codes = await asyncio.wait_for(fut, timeout)
+        try:
+            codes = await asyncio.wait_for(fut, timeout)
+        except PublishError as e:  # the connection went before the SUBACK: a connection failure, not a publish one
+            raise ConnectError("closed", f"subscribe: {e}") from None
         bad = [f for (f, _q), code in zip(filters, codes) if code.is_failure]
         if bad:
             raise ConnectError("subscribe", f"subscription refused for {', '.join(bad)}")

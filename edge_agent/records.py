@@ -26,9 +26,10 @@ class StoreError(Exception):
     outbox encoding refuses) — resending them cannot help, their source must split the batch and set the culprit
     aside; otherwise (the disk, the database) the source keeps them and retries."""
 
-    def __init__(self, message: str, data: bool = False) -> None:
+    def __init__(self, message: str, data: bool = False, full: bool = False) -> None:
         super().__init__(message)
         self.data = data
+        self.full = full  # the store is at its quota (store.at_quota = backpressure): smaller writes may still fit
 
 
 class WriteRefused(Exception):

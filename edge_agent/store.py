@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import StoreConfig
+from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.records import Reading, StoreError
 
@@ -75,6 +76,14 @@ CREATE TABLE IF NOT EXISTS requests (
 
 _STOP = object()
 MAINTENANCE_INTERVAL_S = 1.0
+_MAX_READING_BYTES = 4 * (1024 + 400)  # a reading's most disk use: table row + outbox JSON, each in the WAL first
+
+
+def _disk_bytes(readings: list[Reading]) -> int:
+    """What committing these readings may take on disk: each is stored twice (the window and the outbox's JSON), and
+    written to the WAL before the database file. Computed only near the quota."""
+    return 4 * sum((len(r.value) if type(r.value) is str else 16) + len(r.device) + len(r.point) + 120
+                   for r in readings)
 
 
 class Job(enum.Enum):
@@ -170,6 +179,12 @@ class Store:
         self._device_points: collections.Counter[str] = collections.Counter()  # device -> series it has
         self._new_devices: dict[str, collections.deque] = {}  # source -> when it registered its latest devices
         self._last_expiry = 0.0
+        self._used = 0
+        self._reusable = 0
+        self._limit = cfg.quota_bytes
+        self.ballast = self.path.with_name("edge-agent.reserve")  # room set aside for acks and deletes on a full disk
+        self.full = False  # at the quota with store.at_quota = backpressure: new readings wait with their source
+        self._full_log = RateLimited(log, interval_s=60, burst=1)
         self._series: dict[tuple[str, str], int] = {}
         self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
         self._seen_points: dict[tuple[str, str], str | None] = {}
@@ -195,6 +210,11 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
+        # a small filesystem: checkpoint the WAL sooner than every 1,000 pages (4 MiB), so it never holds much of it
+        st = os.statvfs(self.path.parent)
+        pages = st.f_blocks * st.f_frsize // 4096 // 64
+        if pages < 1000:
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(16, pages)}")
         conn.execute(f"PRAGMA synchronous={self.cfg.synchronous.upper()}")
         # the WAL counts against the quota: keep it to a quarter of it (at most 64 MiB) after checkpoints
         conn.execute(f"PRAGMA journal_size_limit={min(64 << 20, self.cfg.quota_bytes // 4)}")
@@ -378,6 +398,7 @@ class Store:
         except Exception as e:  # noqa: BLE001 - reported to open()
             ready.set_exception(StoreError(f"cannot open store {self.path}: {e}"))
             return
+        self._ensure_ballast()
         ready.set_result(None)
         max_rows = self.cfg.batch_max_rows
         delay = self.cfg.batch_max_delay_ms / 1000
@@ -473,7 +494,25 @@ class Store:
         fresh: tuple[dict, set, collections.Counter] = ({}, set(), collections.Counter())  # devices (-> source),
         # series and series per device this commit registers
         refused: dict[tuple[str, str, str, str], int] = {}  # (reason, source, device, point) -> readings
+        waiting: list[asyncio.Future] = []  # writes refused while the store is full (backpressure)
+        room = None  # bytes the writes of this commit may still take, where that is close to the quota
+        if any(kind is Job.WRITE for kind, _, _ in jobs):
+            self._check_room(conn)
+            n = sum(len(p) for k, p, _ in jobs if k is Job.WRITE)
+            if self.cfg.at_quota == "backpressure" and self._used + n * _MAX_READING_BYTES > self._limit:
+                room = self._limit - self._used
         for kind, payload, fut in jobs:
+            if kind is Job.WRITE and payload and room is not None and not self.full:
+                need = _disk_bytes(payload)
+                if need > room:  # this write would not fit: it waits with its source, which may send less
+                    waiting.append(fut)
+                    self.metrics.readings_refused.labels("store_full").inc(len(payload))
+                    continue
+                room -= need
+            if kind is Job.WRITE and self.full and payload:
+                waiting.append(fut)
+                self.metrics.readings_refused.labels("store_full").inc(len(payload))
+                continue
             if kind is Job.WRITE:
                 if payload:
                     payload = self._admit(payload, fresh, refused)
@@ -580,7 +619,13 @@ class Store:
             except sqlite3.Error:
                 pass
             self._load_registry(conn)
-            log.error("store commit failed; the sources will redeliver", extra={"error": str(e)})
+            self._resolve([(f, 0) for f in waiting], StoreError(self._full_reason(), full=True))
+            if self._disk_full(conn):
+                for kind, payload, fut in jobs:
+                    if fut is None:  # acks and alerts have no one to redeliver them: they go again
+                        self._q.put((kind, payload, fut))
+            self._full_log.warning("commit_failed", "store commit failed; the sources will redeliver",
+                                   error=str(e))
             self._resolve(results, StoreError(f"commit failed: {e}",
                                               data=isinstance(e, (sqlite3.InterfaceError, sqlite3.DataError))))
             return
@@ -613,6 +658,8 @@ class Store:
         self.metrics.outbox_readings.set(self.outbox_readings)
         self.metrics.outbox_bytes.set(self.outbox_bytes)
         self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts))
+        if waiting:
+            self._resolve([(f, 0) for f in waiting], StoreError(self._full_reason(), full=True))
 
     def _admit(self, readings: list[Reading], fresh: tuple[dict, set, collections.Counter],
                refused: dict[tuple[str, str, str, str], int]) -> list[Reading]:
@@ -737,8 +784,13 @@ class Store:
             self._trim_requests(conn)
             self._expire_series(conn)
             self._publish_gauges(conn)
-        except sqlite3.Error as e:
-            log.error("store maintenance failed", extra={"error": str(e)})
+        except Exception as e:  # noqa: BLE001 - the writer thread must outlive any maintenance failure
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if not self._disk_full(conn):
+                self._full_log.warning("maintenance", "store maintenance failed", error=f"{type(e).__name__}: {e}"[:300])
 
     def _retention(self, conn: sqlite3.Connection) -> None:
         now = time.time_ns()
@@ -760,6 +812,7 @@ class Store:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        self._reusable = free * page_size  # inside the file, free for SQLite to reuse (the disk does not see it)
         wal = self.path.with_name(self.path.name + "-wal")
         try:
             wal_size = os.path.getsize(wal)
@@ -767,17 +820,118 @@ class Store:
             wal_size = 0
         return (pages - free) * page_size + wal_size
 
+    def _disk(self) -> tuple[int, int]:
+        """(free bytes, filesystem size) of the state directory's filesystem."""
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def _reserve(self) -> int:
+        return min(self.cfg.disk_reserve_bytes, self._disk()[1] // 8)
+
+    def _disk_nearly_full(self) -> bool:
+        return self._disk()[0] < max(self._reserve() // 2, 64 << 10)
+
+    def _ensure_ballast(self) -> None:
+        """The reserve file: room on the disk that only the store gives back, when the disk fills, so that
+        acknowledgements and deletes can still commit. Made (again) only while there is plenty of room."""
+        reserve = self._reserve()
+        if reserve <= 0 or self.ballast.exists() or self._disk()[0] < 3 * reserve:
+            return
+        try:
+            fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        try:
+            try:
+                os.posix_fallocate(fd, 0, reserve)
+            except (AttributeError, OSError):
+                zeros = bytes(1 << 20)
+                for off in range(0, reserve, len(zeros)):
+                    os.write(fd, zeros[:min(len(zeros), reserve - off)])
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            self.ballast.unlink(missing_ok=True)
+            log.warning("reserve file not made", extra={"path": str(self.ballast), "error": str(e)})
+            return
+        os.close(fd)
+
+    def quota(self) -> int:
+        """The effective quota: the configured one, or half the room the disk has (its free space and what the store
+        holds, less the reserve), whichever is smaller. Half, because in WAL mode deleting (acknowledged outbox
+        rows, evictions) first writes the pages it changes to the WAL: the store must always be able to delete all
+        it holds. The reserve file, while it exists, already holds the reserve."""
+        free, _ = self._disk()
+        held = self.ballast.exists()
+        room = self._used + self._reusable + free - (0 if held else self._reserve())
+        return min(self.cfg.quota_bytes, room // 2)
+
+    def _check_room(self, conn: sqlite3.Connection) -> None:
+        """Before a commit that writes readings: at the effective quota, hold new readings back (backpressure) or
+        make room now (evict) — not a second later, when the disk may have filled."""
+        self._used = self.used_bytes(conn)
+        self._limit = self.quota()
+        if self._used < self._limit:
+            return
+        if self.cfg.at_quota == "backpressure":
+            self._set_full(True)
+        else:
+            self._enforce_quota(conn)
+
+    def _set_full(self, full: bool) -> None:
+        if full == self.full:
+            return
+        self.full = full
+        self.metrics.store_full.set(1 if full else 0)
+        if full:
+            self._full_log.warning("store_full", "store at its quota: new readings wait with their source",
+                                   used_bytes=self._used, quota_bytes=self._limit, outbox_readings=self.outbox_readings)
+        else:
+            log.info("store below its quota again: taking readings", extra={"used_bytes": self._used})
+
+    def _disk_full(self, conn: sqlite3.Connection) -> bool:
+        """After a failed commit or maintenance pass: is the disk full? Then give up the reserve file (so that
+        acknowledgements and deletes can commit), shrink the WAL, and hold new readings back (backpressure) or evict
+        at the next pass. Classified by the disk's free space, not by the error's text."""
+        if not self._disk_nearly_full():
+            return False
+        if self.ballast.exists():
+            self.ballast.unlink()
+            log.warning("disk full: released the reserve file so acknowledgements and deletes still commit",
+                        extra={"path": str(self.ballast)})
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        if self.cfg.at_quota == "backpressure":
+            self._set_full(True)
+        return True
+
+    def _full_reason(self) -> str:
+        return (f"the store is at its quota ({self._limit} bytes: store.quota_bytes or the free disk less "
+                "store.disk_reserve_bytes) and store.at_quota = backpressure: the readings wait with their source "
+                "until the cloud's acknowledgements free room")
+
     def _enforce_quota(self, conn: sqlite3.Connection) -> None:
-        """Over the quota: first drop window rows the cloud already has, then evict the oldest outbox
-        rows (and their window rows) until 10 % under the quota. Counted and logged."""
-        quota = self.cfg.quota_bytes
-        if self.used_bytes(conn) <= quota:
+        """Over the effective quota: first drop window rows the cloud already has; then, with store.at_quota =
+        evict, the oldest outbox rows (and their window rows) until 10 % under the quota, counted and logged; with
+        backpressure, new readings are refused (their sources keep them) until 10 % under. The reserve file is made
+        again once there is room."""
+        self._used = self.used_bytes(conn)
+        quota = self._limit = self.quota()
+        self._ensure_ballast()
+        if self._used <= quota and not self.full:
             return
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         target = int(quota * 0.9)
         n = conn.execute("DELETE FROM readings WHERE seq <= ?", (self.acked_seq,)).rowcount
         if n > 0:
             self.metrics.window_evicted.labels("quota").inc(n)
+        if self.cfg.at_quota == "backpressure":
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._used = self.used_bytes(conn)
+            self._set_full(self._used > target)
+            return
         evicted = 0
         step = max(1, self.outbox_readings // self.cfg.outbox_chunk_readings // 10)
         while self.used_bytes(conn) > target:
@@ -802,10 +956,11 @@ class Store:
             evicted += cnt
             self.outbox_readings -= cnt
             self.outbox_bytes -= sum(r[3] for r in rows)
+        self._used = self.used_bytes(conn)
         if evicted:
             self.metrics.outbox_evicted.inc(evicted)
             log.warning("disk quota reached: evicted the oldest outbox readings; they will not reach the cloud",
-                        extra={"evicted": evicted, "quota_bytes": quota, "used_bytes": self.used_bytes(conn)})
+                        extra={"evicted": evicted, "quota_bytes": quota, "used_bytes": self._used})
 
     def _expire_series(self, conn: sqlite3.Connection) -> None:
         """Series silent for store.series_expiry_s leave the registry (and devices with none left): a client that

@@ -7,6 +7,8 @@ import json
 import math
 import time
 
+import pytest
+
 from conftest import Publisher, wait_for
 from test_commands import CommandClient
 
@@ -534,4 +536,87 @@ def test_one_client_cannot_fill_the_registry_for_good(tmp_path):
         assert "spammer-1" not in devices
         await s.close()
 
+    asyncio.run(main())
+
+
+def _can_mount_tmpfs() -> bool:
+    import os
+    import subprocess
+    import tempfile
+    if os.geteuid() != 0:
+        return False
+    d = tempfile.mkdtemp()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", d], capture_output=True)
+    os.rmdir(d)
+    return ok
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and tmpfs mounts to make a small filesystem")
+def test_a_small_disk_is_never_filled_and_ingest_never_stalls(local_broker, cloud_broker, make_agent, tmp_path,
+                                                              cloud_subscriber):
+    """The state directory on an 8 MiB filesystem, quota 1 GiB (more than the disk), the cloud away, 80,000
+    readings (about 20 MB with the outbox's copy): the effective quota is what the disk has room for, so the disk never fills ("database or disk is
+    full" never happens); at the quota the oldest outbox rows are evicted (store.at_quota = evict, the default),
+    counted; ingest acknowledges every message, nothing crashes; when the cloud returns, the rest arrives."""
+    import subprocess
+    state = tmp_path / "small"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(state)], check=True)
+    try:
+        viewer = cloud_subscriber()  # a persistent session: it gets what was published while it was away
+        cloud_broker.stop()
+        agent = make_agent(local_broker, cloud_broker, model={"enabled": False}, gateway={"state_dir": str(state)},
+                           store={"disk_reserve_bytes": 512 << 10}).start()
+        agent.wait_ready()
+        pub = Publisher(local_broker)
+        n = 40_000
+        for i in range(n):
+            pub.publish(i)
+        wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == 2 * n, 120, what="all committed")
+        assert len(pub.acked()) == n and agent.proc.poll() is None
+        evicted = agent.metric("edge_agent_outbox_evicted_readings_total")
+        assert evicted > 0 and (state / "edge-agent.reserve").exists()
+        assert (agent.metric("edge_agent_component_restarts_total", 'component="mqtt"') or 0) == 0
+        cloud_broker.start()
+        wait_for(lambda: agent.metric("edge_agent_outbox_readings") == 0, 60, what="the outbox drained")
+        wait_for(lambda: len(viewer.readings()) >= 2 * n - evicted, 60, what="the rest at the cloud")
+        log = agent.log()
+        assert "database or disk is full" not in log and "disk quota reached: evicted" in log
+        pub.close()
+        viewer.close()
+        assert agent.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(state)], capture_output=True)
+
+
+def test_at_the_quota_backpressure_holds_readings_back_until_acknowledgements_free_room(tmp_path):
+    """store.at_quota = backpressure: at the quota a write is refused (full, not data: its source keeps it), the
+    reserve file stays; once the cloud's acknowledgements free room, writes are taken again."""
+    async def main():
+        s = Store(StoreConfig(at_quota="backpressure", quota_bytes=2 << 20), tmp_path, Metrics())
+        await s.open()
+        pad = "x" * 1000
+        refused = None
+        for _ in range(20):
+            try:
+                await s.write([Reading("d", f"p{i % 2}", pad if i % 2 else float(i), None, time.time_ns(), "good",
+                                       "mqtt") for i in range(200)])
+            except StoreError as e:
+                refused = e
+                break
+        assert refused is not None and refused.full and not refused.data, refused
+        s.ack_outbox(s.next_seq - 1)
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            try:
+                await s.write([Reading("d", "p0", 1.0, None, time.time_ns(), "good", "mqtt")])
+                break
+            except StoreError:
+                continue
+        else:
+            raise AssertionError("the store never took readings again")
+        assert s.metrics.value("edge_agent_readings_refused_total", {"reason": "store_full"}) >= 200
+        await s.close()
     asyncio.run(main())

@@ -92,7 +92,7 @@ class MqttIngest:
                                                                      "error": str(e), "retry_s": round(wait, 2)})
                 await backoff.wait(self._stopping, wait)
                 continue
-            backoff.reset()
+            up_since = time.monotonic()
             if self._ever_connected:
                 self.metrics.adapter_reconnects.labels(SOURCE).inc()
             self._ever_connected = True
@@ -106,6 +106,8 @@ class MqttIngest:
             if self._stopping.is_set():
                 return  # stop() takes the connection down after the flush
             log.warning("local broker connection lost", extra={"reason": conn.disconnected.result()})
+            if time.monotonic() - up_since > 30:
+                backoff.reset()  # it had been healthy a while; a connection dropped at once (a full store) backs off
             await backoff.wait(self._stopping)
 
     async def stop(self) -> None:
@@ -199,6 +201,10 @@ class MqttIngest:
                 try:
                     await self.sink(readings)
                 except StoreError as e:
+                    if e.full and len(batch) > 1:  # at the store's quota: commit what fits, ack that, hold the rest
+                        kept = await self._commit_while_room(batch, readings)
+                        self._ack(conn, batch[:kept])
+                        raise
                     if not e.data:
                         raise
                     await self._commit_one_by_one(batch, readings, e)
@@ -211,8 +217,8 @@ class MqttIngest:
                     pass
         except Exception as e:
             # not committed: leave the messages unacknowledged and reconnect so the broker redelivers
-            log.error("commit failed; messages stay with the broker", extra={"messages": len(batch),
-                                                                              "error": str(e)})
+            self._rl.warning("commit_failed", "commit failed; messages stay with the broker", messages=len(batch),
+                             error=str(e)[:300])
             if conn is not None:
                 conn.close()
             return
@@ -224,10 +230,27 @@ class MqttIngest:
                 self._paused = False
                 if self._conn is not None:
                     self._conn.resume_reading()
+        self._ack(conn, batch)
+
+    @staticmethod
+    def _ack(conn: MqttConnection | None, batch: list[tuple[int, int, int, bytes]]) -> None:
         if conn is not None:
             for mid, qos, _, _ in batch:
                 if qos:
                     conn.ack(mid, qos)
+
+    async def _commit_while_room(self, batch: list[tuple[int, int, int, bytes]], readings: list[Reading]) -> int:
+        """The store is at its quota: commit the batch's messages in order while they fit; returns how many did
+        (they are acknowledged; the rest stay with the broker)."""
+        ends = [b[2] for b in batch[1:]] + [len(readings)]
+        for i, ((_mid, _qos, start, _payload), end) in enumerate(zip(batch, ends)):
+            if start == end:
+                continue
+            try:
+                await self.sink(readings[start:end])
+            except StoreError:
+                return i
+        return len(batch)
 
     async def _commit_one_by_one(self, batch: list[tuple[int, int, int, bytes]], readings: list[Reading],
                                  error: StoreError) -> None:
