@@ -160,22 +160,27 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _field_value(text: str):
-    """A command-line field: JSON where it parses (numbers, true, null, objects), else the text as a string."""
+def _fields(items: list[str]) -> dict:
+    """NAME=VALUE arguments as a request's fields: a value is JSON where it parses (numbers, true, null, objects),
+    else the text as a string. Raises ConfigError for an item without '='."""
     import json
-    try:
-        return json.loads(text, parse_constant=lambda c: text)
-    except ValueError:
-        return text
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise config.ConfigError(f"field {item!r}: expected NAME=VALUE")
+        try:
+            out[key] = json.loads(text, parse_constant=lambda c: text)
+        except ValueError:
+            out[key] = text
+    return out
 
 
 def cmd_op(args: argparse.Namespace) -> int:
-    request = {}
-    for item in args.fields:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            return _fail(f"field {item!r}: expected NAME=VALUE")
-        request[key] = _field_value(value)
+    try:
+        request = _fields(args.fields)
+    except config.ConfigError as e:
+        return _fail(str(e))
     return _call_daemon(args, args.name, request)
 
 
@@ -193,12 +198,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return _fail(f"--key {args.key}: not a readable unencrypted PEM private key ({e})")
     if not isinstance(key, Ed25519PrivateKey):
         return _fail(f"--key {args.key}: not an Ed25519 key (make one: openssl genpkey -algorithm ed25519)")
-    fields = {}
-    for item in args.fields:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            return _fail(f"field {item!r}: expected NAME=VALUE")
-        fields[k] = _field_value(v)
+    try:
+        fields = _fields(args.fields)
+    except config.ConfigError as e:
+        return _fail(str(e))
     _print_json(sign(key, args.key_id, args.name, args.id or uuid.uuid4().hex[:16], fields))
     return 0
 

@@ -83,8 +83,8 @@ class CloudViewer:
         self.asked: dict[str, str] = {}
 
     QUESTIONS = ("what is the average temperature of pump-1 over the last 2 minutes", "list all pumps",
-                 "how many temperature readings did pump-2 send in the last 5 minutes", "how are you",
-                 "set pump-1 speed to 40")
+                 "which alarms are active?", "how many temperature readings did pump-2 send in the last 5 minutes",
+                 "how are you", "set pump-1 speed to 40", "is pump-1 temperature 30?")
 
     def on_message(self, msg) -> None:
         doc = json.loads(msg.payload)
