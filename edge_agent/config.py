@@ -269,7 +269,7 @@ class RulesConfig:
     rule: list[RuleConfig] = opt(factory=list, doc="the rules ([[rules.rule]] tables)")
 
 
-SHIPPED_MODEL_PUBLIC_KEY = "SAaaUPuveWW3pJDNlgRdirQ0KPNYNbfsqjWzYlg606Y="  # signs models/glm-edge-iot/*
+SHIPPED_MODEL_PUBLIC_KEY = "uajP+EhvSIyBkPEyb0G+gTnRjOkhohSNmekAMnmCM/A="  # signs models/glm-edge-iot/*
 
 @dataclass
 class CommandsConfig:

@@ -1,1 +1,0 @@
-UUitnleVLGXO1TDDB1iaNAc98iSwXquEzbjJfkjoA+AKojgSw0wpp0AZ0J39dj5LPqTLq5uppX+EeAjiT1Z9Aw==
