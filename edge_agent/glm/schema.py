@@ -26,6 +26,12 @@ MAX_WINDOW_S = 366 * 86400
 CANONICAL_POINTS = ("temperature", "pressure", "humidity", "speed", "flow", "level", "voltage", "current", "power",
                     "vibration", "setpoint", "co2", "rpm", "enabled", "mode")
 _STRIP = ",.;:!?()[]{}\"'`"
+# words that never name a device or a filter: articles, prepositions, pronouns, question and list words
+FUNCTION_WORDS = frozenset("""a an the this that these those it its all any every each some of on in at to for from with
+by about over under into onto via per and or not no is are was were be been do does did have has had can could would
+will should may might must you your i me my we our us they them their what which who whom whose when where why how
+list show find give get tell see know say please pls thanks ok hey hi whole entire online connected device devices
+there here now""".split())
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}
 _NUMBER = {"type": "number", "minimum": -1e9, "maximum": 1e9}
@@ -342,9 +348,12 @@ class Toolset:
         said = numbers(text)
         plurals = {w for w in words if w.endswith("s") and not w.endswith("ss") and w[:-1] in words}
         plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}  # not "buse"
-        # device ids carry a digit (0-9) and are not a plain number: prefer such words when there are any
-        numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)]
-        device = {"enum": numbered} if numbered else {"enum": words}
+        # device ids carry a digit (0-9) and are not a plain number nor a point's name ("co2"): prefer such words
+        numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)
+                    and w.lower() not in CANONICAL_POINTS]
+        named = [w for w in words if w.lower() not in FUNCTION_WORDS] or words
+        filters = [w for w in words if w not in plurals and w.lower() not in FUNCTION_WORDS]
+        device = {"enum": numbered} if numbered else {"enum": named}
         narrow = {
             Arg.DEVICE: device,
             Arg.DEVICE_OR_NULL: {"anyOf": [device, {"type": "null"}]},
@@ -352,7 +361,7 @@ class Toolset:
             Arg.AGG: {"enum": list(AGGS)},
             Arg.WINDOW: None,  # computed only where a tool takes one
             Arg.VALUE: {"anyOf": [*([{"enum": said}] if said else []), {"type": "boolean"}, {"enum": words}]},
-            Arg.FILTER: {"anyOf": [{"enum": [w for w in words if w not in plurals]}, {"type": "null"}]},
+            Arg.FILTER: {"anyOf": [{"enum": filters}, {"type": "null"}]} if filters else {"type": "null"},
         }
         out = []
         for s in self.specs.values():
