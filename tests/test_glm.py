@@ -196,8 +196,12 @@ def test_provider_options(tmp_path):
     assert "input_ids:1x192,attention_mask:1x383" in prof["trt_profile_max_shapes"]
     assert "past_key_values.0.key:1x1x191x32" in prof["trt_profile_max_shapes"]
     assert prof["trt_profile_max_shapes"].count("past_key_values") == 4
-    o = provider_options("tensorrt", RuntimeOptions(["tensorrt"], cache_dir=tmp_path, trt_workspace_mb=256), arch)
-    assert o["trt_engine_cache_enable"] and o["trt_engine_cache_path"] == str(tmp_path / "trt-engines")
+    o = provider_options("tensorrt", RuntimeOptions(["tensorrt"], cache_dir=tmp_path, trt_workspace_mb=256), arch,
+                         "ab" * 32)
+    # engines are keyed by the graph's content, never by its file name: a retrained model cannot run an old engine
+    assert o["trt_engine_cache_enable"] and o["trt_engine_cache_path"] == str(tmp_path / "trt-engines" / ("ab" * 16))
+    other = provider_options("tensorrt", RuntimeOptions(["tensorrt"], cache_dir=tmp_path), arch, "cd" * 32)
+    assert other["trt_engine_cache_path"] != o["trt_engine_cache_path"]
     assert o["trt_timing_cache_enable"] and o["trt_timing_cache_path"] == str(tmp_path / "trt-timing")
     assert o["trt_fp16_enable"] and o["trt_int8_enable"] and o["trt_max_workspace_size"] == 256 << 20
     o = provider_options("tensorrt", RuntimeOptions(["tensorrt"], trt_fp16=False), arch)

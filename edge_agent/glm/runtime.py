@@ -10,6 +10,7 @@ CPU gets the configured intra-op thread count and sequential execution.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -49,7 +50,10 @@ def trt_profiles(arch: dict[str, Any]) -> dict[str, str]:
             "trt_profile_max_shapes": shapes(ctx, ctx - 1)}
 
 
-def provider_options(kind: str, opts: RuntimeOptions, arch: dict[str, Any]) -> dict[str, Any]:
+def provider_options(kind: str, opts: RuntimeOptions, arch: dict[str, Any], content: str = "") -> dict[str, Any]:
+    """`content`: the sha256 of the graph the provider serves (from the verified manifest). TensorRT's engine cache is
+    keyed by file name, input names and versions, not by weights (onnxruntime#6455): engines live in a folder named
+    after the content, so a retrained model with the same name never runs an old engine."""
     if kind == "tensorrt":
         o: dict[str, Any] = {
             "device_id": opts.device_id,
@@ -62,7 +66,7 @@ def provider_options(kind: str, opts: RuntimeOptions, arch: dict[str, Any]) -> d
             **trt_profiles(arch),
         }
         if opts.cache_dir is not None:
-            o["trt_engine_cache_path"] = str(opts.cache_dir / "trt-engines")
+            o["trt_engine_cache_path"] = str(opts.cache_dir / "trt-engines" / (content[:32] or "unkeyed"))
             o["trt_timing_cache_path"] = str(opts.cache_dir / "trt-timing")
         return o
     if kind == "cuda":
@@ -116,12 +120,14 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
             reasons.append(PassedOver(kind, "the model ships no file for it"))
             continue
         file = model.file_for(name)
-        chain = [(name, provider_options(kind, opts, model.arch))]
+        chain = [(name, provider_options(kind, opts, model.arch, model.manifest["files"][file]["sha256"]))]
         if kind != "cpu":
             chain.append(("CPUExecutionProvider", {}))  # nodes the GPU provider declines still need a home
         if kind == "tensorrt" and opts.cache_dir is not None:
-            (opts.cache_dir / "trt-engines").mkdir(parents=True, exist_ok=True)
-            (opts.cache_dir / "trt-timing").mkdir(parents=True, exist_ok=True)
+            for d in (opts.cache_dir / "trt-engines" / model.manifest["files"][file]["sha256"][:32],
+                      opts.cache_dir / "trt-timing"):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(d, 0o700)  # engines are code the GPU runs: only the agent may write them
         try:
             source = str(model.dir / file) if file in model.external else model.blobs[file]
             sess = ort.InferenceSession(source, sess_options=session_options(opts),
