@@ -167,6 +167,7 @@ class CloudSubscriber:
     def __init__(self, broker: Mosquitto, pki: dict, client_id: str = "cloud-viewer") -> None:
         cert, key = pki["viewer"]
         self.batches: list[dict] = []
+        self.arrivals: list[float] = []  # monotonic time of each telemetry batch
         self.status: list[dict] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
@@ -190,6 +191,8 @@ class CloudSubscriber:
         doc = json.loads(msg.payload)
         with self.lock:
             (self.status if msg.topic.endswith("/status") else self.batches).append(doc)
+            if not msg.topic.endswith("/status"):
+                self.arrivals.append(time.monotonic())
 
     def readings(self) -> list[dict]:
         with self.lock:
