@@ -591,6 +591,42 @@ def test_a_small_disk_is_never_filled_and_ingest_never_stalls(local_broker, clou
         subprocess.run(["umount", "-l", str(state)], capture_output=True)
 
 
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and tmpfs mounts to make a small filesystem")
+def test_with_backpressure_a_full_store_holds_readings_with_their_source_and_loses_none(
+        local_broker, cloud_broker, make_agent, tmp_path, cloud_subscriber):
+    """store.at_quota = backpressure, the state on an 8 MiB filesystem, the cloud away: at the quota ingest holds
+    its messages unacknowledged (the broker keeps the rest), nothing is evicted, nothing crashes; when the cloud
+    returns, room frees and every message arrives."""
+    import subprocess
+    state = tmp_path / "small"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(state)], check=True)
+    try:
+        viewer = cloud_subscriber()
+        cloud_broker.stop()
+        agent = make_agent(local_broker, cloud_broker, model={"enabled": False}, gateway={"state_dir": str(state)},
+                           store={"at_quota": "backpressure", "disk_reserve_bytes": 512 << 10}).start()
+        agent.wait_ready()
+        pub = Publisher(local_broker)
+        n = 40_000
+        for i in range(n):
+            pub.publish(i)
+        wait_for(lambda: agent.metric("edge_agent_store_full") == 1, 60, what="the store at its quota")
+        assert agent.metric("edge_agent_readings_committed_total") < 2 * n
+        cloud_broker.start()
+        wait_for(lambda: set(range(n)) <= {r["value"] for r in viewer.readings() if r["point"] == "n"}, 180,
+                 what="every message at the cloud")
+        assert len(pub.acked()) == n and agent.proc.poll() is None
+        assert (agent.metric("edge_agent_outbox_evicted_readings_total") or 0) == 0
+        assert (agent.metric("edge_agent_component_restarts_total", 'component="mqtt"') or 0) == 0
+        assert "database or disk is full" not in agent.log()
+        pub.close()
+        viewer.close()
+        assert agent.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(state)], capture_output=True)
+
+
 def test_at_the_quota_backpressure_holds_readings_back_until_acknowledgements_free_room(tmp_path):
     """store.at_quota = backpressure: at the quota a write is refused (full, not data: its source keeps it), the
     reserve file stays; once the cloud's acknowledgements free room, writes are taken again."""

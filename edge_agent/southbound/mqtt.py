@@ -196,18 +196,19 @@ class MqttIngest:
 
     async def _commit_and_ack(self, conn: MqttConnection | None, batch: list[tuple[int, int, int, bytes]],
                               size: int, readings: list[Reading], dead: list, prev: asyncio.Future | None) -> None:
+        held = False
         try:
             if readings:
                 try:
                     await self.sink(readings)
                 except StoreError as e:
-                    if e.full and len(batch) > 1:  # at the store's quota: commit what fits, ack that, hold the rest
-                        kept = await self._commit_while_room(batch, readings)
-                        self._ack(conn, batch[:kept])
+                    if e.full:  # the store is at its quota (backpressure): hold the batch here, commit as room frees
+                        await self._hold(conn, batch, readings, prev)
+                        held = True
+                    elif not e.data:
                         raise
-                    if not e.data:
-                        raise
-                    await self._commit_one_by_one(batch, readings, e)
+                    else:
+                        await self._commit_one_by_one(batch, readings, e)
             for d in dead:
                 await self.dead_letter(*d)
             if prev is not None:
@@ -230,7 +231,8 @@ class MqttIngest:
                 self._paused = False
                 if self._conn is not None:
                     self._conn.resume_reading()
-        self._ack(conn, batch)
+        if not held:
+            self._ack(conn, batch)
 
     @staticmethod
     def _ack(conn: MqttConnection | None, batch: list[tuple[int, int, int, bytes]]) -> None:
@@ -239,18 +241,40 @@ class MqttIngest:
                 if qos:
                     conn.ack(mid, qos)
 
-    async def _commit_while_room(self, batch: list[tuple[int, int, int, bytes]], readings: list[Reading]) -> int:
-        """The store is at its quota: commit the batch's messages in order while they fit; returns how many did
-        (they are acknowledged; the rest stay with the broker)."""
-        ends = [b[2] for b in batch[1:]] + [len(readings)]
-        for i, ((_mid, _qos, start, _payload), end) in enumerate(zip(batch, ends)):
-            if start == end:
-                continue
+    async def _hold(self, conn: MqttConnection | None, batch: list[tuple[int, int, int, bytes]],
+                    readings: list[Reading], prev: asyncio.Future | None) -> None:
+        """The store is at its quota (store.at_quota = backpressure): keep the connection and the batch; commit it
+        in order, in the largest pieces that fit, acknowledging each piece once committed, and wait (up to 5 s
+        between tries) while nothing fits. Reading stays paused at the pending bound, so the broker holds the rest.
+        Raises only when the agent stops or the connection goes (the broker then redelivers what is left)."""
+        if prev is not None:
             try:
-                await self.sink(readings[start:end])
-            except StoreError:
-                return i
-        return len(batch)
+                await prev  # PUBACKs leave in arrival order
+            except Exception:  # noqa: BLE001 - the earlier batch logged its own failure
+                pass
+        wait, piece = 0.1, len(batch)
+        while batch:
+            piece = max(1, min(piece, len(batch)))
+            end = batch[piece][2] if piece < len(batch) else len(readings)
+            try:
+                if end > batch[0][2]:
+                    await self.sink(readings[batch[0][2]:end])
+            except StoreError as e:
+                if not e.full:
+                    raise
+                if piece > 1:
+                    piece //= 2  # a smaller piece may fit
+                    continue
+                if self._stopping.is_set() or (conn is not None and conn.disconnected.done()):
+                    raise
+                self._rl.warning("held", "store at its quota: holding messages until room frees",
+                                 messages=len(batch))
+                await asyncio.sleep(wait)
+                wait, piece = min(wait * 2, 5.0), len(batch)
+                continue
+            self._ack(conn, batch[:piece])
+            batch = batch[piece:]
+            wait = 0.1
 
     async def _commit_one_by_one(self, batch: list[tuple[int, int, int, bytes]], readings: list[Reading],
                                  error: StoreError) -> None:
