@@ -102,3 +102,21 @@ key_file = "{key}"
 def test_version():
     r = cli("version")
     assert r.returncode == 0 and r.stdout.startswith("edge-agent ")
+
+
+def test_check_warns_when_the_quota_is_more_than_the_free_space(tmp_path, pki):
+    cert, key = pki["gateway"]
+    p = tmp_path / "big.toml"
+    p.write_text(f"""
+[gateway]
+state_dir = "{tmp_path / 'state'}"
+[store]
+quota_bytes = {1 << 60}
+[uplink]
+ca_file = "{pki['ca'].cert_path}"
+cert_file = "{cert}"
+key_file = "{key}"
+""")
+    r = cli("check", "--config", str(p))
+    assert r.returncode == 0, r.stderr
+    assert f"# warning: store.quota_bytes ({1 << 60} B) is more than the free space" in r.stdout
