@@ -243,16 +243,19 @@ def cmd_version(_args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="Open-AutoGLM Edge Agent")
-    sub = p.add_subparsers(dest="command", required=True)
+    import functools
+    # every option's help ends with its default
+    sub = p.add_subparsers(dest="command", required=True, parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     r = sub.add_parser("run", help="run the daemon")
-    r.add_argument("--config", default=DEFAULT_CONFIG)
+    r.add_argument("--config", default=DEFAULT_CONFIG, help="the config file")
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("check", help="validate the config and print the effective one")
-    c.add_argument("--config", default=DEFAULT_CONFIG)
+    c.add_argument("--config", default=DEFAULT_CONFIG, help="the config file to check")
     c.set_defaults(fn=cmd_check)
     d = sub.add_parser("demo", help="run the agent on loopback with a local and a mutual-TLS cloud broker")
     d.add_argument("--duration", type=float, default=0, help="seconds to run (0 = until Ctrl-C)")
-    d.add_argument("--devices", type=int, default=5)
+    d.add_argument("--devices", type=int, default=5, help="simulated MQTT devices")
     d.add_argument("--rate", type=float, default=10.0, help="messages per second per device")
     d.add_argument("--verbose", action="store_true", help="show the agent's log lines")
     d.set_defaults(fn=cmd_demo)
@@ -289,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["model"])
     b.add_argument("--eval", type=str, default=None, help="JSONL of {text, call}: exact-match accuracy too")
     b.add_argument("--n", type=int, default=100, help="questions timed for ask latency")
-    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--reps", type=int, default=5, help="repetitions of each timed run")
     b.add_argument("--json", default="", help="also write the figures to this file")
     model_args(b)
     b.set_defaults(fn=cmd_bench)

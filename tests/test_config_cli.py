@@ -120,3 +120,10 @@ key_file = "{key}"
     r = cli("check", "--config", str(p))
     assert r.returncode == 0, r.stderr
     assert f"# warning: store.quota_bytes ({1 << 60} B) is more than the free space" in r.stdout
+
+
+def test_help_shows_defaults():
+    r = cli("demo", "--help")
+    assert r.returncode == 0 and "(default: 5)" in r.stdout and "(default: 10.0)" in r.stdout
+    r = cli("run", "--help")
+    assert "(default: /etc/edge-agent/config.toml)" in r.stdout
