@@ -75,9 +75,73 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.store.quota_bytes > free:
         print(f"# warning: store.quota_bytes ({cfg.store.quota_bytes} B) is more than the free space on {where} "
               f"({free} B): the disk fills before the quota applies")
+    if args.connect:
+        verdicts = asyncio.run(_probe(cfg))
+        for line in verdicts:
+            print(line)
+        if any(not v.startswith("# ok") for v in verdicts):
+            return 1
     print(f"# effective configuration of {args.config} (secrets redacted)")
     print(config.to_toml(config.to_dict(cfg)).lstrip())
     return 0
+
+
+async def _probe(cfg) -> list[str]:
+    """One verdict line per endpoint: `# ok …` or `# FAILED …` with the reason."""
+    import time
+    import uuid
+
+    from edge_agent import tls
+    from edge_agent.mqttio import ConnectError, MqttConnection, PublishError
+
+    out = []
+    up = cfg.uplink
+    if up.enabled:
+        where = f"cloud broker {up.host}:{up.port}"
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+        topic = f"{up.topic_prefix}/{cfg.gateway.id}/res/check-{uuid.uuid4().hex[:8]}"
+        conn = MqttConnection(client_id=f"{cfg.gateway.id}-check", host=up.host, port=up.port, protocol=up.protocol,
+                              keepalive=up.keepalive_s, server_hostname=up.server_hostname,
+                              ssl_context=tls.client_context(up.ca_file, up.cert_file, up.key_file, prefix="uplink."),
+                              on_message=lambda m: got.done() or got.set_result(time.perf_counter()))
+        try:
+            await conn.connect(timeout=10)
+            version, peer = conn.tls_info() or ("?", {})
+            subject = ",".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
+            await conn.subscribe([(topic, 1)], timeout=10)
+            t0 = time.perf_counter()
+            await asyncio.wait_for(conn.publish(topic, b"check", qos=1), 10)
+            rtt = (await asyncio.wait_for(got, 10) - t0) * 1000
+            out.append(f"# ok {where}: {version}, broker certificate {subject} valid until {peer.get('notAfter')}, "
+                       f"client certificate accepted, round trip {rtt:.1f} ms")
+        except ConnectError as e:
+            why = {"tls_verification": "the broker's certificate is not trusted (uplink.ca_file) or not for this name",
+                   "tls": "the TLS handshake failed (the broker refused the client certificate?)",
+                   "closed": "the broker closed the connection while connecting: it refused the client certificate "
+                             "(not signed by a CA it trusts?) or the client",
+                   "refused": "the broker refused the connection"}.get(e.kind, e.kind)
+            out.append(f"# FAILED {where}: {why}: {e}")
+        except (PublishError, asyncio.TimeoutError, TimeoutError) as e:
+            out.append(f"# FAILED {where}: connected, but no round trip (the broker's ACL?): {e or 'timed out'}")
+        finally:
+            await conn.disconnect()
+            conn.close()
+    mq = cfg.southbound.mqtt
+    if mq.enabled:
+        where = f"local broker {mq.host}:{mq.port}"
+        ctx = tls.client_context(mq.tls_files.ca_file, mq.tls_files.cert_file, mq.tls_files.key_file,
+                                 prefix="southbound.mqtt.tls_files.") if mq.tls else None
+        conn = MqttConnection(client_id=f"{cfg.gateway.id}-check-local", host=mq.host, port=mq.port,
+                              protocol=mq.protocol, ssl_context=ctx, username=mq.username, password=mq.password)
+        try:
+            await conn.connect(timeout=10)
+            out.append(f"# ok {where}: connected")
+        except ConnectError as e:
+            out.append(f"# FAILED {where}: {e}")
+        finally:
+            await conn.disconnect()
+            conn.close()
+    return out or ["# ok nothing to connect to (uplink and southbound MQTT disabled)"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -252,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("check", help="validate the config and print the effective one")
     c.add_argument("--config", default=DEFAULT_CONFIG, help="the config file to check")
+    c.add_argument("--connect", action="store_true", help="also connect: to the cloud broker with the configured "
+                   "certificates (TLS version, the broker's certificate, a round trip) and to the local broker")
     c.set_defaults(fn=cmd_check)
     d = sub.add_parser("demo", help="run the agent on loopback with a local and a mutual-TLS cloud broker")
     d.add_argument("--duration", type=float, default=0, help="seconds to run (0 = until Ctrl-C)")

@@ -430,3 +430,10 @@ class MqttConnection:
     @property
     def inflight(self) -> int:
         return len(self._pubs)
+
+    def tls_info(self) -> tuple[str, dict] | None:
+        """(TLS version, the broker's certificate as ssl decodes it) of a connected TLS connection."""
+        sock = self._c.socket()
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        return sock.version() or "", sock.getpeercert() or {}

@@ -127,3 +127,32 @@ def test_help_shows_defaults():
     assert r.returncode == 0 and "(default: 5)" in r.stdout and "(default: 10.0)" in r.stdout
     r = cli("run", "--help")
     assert "(default: /etc/edge-agent/config.toml)" in r.stdout
+
+
+def test_check_connect_gives_one_verdict_per_endpoint(tmp_path, pki, local_broker, cloud_broker):
+    import datetime as dt
+
+    from conftest import agent_config, write_config
+    from edge_agent.devkit.certs import CA
+
+    def check(**sections):
+        cfg = agent_config(tmp_path, local_broker.port, cloud_broker.port, pki, **sections)
+        return cli("check", "--connect", "--config", str(write_config(tmp_path / "c.toml", cfg)))
+
+    r = check()
+    assert r.returncode == 0, r.stdout + r.stderr
+    cloud = next(line for line in r.stdout.splitlines() if line.startswith("# ok cloud"))
+    assert cloud.startswith("# ok cloud broker localhost:") and "TLSv1." in cloud and "commonName=cloud-broker" in cloud
+    assert "client certificate accepted, round trip" in cloud
+    assert any(line.startswith("# ok local broker") for line in r.stdout.splitlines())
+    other = CA(tmp_path / "other-ca")
+    r = check(uplink={"ca_file": str(other.cert_path)})  # a CA that did not sign the broker
+    assert r.returncode == 1 and "# FAILED cloud broker" in r.stdout and "not trusted" in r.stdout
+    cert, key = other.issue("gw-test")  # a client certificate the broker's CA did not sign
+    r = check(uplink={"cert_file": str(cert), "key_file": str(key)})
+    assert r.returncode == 1 and "# FAILED cloud broker" in r.stdout and "refused the client certificate" in r.stdout
+    now = dt.datetime.now(dt.timezone.utc)
+    cert, key = pki["ca"].issue("gw-expired-check", not_before=now - dt.timedelta(days=9),
+                                not_after=now - dt.timedelta(days=1))
+    r = check(uplink={"cert_file": str(cert), "key_file": str(key)})
+    assert r.returncode == 2 and "expired" in r.stderr and r.stderr.count("\n") == 1
