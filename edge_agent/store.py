@@ -185,6 +185,7 @@ class Store:
         self.ballast = self.path.with_name("edge-agent.reserve")  # room set aside for acks and deletes on a full disk
         self.full = False  # at the quota with store.at_quota = backpressure: new readings wait with their source
         self._full_log = RateLimited(log, interval_s=60, burst=1)
+        self._retry: list[tuple] = []  # acks and alerts of a commit the full disk failed: tried again each second
         self._series: dict[tuple[str, str], int] = {}
         self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
         self._seen_points: dict[tuple[str, str], str | None] = {}
@@ -621,9 +622,9 @@ class Store:
             self._load_registry(conn)
             self._resolve([(f, 0) for f in waiting], StoreError(self._full_reason(), full=True))
             if self._disk_full(conn):
-                for kind, payload, fut in jobs:
-                    if fut is None:  # acks and alerts have no one to redeliver them: they go again
-                        self._q.put((kind, payload, fut))
+                # acks and alerts have no one to redeliver them: kept for the next maintenance pass (once a second,
+                # not at once: a disk that stays full must not spin the writer), bounded like the alerts table
+                self._retry = (self._retry + [j for j in jobs if j[2] is None])[-(self.alerts_max + 1000):]
             self._full_log.warning("commit_failed", "store commit failed; the sources will redeliver",
                                    error=str(e))
             self._resolve(results, StoreError(f"commit failed: {e}",
@@ -776,6 +777,9 @@ class Store:
     # -- maintenance (writer thread) -------------------------------------------------------------
     def _maintain(self, conn: sqlite3.Connection) -> None:
         self._last_maintenance = time.monotonic()
+        if self._retry:
+            retry, self._retry = self._retry, []
+            self._commit_guarded(conn, retry)
         try:
             self._flush_seen(conn)
             self._retention(conn)
