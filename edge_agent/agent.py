@@ -22,9 +22,10 @@ class Agent:
     """The supervisor's component that owns the GLM engine."""
     name = "glm"
 
-    def __init__(self, cfg, tools, state_dir: Path, metrics) -> None:
+    def __init__(self, cfg, tools, state_dir: Path, metrics, points=None) -> None:
         self.cfg = cfg
         self.tools = tools
+        self.points = points
         self.engine = None
         self.error: str | None = None if cfg.enabled else "the model is disabled (model.enabled = false)"
         self._state_dir = state_dir
@@ -40,7 +41,10 @@ class Agent:
     def _load(self) -> None:
         from edge_agent.glm.engine import Engine
 
-        engine = Engine(self.cfg, self.tools, cache_dir=self._state_dir / "model-cache", metrics=self._metrics)
+        from edge_agent.glm.points import SHIPPED
+
+        engine = Engine(self.cfg, self.tools, cache_dir=self._state_dir / "model-cache", metrics=self._metrics,
+                        points=self.points or SHIPPED)
         try:
             engine.load()
         except Exception as e:  # noqa: BLE001 - a model that cannot load: ask says why, the rest runs on
@@ -60,8 +64,9 @@ class Agent:
             return {"loaded": False, "error": self.error}
         return {"loaded": True, **self.engine.info()}
 
-    async def plan(self, text: str) -> dict:
-        """The model's call for a question; raises AskError with a command error code."""
+    async def plan(self, text: str, known=None) -> dict:
+        """The model's call for a question (named from `known`, the registry, where given); raises AskError with a
+        command error code."""
         from edge_agent.glm.engine import Busy, Unavailable
         from edge_agent.glm.generate import ConstraintError, GenerationTimeout
         from edge_agent.glm.tokenizer import PromptError
@@ -69,7 +74,7 @@ class Agent:
         if self.engine is None:
             raise AskError("unavailable", self.error or "the model is still loading")
         try:
-            plan = await self.engine.ask(text)
+            plan = await self.engine.ask(text, known=known)
         except Busy as e:
             raise AskError("busy", str(e)) from None
         except GenerationTimeout as e:

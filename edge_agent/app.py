@@ -21,6 +21,7 @@ from edge_agent.agent import Agent
 from edge_agent.backoff import Backoff
 from edge_agent.config import Config, ConfigError, action_value, rule_from_dict, to_dict
 from edge_agent.control import ControlServer
+from edge_agent.glm.points import PointTable
 from edge_agent.logs import RING
 from edge_agent.metrics import Metrics
 from edge_agent.records import WriteRefused
@@ -80,7 +81,8 @@ class App:
         if cfg.rules.enabled:
             self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, act=self._rule_action)
             self.components.append(self.rules)
-        self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics)
+        self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics,
+                           points=PointTable({p.name: p.words for p in cfg.ask.points}))
         self.components.append(self.agent)
         self.router = ops.Router(cfg.commands, ops.TABLE, ops.Gateway(
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,

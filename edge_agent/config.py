@@ -301,6 +301,12 @@ class CommandsConfig:
 
 
 @dataclass
+class PointWordsConfig:
+    name: str = opt(doc="a point name of this gateway's devices (or a shipped one: temperature, level, ...)")
+    words: list[str] = opt(factory=list, doc="operators' words for it (\"blower\", \"how loud\"); whole words")
+
+
+@dataclass
 class AskConfig:
     writes: str = opt("confirm", doc="a write the model proposes: confirm (the reply carries it and a one-time token; "
                       "the confirm operation runs it), direct (runs at once), never", choices=("confirm", "direct",
@@ -308,6 +314,8 @@ class AskConfig:
     confirm_ttl_s: float = opt(60.0, doc="a confirmation token expires after this", ge=5, le=3600)
     max_pending: int = opt(64, doc="writes awaiting confirmation at once; beyond, the oldest is dropped (counted)",
                            ge=1, le=10_000)
+    points: list[PointWordsConfig] = opt(factory=list, doc="this gateway's own point names and operators' words for "
+                                         "them, added to the shipped table (at most 64 points, 16 words each)")
 
 
 @dataclass
@@ -435,7 +443,26 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return cls(**values)
 
 
+MAX_EXTRA_POINTS, MAX_WORDS_PER_POINT, MAX_NAME_CHARS = 64, 16, 48  # ask.points (48: the grammar's name bound)
+
+
+def _check_points(points: list[PointWordsConfig]) -> None:
+    if len(points) > MAX_EXTRA_POINTS:
+        raise ConfigError(f"ask.points: at most {MAX_EXTRA_POINTS} points, got {len(points)}")
+    for i, p in enumerate(points):
+        key = f"ask.points[{i}]"
+        if not 1 <= len(p.name) <= MAX_NAME_CHARS or not re.fullmatch(r"[A-Za-z0-9_.-]+", p.name):
+            raise ConfigError(f"{key}.name: expected 1-{MAX_NAME_CHARS} letters, digits, '_', '.', '-', "
+                              f"got {p.name!r}")
+        if len(p.words) > MAX_WORDS_PER_POINT:
+            raise ConfigError(f"{key}.words: at most {MAX_WORDS_PER_POINT}, got {len(p.words)}")
+        for w in p.words:
+            if not 1 <= len(w) <= MAX_NAME_CHARS or not re.search(r"[A-Za-z0-9]", w):
+                raise ConfigError(f"{key}.words: expected words of 1-{MAX_NAME_CHARS} characters, got {w!r}")
+
+
 def _check(cfg: Config) -> None:
+    _check_points(cfg.ask.points)
     if not _ID_RE.match(cfg.gateway.id):
         raise ConfigError("gateway.id: expected 1-128 characters of letters, digits, '_', '.', '-' "
                           f"(it becomes an MQTT topic segment), got {cfg.gateway.id!r}")

@@ -86,10 +86,10 @@ class FakeGateway:
     async def write_point(self, device, point, value) -> None:
         self.writes.append((device, point, value))
 
-    async def plan(self, text: str) -> dict:
+    async def plan(self, text: str, known: dict) -> dict:
         if isinstance(self._plan, dict):
             return {"call": self._plan, "model": "fixed", "provider": "none", "timings": {}}
-        return await self._plan(text)
+        return await self._plan(text, known)
 
     def gateway(self, writes: str, metrics: Metrics) -> ops.Gateway:
         async def nope(*_a):
@@ -130,8 +130,8 @@ def test_on_the_planning_path_no_text_that_asks_nothing_becomes_a_write(engine):
     gateway writes nothing."""
     fake = FakeGateway()
 
-    async def plan(text: str) -> dict:
-        p = await engine.ask(text)
+    async def plan(text: str, known: dict) -> dict:
+        p = await engine.ask(text, known=known)
         return {"call": p.call, "model": "shipped", "provider": "cpu", "timings": {}}
     fake._plan = plan
 
@@ -214,7 +214,7 @@ def test_names_the_registry_does_not_know_are_clarified_never_invented(call, exp
 
 
 def test_a_question_the_model_cannot_answer_stays_an_error():
-    async def plan(_text):
+    async def plan(_text, _known):
         raise AskError("unanswerable", "no call")
     fake = FakeGateway(plan)
     r = asyncio.run(_call(_router(fake, "confirm"), "ask", {"text": "hello"}))

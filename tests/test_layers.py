@@ -62,7 +62,9 @@ def test_imports_point_down(path):
 def test_every_operation_is_declared_once_and_its_tool_too():
     assert len(ops.TABLE) == len({op.name for op in ops.TABLE.values()})
     tools = [op.tool.name for op in ops.TABLE.values() if op.tool is not None]
-    assert sorted(tools) == sorted(ops.TOOLSET.names) == sorted(ops.BY_TOOL)
+    assert sorted(tools) == sorted(ops.BY_TOOL)
+    # and the one tool that runs nothing: the model's way to say "no action" (ask answers with its reason)
+    assert sorted(ops.TOOLSET.names) == sorted([*tools, "clarify"]) and "clarify" not in ops.TABLE
     for op in ops.TABLE.values():
         if op.tool is not None:  # the tool's arguments are the operation's fields, so a call runs as it is
             assert {a for a, _ in op.tool.args} <= set(op.fields), op.name

@@ -14,15 +14,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from edge_agent.glm import schema
 from edge_agent.glm.generate import ConstraintError, GenerationTimeout, Generator, Lookup, ToolCallConstraint
 from edge_agent.glm.models import ModelError, VerifiedModel, load_verified
+from edge_agent.glm.points import SHIPPED, PointTable
 from edge_agent.glm.runtime import RuntimeOptions, Session, open_session
 from edge_agent.glm.tokenizer import GlmTokenizer, PromptError
 
 log = logging.getLogger(__name__)
+
+
+Known = Mapping[str, Sequence[str]]  # the registry: device -> its points
 
 
 class Busy(Exception):
@@ -80,9 +84,10 @@ def _semver(v: str) -> tuple:
 
 class Engine:
     def __init__(self, cfg, tools: schema.Toolset, cache_dir: Path | None = None, metrics=None,
-                 available: list[str] | None = None) -> None:
+                 available: list[str] | None = None, points: PointTable = SHIPPED) -> None:
         self.cfg = cfg
         self.tools = tools
+        self.points = points
         self.cache_dir = cache_dir
         self.metrics = metrics
         self._available = available
@@ -140,14 +145,16 @@ class Engine:
                 "passed_over": [str(r) for r in self.session.reasons]}
 
     # ---- questions ----
-    def submit(self, text: str, *, constrained: bool = True, timeout_s: float | None = None
-               ) -> concurrent.futures.Future:
+    def submit(self, text: str, *, constrained: bool = True, timeout_s: float | None = None,
+               known: Known | None = None) -> concurrent.futures.Future:
+        """Queue a question. `known`: the gateway's registry (device -> its points) the answer must name from
+        (Toolset.narrowed)."""
         if self.model is None or self._closed:
             raise Unavailable("no model is loaded")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         deadline = time.perf_counter() + (timeout_s or self.cfg.timeout_s)
         try:
-            self._q.put_nowait((text, constrained, deadline, time.perf_counter(), fut))
+            self._q.put_nowait((text, constrained, deadline, time.perf_counter(), fut, known))
         except queue.Full:
             self._count("busy")
             raise Busy(f"{self.cfg.queue} questions are waiting for the model; retry") from None
@@ -155,14 +162,15 @@ class Engine:
             self.metrics.glm_queue.set(self._q.qsize())
         return fut
 
-    def plan(self, text: str, *, constrained: bool = True, timeout_s: float | None = None) -> Plan:
+    def plan(self, text: str, *, constrained: bool = True, timeout_s: float | None = None,
+             known: Known | None = None) -> Plan:
         """Blocking convenience (CLI, benchmarks)."""
-        return self.submit(text, constrained=constrained, timeout_s=timeout_s).result()
+        return self.submit(text, constrained=constrained, timeout_s=timeout_s, known=known).result()
 
-    async def ask(self, text: str, *, timeout_s: float | None = None) -> Plan:
+    async def ask(self, text: str, *, timeout_s: float | None = None, known: Known | None = None) -> Plan:
         import asyncio
 
-        return await asyncio.wrap_future(self.submit(text, timeout_s=timeout_s))
+        return await asyncio.wrap_future(self.submit(text, timeout_s=timeout_s, known=known))
 
     def close(self) -> None:
         self._closed = True
@@ -178,13 +186,13 @@ class Engine:
             item = self._q.get()
             if item is None:
                 return
-            text, constrained, deadline, t_in, fut = item
+            text, constrained, deadline, t_in, fut, known = item
             if self.metrics is not None:
                 self.metrics.glm_queue.set(self._q.qsize())
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                plan = self._run(text, constrained, deadline, t_in)
+                plan = self._run(text, constrained, deadline, t_in, known)
             except PromptError as e:
                 self._count("bad_input")
                 fut.set_exception(e)
@@ -208,7 +216,7 @@ class Engine:
                     self.metrics.glm_tokens.labels("drafted").inc(plan.drafted_tokens)
                 fut.set_result(plan)
 
-    def _run(self, text: str, constrained: bool, deadline: float, t_in: float) -> Plan:
+    def _run(self, text: str, constrained: bool, deadline: float, t_in: float, known: Known | None) -> Plan:
         t0 = time.perf_counter()
         if t0 > deadline:
             raise GenerationTimeout("the question waited in the queue past its time limit")
@@ -218,7 +226,7 @@ class Engine:
             raise PromptError(f"the question is {len(ids)} tokens; at most {room} fit with an answer")
         constraint = None
         if constrained:  # made while the prompt's forward pass runs
-            constraint = lambda: self._constraint(text)  # noqa: E731
+            constraint = lambda: self._constraint(text, known)  # noqa: E731
         t_gen = time.perf_counter()
         res = self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
                                 constraint=constraint, decode=self.tok.decode,
@@ -238,12 +246,12 @@ class Engine:
                     res.forward_passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s,
                     res.compile_s, res.drafted_tokens)
 
-    def _constraint(self, text: str) -> ToolCallConstraint:
+    def _constraint(self, text: str, known: Known | None = None) -> ToolCallConstraint:
         """The question's grammar: the tool set's until the answer names its tool, then that tool's call narrowed
         to the question (Toolset.narrowed)."""
         import llguidance
 
-        narrowed = self.tools.narrowed(text)
+        narrowed = self.tools.narrowed(text, self.points, known)
         tools = {b["properties"]["tool"]["const"]: b for b in narrowed["anyOf"]}
         opening = self._openings[frozenset(tools)]
 

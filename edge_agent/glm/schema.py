@@ -10,7 +10,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
+
+from edge_agent.glm.points import SHIPPED, PointTable
 
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
@@ -22,9 +24,7 @@ MAX_TEXT_CHARS = 256  # an operator's question beyond this is refused before tok
 MAX_NAME_CHARS = 48  # device / point / filter / string value bound inside the grammar
 AGGS = ("last", "min", "max", "avg", "count")
 MAX_WINDOW_S = 366 * 86400
-# the point names the model normalises to ("temp" -> temperature); any other point is copied from the question
-CANONICAL_POINTS = ("temperature", "pressure", "humidity", "speed", "flow", "level", "voltage", "current", "power",
-                    "vibration", "setpoint", "co2", "rpm", "enabled", "mode")
+MAX_KNOWN_POINTS = 64  # a registered device's points offered to the grammar
 _STRIP = ",.;:!?()[]{}\"'`"
 # words that never name a device or a filter: articles, prepositions, pronouns, question and list words
 FUNCTION_WORDS = frozenset("""a an the this that these those it its all any every each some of on in at to for from with
@@ -46,8 +46,12 @@ class Arg(enum.Enum):
     WINDOW = "window"                  # seconds: a number the question says times a unit, or a convention
     VALUE = "value"                    # a number the question says, a boolean, or a word of the question
     FILTER = "filter"                  # a word of the question (a plural's singular), or null
+    REASON = "reason"                  # why no action: one of CLARIFY_REASONS
 
 
+# the model's "no action" answer: nothing the gateway can do was asked; which device?; which value?; it depends on a
+# condition (a rule's job, not a write now)
+CLARIFY_REASONS = ("nothing", "which_device", "which_value", "use_a_rule")
 NAMED = (Arg.DEVICE, Arg.POINT, Arg.VALUE)  # a tool with one of these needs a word of the question
 
 
@@ -58,6 +62,10 @@ class ToolSpec:
     name: str
     args: tuple[tuple[str, Arg], ...]
     example: dict[str, Any]
+
+
+# the tool that runs nothing: the model's way to say that a question asks for no action, or not enough to act on
+CLARIFY = ToolSpec("clarify", (("reason", Arg.REASON),), {"reason": "which_device"})
 
 
 def _arg_schema(kind: Arg) -> dict[str, Any]:
@@ -71,16 +79,26 @@ def _arg_schema(kind: Arg) -> dict[str, Any]:
         return {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_S}
     if kind is Arg.VALUE:
         return {"anyOf": [dict(_NUMBER), {"type": "boolean"}, dict(_NAME)]}
+    if kind is Arg.REASON:
+        return {"enum": list(CLARIFY_REASONS)}
     raise AssertionError(kind)  # pragma: no cover - Arg is a closed set
+
+
+def _args(args: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": args, "required": list(args), "additionalProperties": False}
 
 
 def _tool(name: str, args: dict[str, Any]) -> dict[str, Any]:
     """{"tool": name, "args": {...}} with exactly these args, in this order (the order the model writes them
     and the grammar enforces)."""
+    return _tool_branches(name, [args])
+
+
+def _tool_branches(name: str, branches: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tool whose args are one of several sets (one per registered device, each with its own points)."""
+    body = _args(branches[0]) if len(branches) == 1 else {"anyOf": [_args(b) for b in branches]}
     return {"type": "object", "additionalProperties": False, "required": ["tool", "args"],
-            "properties": {"tool": {"const": name},
-                           "args": {"type": "object", "properties": args, "required": list(args),
-                                    "additionalProperties": False}}}
+            "properties": {"tool": {"const": name}, "args": body}}
 
 
 _FORMAT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -304,6 +322,9 @@ def _check(kind: Arg, key: str, v: Any) -> None:
     elif kind is Arg.WINDOW:
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WINDOW_S:
             raise InvalidCall(f"{key} must be an integer in 1..{MAX_WINDOW_S}")
+    elif kind is Arg.REASON:
+        if v not in CLARIFY_REASONS:
+            raise InvalidCall(f"{key} must be one of {', '.join(CLARIFY_REASONS)}")
     elif kind is Arg.VALUE:
         if isinstance(v, str):
             _name(v, key)
@@ -332,12 +353,18 @@ class Toolset:
         keep = set(names)
         return {**self.schema, "anyOf": [b for b in self.schema["anyOf"] if b["properties"]["tool"]["const"] in keep]}
 
-    def narrowed(self, text: str) -> dict[str, Any]:
-        """The schema narrowed to one question: names must be spelt as they are in the question (or be a canonical
-        point), so the model can neither invent a device nor garble one it copies; numbers must be ones the question
+    def narrowed(self, text: str, points: PointTable = SHIPPED,
+                 known: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+        """The schema narrowed to one question: names must be spelt as they are in the question (or be a point of the
+        table), so the model can neither invent a device nor garble one it copies; numbers must be ones the question
         says (a written value as it is, a window as a number times a unit), so it cannot garble a setpoint either.
-        A filter is the singular of a plural word ("all pumps" -> "pump", "buses" -> "bus"; "press" stays): a
-        substring that finds at least as much."""
+        Where the question's words name one point (the point table: "how hot" -> temperature), that point is the
+        one offered. A filter is the singular of a plural word ("all pumps" -> "pump", "buses" -> "bus"; "press"
+        stays): a substring that finds at least as much.
+
+        `known` (the gateway's registry: device -> its points), where the question names devices it has: only those
+        are offered, each with its own points (a point the question names that the device lacks stays offered, so
+        the answer says "no such point" rather than picking another)."""
         words = candidates(text)
         if not words:  # nothing in the question can name a device or a point: only the nameless calls remain
             out = []
@@ -350,18 +377,30 @@ class Toolset:
         plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}  # not "buse"
         # device ids carry a digit (0-9) and are not a plain number nor a point's name ("co2"): prefer such words
         numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)
-                    and w.lower() not in CANONICAL_POINTS]
+                    and w.lower() not in points.names]
         named = [w for w in words if w.lower() not in FUNCTION_WORDS] or words
         filters = [w for w in words if w not in plurals and w.lower() not in FUNCTION_WORDS]
-        device = {"enum": numbered} if numbered else {"enum": named}
+        registered = [w for w in words if known and w in known][:8]
+        device_names = registered or numbered or named
+        device = {"enum": device_names}
+        hint = points.hint(text)
+        point = {"enum": [hint]} if hint else {"enum": list(dict.fromkeys([*points.names, *words]))}
+
+        def point_of(d: str) -> dict[str, Any]:
+            has = list(known[d])[:MAX_KNOWN_POINTS] if known and d in known else []
+            if hint or not has:
+                return point
+            return {"enum": list(dict.fromkeys([*has, *(w for w in words if w != d)]))}
+
         narrow = {
             Arg.DEVICE: device,
             Arg.DEVICE_OR_NULL: {"anyOf": [device, {"type": "null"}]},
-            Arg.POINT: {"enum": list(dict.fromkeys([*CANONICAL_POINTS, *words]))},
+            Arg.POINT: point,
             Arg.AGG: {"enum": list(AGGS)},
             Arg.WINDOW: None,  # computed only where a tool takes one
             Arg.VALUE: {"anyOf": [*([{"enum": said}] if said else []), {"type": "boolean"}, {"enum": words}]},
             Arg.FILTER: {"anyOf": [{"enum": filters}, {"type": "null"}]} if filters else {"type": "null"},
+            Arg.REASON: {"enum": list(CLARIFY_REASONS)},
         }
         out = []
         for s in self.specs.values():
@@ -370,7 +409,13 @@ class Toolset:
                 if k is Arg.WINDOW and narrow[k] is None:
                     narrow[k] = {"enum": windows(text)}
                 args[a] = narrow[k]
-            out.append(_tool(s.name, args))
+            kinds = [k for _, k in s.args]
+            if registered and Arg.DEVICE in kinds and Arg.POINT in kinds:  # each device with its own points
+                dev = next(a for a, k in s.args if k is Arg.DEVICE)
+                pt = next(a for a, k in s.args if k is Arg.POINT)
+                out.append(_tool_branches(s.name, [{**args, dev: {"const": d}, pt: point_of(d)} for d in registered]))
+            else:
+                out.append(_tool(s.name, args))
         return {"x-guidance": _FORMAT, "anyOf": out}
 
     def validate(self, call: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ definition in one of them (or a new module listed here) and its tests.
 """
 from __future__ import annotations
 
-from edge_agent.glm.schema import Toolset
+from edge_agent.glm.schema import CLARIFY, Toolset
 from edge_agent.ops import ask, data, rules, status, write
 from edge_agent.ops.ask import PendingWrites
 from edge_agent.ops.base import CommandError, Gateway, Operation, reply_error, reply_ok
@@ -18,7 +18,8 @@ _ALL = {op.name: op for mod in (status, data, write, rules, ask) for op in mod.O
 assert set(_ALL) == set(_ORDER), "list a new operation in _ORDER (the order `known:` messages and docs show)"
 TABLE: dict[str, Operation] = {name: _ALL[name] for name in _ORDER}
 BY_TOOL: dict[str, Operation] = {op.tool.name: op for op in TABLE.values() if op.tool is not None}
-TOOLSET = Toolset(op.tool for op in TABLE.values() if op.tool is not None)
+# the GLM's tools: one per operation that has one, and `clarify` (runs nothing: ask answers with its reason)
+TOOLSET = Toolset([*(op.tool for op in TABLE.values() if op.tool is not None), CLARIFY])
 
 __all__ = ["BY_TOOL", "READ_ONLY", "TABLE", "TOOLSET", "CommandError", "Gateway", "Operation", "PendingWrites",
            "Router", "allowed",

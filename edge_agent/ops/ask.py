@@ -9,7 +9,9 @@ The GLM only proposes. Before anything runs:
   expires; the `confirm` operation with that token runs it as the `write` operation would; `direct` runs it at once;
   `never` refuses it.
 
-Outcomes in the reply: `done` (ran; `result` and `answer`), `clarify` (nothing ran; `reason`, `answer`), `confirm`
+Outcomes in the reply: `done` (ran; `result` and `answer`), `clarify` (nothing ran; `reason`: nothing,
+which_device, which_value or use_a_rule, and `answer` in words: from the model's own `clarify` call, the guard or
+the registry), `confirm`
 (nothing ran yet; `confirm.token`, `confirm.write`, `confirm.expires_in_s`, `answer`).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.config import AskConfig
+from edge_agent.glm.schema import CLARIFY
 from edge_agent.ops.base import CommandError, Field, Gateway, Operation, Request
 from edge_agent.ops.guard import check_write
 
@@ -74,23 +77,38 @@ class PendingWrites:
         return p.call
 
 
-async def _known(gw: Gateway, call: dict) -> str | None:
+# what the model's own `clarify` answers say (its reason -> words)
+CLARIFY_ANSWERS = {
+    "nothing": "that asks for nothing this gateway can do (it reads points, lists devices and alerts, reports its "
+               "status and writes points on a plain order)",
+    "which_device": "which device? name it by its id (edge-agent op devices lists them)",
+    "which_value": "which value? say the value to write",
+    "use_a_rule": "that depends on a condition; the gateway writes only now and unconditionally — a rule "
+                  "(rules.add) acts on conditions and raises alerts",
+}
+
+
+async def _registry(gw: Gateway) -> dict[str, list[str]]:
+    """device -> its points, as the gateway's registry knows them."""
+    return {d["device"]: [p["point"] for p in d["points"]] for d in await gw.devices()}
+
+
+def _known(devices: dict[str, list[str]], call: dict) -> tuple[str, str] | None:
     """None when the call's device (and point) are in the registry; else a clarification with the closest names."""
     args = call["args"]
     device = args.get("device")
     if not isinstance(device, str):
         return None
-    devices = {d["device"]: d for d in await gw.devices()}
     if device not in devices:
         close = difflib.get_close_matches(device, list(devices), n=3, cutoff=0.6)
-        return f"no device {device!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                          " is known to this gateway")
+        return "which_device", f"no device {device!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                           " is known to this gateway")
     point = args.get("point")
-    points = [p["point"] for p in devices[device]["points"]]
+    points = devices[device]
     if isinstance(point, str) and points and point not in points:
         close = difflib.get_close_matches(point, points, n=3, cutoff=0.5)
-        return f"{device} has no point {point!r}; " + (f"did you mean {', '.join(close)}?" if close else
-                                                        f"it has {', '.join(points[:10])}")
+        return "nothing", f"{device} has no point {point!r}; " + (f"did you mean {', '.join(close)}?" if close else
+                                                                   f"it has {', '.join(points[:10])}")
     return None
 
 
@@ -100,11 +118,16 @@ async def _ask(gw: Gateway, req: Request) -> dict:
     text = req.fields["text"]
     if gw.ask is None:
         raise CommandError("unavailable", "this gateway runs without the model")
+    devices = await _registry(gw)
     try:
-        plan = await gw.ask(text)
+        plan = await gw.ask(text, devices)
     except AskError as e:
         raise CommandError(e.code, e.message) from None
     call = plan["call"]
+    if call["tool"] == CLARIFY.name:  # the model itself says there is nothing to run
+        req.router.metrics.ask_outcomes.labels("clarify").inc()
+        reason = call["args"]["reason"]
+        return {"call": call, "outcome": "clarify", "reason": reason, "answer": CLARIFY_ANSWERS[reason], **plan}
     op = req.router.by_tool[call["tool"]]
     try:
         req.router.check_allowed(op)
@@ -113,13 +136,14 @@ async def _ask(gw: Gateway, req: Request) -> dict:
         raise CommandError("forbidden", f"the question maps to {call['tool']}, which runs command {op.name!r}, and "
                                         f"{op.name!r} is not allowed on this gateway (commands.allow)",
                            call=call) from None
-    reason = (check_write(text, call["args"]) if op.changes else None) or await _known(gw, call)
-    if reason is not None:
+    why = (check_write(text, call["args"]) if op.changes else None) or _known(devices, call)
+    if why is not None:
+        reason, words = why
         if op.changes:
             audit.warning("ask write not made: clarify", extra={"who": req.who, "text": text[:200],
-                                                                "call": json.dumps(call), "reason": reason})
+                                                                "call": json.dumps(call), "reason": words})
         req.router.metrics.ask_outcomes.labels("clarify").inc()
-        return {"call": call, "outcome": "clarify", "reason": reason, "answer": reason, **plan}
+        return {"call": call, "outcome": "clarify", "reason": reason, "answer": words, **plan}
     try:
         req.router.check_signed(op, req.signer)
     except CommandError as e:

@@ -52,7 +52,8 @@ class Gateway:
     rules_add: Callable[[dict], Awaitable[dict]]       # raises ValueError (bad rule) / PermissionError
     rules_remove: Callable[[str], Awaitable[bool]]     # raises PermissionError (a config rule)
     alerts: Callable[[str | None, int], Awaitable[dict]]  # (device or None, cleared to show) -> firing, cleared
-    ask: Callable[[str], Awaitable[dict]] | None = None  # the agent's plan(); raises agent.AskError
+    # the agent's plan(text, registry: device -> points); raises agent.AskError
+    ask: Callable[[str, dict], Awaitable[dict]] | None = None
     pending: Any = None  # ops.ask.PendingWrites: writes ask proposed, awaiting confirmation
 
 

@@ -22,10 +22,12 @@ _QUESTION_OPENERS = {"is", "are", "was", "were", "does", "do", "did", "has", "ha
 _REQUESTS = {"can", "could", "would", "will", "please", "pls", "kindly"}  # "could you set ..." is an order
 _POLITE = _REQUESTS | {"you", "u", "hey", "hi", "ok", "okay", "yo", "now", "then", "so", "and", "just"}
 _NEGATIONS = {"not", "don't", "dont", "never", "no", "without", "nor", "cannot", "avoid", "neither", "nothing"}
-_CONDITIONS = {"if", "when", "whenever", "once", "unless", "until", "after", "before", "in case", "as soon as",
-               "while", "later", "tomorrow", "tonight", "remind", "schedule", "every", "daily", "hourly"}
+_CONDITIONS = {"if", "when", "whenever", "once", "unless", "until", "in case", "as soon as", "while", "provided",
+               "assuming"}
+_TIMES = {"after", "before", "later", "tomorrow", "tonight", "remind", "remember", "schedule", "every", "daily",
+          "hourly", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "midnight", "noon"}
 _ALERTS = ("alert me", "notify me", "warn me", "let me know", "tell me when", "tell me if", "ping me",
-           "message me", "email me", "page me")
+           "message me", "email me", "page me", "heads up", "send an alert", "raise an alarm", "alarm me")
 _HOWTO = ("how do i", "how can i", "how to", "how would i", "how should i", "what happens if", "what would happen",
           "what if", "suppose", "imagine", "hypothetically", "would it", "could it")
 _PRONOUNS = {"it", "this", "that", "them", "they", "these", "those", "one", "thing", "device", "the"}
@@ -35,8 +37,19 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower().replace("\u2019", "'"))
 
 
-def check_write(text: str, args: dict) -> str | None:
-    """None when the question plainly asks for exactly this write; else why it does not (for `clarify`)."""
+def check_write(text: str, args: dict) -> tuple[str, str] | None:
+    """None when the question plainly asks for exactly this write; else (the clarify reason, why in words)."""
+    why = _why_not(text, args)
+    if why is None:
+        return None
+    return (next((code for code, starts in _CODES if why.startswith(starts)), "nothing"), why)
+
+
+_CODES = (("which_device", "which device"), ("which_value", ("which value", "enabled takes", "the question's on/off")),
+          ("use_a_rule", ("to be alerted", "the order depends on a condition")))
+
+
+def _why_not(text: str, args: dict) -> str | None:
     low = " " + " ".join(_words(text)) + " "
     words = low.split()
     if not words:
@@ -54,8 +67,11 @@ def check_write(text: str, args: dict) -> str | None:
         return f"the order is negated ({neg!r}); nothing was written — say plainly what to change"
     cond = next((c for c in _CONDITIONS if f" {c} " in low), None)
     if cond is not None:
-        return (f"the order depends on a condition or a time ({cond!r}); the gateway writes only now and "
-                "unconditionally — a rule (rules.add) acts on conditions")
+        return (f"the order depends on a condition ({cond!r}); the gateway writes only now and unconditionally — "
+                "a rule (rules.add) acts on conditions")
+    when = next((c for c in _TIMES if f" {c} " in low), None)
+    if when is not None:
+        return f"the order is for another time ({when!r}); the gateway writes only now — send it when it is due"
     device = str(args.get("device", ""))
     if device.lower() in _PRONOUNS or not re.search(r"[0-9]", device):
         named = [w for w in candidates(text) if re.search(r"[0-9]", w)]

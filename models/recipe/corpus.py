@@ -10,25 +10,17 @@ import json
 import random
 from collections.abc import Iterator
 
-from edge_agent.glm.schema import CANONICAL_POINTS, format_call
+from edge_agent.glm.points import POINT_WORDS, QUESTION_FORMS
+from edge_agent.glm.schema import format_call
 
-# canonical point -> how operators write it (typos are added on top)
-POINTS = {
-    "temperature": ["temperature", "temp", "tmp", "temperatures", "temps"],
-    "pressure": ["pressure", "pres", "press."],
-    "humidity": ["humidity", "hum", "rh", "relative humidity"],
-    "speed": ["speed", "spd"],
-    "flow": ["flow", "flow rate", "flowrate"],
-    "level": ["level", "lvl", "fill level"],
-    "voltage": ["voltage", "volts", "volt"],
-    "current": ["amps", "amperage", "current draw"],
-    "power": ["power", "kw", "power draw"],
-    "vibration": ["vibration", "vib", "vibe"],
-    "setpoint": ["setpoint", "set point", "sp", "target"],
-    "co2": ["co2", "carbon dioxide"],
-    "rpm": ["rpm", "revs"],
-}
-assert set(POINTS) | {"enabled", "mode"} == set(CANONICAL_POINTS)
+# canonical point -> how operators write it (typos are added on top): the table the runtime narrows with too
+# (edge_agent.glm.points), less the words that read as something else in a template ("current temp", "fill it")
+_SKIP = {"current", "amp", "degrees", "fill", "enabled", "mode", "operating mode", "on or off", "switched on",
+         "turned on"}
+POINTS = {canon: [w for w in said if w not in QUESTION_FORMS and w not in _SKIP]
+          for canon, said in POINT_WORDS.items() if canon not in ("enabled", "mode")}
+HOW = {canon: [w for w in said if w in QUESTION_FORMS] for canon, said in POINT_WORDS.items()}
+HOW = {k: v for k, v in HOW.items() if v}
 WRITABLE = ["setpoint", "speed", "rpm", "level", "power", "flow", "temperature", "pressure"]
 MODES = ["auto", "manual", "eco", "standby", "high", "low", "boost", "off-peak"]
 
@@ -252,11 +244,63 @@ class Gen:
         t = r.choice(ALERTS_DEVICE_HELDOUT if self.heldout else ALERTS_DEVICE)
         return t.format(d=dev), {"tool": "list_alerts", "args": {"device": dev}}
 
+    def how(self) -> tuple[str, dict]:
+        """A question in a point's own words: "how hot is boiler-2" -> its last temperature."""
+        r = self.rng
+        dev = self.device()
+        canon = r.choice(list(HOW))
+        t = r.choice(HOW_HELDOUT if self.heldout else HOW_Q)
+        text = t.format(d=dev, q=r.choice(HOW[canon]), now=r.choice(NOW_WORDS))
+        return text, {"tool": "query_stats", "args": {"device": dev, "point": canon, "agg": "last", "window_s": 60}}
+
+    def is_question(self) -> tuple[str, dict]:
+        """A yes/no question about a value, a state or a mode: a read of its last value, never a write."""
+        r = self.rng
+        dev = self.device()
+        k = r.random()
+        if k < 0.3:
+            t = r.choice(IS_ON_HELDOUT if self.heldout else IS_ON)
+            return t.format(d=dev), _last(dev, "enabled")
+        if k < 0.45:
+            t = r.choice(IS_MODE_HELDOUT if self.heldout else IS_MODE)
+            return t.format(d=dev, m=r.choice(MODES)), _last(dev, "mode")
+        canon = r.choice(WRITABLE)
+        _v, vtext = self.value()
+        t = r.choice(IS_VALUE_HELDOUT if self.heldout else IS_VALUE)
+        return t.format(d=dev, p=r.choice(POINTS[canon]), v=vtext), _last(dev, canon)
+
+    def clarify(self) -> tuple[str, dict]:
+        """Asks for no action (a negation, a how-to, a what-if, why/who, a reminder, small talk), only on a
+        condition (a rule's job), or a write without its device or its value: no call that does anything."""
+        r = self.rng
+        dev, dev2 = self.device(), self.device()
+        canon = r.choice(WRITABLE)
+        p = r.choice(POINTS[canon])
+        _v, val = self.value()
+        on = r.random() < 0.5
+        verb = r.choice(ON_VERBS if on else OFF_VERBS)
+        fill = dict(d=dev, d2=dev2, p=p, p2=r.choice(POINTS[r.choice(list(POINTS))]), v=val, verb=verb,
+                    n=self.number_text(r.randint(0, 200)), m=r.choice(MODES), t=r.choice(LATER),
+                    s=r.choice(TRAIN_STEMS if not self.heldout else HELDOUT_STEMS))
+        k = r.random()
+        if k < 0.40:
+            reason, pool = "nothing", (NOTHING_HELDOUT if self.heldout else NOTHING)
+        elif k < 0.50:
+            reason, pool = "nothing", (SMALL_TALK_HELDOUT if self.heldout else SMALL_TALK)
+        elif k < 0.70:
+            reason, pool = "use_a_rule", (RULE_HELDOUT if self.heldout else RULE)
+        elif k < 0.85:
+            reason, pool = "which_device", (WHICH_DEVICE_HELDOUT if self.heldout else WHICH_DEVICE)
+        else:
+            reason, pool = "which_value", (WHICH_VALUE_HELDOUT if self.heldout else WHICH_VALUE)
+        return r.choice(pool).format(**fill), {"tool": "clarify", "args": {"reason": reason}}
+
     def example(self) -> tuple[str, dict]:
         r = self.rng
         k = r.random()
-        text, call = (self.query() if k < 0.43 else self.write() if k < 0.76 else
-                      self.list_devices() if k < 0.87 else self.alerts() if k < 0.94 else self.status())
+        text, call = (self.query() if k < 0.36 else self.how() if k < 0.39 else self.write() if k < 0.65 else
+                      self.list_devices() if k < 0.74 else self.alerts() if k < 0.80 else
+                      self.status() if k < 0.85 else self.is_question() if k < 0.90 else self.clarify())
         return self.noise(text), call
 
     def noise(self, text: str) -> str:
@@ -359,6 +403,75 @@ ALERTS_DEVICE_HELDOUT = ["does {d} have any active alarms", "alarm status of {d}
                          "alerts raised by {d}"]
 
 
+def _last(dev: str, point: str) -> dict:
+    return {"tool": "query_stats", "args": {"device": dev, "point": point, "agg": "last", "window_s": 60}}
+
+
+HOW_Q = ["{q} is {d} {now}", "{q} is {d}?", "{d}: {q} is it {now}", "tell me {q} {d} is", "{q} is it at {d} {now}",
+         "so {q} is {d} {now}", "{q} is {d} running {now}", "check {q} {d} is"]
+HOW_HELDOUT = ["any idea {q} {d} is {now}", "{q} does {d} get {now}"]
+IS_ON = ["is {d} running", "is {d} on?", "is {d} switched off", "is {d} enabled?", "is {d} still running",
+         "is {d} stopped?", "did {d} stop", "is {d} turned on", "{d} running?", "is {d} off right now",
+         "are we running {d}?", "is {d} up"]
+IS_ON_HELDOUT = ["has {d} been switched on?", "is {d} active at the moment"]
+IS_MODE = ["is {d} in {m} mode?", "is {d} set to {m} mode", "what mode is {d} in", "{d} mode?",
+           "is {d} running in {m}?", "which mode is {d} using"]
+IS_MODE_HELDOUT = ["does {d} run in {m} mode now", "is the mode of {d} {m}?"]
+IS_VALUE = ["is {d} {p} {v}?", "is the {p} of {d} {v}", "is {d} {p} above {v}?", "is {d} {p} below {v}",
+            "is {d} at {v} {p}?", "is {d} {p} set to {v}?", "was {d} {p} {v}?", "is {d} {p} still {v}",
+            "has {d} {p} reached {v}?", "is the {p} on {d} over {v}", "did {d} {p} go above {v}?",
+            "{d} {p} is {v}, right?"]
+IS_VALUE_HELDOUT = ["is the {p} at {d} higher than {v}?", "does {d} {p} read {v}"]
+LATER = ["tomorrow", "tonight", "at 6pm", "in an hour", "later", "on monday", "at midnight", "next shift",
+         "in 10 minutes", "after lunch", "every morning", "at 5"]
+NOTHING = [
+    "don't {verb} {d}", "do not {verb} {d}", "never {verb} {d}", "no need to {verb} {d}", "please don't {verb} {d}",
+    "do not set {d} {p} to {v}", "don't change {d} {p}", "don't touch {d}", "leave {d} {p} as it is",
+    "do not write {v} to {d} {p}", "we should not {verb} {d}", "nobody {verb} {d}", "{d} must not be changed",
+    "how do i {verb} {d}", "how can i set {d} {p} to {v}", "how to change the {p} of {d}",
+    "how would i {verb} {d}", "what happens if i {verb} {d}", "what if we set {d} {p} to {v}",
+    "what would happen if {d} {p} was {v}", "suppose we {verb} {d}", "should i {verb} {d}?",
+    "should we set {d} {p} to {v}?", "would it be safe to {verb} {d}", "hypothetically, {verb} {d}",
+    "why did {d} stop", "why is {d} off", "who turned off {d}", "who changed {d} {p}", "who set {d} {p} to {v}",
+    "why was {d} {p} set to {v}", "when did someone {verb} {d}", "remind me to {verb} {d} {t}",
+    "{verb} {d} {t}", "set {d} {p} to {v} {t}", "schedule {d} to {verb} {t}", "{t}, {verb} {d}",
+    "remind me {t} to set {d} {p} to {v}", "plan to {verb} {d} {t}", "{verb} {d} every day at 6",
+    "i was going to {verb} {d}", "i think someone should {verb} {d}", "i already told them to {verb} {d}",
+    "what is the best {p} for {d}", "explain what {p} means on {d}", "what does {verb} do on {d}",
+]
+NOTHING_HELDOUT = ["don't you dare {verb} {d}", "could i {verb} {d} safely?", "who decided to {verb} {d}",
+                   "remember to {verb} {d} {t}", "imagine we {verb} {d}", "i wonder if we should set {d} {p} to {v}"]
+SMALL_TALK = ["thanks", "thank you", "good morning", "hello there", "tell me a joke", "who are you",
+              "what can you do", "what's the weather like", "nice work", "hmm", "what time is it", "bye",
+              "you are great", "help", "what is your name", "i am bored", "good night", "how old are you",
+              "sing a song", "what is the meaning of life", "lol", "never mind", "cancel", "forget it", "stop talking",
+              "ok thanks", "cool", "no", "yes"]
+SMALL_TALK_HELDOUT = ["cheers mate", "what's up", "you there", "tell me something funny"]
+RULE = [
+    "{verb} {d} if {d2} {p2} goes above {n}", "if {d2} {p2} drops below {n}, {verb} {d}",
+    "when {d2} {p2} is over {n} {verb} {d}", "{verb} {d} when {d2} {p2} reaches {n}",
+    "if {d} {p} is above {n} set it to {v}", "set {d} {p} to {v} if {d2} stops", "whenever {d2} stops, {verb} {d}",
+    "once {d2} {p2} hits {n}, set {d} {p} to {v}", "{verb} {d} as soon as {d2} {p2} passes {n}",
+    "unless {d2} is running, {verb} {d}", "{verb} {d} until {d2} {p2} is {n}",
+    "alert me when {d} {p} is above {n}", "notify me if {d} {p} drops below {n}", "let me know when {d} stops",
+    "tell me when {d} {p} goes over {n}", "warn me if {d} {p} is under {n}", "ping me when {d} {p} reaches {n}",
+    "alert me if {d} goes offline", "send an alert when {d} {p} exceeds {n}", "raise an alarm if {d} {p} > {n}",
+    "if {d} {p} > {n} then {verb} {d2}", "keep {d} {p} at {v} whenever {d2} runs",
+]
+RULE_HELDOUT = ["in case {d2} {p2} climbs past {n}, {verb} {d}", "give me a heads up when {d} {p} falls under {n}",
+                "should {d2} {p2} exceed {n}, {verb} {d}"]
+WHICH_DEVICE = ["{verb} it", "{verb} it now", "please {verb} it", "set the {p} to {v}", "set {p} to {v}",
+                "change the {p} to {v}", "{verb} that", "{verb} the {s}", "{verb} this one", "put it in {m} mode",
+                "set it to {v}", "make it {v}", "{verb} them all", "can you {verb} the {s}", "{p} to {v}",
+                "{verb} the other one", "set mode to {m}", "{verb} everything", "turn the {s} off", "switch it on"]
+WHICH_DEVICE_HELDOUT = ["go {verb} that thing", "adjust the {p} there to {v}", "{verb} the {s} over there"]
+WHICH_VALUE = ["set {d} {p}", "change {d} {p}", "adjust the {p} on {d}", "set {d} mode", "put {d} in a mode",
+               "change the setpoint of {d}", "set {d} to", "update {d} {p}", "write to {d} {p}", "{d} {p} =",
+               "set a new {p} for {d}", "modify {d} {p}", "change {d}'s mode", "set {d}", "raise {d} {p}",
+               "lower the {p} of {d}", "increase {d} {p} a bit", "turn {d} {p} down"]
+WHICH_VALUE_HELDOUT = ["tweak the {p} of {d}", "bump up {d} {p}", "set {d} {p} to something sensible"]
+
+
 def split(seed: int, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     random.seed(seed)  # words() joins numbers with a random separator
@@ -380,6 +493,9 @@ def names(row: dict) -> list[str]:
     """The strings in a row that the model copies from the question (devices, custom points, filters, modes)."""
     args = row["call"]["args"]
     out = [v for k, v in args.items() if k in ("device", "filter") and isinstance(v, str)]
+    if row["call"]["tool"] == "clarify":  # the devices it names are in the question only
+        out += [w.strip(",.?!:;") for w in row["text"].split() if any(c.isdigit() for c in w) and not
+                w.strip(",.?!:;-").replace(".", "").isdigit()]
     if isinstance(args.get("point"), str) and args["point"] not in POINTS and args["point"] not in ("enabled", "mode"):
         out.append(args["point"])
     return out

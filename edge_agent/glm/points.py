@@ -1,0 +1,98 @@
+"""Operators' words for points: one table, shared by the corpus that trains the model and the runtime that
+constrains it ("how hot" -> temperature, "fill" -> level, "amps" -> current).
+
+A gateway adds its own point names and words in config (`ask.points`): `{"fan_speed": ["fan", "blower"]}` makes
+`fan_speed` a point the grammar offers and "fan" a word that names it.
+
+At run time the table narrows a question's point: where the question's words name exactly one point, that point is
+the one the grammar offers (two or more, or none: the model chooses, as before).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+# canonical point -> the words operators use for it. Phrases are matched on whole words; the first spelling is the
+# canonical name itself.
+POINT_WORDS: dict[str, tuple[str, ...]] = {
+    "temperature": ("temperature", "temp", "tmp", "temperatures", "temps", "degrees", "how hot", "how warm",
+                    "how cold"),
+    "pressure": ("pressure", "pres", "press.", "psi"),
+    "humidity": ("humidity", "hum", "rh", "relative humidity", "how humid", "moisture"),
+    "speed": ("speed", "spd", "how fast"),
+    "flow": ("flow", "flow rate", "flowrate", "throughput"),
+    "level": ("level", "lvl", "fill level", "fill", "how full", "fullness"),
+    "voltage": ("voltage", "volts", "volt"),
+    "current": ("current", "amps", "amperage", "current draw", "amp"),
+    "power": ("power", "kw", "power draw", "wattage", "watts", "kilowatts"),
+    "vibration": ("vibration", "vib", "vibe", "vibrations", "shaking"),
+    "setpoint": ("setpoint", "set point", "sp", "target"),
+    "co2": ("co2", "carbon dioxide"),
+    "rpm": ("rpm", "revs", "revolutions"),
+    "enabled": ("enabled", "on or off", "switched on", "turned on"),
+    "mode": ("mode", "operating mode"),
+}
+# phrases that are questions about a point ("how hot is boiler-2"): the corpus writes them in their own templates
+QUESTION_FORMS = frozenset(p for ws in POINT_WORDS.values() for p in ws if p.startswith("how "))
+# words that name a point on their own but qualify a neighbour: "co2 level" is co2, "current temperature" is
+# temperature
+_GENERIC_AFTER = frozenset({"level"})
+_ADJECTIVE_BEFORE = frozenset({"current"})
+_WORD = re.compile(r"[a-z0-9_\-\u2082]+")
+
+
+def _split(phrase: str) -> tuple[str, ...]:
+    return tuple(_WORD.findall(phrase.lower()))
+
+
+class PointTable:
+    """The point names the grammar offers and the phrases that name each (the shipped table plus a gateway's)."""
+
+    def __init__(self, extra: Mapping[str, list[str]] | None = None) -> None:
+        words: dict[str, list[str]] = {k: list(v) for k, v in POINT_WORDS.items()}
+        for name, said in (extra or {}).items():
+            words.setdefault(name, [name])
+            words[name].extend(s for s in said if s not in words[name])
+        self.names: tuple[str, ...] = tuple(words)
+        self._phrases: dict[tuple[str, ...], str] = {}
+        for name, said in words.items():
+            for s in [name, *said]:
+                key = _split(s)
+                if key:
+                    self._phrases.setdefault(key, name)
+        self._longest = max(len(k) for k in self._phrases)
+
+    def named(self, text: str) -> list[str]:
+        """The points a question's words name, in order, without repeats ("how hot is boiler-2" -> [temperature])."""
+        toks = _WORD.findall(text.lower())
+        found: list[tuple[str, str, int, int]] = []  # (point, phrase's last word, start, end)
+        i = 0
+        while i < len(toks):
+            for n in range(min(self._longest, len(toks) - i), 0, -1):
+                hit = self._phrases.get(tuple(toks[i:i + n]))
+                if hit is not None:
+                    found.append((hit, toks[i + n - 1], i, i + n))
+                    i += n
+                    break
+            else:
+                i += 1
+        keep = []
+        for j, (point, word, start, end) in enumerate(found):
+            before = found[j - 1] if j else None
+            after = found[j + 1] if j + 1 < len(found) else None
+            if word in _GENERIC_AFTER and end - start == 1 and before is not None and before[3] == start \
+                    and before[0] != point:
+                continue
+            if word in _ADJECTIVE_BEFORE and end - start == 1 and after is not None and after[2] == end \
+                    and after[0] != point:
+                continue
+            keep.append(point)
+        return list(dict.fromkeys(keep))
+
+    def hint(self, text: str) -> str | None:
+        """The one point a question names, or None (none, or more than one)."""
+        named = self.named(text)
+        return named[0] if len(named) == 1 else None
+
+
+SHIPPED = PointTable()
