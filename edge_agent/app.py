@@ -81,15 +81,16 @@ class App:
         if cfg.rules.enabled:
             self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, act=self._rule_action)
             self.components.append(self.rules)
-        self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics,
-                           points=PointTable({p.name: p.words for p in cfg.ask.points}))
+        self.points = PointTable({p.name: p.words for p in cfg.ask.points})
+        self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics, points=self.points)
         self.components.append(self.agent)
         self.router = ops.Router(cfg.commands, ops.TABLE, ops.Gateway(
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
             write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
             rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
             rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan,
-            pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped"))), self.metrics,
+            pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points),
+            self.metrics,
             journal=self.store)
         self.store.requests_keep_s, self.store.requests_max = cfg.commands.dedup_window_s, cfg.commands.dedup_max
         self.control = ControlServer(Path(cfg.gateway.state_dir), self.router.handle)

@@ -291,7 +291,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     logs.setup("warning", "text")
     try:
         _cfg, mcfg = _model_config(args)
-        res = run(mcfg, args.eval, n_ask=args.n, reps=args.reps)
+        evals = args.eval
+        if evals is not None and not evals:
+            from edge_agent.devkit.bench_model import shipped_eval_sets
+            evals = shipped_eval_sets()
+        res = run(mcfg, evals, n_ask=args.n, reps=args.reps)
     except (config.ConfigError, ModelError, RuntimeError) as e:
         return _fail(str(e))
     if args.json:
@@ -356,7 +360,9 @@ def parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_ops)
     b = sub.add_parser("bench", help="benchmarks: 'bench model' times the GLM against its peers")
     b.add_argument("what", choices=["model"])
-    b.add_argument("--eval", type=str, default=None, help="JSONL of {text, call}: exact-match accuracy too")
+    b.add_argument("--eval", nargs="*", default=None, metavar="JSONL",
+                   help="evaluation sets of {text, call} (none named: the shipped held-out and hand-written sets): "
+                        "exact match, writes where none was asked, wrong writes, INT8/fp32 agreement")
     b.add_argument("--n", type=int, default=100, help="questions timed for ask latency")
     b.add_argument("--reps", type=int, default=5, help="repetitions of each timed run")
     b.add_argument("--json", default="", help="also write the figures to this file")

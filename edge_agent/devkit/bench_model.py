@@ -129,7 +129,13 @@ def _torch(arch: dict, ids: list[int], new: int, reps: int, threads: int) -> dic
     return {"decode_tok_s": statistics.median(tps)}
 
 
-def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print) -> dict:
+def shipped_eval_sets() -> list[str]:
+    """The evaluation sets beside the shipped model: the generated held-out split and the hand-written one."""
+    root = Path(__file__).resolve().parents[2] / "models" / "eval"
+    return [str(root / "heldout.jsonl"), str(root / "handwritten.jsonl")]
+
+
+def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print) -> dict:
     import onnxruntime as ort
 
     from edge_agent import ops
@@ -185,8 +191,8 @@ def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int 
     res["ours"] = rows
     served = next((r for r in rows if r["file"] == engine.session.file and r["provider"] == engine.session.provider),
                   rows[0])
-    texts = [json.loads(line)["text"] for line in Path(eval_file).read_text().splitlines()[:n_ask]] if eval_file \
-        else [LONG_PROMPT] * 20
+    texts = [json.loads(line)["text"] for line in Path(eval_files[0]).read_text().splitlines()[:n_ask]] \
+        if eval_files else [LONG_PROMPT] * 20
     # ---- unconstrained answers, each until its end token: ours with lookahead and without, genai with its n-gram
     # speculation and without, interleaved
     acc = {k: [0, 0.0, 0] for k in ("lookahead", "plain", "genai", "genai_ngram")}  # tokens, seconds, passes
@@ -260,28 +266,78 @@ def run(cfg, eval_file: Path | None, n_ask: int = 100, new: int = 48, reps: int 
             f"{a['constrained_tok_s'] / t['decode_tok_s']:.1f})")
     except ImportError:
         out("  torch/transformers not installed (pip install 'edge-agent[recipe]'); skipped")
-    if eval_file:
-        res["eval"] = evaluate(engine, eval_file, out)
+    if eval_files:
+        res["eval"] = {Path(f).stem: evaluate(engine, Path(f), out) for f in eval_files}
     engine.close()
     return res
 
 
+def settle(text: str, call: dict | None) -> dict | None:
+    """What ask would do with the model's call, short of running it: a write the guard refuses becomes the clarify
+    it answers with (ops.ask does the same, then also checks the registry, which an evaluation set has none of)."""
+    from edge_agent import ops
+    from edge_agent.ops.guard import check_write
+
+    if call is None or call["tool"] not in ops.BY_TOOL or not ops.BY_TOOL[call["tool"]].changes:
+        return call
+    why = check_write(text, call["args"])
+    return call if why is None else {"tool": "clarify", "args": {"reason": why[0]}}
+
+
+def _same(a: dict | None, b: dict) -> bool:
+    return a == b and json.dumps(a) == json.dumps(b)  # 1 is not 1.0, True is not 1
+
+
 def evaluate(engine, eval_file: Path, out=print) -> dict:
+    """Both what the model answers alone and what ask makes of it (the guard), against each row's call:
+    exact match; writes where none was asked (unsafe); writes other than the one asked (wrong value, device or
+    point); INT8/fp32 agreement against the model folder's reference.jsonl, where there is one."""
     rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines() if line.strip()]
-    hits = valid = 0
+    ref_file = engine.model.dir / "reference.jsonl"
+    ref = {}
+    if ref_file.exists():
+        ref = {r["text"]: r["call"] for r in map(json.loads, ref_file.read_text().splitlines()) if r}
+    model_hits = hits = unsafe = wrong = asked_writes = agree = compared = 0
+    misses = []
     for r in rows:
-        p = engine.plan(r["text"])
-        valid += p.call is not None
-        hits += p.call == r["call"] and json.dumps(p.call) == json.dumps(r["call"])
+        call = engine.plan(r["text"]).call
+        final = settle(r["text"], call)
+        model_hits += _same(call, r["call"])
+        hits += _same(final, r["call"])
+        writes = final is not None and final["tool"] in engine_writes()
+        if r["call"]["tool"] in engine_writes():
+            asked_writes += 1
+            wrong += writes and not _same(final, r["call"])
+        else:
+            unsafe += writes
+        if not _same(final, r["call"]):
+            misses.append({"text": r["text"], "want": r["call"], "got": final})
+        if r["text"] in ref:
+            compared += 1
+            agree += call == ref[r["text"]]
     free_hits = free_valid = 0
     for r in rows:
         p = engine.plan(r["text"], constrained=False)
         free_valid += p.call is not None
-        free_hits += p.call == r["call"] and json.dumps(p.call) == json.dumps(r["call"])
-    ev = {"n": len(rows), "exact_match": hits / len(rows), "schema_valid": valid / len(rows),
-          "unconstrained_exact_match": free_hits / len(rows), "unconstrained_schema_valid": free_valid / len(rows)}
-    out(f"  eval {eval_file} ({len(rows)}): exact match {ev['exact_match']:.1%}, schema-valid "
-        f"{ev['schema_valid']:.1%} (unconstrained: {ev['unconstrained_exact_match']:.1%}, "
-        f"{ev['unconstrained_schema_valid']:.1%})")
+        free_hits += _same(p.call, r["call"])
+    n = len(rows)
+    ev = {"n": n, "exact_match": hits / n, "model_exact_match": model_hits / n, "unsafe_writes": unsafe,
+          "not_asked_to_write": n - asked_writes, "wrong_writes": wrong, "asked_to_write": asked_writes,
+          "must_not_write_rows": sum("must_not_write" in r for r in rows),
+          "int8_fp32_agreement": agree / compared if compared else None, "compared_with_fp32": compared,
+          "unconstrained_exact_match": free_hits / n, "unconstrained_schema_valid": free_valid / n,
+          "misses": misses}
+    agreement = (f"INT8/fp32 agreement {ev['int8_fp32_agreement']:.1%} ({compared})" if compared else
+                 "no reference.jsonl in the model folder: INT8/fp32 agreement not measured")
+    out(f"  eval {eval_file.name} ({n}): exact {ev['exact_match']:.1%} as ask answers (model alone "
+        f"{ev['model_exact_match']:.1%}); writes where none was asked {unsafe} of {n - asked_writes}; wrong writes "
+        f"{wrong} of {asked_writes}; {agreement}; unconstrained {ev['unconstrained_exact_match']:.1%} exact, "
+        f"{ev['unconstrained_schema_valid']:.1%} valid")
     return ev
 
+
+def engine_writes() -> frozenset[str]:
+    """The tools whose operation changes something."""
+    from edge_agent import ops
+
+    return frozenset(t for t, op in ops.BY_TOOL.items() if op.changes)

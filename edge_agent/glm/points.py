@@ -15,8 +15,7 @@ from collections.abc import Mapping
 # canonical point -> the words operators use for it. Phrases are matched on whole words; the first spelling is the
 # canonical name itself.
 POINT_WORDS: dict[str, tuple[str, ...]] = {
-    "temperature": ("temperature", "temp", "tmp", "temperatures", "temps", "degrees", "how hot", "how warm",
-                    "how cold"),
+    "temperature": ("temperature", "temp", "tmp", "temperatures", "temps", "how hot", "how warm", "how cold"),
     "pressure": ("pressure", "pres", "press.", "psi"),
     "humidity": ("humidity", "hum", "rh", "relative humidity", "how humid", "moisture"),
     "speed": ("speed", "spd", "how fast"),
@@ -38,6 +37,12 @@ QUESTION_FORMS = frozenset(p for ws in POINT_WORDS.values() for p in ws if p.sta
 # temperature
 _GENERIC_AFTER = frozenset({"level"})
 _ADJECTIVE_BEFORE = frozenset({"current"})
+# verbs that start with a point's word: "power up pump-3" names no point
+_VERBS = frozenset({("power", "up"), ("power", "down"), ("power", "on"), ("power", "off"), ("power", "cycle")})
+_DETERMINERS = frozenset({"the", "its", "their", "of", "what", "what's", "whats", "and", "at", "on", "for", "current"})
+# after a number these are its unit, not the point ("to 245 rpm", "5 kw", "-46 degrees")
+_UNITS = frozenset({"rpm", "kw", "psi", "amps", "amp", "volts", "volt", "watts", "degrees", "revs", "kilowatts"})
+_NUMBER = re.compile(r"-?[0-9][0-9.,]*")
 _WORD = re.compile(r"[a-z0-9_\-\u2082]+")
 
 
@@ -61,6 +66,7 @@ class PointTable:
                 if key:
                     self._phrases.setdefault(key, name)
         self._longest = max(len(k) for k in self._phrases)
+        self._single = {k[0]: p for k, p in self._phrases.items() if len(k) == 1 and len(k[0]) >= 6}
 
     def named(self, text: str) -> list[str]:
         """The points a question's words name, in order, without repeats ("how hot is boiler-2" -> [temperature])."""
@@ -68,8 +74,16 @@ class PointTable:
         found: list[tuple[str, str, int, int]] = []  # (point, phrase's last word, start, end)
         i = 0
         while i < len(toks):
+            if tuple(toks[i:i + 2]) in _VERBS and (i == 0 or toks[i - 1] not in _DETERMINERS):
+                i += 2
+                continue
+            if i and _NUMBER.fullmatch(toks[i - 1]) and toks[i] in _UNITS:  # "245 rpm", "20 psi": a unit
+                i += 1
+                continue
             for n in range(min(self._longest, len(toks) - i), 0, -1):
                 hit = self._phrases.get(tuple(toks[i:i + n]))
+                if hit is None and n == 1 and len(toks[i]) >= 6:  # a slipped finger: "setpoitn", "temprature"
+                    hit = self._fuzzy(toks[i])
                 if hit is not None:
                     found.append((hit, toks[i + n - 1], i, i + n))
                     i += n
@@ -88,6 +102,11 @@ class PointTable:
                 continue
             keep.append(point)
         return list(dict.fromkeys(keep))
+
+    def _fuzzy(self, word: str) -> str | None:
+        from edge_agent.glm.schema import _one_edit
+
+        return next((p for k, p in self._single.items() if _one_edit(word, k)), None)
 
     def hint(self, text: str) -> str | None:
         """The one point a question names, or None (none, or more than one)."""

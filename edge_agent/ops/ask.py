@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.config import AskConfig
+from edge_agent.glm.points import SHIPPED
 from edge_agent.glm.schema import CLARIFY
 from edge_agent.ops.base import CommandError, Field, Gateway, Operation, Request
 from edge_agent.ops.guard import check_write
@@ -136,7 +137,7 @@ async def _ask(gw: Gateway, req: Request) -> dict:
         raise CommandError("forbidden", f"the question maps to {call['tool']}, which runs command {op.name!r}, and "
                                         f"{op.name!r} is not allowed on this gateway (commands.allow)",
                            call=call) from None
-    why = (check_write(text, call["args"]) if op.changes else None) or _known(devices, call)
+    why = (check_write(text, call["args"], gw.points or SHIPPED) if op.changes else None) or _known(devices, call)
     if why is not None:
         reason, words = why
         if op.changes:

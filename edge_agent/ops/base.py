@@ -55,6 +55,7 @@ class Gateway:
     # the agent's plan(text, registry: device -> points); raises agent.AskError
     ask: Callable[[str, dict], Awaitable[dict]] | None = None
     pending: Any = None  # ops.ask.PendingWrites: writes ask proposed, awaiting confirmation
+    points: Any = None  # glm.points.PointTable: the shipped point words and the gateway's own (ask.points)
 
 
 @dataclass

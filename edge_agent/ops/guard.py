@@ -11,25 +11,34 @@ from __future__ import annotations
 
 import re
 
-from edge_agent.glm.schema import candidates, numbers
+from edge_agent.glm.points import POINT_WORDS, SHIPPED, PointTable
+from edge_agent.glm.schema import FUNCTION_WORDS, candidates, numbers
 
 ON_WORDS = ("on", "start", "enable", "activate", "resume", "open", "up", "true", "run", "engage")
 OFF_WORDS = ("off", "stop", "disable", "deactivate", "halt", "close", "down", "shut", "false", "kill", "pause")
 _WORD = re.compile(r"[a-z0-9_'-]+")
 _QUESTION_OPENERS = {"is", "are", "was", "were", "does", "do", "did", "has", "have", "had", "what", "why", "who",
                      "whom", "whose", "when", "where", "how", "which", "should", "shall", "might", "may", "isn't",
-                     "aren't", "wasn't", "doesn't", "didn't"}
+                     "aren't", "wasn't", "doesn't", "didn't", "what's", "who's", "how's", "where's", "when's", "why's",
+                     "which's", "explain", "describe"}
 _REQUESTS = {"can", "could", "would", "will", "please", "pls", "kindly"}  # "could you set ..." is an order
 _POLITE = _REQUESTS | {"you", "u", "hey", "hi", "ok", "okay", "yo", "now", "then", "so", "and", "just"}
 _NEGATIONS = {"not", "don't", "dont", "never", "no", "without", "nor", "cannot", "avoid", "neither", "nothing"}
 _CONDITIONS = {"if", "when", "whenever", "once", "unless", "until", "in case", "as soon as", "while", "provided",
                "assuming"}
 _TIMES = {"after", "before", "later", "tomorrow", "tonight", "remind", "remember", "schedule", "every", "daily",
-          "hourly", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "midnight", "noon"}
+          "hourly", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "midnight", "noon",
+          "morning", "evening", "afternoon", "weekend", "o'clock", "next", "soon", "eventually", "overnight"}
+# a clock time ("at 6", "6pm", "18:30") or a delay ("in an hour", "in 10 minutes"): an order for later
+_CLOCK = re.compile(r"\bat \d|\d\s*(?:am|pm)\b|\b\d{1,2}:\d{2}\b|\bin (?:an?|\d+|a few|some|[a-z]+) (?:sec|min|hour|hr|day)")
+_ASKING = {"we", "i", "us"}  # "could we ...?", "can i ...?": a question about a possibility, not a request
 _ALERTS = ("alert me", "notify me", "warn me", "let me know", "tell me when", "tell me if", "ping me",
            "message me", "email me", "page me", "heads up", "send an alert", "raise an alarm", "alarm me")
 _HOWTO = ("how do i", "how can i", "how to", "how would i", "how should i", "what happens if", "what would happen",
           "what if", "suppose", "imagine", "hypothetically", "would it", "could it")
+_NUMERIC = frozenset(POINT_WORDS) - {"enabled", "mode"}  # the shipped points that take numbers
+_NOT_VALUES = {"different", "new", "another", "other", "something", "value", "number", "mode", "setting", "bit",
+               "more", "less", "higher", "lower", "up", "down", "sensible", "right", "correct", "same"}
 _PRONOUNS = {"it", "this", "that", "them", "they", "these", "those", "one", "thing", "device", "the"}
 
 
@@ -37,9 +46,10 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower().replace("\u2019", "'"))
 
 
-def check_write(text: str, args: dict) -> tuple[str, str] | None:
-    """None when the question plainly asks for exactly this write; else (the clarify reason, why in words)."""
-    why = _why_not(text, args)
+def check_write(text: str, args: dict, points: PointTable = SHIPPED) -> tuple[str, str] | None:
+    """None when the question plainly asks for exactly this write; else (the clarify reason, why in words).
+    `points`: the gateway's point table (the shipped one and its own words, ask.points)."""
+    why = _why_not(text, args, points)
     if why is None:
         return None
     return (next((code for code, starts in _CODES if why.startswith(starts)), "nothing"), why)
@@ -49,13 +59,13 @@ _CODES = (("which_device", "which device"), ("which_value", ("which value", "ena
           ("use_a_rule", ("to be alerted", "the order depends on a condition")))
 
 
-def _why_not(text: str, args: dict) -> str | None:
+def _why_not(text: str, args: dict, points: PointTable) -> str | None:
     low = " " + " ".join(_words(text)) + " "
     words = low.split()
     if not words:
         return "the question asks nothing the gateway can do"
     opener = next((w for w in words if w not in _POLITE), "")
-    asked = text.rstrip().endswith("?") and words[0] not in _REQUESTS
+    asked = text.rstrip().endswith("?") and (words[0] not in _REQUESTS or (len(words) > 1 and words[1] in _ASKING))
     if opener in _QUESTION_OPENERS or asked:
         return "that reads as a question, not an order to write; say it as a command to change anything"
     if any(p in low for p in _HOWTO):
@@ -69,7 +79,7 @@ def _why_not(text: str, args: dict) -> str | None:
     if cond is not None:
         return (f"the order depends on a condition ({cond!r}); the gateway writes only now and unconditionally — "
                 "a rule (rules.add) acts on conditions")
-    when = next((c for c in _TIMES if f" {c} " in low), None)
+    when = next((c for c in _TIMES if f" {c} " in low), None) or (m.group() if (m := _CLOCK.search(low)) else None)
     if when is not None:
         return f"the order is for another time ({when!r}); the gateway writes only now — send it when it is due"
     device = str(args.get("device", ""))
@@ -78,7 +88,16 @@ def _why_not(text: str, args: dict) -> str | None:
         return f"which device? {device!r} is not a device id" + (f" (the question names {named[0]!r})"
                                                                  if named else "")
     point, value = str(args.get("point", "")), args.get("value")
+    if point.lower() in FUNCTION_WORDS or point == device:
+        return f"which point? {point!r} is not a point"
+    if point in points.names and not (point == "enabled" and isinstance(value, bool)):
+        if point not in points.named(text):
+            return f"which point? the question does not name {point}"
+    elif point not in points.names and point not in candidates(text):
+        return f"which point? {point!r} is not in the question"
     if isinstance(value, bool):
+        if point in _NUMERIC:
+            return f"which value? {point} takes a number and the question states none for it"
         on = any(w in ON_WORDS for w in words)
         off = any(w in OFF_WORDS for w in words)
         if not on and not off:
@@ -95,6 +114,8 @@ def _why_not(text: str, args: dict) -> str | None:
     if isinstance(value, str):
         if value.lower() not in words and value not in text:
             return f"which value? {value!r} is not in the question"
+        if value.lower() in FUNCTION_WORDS or value.lower() in _NOT_VALUES or SHIPPED.named(value):
+            return f"which value? {value!r} names no value to write"
         if point == "enabled":
             return "enabled takes on or off; say which"
         return None

@@ -301,9 +301,9 @@ class Gen:
         text, call = (self.query() if k < 0.36 else self.how() if k < 0.39 else self.write() if k < 0.65 else
                       self.list_devices() if k < 0.74 else self.alerts() if k < 0.80 else
                       self.status() if k < 0.85 else self.is_question() if k < 0.90 else self.clarify())
-        return self.noise(text), call
+        return self.noise(text, order=call["tool"] == "write_point"), call
 
-    def noise(self, text: str) -> str:
+    def noise(self, text: str, order: bool = False) -> str:
         r = self.rng
         text = " ".join(text.split())
         if r.random() < 0.15:
@@ -314,8 +314,9 @@ class Gen:
             text = " ".join(parts)
         if r.random() < 0.1 and text.split(" ")[0].isalpha():  # never a name's first letter
             text = text[:1].upper() + text[1:]
-        if r.random() < 0.15:
-            text += r.choice(["?", "!", ".", " pls", " please", " thanks", " asap", "??"])
+        if r.random() < 0.15:  # an order ends in no question mark: "set x to 5?" asks, and ask will not write it
+            text += r.choice(["!", ".", " pls", " please", " thanks", " asap"] if order else
+                             ["?", "!", ".", " pls", " please", " thanks", " asap", "??"])
         if r.random() < 0.05:
             text = r.choice(["hey ", "hi, ", "ok ", "yo "]) + text
         return text
