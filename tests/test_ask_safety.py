@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,18 @@ MUST_NOT_WRITE += [
     ("what is the max temperature of boiler-2 over the last 3 hours", W("boiler-2", "temperature", 3)),
     ("turn on pump-2 and off pump-3", W("pump-2", "enabled", True)),              # ambiguous on/off
     ("set line1_mixer2 mode to eco", W("line1_mixer2", "mode", "boost")),
+    ("switch off fan-14 at 6pm", W("fan-14", "enabled", False)),                  # for later, by the clock
+    ("start pump-4 in 10 minutes", W("pump-4", "enabled", True)),
+    ("put heater-3 in eco mode every evening", W("heater-3", "mode", "eco")),
+    ("could we run turbine-2 in boost mode?", W("turbine-2", "mode", "boost")),   # a question of possibility
+    ("what's the procedure to stop press-2 safely", W("press-2", "enabled", False)),
+    ("bump up the flow on valve-17", W("valve-17", "flow", True)),               # no number for a numeric point
+    ("set heater-3 mode", W("heater-3", "mode", "mode")),                         # no value: the point's own word
+    ("put chiller-1 into a different mode", W("chiller-1", "mode", "different")),
+    ("change the set point on kiln-87 to 2742 kw", W("kiln-87", "power", 2742)),  # a unit is not the point
+    ("set spafrast_1 on goon-82 to 21", W("goon-82", "setpoint", 21)),            # a point the words never name
+    ("set x-44 speed to 5", W("x-44", "the", 5)),
+    ("set x-44 speed to 5", W("x-44", "x-44", 5)),
 ]
 MAY_WRITE = [
     ("set plc-1 setpoint to 42", W("plc-1", "setpoint", 42)),
@@ -56,6 +69,11 @@ MAY_WRITE = [
     ("put boiler-3 in eco mode", W("boiler-3", "mode", "eco")),
     ("set boiler-3 temperature to minus twelve", W("boiler-3", "temperature", -12)),
     ("please set the speed of fan-3 to sixty two point five", W("fan-3", "speed", 62.5)),
+    ("could you change the power on heater-59 to 2311", W("heater-59", "power", 2311)),
+    ("power down press-2", W("press-2", "enabled", False)),
+    ("make laimdai_33 setpoitn 465.9", W("laimdai_33", "setpoint", 465.9)),      # one slipped letter
+    ("zepa_1 of line3_cheaz6 should be 216.3", W("line3_cheaz6", "zepa_1", 216.3)),
+    ("fill tank-3 to 80", W("tank-3", "level", 80)),
 ]
 
 
@@ -96,9 +114,13 @@ class FakeGateway:
             raise AssertionError("not used")
         return ops.Gateway(status=dict, devices=self.devices, query_stats=lambda *a: _query(*a),
                            write_point=self.write_point, config=dict, log_lines=list, rules_list=list,
-                           rules_add=nope, rules_remove=nope, alerts=nope, ask=self.plan,
+                           rules_add=nope, rules_remove=nope, alerts=_no_alerts, ask=self.plan,
                            pending=ops.PendingWrites(AskConfig(writes=writes, confirm_ttl_s=5, max_pending=3),
                                                      metrics.ask_outcomes.labels("dropped")))
+
+
+async def _no_alerts(device, n):
+    return {"firing": [], "cleared": []}
 
 
 async def _query(device, point, agg, window_s, max_rows):
@@ -144,6 +166,40 @@ def test_on_the_planning_path_no_text_that_asks_nothing_becomes_a_write(engine):
         return outcomes
     outcomes = asyncio.run(main())
     assert fake.writes == [], (fake.writes, outcomes)
+
+
+def _handwritten_must_not_write() -> list[str]:
+    path = Path(__file__).resolve().parents[1] / "models" / "eval" / "handwritten.jsonl"
+    return [r["text"] for r in map(json.loads, path.read_text().splitlines()) if "must_not_write" in r]
+
+
+def test_no_hand_written_text_that_must_not_write_becomes_a_write(engine):
+    """Every row of the hand-written evaluation set that asks no write (questions, negations, conditions, alerts,
+    later, how-to, what-if, why/who, no device, no value, small talk: 125 texts no corpus template made): the
+    shipped model plans it and ask, with ask.writes = direct, writes nothing."""
+    texts = _handwritten_must_not_write()
+    assert len(texts) >= 100
+    fake = FakeGateway()
+
+    async def plan(text: str, known: dict) -> dict:
+        p = await engine.ask(text, known=known)
+        return {"call": p.call, "model": "shipped", "provider": "cpu", "timings": {}}
+    fake._plan = plan
+
+    async def main():
+        router = _router(fake, "direct")
+        return {t: (await _call(router, "ask", {"text": t}))["result"]["outcome"] for t in texts}
+    outcomes = asyncio.run(main())
+    assert fake.writes == [], fake.writes
+    assert set(outcomes.values()) <= {"clarify", "done"}
+
+
+@pytest.mark.parametrize("reason", ["nothing", "which_device", "which_value", "use_a_rule"])
+def test_the_models_clarify_is_an_answer_and_runs_nothing(reason):
+    fake = FakeGateway({"tool": "clarify", "args": {"reason": reason}})
+    r = asyncio.run(_call(_router(fake, "direct"), "ask", {"text": "turn it off"}))
+    assert r["ok"] and r["result"]["outcome"] == "clarify" and r["result"]["reason"] == reason, r
+    assert r["result"]["answer"] == ops.ask.CLARIFY_ANSWERS[reason] and fake.writes == []
 
 
 def test_a_write_waits_for_its_confirmation_token():
