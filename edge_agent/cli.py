@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import logging
 import sys
@@ -63,8 +64,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             m = load_verified(Path(cfg.model.dir) if cfg.model.dir else shipped_model_dir(), cfg.model.public_key)
             print(f"# model {m.name}: signature and files verified")
+            smoke_ok = _smoke(cfg.model, cfg.ask)
         except ModelError as e:
             print(f"# model NOT usable, ask will answer 'unavailable': {e}")
+            smoke_ok = True
     if cfg.uplink.enabled and cfg.commands.enabled and not keys:
         print("# warning: no operator keys (commands.operator_keys): operations that change the gateway trust the "
               "cloud broker's ACL alone")
@@ -75,6 +78,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.store.quota_bytes > free:
         print(f"# warning: store.quota_bytes ({cfg.store.quota_bytes} B) is more than the free space on {where} "
               f"({free} B): the disk fills before the quota applies")
+    if cfg.model.enabled and not smoke_ok:
+        return 1
     if args.connect:
         verdicts = asyncio.run(_probe(cfg))
         for line in verdicts:
@@ -84,6 +89,43 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"# effective configuration of {args.config} (secrets redacted)")
     print(config.to_toml(config.to_dict(cfg)).lstrip())
     return 0
+
+
+def _smoke(mcfg, acfg) -> bool:
+    """The model's smoke set (its manifest: questions with the calls the fp32 model made at build time) run on this
+    machine's provider: a CPU whose kernels round differently, or a provider that quantizes differently, shows here
+    before an operator sees it. Prints the verdict; False on any disagreement."""
+    import onnxruntime as ort
+
+    from edge_agent import ops
+    from edge_agent.glm.engine import Engine
+    from edge_agent.glm.points import PointTable
+
+    engine = Engine(mcfg, ops.TOOLSET, points=PointTable({p.name: p.words for p in acfg.points}))
+    engine.load()
+    try:
+        info = engine.info()
+        print(f"# onnxruntime {ort.__version__} offers {', '.join(ort.get_available_providers())}; the model runs "
+              f"on {info['provider']} ({info['file']})" + "".join(f"; passed over: {r}" for r in info["passed_over"]))
+        smoke = engine.model.manifest.get("smoke") or []
+        if not smoke:
+            print("# model: no smoke set in its manifest; answers on this machine not checked")
+            return True
+        wrong = []
+        for row in smoke:
+            got = engine.plan(row["text"]).call
+            if got != row["call"]:
+                wrong.append((row["text"], got, row["call"]))
+    finally:
+        engine.close()
+    if not wrong:
+        print(f"# model: smoke set {len(smoke)}/{len(smoke)} answers equal the build's fp32 reference on this machine")
+        return True
+    print(f"# model DISAGREES on this machine: {len(wrong)} of {len(smoke)} smoke answers differ from the build's "
+          "fp32 reference (a CPU or provider that computes differently); ask may answer differently here")
+    for text, got, want in wrong[:5]:
+        print(f"#   {text!r}: got {json.dumps(got)}, reference {json.dumps(want)}")
+    return False
 
 
 async def _probe(cfg) -> list[str]:

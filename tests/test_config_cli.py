@@ -156,3 +156,39 @@ def test_check_connect_gives_one_verdict_per_endpoint(tmp_path, pki, local_broke
                                 not_after=now - dt.timedelta(days=1))
     r = check(uplink={"cert_file": str(cert), "key_file": str(key)})
     assert r.returncode == 2 and "expired" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_check_runs_the_models_smoke_set_and_reports_a_disagreement(tmp_path):
+    """The smoke set (questions with the fp32 model's calls, in the signed manifest) runs on this machine: equal
+    answers pass; an answer that differs is named and check fails."""
+    import base64
+    import json
+    import shutil
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_agent.glm.engine import shipped_model_dir
+    from edge_agent.glm.models import sign_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(shipped_model_dir(), folder)
+    key = Ed25519PrivateKey.generate()
+    pub = base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw)).decode()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    smoke = [{"text": "list all devices", "call": {"tool": "list_devices", "args": {"filter": None}}},
+             {"text": "gateway status", "call": {"tool": "status", "args": {}}}]
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[uplink]\nenabled = false\n[model]\ndir = "{folder}"\npublic_key = "{pub}"\n'
+                   f'providers = ["cpu"]\n[gateway]\nstate_dir = "{tmp_path}/state"\n')
+    sign_folder(folder, {**manifest, "smoke": smoke}, key)
+    r = cli("check", "--config", str(cfg))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "smoke set 2/2 answers equal the build's fp32 reference on this machine" in r.stdout
+    assert "the model runs on cpu (model.int8.onnx)" in r.stdout
+    smoke[1]["call"] = {"tool": "list_alerts", "args": {"device": None}}  # what this machine will not answer
+    sign_folder(folder, {**manifest, "smoke": smoke}, key)
+    r = cli("check", "--config", str(cfg))
+    assert r.returncode == 1 and "DISAGREES on this machine: 1 of 2 smoke answers differ" in r.stdout, r.stdout
+    assert "'gateway status': got {\"tool\": \"status\", \"args\": {}}" in r.stdout

@@ -18,7 +18,6 @@ Files written to OUT (models/<name>/<version>/):
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import shutil
@@ -214,20 +213,10 @@ def tokenizer_config(context: int) -> dict:
             "model_max_length": context, "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_signed_manifest(out: Path, manifest: dict, key: Ed25519PrivateKey) -> None:
-    manifest["files"] = {p.name: {"sha256": sha256(p), "size": p.stat().st_size}
-                         for p in sorted(out.iterdir()) if p.name not in ("manifest.json", "manifest.sig")}
-    body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    (out / "manifest.json").write_bytes(body)
-    (out / "manifest.sig").write_text(base64.b64encode(key.sign(body)).decode() + "\n")
+    from edge_agent.glm.models import sign_folder
+
+    sign_folder(out, manifest, key)
 
 
 def export_and_package(work: Path, out: Path, key_path: Path | None, version: str, student_size: str,
