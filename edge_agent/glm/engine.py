@@ -248,15 +248,15 @@ class Engine:
 
     def _constraint(self, text: str, known: Known | None = None) -> ToolCallConstraint:
         """The question's grammar: the tool set's until the answer names its tool, then that tool's call narrowed
-        to the question (Toolset.narrowed)."""
+        to the question (schema.Narrowing: only that tool's grammar is built)."""
         import llguidance
 
-        narrowed = self.tools.narrowed(text, self.points, known)
-        tools = {b["properties"]["tool"]["const"]: b for b in narrowed["anyOf"]}
-        opening = self._openings[frozenset(tools)]
+        narrowing = schema.Narrowing(self.tools, text, self.points, known)
+        opening = self._openings[frozenset(narrowing.names)]
 
         def narrow(tool: str) -> str:
-            return llguidance.LLMatcher.grammar_from_json_schema({**narrowed, "anyOf": [tools[tool]]})
+            return llguidance.LLMatcher.grammar_from_json_schema({"x-guidance": schema.FORMAT,
+                                                                  "anyOf": [narrowing.tool(tool)]})
 
         return ToolCallConstraint(self.lltok, opening, narrow, self.tok.decode, self.model.arch["vocab_size"])
 

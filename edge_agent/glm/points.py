@@ -66,6 +66,7 @@ class PointTable:
                 if key:
                     self._phrases.setdefault(key, name)
         self._longest = max(len(k) for k in self._phrases)
+        self._seen: dict[str, str | None] = {}
         self._single = {k[0]: p for k, p in self._phrases.items() if len(k) == 1 and len(k[0]) >= 6}
 
     def named(self, text: str) -> list[str]:
@@ -106,7 +107,11 @@ class PointTable:
     def _fuzzy(self, word: str) -> str | None:
         from edge_agent.glm.schema import _one_edit
 
-        return next((p for k, p in self._single.items() if _one_edit(word, k)), None)
+        if word not in self._seen:
+            if len(self._seen) >= 4096:  # operators repeat their words; bounded all the same
+                self._seen.clear()
+            self._seen[word] = next((p for k, p in self._single.items() if _one_edit(word, k)), None)
+        return self._seen[word]
 
     def hint(self, text: str) -> str | None:
         """The one point a question names, or None (none, or more than one)."""

@@ -101,7 +101,7 @@ def _tool_branches(name: str, branches: list[dict[str, Any]]) -> dict[str, Any]:
             "properties": {"tool": {"const": name}, "args": body}}
 
 
-_FORMAT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+FORMAT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
 def _sibilant_singular(word: str) -> str:
@@ -343,7 +343,7 @@ class Toolset:
         self.names = tuple(self.specs)
         # tools that need no word of the question: what a question without a usable word may still get
         self.nameless = tuple(n for n, s in self.specs.items() if not any(k in NAMED for _, k in s.args))
-        self.schema: dict[str, Any] = {"x-guidance": _FORMAT, "anyOf": [
+        self.schema: dict[str, Any] = {"x-guidance": FORMAT, "anyOf": [
             _tool(s.name, {a: _arg_schema(k) for a, k in s.args}) for s in self.specs.values()]}
         self.example_calls = tuple({"tool": s.name, "args": dict(s.example)} for s in self.specs.values())
         for call in self.example_calls:
@@ -355,68 +355,10 @@ class Toolset:
 
     def narrowed(self, text: str, points: PointTable = SHIPPED,
                  known: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-        """The schema narrowed to one question: names must be spelt as they are in the question (or be a point of the
-        table), so the model can neither invent a device nor garble one it copies; numbers must be ones the question
-        says (a written value as it is, a window as a number times a unit), so it cannot garble a setpoint either.
-        Where the question's words name one point (the point table: "how hot" -> temperature), that point is the
-        one offered. A filter is the singular of a plural word ("all pumps" -> "pump", "buses" -> "bus"; "press"
-        stays): a substring that finds at least as much.
-
-        `known` (the gateway's registry: device -> its points), where the question names devices it has: only those
-        are offered, each with its own points (a point the question names that the device lacks stays offered, so
-        the answer says "no such point" rather than picking another)."""
-        words = candidates(text)
-        if not words:  # nothing in the question can name a device or a point: only the nameless calls remain
-            out = []
-            for name in self.nameless:
-                out.append(_tool(name, {a: ({"type": "null"} if k in (Arg.FILTER, Arg.DEVICE_OR_NULL)
-                                            else _arg_schema(k)) for a, k in self.specs[name].args}))
-            return {"x-guidance": _FORMAT, "anyOf": out}
-        said = numbers(text)
-        plurals = {w for w in words if w.endswith("s") and not w.endswith("ss") and w[:-1] in words}
-        plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}  # not "buse"
-        # device ids carry a digit (0-9) and are not a plain number nor a point's name ("co2"): prefer such words
-        numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)
-                    and w.lower() not in points.names]
-        named = [w for w in words if w.lower() not in FUNCTION_WORDS] or words
-        filters = [w for w in words if w not in plurals and w.lower() not in FUNCTION_WORDS]
-        registered = [w for w in words if known and w in known][:8]
-        device_names = registered or numbered or named
-        device = {"enum": device_names}
-        hint = points.hint(text)
-        point = {"enum": [hint]} if hint else {"enum": list(dict.fromkeys([*points.names, *words]))}
-
-        def point_of(d: str) -> dict[str, Any]:
-            has = list(known[d])[:MAX_KNOWN_POINTS] if known and d in known else []
-            if hint or not has:
-                return point
-            return {"enum": list(dict.fromkeys([*has, *(w for w in words if w != d)]))}
-
-        narrow = {
-            Arg.DEVICE: device,
-            Arg.DEVICE_OR_NULL: {"anyOf": [device, {"type": "null"}]},
-            Arg.POINT: point,
-            Arg.AGG: {"enum": list(AGGS)},
-            Arg.WINDOW: None,  # computed only where a tool takes one
-            Arg.VALUE: {"anyOf": [*([{"enum": said}] if said else []), {"type": "boolean"}, {"enum": words}]},
-            Arg.FILTER: {"anyOf": [{"enum": filters}, {"type": "null"}]} if filters else {"type": "null"},
-            Arg.REASON: {"enum": list(CLARIFY_REASONS)},
-        }
-        out = []
-        for s in self.specs.values():
-            args = {}
-            for a, k in s.args:
-                if k is Arg.WINDOW and narrow[k] is None:
-                    narrow[k] = {"enum": windows(text)}
-                args[a] = narrow[k]
-            kinds = [k for _, k in s.args]
-            if registered and Arg.DEVICE in kinds and Arg.POINT in kinds:  # each device with its own points
-                dev = next(a for a, k in s.args if k is Arg.DEVICE)
-                pt = next(a for a, k in s.args if k is Arg.POINT)
-                out.append(_tool_branches(s.name, [{**args, dev: {"const": d}, pt: point_of(d)} for d in registered]))
-            else:
-                out.append(_tool(s.name, args))
-        return {"x-guidance": _FORMAT, "anyOf": out}
+        """The schema narrowed to one question, every tool (see Narrowing; ask builds only the tool the answer
+        names, with Narrowing.tool)."""
+        n = Narrowing(self, text, points, known)
+        return {"x-guidance": FORMAT, "anyOf": [n.tool(name) for name in n.names]}
 
     def validate(self, call: Any) -> dict[str, Any]:
         """Check a call against the schema by hand (the grammar already enforces it; this is the second lock)."""
@@ -432,3 +374,87 @@ class Toolset:
         for a, k in spec.args:
             _check(k, a, args[a])
         return call
+
+
+class Narrowing:
+    """A tool set narrowed to one question, built lazily: what a tool's arguments need is worked out from the question
+    only when that tool is asked for (an answer names one tool; its grammar is the only one built).
+
+    Names must be spelt as they are in the question (or be a point of the table), so the model can neither invent a
+    device nor garble one it copies; numbers must be ones the question says (a written value as it is, a window as
+    a number times a unit), so it cannot garble a setpoint either. Where the question's words name one point (the
+    point table: "how hot" -> temperature), that point is the one offered. A filter is the singular of a plural
+    word ("all pumps" -> "pump", "buses" -> "bus"; "press" stays): a substring that finds at least as much.
+
+    `known` (the gateway's registry: device -> its points), where the question names devices it has: only those
+    are offered, each with its own points (a point the question names that the device lacks stays offered, so the
+    answer says "no such point" rather than picking another)."""
+
+    def __init__(self, tools: Toolset, text: str, points: PointTable = SHIPPED,
+                 known: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.tools, self.text, self.points, self.known = tools, text, points, known
+        self.words = candidates(text)
+        # nothing in the question can name a device or a point: only the nameless calls remain
+        self.names = tools.names if self.words else tools.nameless
+        self._narrow: dict[Arg, Any] = {}
+
+    def tool(self, name: str) -> dict[str, Any]:
+        spec = self.tools.specs[name]
+        if not self.words:
+            return _tool(name, {a: ({"type": "null"} if k in (Arg.FILTER, Arg.DEVICE_OR_NULL) else _arg_schema(k))
+                                for a, k in spec.args})
+        args = {a: self._arg(k) for a, k in spec.args}
+        kinds = [k for _, k in spec.args]
+        registered = self._registered
+        if registered and Arg.DEVICE in kinds and Arg.POINT in kinds:  # each device with its own points
+            dev = next(a for a, k in spec.args if k is Arg.DEVICE)
+            pt = next(a for a, k in spec.args if k is Arg.POINT)
+            return _tool_branches(name, [{**args, dev: {"const": d}, pt: self._point_of(d)} for d in registered])
+        return _tool(name, args)
+
+    @functools.cached_property
+    def _registered(self) -> list[str]:
+        return [w for w in self.words if self.known and w in self.known][:8]
+
+    @functools.cached_property
+    def _hint(self) -> str | None:
+        return self.points.hint(self.text)
+
+    def _point_of(self, d: str) -> dict[str, Any]:
+        has = list(self.known[d])[:MAX_KNOWN_POINTS] if self.known and d in self.known else []
+        if self._hint or not has:
+            return self._arg(Arg.POINT)
+        return {"enum": list(dict.fromkeys([*has, *(w for w in self.words if w != d)]))}
+
+    def _arg(self, kind: Arg) -> Any:
+        if kind not in self._narrow:
+            self._narrow[kind] = self._build(kind)
+        return self._narrow[kind]
+
+    def _build(self, kind: Arg) -> Any:
+        words = self.words
+        if kind in (Arg.DEVICE, Arg.DEVICE_OR_NULL):
+            # device ids carry a digit (0-9) and are not a plain number nor a point's name ("co2"): prefer such words
+            numbered = [w for w in words if re.search(r"[0-9]", w) and not re.fullmatch(r"-?[0-9.,]+", w)
+                        and w.lower() not in self.points.names]
+            named = [w for w in words if w.lower() not in FUNCTION_WORDS] or words
+            device = {"enum": self._registered or numbered or named}
+            return device if kind is Arg.DEVICE else {"anyOf": [device, {"type": "null"}]}
+        if kind is Arg.POINT:
+            return {"enum": [self._hint]} if self._hint else {"enum": list(dict.fromkeys([*self.points.names,
+                                                                                         *words]))}
+        if kind is Arg.AGG:
+            return {"enum": list(AGGS)}
+        if kind is Arg.WINDOW:
+            return {"enum": windows(self.text)}
+        if kind is Arg.VALUE:
+            said = numbers(self.text)
+            return {"anyOf": [*([{"enum": said}] if said else []), {"type": "boolean"}, {"enum": words}]}
+        if kind is Arg.FILTER:
+            plurals = {w for w in words if w.endswith("s") and not w.endswith("ss") and w[:-1] in words}
+            plurals |= {w[:-1] for w in words if _sibilant_singular(w) in words and _sibilant_singular(w)}
+            filters = [w for w in words if w not in plurals and w.lower() not in FUNCTION_WORDS]
+            return {"anyOf": [{"enum": filters}, {"type": "null"}]} if filters else {"type": "null"}
+        if kind is Arg.REASON:
+            return {"enum": list(CLARIFY_REASONS)}
+        raise AssertionError(kind)  # pragma: no cover - Arg is a closed set
