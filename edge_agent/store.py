@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY, ts_ns INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_marks (ts_ns INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, payload BLOB NOT NULL, topic TEXT NOT NULL DEFAULT 'alerts');
 CREATE TABLE IF NOT EXISTS alert_log (
     id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (id TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
@@ -96,6 +96,8 @@ class Job(enum.Enum):
     RULE = "rule"              # a rule added or removed by command (a future)
     REQUEST = "request"        # take a request id: (name, rid) -> None (new) or its earlier reply (a future)
     REQUEST_REPLY = "reply"    # the reply of a taken request id
+    EVENT = "event"            # an event for the cloud (topic, payload): model updates; not in the alert log
+    META = "meta"              # (key, JSON value or None to delete) kept across restarts (a future)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Alert:
     rule: str
     device: str
     state: str
+    topic: str = "alerts"  # the subtopic it goes to (<prefix>/<gateway>/<topic>); only alerts enter the alert log
 
 
 @dataclass
@@ -272,6 +275,22 @@ class Store:
         """Keep an alert for the cloud and in the alert log (in the next commit; never blocks the caller)."""
         self._q.put((Job.ALERT, Alert(payload, rule, device, state), None))
 
+    def event(self, topic: str, payload: bytes) -> None:
+        """Keep an event for the cloud's <prefix>/<gateway>/<topic>, behind and with the alerts (same bound, same
+        order, sent after the cloud's PUBACK; in the next commit; never blocks the caller)."""
+        self._q.put((Job.EVENT, Alert(payload, "", "", "", topic), None))
+
+    async def set_meta(self, key: str, value: Any) -> None:
+        """Keep a small JSON value across restarts (None deletes it); returns once committed."""
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._q.put((Job.META, (key, None if value is None else json.dumps(value)), fut))
+        await fut
+
+    async def get_meta(self, key: str) -> Any:
+        rows = await self.query("SELECT value FROM meta WHERE key = ?", (f"x.{key}",))
+        return json.loads(rows[0][0]) if rows else None
+
     async def save_rule(self, rule_id: str, doc: str | None) -> None:
         """Store (doc) or delete (None) a rule added by command; returns once committed."""
         assert self._loop is not None
@@ -296,9 +315,10 @@ class Store:
     def ack_alerts(self, upto_id: int) -> None:
         self._q.put((Job.ALERT_ACK, upto_id, None))
 
-    async def read_alerts(self, after_id: int = 0, limit: int = 100) -> list[tuple[int, bytes]]:
+    async def read_alerts(self, after_id: int = 0, limit: int = 100) -> list[tuple[int, str, bytes]]:
+        """(id, topic, payload) of the alerts and events waiting for the cloud, oldest first."""
         return await self._read(lambda: self._rconn.execute(  # type: ignore[union-attr]
-            "SELECT id, payload FROM alerts WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall())
+            "SELECT id, topic, payload FROM alerts WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)).fetchall())
 
     async def alert_history(self, rules: list[str], device: str | None, cleared: int) -> tuple[list[bytes], list[bytes]]:
         """From the alert log: the latest firing alert of each of `rules`, and the last `cleared` cleared alerts
@@ -395,6 +415,8 @@ class Store:
         try:
             conn = self._connect()
             conn.executescript(SCHEMA)
+            if "topic" not in {r[1] for r in conn.execute("PRAGMA table_info(alerts)")}:  # a store from before events
+                conn.execute("ALTER TABLE alerts ADD COLUMN topic TEXT NOT NULL DEFAULT 'alerts'")
             self._load_state(conn)
         except Exception as e:  # noqa: BLE001 - reported to open()
             ready.set_exception(StoreError(f"cannot open store {self.path}: {e}"))
@@ -484,6 +506,7 @@ class Store:
         writes: list[tuple[int, list[Reading]]] = []   # (first seq, readings)
         dead: list[tuple] = []
         alerts: list[Alert] = []
+        metas: list[tuple[str, str | None]] = []
         alerts_acked = 0
         rule_changes: list[tuple[str, str | None]] = []
         taken: list[tuple[tuple[str, str], asyncio.Future]] = []
@@ -524,8 +547,11 @@ class Store:
             elif kind is Job.DEAD_LETTER:
                 dead.append(payload)
                 results.append((fut, 0))
-            elif kind is Job.ALERT:
+            elif kind in (Job.ALERT, Job.EVENT):
                 alerts.append(payload)
+            elif kind is Job.META:
+                metas.append(payload)
+                results.append((fut, 0))
             elif kind is Job.ALERT_ACK:
                 alerts_acked = max(alerts_acked, payload)
             elif kind is Job.RULE:
@@ -594,18 +620,24 @@ class Store:
                     conn.execute("DELETE FROM rules WHERE id = ?", (rule_id,))
                 else:
                     conn.execute("INSERT OR REPLACE INTO rules VALUES (?, ?)", (rule_id, doc))
+            for key, value in metas:
+                if value is None:
+                    conn.execute("DELETE FROM meta WHERE key = ?", (f"x.{key}",))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"x.{key}", value))
             next_alert_id = self.next_alert_id
             if alerts:
                 ids = range(next_alert_id, next_alert_id + len(alerts))
                 next_alert_id += len(alerts)
-                conn.executemany("INSERT INTO alerts (id, payload) VALUES (?, ?)",
-                                 [(i, a.payload) for i, a in zip(ids, alerts)])
+                conn.executemany("INSERT INTO alerts (id, payload, topic) VALUES (?, ?, ?)",
+                                 [(i, a.payload, a.topic) for i, a in zip(ids, alerts)])
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_alert_id', ?)", (next_alert_id,))
                 dropped = conn.execute("DELETE FROM alerts WHERE id <= ?", (next_alert_id - 1 - self.alerts_max,)).rowcount
                 if dropped > 0:
                     self.metrics.alerts.labels("dropped").inc(dropped)
                 conn.executemany("INSERT INTO alert_log (id, rule, device, state, payload) VALUES (?,?,?,?,?)",
-                                 [(i, a.rule, a.device, a.state, a.payload) for i, a in zip(ids, alerts)])
+                                 [(i, a.rule, a.device, a.state, a.payload) for i, a in zip(ids, alerts)
+                                  if a.topic == "alerts"])
                 conn.execute("DELETE FROM alert_log WHERE id <= ?", (next_alert_id - 1 - self.alert_history_max,))
             acked = (0, 0)
             if ack > self.acked_seq:

@@ -55,7 +55,7 @@ class Uplink:
         self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
         self.reply_prefixes = (self.res_prefix, *reply_prefixes)
         self.session_expiry_s = session_expiry_s
-        self.alerts_topic = f"{base}/alerts"
+        self.base = base  # alerts and events go to <base>/<their topic>
         self._serving: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._conn: MqttConnection | None = None
@@ -255,14 +255,15 @@ class Uplink:
             if not rows:
                 await store.new_alert.wait()
                 continue
-            for aid, payload in rows:
+            for aid, topic, payload in rows:
                 try:
-                    await self._acked_publish(conn, self.alerts_topic, payload)
+                    await self._acked_publish(conn, f"{self.base}/{topic}", payload)
                 except PublishError:
                     return  # what was not acknowledged goes again on the next connection
                 sent = aid
                 store.ack_alerts(aid)
-                self.metrics.alerts.labels("sent").inc()
+                if topic == "alerts":
+                    self.metrics.alerts.labels("sent").inc()
 
     # -- commands: the transport side only; the supervisor's handler knows what they mean -----------
     def _on_command_message(self, conn: MqttConnection, msg) -> None:

@@ -124,7 +124,7 @@ def test_alert_ids_never_repeat_across_acks_and_restarts(tmp_path):
                 s.alert(json.dumps({"n": round_ * 4 + k}).encode(), "r", "d", "firing")
             await s.write([Reading("d", "p", 1.0, None, time.time_ns(), "good", "test")])  # commits the alerts
             rows = await s.read_alerts(0)
-            ids += [i for i, _ in rows]
+            ids += [i for i, _, _ in rows]
             s.ack_alerts(rows[-1][0])  # the cloud took them all: the table is empty again
             await s.write([Reading("d", "p", 2.0, None, time.time_ns(), "good", "test")])
             assert await s.read_alerts(0) == []
