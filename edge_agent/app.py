@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent import __version__
-from edge_agent import ops
+from edge_agent import ops, tls
 from edge_agent.agent import Agent
 from edge_agent.backoff import Backoff
 from edge_agent.config import Config, ConfigError, action_value, rule_from_dict, to_dict
@@ -24,6 +24,7 @@ from edge_agent.control import ControlServer
 from edge_agent.glm.points import PointTable
 from edge_agent.logs import RING
 from edge_agent.metrics import Metrics
+from edge_agent.ota import Updater
 from edge_agent.records import WriteRefused
 from edge_agent.rules import RuleEngine
 from edge_agent.southbound.mqtt import MqttIngest
@@ -63,6 +64,7 @@ class App:
         self.control: ControlServer | None = None
         self.rules: RuleEngine | None = None
         self.agent: Agent | None = None
+        self.updater: Updater | None = None
         self._actions: set[asyncio.Task] = set()
 
     async def sink(self, readings: list) -> int:
@@ -82,14 +84,19 @@ class App:
             self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, act=self._rule_action)
             self.components.append(self.rules)
         self.points = PointTable({p.name: p.words for p in cfg.ask.points})
-        self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics, points=self.points)
+        self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics, points=self.points,
+                           keys=[cfg.model.public_key, *cfg.ota.trusted_keys], smoke_max_ms=cfg.ota.smoke_max_ms)
+        self.updater = Updater(cfg.ota, Path(cfg.gateway.state_dir), self.store, self.metrics, self.agent,
+                               self._ota_tls)
+        self.agent.updater = self.updater
         self.components.append(self.agent)
         self.router = ops.Router(cfg.commands, ops.TABLE, ops.Gateway(
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
             write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
             rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
             rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan,
-            pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points),
+            pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
+            models=self.updater),
             self.metrics,
             journal=self.store)
         self.store.requests_keep_s, self.store.requests_max = cfg.commands.dedup_window_s, cfg.commands.dedup_max
@@ -214,7 +221,8 @@ class App:
                 "next_seq": self.store.next_seq, "uplink_connected": bool(self.uplink and self.uplink.connected),
                 "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink and self.uplink.cert else None,
                 "uplink_error": self.uplink.tls_error if self.uplink else None,
-                "model": self.agent.info() if self.agent else None}
+                "model": self.agent.info() if self.agent else None,
+                "models": self.updater.list() if self.updater else None}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -256,7 +264,15 @@ class App:
                 self._metrics_server.shutdown()
             self.notifier.close()
 
+    def _ota_tls(self):
+        """The model server's TLS: ota's own files where set, else the uplink's (the gateway's one identity)."""
+        o, u = self.cfg.ota, self.cfg.uplink
+        return tls.client_context(o.ca_file or u.ca_file, o.cert_file or u.cert_file, o.key_file or u.key_file,
+                                  prefix="ota.")
+
     async def _shutdown(self) -> None:
+        if self.updater is not None:
+            self.updater.cancel()
         deadline = time.monotonic() + self.cfg.supervisor.stop_timeout_s
         for comp in reversed(self.components):
             task = self._tasks.get(comp.name)

@@ -111,11 +111,7 @@ def _smoke(mcfg, acfg) -> bool:
         if not smoke:
             print("# model: no smoke set in its manifest; answers on this machine not checked")
             return True
-        wrong = []
-        for row in smoke:
-            got = engine.plan(row["text"]).call
-            if got != row["call"]:
-                wrong.append((row["text"], got, row["call"]))
+        wrong, _slowest = engine.smoke()
     finally:
         engine.close()
     if not wrong:

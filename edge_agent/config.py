@@ -338,6 +338,30 @@ class ModelConfig:
 
 
 @dataclass
+class OtaConfig:
+    enabled: bool = opt(True, doc="accept model updates (model.update, edge-agent model install)")
+    trusted_keys: list[str] = opt(factory=list, doc="Ed25519 public keys (base64) that may sign a model, besides "
+                                  "model.public_key")
+    ca_file: str = opt("", doc="CA that signs the model server's certificate ('' = uplink.ca_file)")
+    cert_file: str = opt("", doc="client certificate for the model server ('' = uplink.cert_file)")
+    key_file: str = opt("", doc="its private key ('' = uplink.key_file)")
+    allow_plain_http: bool = opt(False, doc="also fetch http:// URLs (tests on loopback only; the signature still "
+                                 "decides what is installed)")
+    max_bundle_bytes: int = opt(4 << 30, doc="a bundle larger than this (all its files) is refused", ge=1 << 20)
+    disk_reserve_bytes: int = opt(64 << 20, doc="free space that must remain after the download", ge=0)
+    timeout_s: float = opt(30.0, doc="connect and read timeout of each request to the model server", ge=1, le=600)
+    attempts: int = opt(6, doc="tries per file (each resumes where the last stopped); then the update fails",
+                        ge=1, le=100)
+    keep_versions: int = opt(3, doc="installed versions kept (the active one, the previous good ones); older ones "
+                             "are deleted", ge=2, le=20)
+    smoke_max_ms: float = opt(5000.0, doc="health check: a smoke question slower than this fails the model", ge=10)
+    good_after_s: float = opt(120.0, doc="a new model is marked good after serving this long without the agent "
+                              "restarting", ge=1, le=86400)
+    crash_restarts: int = opt(3, doc="restarts before a new model is marked good that roll it back", ge=1, le=100)
+    crash_window_s: float = opt(600.0, doc="... counted within this time after the swap", ge=10)
+
+
+@dataclass
 class MetricsConfig:
     enabled: bool = opt(True, doc="serve Prometheus metrics")
     host: str = opt("127.0.0.1", doc="listen address (loopback by default)")
@@ -362,6 +386,7 @@ class Config:
     rules: RulesConfig = opt(factory=RulesConfig, doc="rules and alerts (edge autonomy)")
     model: ModelConfig = opt(factory=ModelConfig, doc="the GLM on the gateway (ask)")
     ask: AskConfig = opt(factory=AskConfig, doc="what ask may do with the model's calls")
+    ota: OtaConfig = opt(factory=OtaConfig, doc="model updates over the air")
     metrics: MetricsConfig = opt(factory=MetricsConfig, doc="Prometheus endpoint")
     supervisor: SupervisorConfig = opt(factory=SupervisorConfig, doc="component supervision")
 

@@ -43,3 +43,8 @@ class RejectedInput(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class ModelHealthError(Exception):
+    """A model that loaded but may not serve: its smoke set answers differently, or too slowly, or it does not load
+    beside the serving one (the message says which)."""

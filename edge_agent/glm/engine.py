@@ -84,8 +84,10 @@ def _semver(v: str) -> tuple:
 
 class Engine:
     def __init__(self, cfg, tools: schema.Toolset, cache_dir: Path | None = None, metrics=None,
-                 available: list[str] | None = None, points: PointTable = SHIPPED) -> None:
+                 available: list[str] | None = None, points: PointTable = SHIPPED,
+                 keys: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.keys = keys or [cfg.public_key]  # the keys a model's manifest may be signed by
         self.tools = tools
         self.points = points
         self.cache_dir = cache_dir
@@ -98,10 +100,11 @@ class Engine:
         self._closed = False
 
     # ---- loading (blocking: call from a thread) ----
-    def load(self) -> None:
-        folder = Path(self.cfg.dir) if self.cfg.dir else shipped_model_dir()
+    def load(self, folder: Path | None = None) -> None:
+        """Load a verified model: `folder`, else model.dir, else the shipped one."""
+        folder = folder or (Path(self.cfg.dir) if self.cfg.dir else shipped_model_dir())
         try:
-            model = load_verified(folder, self.cfg.public_key)
+            model = load_verified(folder, self.keys)
         except ModelError as e:
             if self.metrics is not None:
                 self.metrics.model_load_errors.labels(e.reason).inc()
@@ -136,6 +139,18 @@ class Engine:
                                  for t in [*self.tok.tok.encode(schema.format_call(call)).ids, self.tok.eos_id]])
         self._thread = threading.Thread(target=self._work, name="glm-worker", daemon=True)
         self._thread.start()
+
+    def smoke(self) -> tuple[list[tuple[str, Any, Any]], float]:
+        """The manifest's smoke set on this machine: (the questions whose call differs from the build's fp32
+        reference, as (text, got, reference)), and the slowest answer in seconds."""
+        wrong, slowest = [], 0.0
+        for row in self.model.manifest.get("smoke") or []:
+            t0 = time.perf_counter()
+            got = self.plan(row["text"]).call
+            slowest = max(slowest, time.perf_counter() - t0)
+            if got != row["call"]:
+                wrong.append((row["text"], got, row["call"]))
+        return wrong, slowest
 
     def info(self) -> dict[str, Any] | None:
         if self.model is None or self.session is None:

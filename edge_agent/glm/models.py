@@ -20,7 +20,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -32,7 +32,7 @@ PROVIDER_KEYS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecu
 
 class ModelError(Exception):
     """A model folder that must not be used: the message says why, `reason` is its metric label (signature, digest,
-    external_data, missing, manifest, public_key)."""
+    external_data, missing, manifest, path, public_key)."""
 
     def __init__(self, message: str, reason: str = "manifest") -> None:
         super().__init__(message)
@@ -109,7 +109,7 @@ def _check_manifest(m: Any) -> dict[str, Any]:
         raise ModelError(f"manifest.json: version {m['version']!r} is not semver")
     for name, meta in m["files"].items():
         if not _FILE_NAME.match(name) or name in ("manifest.json", "manifest.sig"):
-            raise ModelError(f"manifest.json: file name {name!r} is not a plain name inside the folder")
+            raise ModelError(f"manifest.json: file name {name[:80]!r} is not a plain name inside the folder", "path")
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
             raise ModelError(f"manifest.json: files[{name!r}] needs sha256 and size")
     used = [m["tokenizer"], *m["providers"].values()]
@@ -142,11 +142,33 @@ def _external_data(name: str, data: bytes) -> list[str]:
     return out
 
 
-def load_verified(folder: Path, public_key: str) -> VerifiedModel:
+def verify_manifest(body: bytes, sig_text: bytes, keys: str | Sequence[str]) -> dict[str, Any]:
+    """The manifest, once its signature verifies with one of the trusted keys and its content is well formed."""
+    trusted = [parse_public_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
+    try:
+        sig = base64.b64decode(sig_text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ModelError("manifest.sig is not base64", "signature") from None
+    for key in trusted:
+        try:
+            key.verify(sig, body)
+            break
+        except InvalidSignature:
+            continue
+    else:
+        raise ModelError("manifest signature does not verify with any trusted key (model.public_key, "
+                         "ota.trusted_keys)", "signature")
+    try:
+        return _check_manifest(json.loads(body))
+    except ValueError as e:
+        raise ModelError(f"manifest.json: not JSON: {e}") from None
+
+
+def load_verified(folder: Path, public_key: str | Sequence[str]) -> VerifiedModel:
+    """A model folder whose manifest is signed by a trusted key (one, or any of several) and whose files match it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist", "missing")
-    key = parse_public_key(public_key)
     try:
         body = _read_bounded(folder / "manifest.json", MAX_MANIFEST_BYTES)
         sig_text = _read_bounded(folder / "manifest.sig", 4096)
@@ -156,14 +178,9 @@ def load_verified(folder: Path, public_key: str) -> VerifiedModel:
         raise ModelError(f"{folder}: {Path(e.filename or 'manifest').name} cannot be read: {e.strerror}",
                          "missing") from None
     try:
-        key.verify(base64.b64decode(sig_text.strip(), validate=True), body)
-    except (InvalidSignature, binascii.Error, ValueError):
-        raise ModelError(f"{folder}: manifest signature does not verify with model.public_key",
-                         "signature") from None
-    try:
-        manifest = _check_manifest(json.loads(body))
-    except ValueError as e:
-        raise ModelError(f"manifest.json: not JSON: {e}") from None
+        manifest = verify_manifest(body, sig_text, public_key)
+    except ModelError as e:
+        raise ModelError(f"{folder}: {e}", e.reason) from None
     keep = {manifest["tokenizer"], *manifest["providers"].values()}
     blobs: dict[str, bytes] = {}
     for name, meta in manifest["files"].items():

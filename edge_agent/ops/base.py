@@ -56,6 +56,7 @@ class Gateway:
     ask: Callable[[str, dict], Awaitable[dict]] | None = None
     pending: Any = None  # ops.ask.PendingWrites: writes ask proposed, awaiting confirmation
     points: Any = None  # glm.points.PointTable: the shipped point words and the gateway's own (ask.points)
+    models: Any = None  # ota.Updater: model updates, rollback, the installed versions
 
 
 @dataclass

@@ -1,0 +1,514 @@
+"""Model updates over the air: fetch a signed bundle, verify it before ONNX Runtime sees a byte, stage it, check its
+health beside the serving model, swap with no failed question, roll back on failure.
+
+A bundle is a model folder published at a URL: `<url>/manifest.json`, `<url>/manifest.sig` and every file the
+manifest lists (`edge-agent model pack` writes them). The flow, each step an event on `<prefix>/<gateway>/ota`
+(through the store, so events raised during an outage arrive after it):
+
+  requested -> manifest verified (signature by a trusted key; name, version above every version ever installed
+  unless the manifest says `"rollback": true`; not expired; the agent new enough; plain file names; the bundle's
+  size within ota.max_bundle_bytes and the disk's free space less ota.disk_reserve_bytes) -> downloading (HTTPS
+  with the gateway's client certificate, each file to a `.partial` that resumes with `Range` after an
+  interruption, never past its stated size, then its sha256) -> staged (the whole folder verified again as the
+  runtime loads it, fsynced, renamed into `<state>/models/<name>/<version>`; never over a live version) ->
+  health (the model loads on the configured provider beside the serving one and its smoke set answers as the
+  build's fp32 model did, each within ota.smoke_max_ms) -> active (one switch; questions in flight finish on the
+  old engine) -> good (after ota.good_after_s without a restart).
+
+Failure at any step leaves the serving model serving, and is an event with its reason and a counter. A restart
+in the middle: the update is reported failed and its leftovers removed. A new model that makes the agent restart
+ota.crash_restarts times within ota.crash_window_s before it is marked good is rolled back at the next start.
+
+State (store meta `ota`): the active version, the good ones, the bad ones with their reasons, the highest version
+ever installed (the anti-rollback floor), the version on trial and its boot count, an update in progress.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import ssl
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_agent import __version__
+from edge_agent.glm.models import MAX_MANIFEST_BYTES, ModelError, load_verified, verify_manifest
+from edge_agent.records import ModelHealthError
+
+log = logging.getLogger(__name__)
+
+# why an update did not happen: the label of edge_agent_model_updates_total{outcome="refused"|"failed"}
+REASONS = ("signature", "digest", "size", "path", "expired", "downgrade", "agent_too_old", "disk", "tls",
+           "download", "manifest", "health", "busy", "interrupted", "disabled", "not_found")
+CHUNK = 1 << 16
+# a model folder's refusal (glm.models.ModelError.reason) as an update's
+_MODEL_REASONS = {"signature": "signature", "public_key": "signature", "digest": "digest", "missing": "digest",
+                  "path": "path", "external_data": "path", "manifest": "manifest"}
+
+
+class UpdateError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def semver(v: str) -> tuple:
+    """Order of versions: numbers first; a pre-release (1.2.0-rc1) sorts before its release."""
+    m = re.match(r"^(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?", v)
+    if not m:
+        return (-1,)
+    return (int(m[1]), int(m[2]), int(m[3]), 0 if m[4] else 1, m[4] or "")
+
+
+@dataclass
+class OtaState:
+    name: str | None = None
+    active: str | None = None      # the version serving (None: the configured or shipped model)
+    good: list[str] = field(default_factory=list)  # versions that served ota.good_after_s, oldest first
+    bad: dict[str, str] = field(default_factory=dict)  # version -> why it may not serve again
+    highest: str | None = None     # no version at or below it is installed again, unless its manifest says rollback
+    trial: dict | None = None      # {"version", "previous", "swapped_at", "boots"} until marked good
+    pending: dict | None = None    # an update in progress: {"version", "url", "step"}
+
+    @classmethod
+    def of(cls, raw: Any) -> OtaState:
+        if not isinstance(raw, dict):
+            return cls()
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def check_update(manifest: dict, state: OtaState, now: float, model_name: str | None) -> None:
+    """Refusals that need the manifest only (its signature already verified)."""
+    version = manifest["version"]
+    if model_name and manifest["name"] != model_name:
+        raise UpdateError("manifest", f"the bundle is model {manifest['name']!r}; this gateway runs {model_name!r}")
+    if state.highest and semver(version) <= semver(state.highest) and manifest.get("rollback") is not True:
+        raise UpdateError("downgrade", f"version {version} is not above {state.highest}, the highest ever installed "
+                                       "(a manifest signed with \"rollback\": true is the only way down)")
+    expires = manifest.get("expires")
+    if expires is not None and (not isinstance(expires, (int, float)) or now > expires):
+        raise UpdateError("expired", f"the manifest expired at {expires} (unix time); now {int(now)}")
+    need = manifest.get("min_agent_version", "0.0.0")
+    if not isinstance(need, str) or semver(need) > semver(__version__):
+        raise UpdateError("agent_too_old", f"the model needs agent {need}; this is {__version__}")
+    if version in state.bad:
+        raise UpdateError("health", f"version {version} was marked bad: {state.bad[version]}")
+
+
+class Fetcher:
+    """HTTPS (mutual TLS) GETs with urllib3: small bounded documents, and files streamed to `.partial` files that
+    resume with Range. Blocking: run it in a thread."""
+
+    def __init__(self, ctx: ssl.SSLContext | None, timeout_s: float, attempts: int, allow_http: bool,
+                 progress: Callable[[int], None] | None = None, sleep=time.sleep) -> None:
+        import urllib3
+
+        self.urllib3 = urllib3
+        self.pool = urllib3.PoolManager(ssl_context=ctx, timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+                                        retries=False, maxsize=1)
+        self.attempts, self.allow_http, self.progress, self.sleep = attempts, allow_http, progress, sleep
+        self.cancelled = False
+
+    def _check_url(self, url: str) -> None:
+        if not (url.startswith("https://") or (self.allow_http and url.startswith("http://"))):
+            raise UpdateError("tls", f"{url[:120]}: only https:// URLs (ota.allow_plain_http is off)")
+
+    def _request(self, url: str, headers: dict[str, str] | None = None):
+        u3 = self.urllib3
+        self._check_url(url)
+        try:
+            r = self.pool.request("GET", url, headers=headers or {}, preload_content=False, redirect=False)
+        except u3.exceptions.SSLError as e:
+            raise UpdateError("tls", f"TLS with the model server failed: {str(e)[:200]}") from None
+        if r.status in (400, 495, 496) and b"SSL" in (r.read(2048) or b""):
+            r.release_conn()
+            raise UpdateError("tls", f"the model server refused our client certificate (HTTP {r.status})")
+        if r.status == 404:
+            r.release_conn()
+            raise UpdateError("not_found", f"{url[:160]}: not found (HTTP 404)")
+        if r.status not in (200, 206):
+            r.release_conn()
+            raise UpdateError("download", f"{url[:160]}: HTTP {r.status}")
+        return r
+
+    def _retrying(self, what: str, fn):
+        u3 = self.urllib3
+        delay = 0.5
+        for attempt in range(1, self.attempts + 1):
+            if self.cancelled:
+                raise UpdateError("interrupted", "the update was cancelled (the agent is stopping)")
+            try:
+                return fn()
+            except (u3.exceptions.HTTPError, OSError) as e:
+                if attempt == self.attempts:
+                    raise UpdateError("download", f"{what}: {type(e).__name__}: {str(e)[:160]} (after {attempt} "
+                                                  "tries)") from None
+                log.warning("model download interrupted; resuming", extra={"what": what, "try": attempt,
+                                                                           "error": str(e)[:200]})
+                self.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def get(self, url: str, limit: int) -> bytes:
+        def once() -> bytes:
+            r = self._request(url)
+            try:
+                data = r.read(limit + 1)
+            finally:
+                r.release_conn()
+            if len(data) > limit:
+                raise UpdateError("size", f"{url[:160]}: larger than {limit} bytes")
+            return data
+        return self._retrying(url, once)
+
+    def file(self, url: str, dest: Path, size: int, sha256: str) -> None:
+        """dest, fetched whole and checked, through dest.partial; a partial file left by an earlier try (this
+        process or one killed) is resumed from its end."""
+        partial = dest.with_name(dest.name + ".partial")
+
+        def once() -> None:
+            have = partial.stat().st_size if partial.exists() else 0
+            if have > size:
+                partial.unlink()
+                have = 0
+            if have == size:
+                return
+            r = self._request(url, {"Range": f"bytes={have}-"} if have else None)
+            try:
+                if have and r.status == 206:
+                    start = int(re.match(r"bytes (\d+)-", r.headers.get("Content-Range", "bytes 0-"))[1])
+                    if start != have:
+                        raise UpdateError("download", f"{dest.name}: the server resumed at {start}, not {have}")
+                    mode = "ab"
+                else:  # the whole file (a server that ignores Range, or a fresh start)
+                    have, mode = 0, "wb"
+                with partial.open(mode) as f:
+                    for block in r.stream(CHUNK):
+                        if have + len(block) > size:
+                            raise UpdateError("size", f"{dest.name}: the server sends more than the {size} bytes "
+                                                      "the manifest states")
+                        f.write(block)
+                        have += len(block)
+                        if self.progress is not None:
+                            self.progress(len(block))
+                        if self.cancelled:
+                            raise UpdateError("interrupted", "the update was cancelled (the agent is stopping)")
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                r.release_conn()
+            if have < size:
+                raise OSError(f"{dest.name}: the connection closed at {have} of {size} bytes")
+        self._retrying(dest.name, once)
+        h = hashlib.sha256()
+        with partial.open("rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            partial.unlink()
+            raise UpdateError("digest", f"{dest.name}: sha256 does not match the manifest")
+        os.replace(partial, dest)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Updater:
+    """The model update path of one gateway. `agent` (agent.Agent) loads, checks and swaps engines; `store` keeps
+    the state (meta) and the events; `metrics` counts the outcomes."""
+
+    def __init__(self, cfg, state_dir: Path, store, metrics, agent, ssl_context: Callable[[], ssl.SSLContext | None],
+                 clock=time.time) -> None:
+        self.cfg, self.store, self.metrics, self.agent = cfg, store, metrics, agent
+        self.root = Path(state_dir) / "models"
+        self.incoming = self.root / ".incoming"
+        self.ssl_context, self.clock = ssl_context, clock
+        self.state = OtaState()
+        self._busy: asyncio.Task | None = None
+        self._fetcher: Fetcher | None = None
+        self._good_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.agent.cfg.public_key, *self.cfg.trusted_keys]
+
+    # ---- state and events -----------------------------------------------------------------------
+    async def _save(self) -> None:
+        await self.store.set_meta("ota", asdict(self.state))
+
+    def event(self, event: str, **fields: Any) -> None:
+        doc = {"event": event, "ts": round(self.clock(), 3), "agent": __version__, **fields}
+        self.store.event("ota", json.dumps(doc, separators=(",", ":"), default=str).encode())
+        (log.warning if event in ("refused", "failed", "rolled_back", "health_failed") else log.info)(
+            f"model update: {event}", extra={k: str(v)[:200] for k, v in fields.items()})
+
+    def _count(self, outcome: str, reason: str = "") -> None:
+        self.metrics.model_updates.labels(outcome, reason).inc()
+
+    def folder(self, version: str) -> Path:
+        return self.root / (self.state.name or "model") / version
+
+    # ---- boot ----------------------------------------------------------------------------------
+    async def boot(self) -> Path | None:
+        """Which model folder to load at start (None: the configured or shipped one), after the bookkeeping of a
+        restart: an update a restart interrupted is reported failed; a model on trial counts this boot and is
+        rolled back when it has made the agent restart too often."""
+        self.state = OtaState.of(await self.store.get_meta("ota"))
+        st = self.state
+        if st.pending:
+            p, st.pending = st.pending, None
+            self.event("failed", version=p.get("version"), reason="interrupted",
+                       error=f"the agent restarted during the update (at {p.get('step')})")
+            self._count("failed", "interrupted")
+        shutil.rmtree(self.incoming, ignore_errors=True)
+        if st.trial:
+            st.trial["boots"] = st.trial.get("boots", 0) + 1
+            within = self.clock() - st.trial.get("swapped_at", 0) <= self.cfg.crash_window_s
+            if st.trial["boots"] > self.cfg.crash_restarts and within:
+                bad, st.trial = st.trial, None
+                why = (f"the agent restarted {bad['boots'] - 1} times within {self.cfg.crash_window_s:g} s of the "
+                       "swap, before the model was marked good")
+                st.bad[bad["version"]] = why
+                st.active = bad.get("previous")
+                self.event("rolled_back", version=bad["version"], to=st.active or "default", reason=why)
+                self._count("rolled_back", "crash_loop")
+        await self._save()
+        return self.folder(st.active) if st.active else None
+
+    def booted(self, version: str | None) -> None:
+        """The agent serves `version` after a start: a model on trial is marked good after ota.good_after_s."""
+        if self.state.trial and self.state.trial["version"] == version:
+            self._arm_good(version)
+
+    def _arm_good(self, version: str) -> None:
+        if self._good_timer is not None:
+            self._good_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._good_timer = loop.call_later(self.cfg.good_after_s,
+                                           lambda: asyncio.ensure_future(self._mark_good(version)))
+
+    async def _mark_good(self, version: str) -> None:
+        st = self.state
+        if not st.trial or st.trial["version"] != version:
+            return
+        st.trial = None
+        st.good = [v for v in st.good if v != version] + [version]
+        await self._save()
+        self.event("good", version=version)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the active version and the newest good ones, ota.keep_versions in all; delete the others."""
+        st = self.state
+        base = self.root / (st.name or "model")
+        if not base.is_dir():
+            return
+        keep = [st.active] + [v for v in reversed(st.good) if v != st.active]
+        keep = set([v for v in keep if v][: self.cfg.keep_versions])
+        if st.trial:
+            keep |= {st.trial["version"], st.trial.get("previous")}
+        for d in base.iterdir():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+                self.event("deleted", version=d.name)
+
+    # ---- the update ----------------------------------------------------------------------------
+    def busy(self) -> bool:
+        return self._busy is not None and not self._busy.done()
+
+    async def update(self, url: str | None = None, folder: str | None = None, wait: bool = False,
+                     progress: Callable[[int], None] | None = None) -> dict:
+        """Start an update from a URL (a bundle on an HTTPS server) or a local folder. wait=False: returns once it
+        is accepted (its steps follow as events); wait=True: returns its outcome."""
+        if not self.cfg.enabled:
+            self._count("refused", "disabled")
+            raise UpdateError("disabled", "model updates are off on this gateway (ota.enabled = false)")
+        if self.busy():
+            self._count("refused", "busy")
+            raise UpdateError("busy", "another model update is in progress")
+        source = url or folder or ""
+        self.event("requested", source=source[:200])
+        self._busy = asyncio.ensure_future(self._update(url, folder, progress))
+        if not wait:
+            self._busy.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return {"accepted": True, "source": source[:200]}
+        return await asyncio.shield(self._busy)
+
+    async def _update(self, url: str | None, folder: str | None, progress) -> dict:
+        loop = asyncio.get_running_loop()
+        version = None
+        try:
+            if url:
+                fetcher = Fetcher(self.ssl_context() if url.startswith("https://") else None, self.cfg.timeout_s,
+                                  self.cfg.attempts, self.cfg.allow_plain_http, progress)
+                self._fetcher = fetcher
+                base = url.rstrip("/")
+                body = await loop.run_in_executor(None, fetcher.get, f"{base}/manifest.json", MAX_MANIFEST_BYTES)
+                sig = await loop.run_in_executor(None, fetcher.get, f"{base}/manifest.sig", 4096)
+            else:
+                src = Path(folder or "")
+                try:
+                    body, sig = (src / "manifest.json").read_bytes(), (src / "manifest.sig").read_bytes()
+                except OSError as e:
+                    raise UpdateError("not_found", f"{src}: {e.strerror}") from None
+            manifest = self._verify(body, sig)
+            version = manifest["version"]
+            self.state.pending = {"version": version, "source": (url or folder or "")[:200], "step": "download"}
+            await self._save()
+            self.event("verified", version=version, files=len(manifest["files"]),
+                       bytes=sum(m["size"] for m in manifest["files"].values()))
+            staging = self.incoming / f"{manifest['name']}-{version}"
+            staging.mkdir(parents=True, exist_ok=True)
+            self._room(manifest, staging)
+            (staging / "manifest.json").write_bytes(body)
+            (staging / "manifest.sig").write_bytes(sig)
+            if url:
+                await loop.run_in_executor(None, self._download, fetcher, url.rstrip("/"), manifest, staging)
+            else:
+                for name in manifest["files"]:
+                    src_file = Path(folder) / name
+                    if src_file.is_symlink() or not src_file.is_file():
+                        raise UpdateError("path", f"{name}: not a regular file in {folder}")
+                    await loop.run_in_executor(None, shutil.copyfile, src_file, staging / name)
+            self.state.pending["step"] = "stage"
+            await self._save()
+            target = await loop.run_in_executor(None, self._stage, staging, manifest)
+            self.event("staged", version=version, path=str(target))
+            self.state.pending["step"] = "health"
+            await self._save()
+            try:
+                engine = await self.agent.prepare(target)  # loads beside the serving engine; smoke set; latency
+            except ModelHealthError as e:
+                raise UpdateError("health", str(e)) from None
+            self.event("health_passed", version=version, provider=engine.info()["provider"])
+            st = self.state
+            previous = st.active
+            st.name, st.active, st.pending = manifest["name"], version, None
+            if st.highest is None or semver(version) > semver(st.highest):
+                st.highest = version
+            st.trial = {"version": version, "previous": previous, "swapped_at": self.clock(), "boots": 0}
+            await self._save()  # from here a restart boots the new version (on trial)
+            await self.agent.swap(engine)
+            self.event("active", version=version, previous=previous or "default")
+            self._count("active")
+            self._arm_good(version)
+            self._prune()
+            return {"version": version, "active": True}
+        except UpdateError as e:
+            await self._fail(version, e)
+            raise
+        except ModelError as e:
+            err = UpdateError(_MODEL_REASONS.get(e.reason, "manifest"), str(e))
+            await self._fail(version, err)
+            raise err from None
+        finally:
+            self._fetcher = None
+
+    async def _fail(self, version: str | None, e: UpdateError) -> None:
+        outcome = "refused" if e.reason not in ("download", "interrupted", "health", "disk") else "failed"
+        if e.reason == "health" and version:
+            self.state.bad[version] = e.message[:300]
+            self.event("health_failed", version=version, reason=e.reason, error=e.message[:300])
+        self.event(outcome, version=version, reason=e.reason, error=e.message[:300])
+        self._count(outcome, e.reason)
+        self.state.pending = None
+        shutil.rmtree(self.incoming, ignore_errors=True)  # one update at a time: nothing else is in there
+        try:
+            await self._save()
+        except Exception:  # noqa: BLE001 - the store may be closing; the state is rebuilt at the next start
+            log.exception("model update state not saved")
+
+    def _verify(self, body: bytes, sig: bytes) -> dict:
+        try:
+            manifest = verify_manifest(body, sig, self.keys)
+        except ModelError as e:
+            raise UpdateError(_MODEL_REASONS.get(e.reason, "manifest"), str(e)) from None
+        if self.state.name is None:
+            self.state.name = manifest["name"]
+        check_update(manifest, self.state, self.clock(), self.agent.model_name())
+        total = sum(m["size"] for m in manifest["files"].values())
+        if total > self.cfg.max_bundle_bytes:
+            raise UpdateError("size", f"the bundle is {total} bytes; ota.max_bundle_bytes is "
+                                      f"{self.cfg.max_bundle_bytes}")
+        return manifest
+
+    def _room(self, manifest: dict, staging: Path) -> None:
+        """Refuse before the first byte when the bundle would not leave ota.disk_reserve_bytes free."""
+        need = 0
+        for name, m in manifest["files"].items():
+            part = staging / (name + ".partial")
+            need += m["size"] - (part.stat().st_size if part.exists() else 0)
+        free = shutil.disk_usage(staging).free
+        if need + self.cfg.disk_reserve_bytes > free:
+            raise UpdateError("disk", f"the bundle needs {need} more bytes and ota.disk_reserve_bytes "
+                                      f"({self.cfg.disk_reserve_bytes}) must stay free; {free} are free")
+
+    def _download(self, fetcher: Fetcher, base: str, manifest: dict, staging: Path) -> None:
+        for name, m in sorted(manifest["files"].items()):
+            fetcher.file(f"{base}/{name}", staging / name, m["size"], m["sha256"])
+
+    def _stage(self, staging: Path, manifest: dict) -> Path:
+        """Verify the downloaded folder as the runtime will load it, fsync it, rename it into place."""
+        load_verified(staging, self.keys)
+        for p in staging.iterdir():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(staging)
+        target = self.root / manifest["name"] / manifest["version"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.state.active == manifest["version"]:
+            raise UpdateError("downgrade", f"version {manifest['version']} is the one serving")
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
+        return target
+
+    # ---- rollback, list ------------------------------------------------------------------------
+    async def rollback(self) -> dict:
+        """Serve the previous good version again (health-checked like an update); the current one is marked bad."""
+        if self.busy():
+            raise UpdateError("busy", "a model update is in progress")
+        st = self.state
+        candidates = [v for v in reversed(st.good) if v != st.active and self.folder(v).is_dir()]
+        target = candidates[0] if candidates else None
+        folder = self.folder(target) if target else None
+        try:
+            engine = await self.agent.prepare(folder)
+        except ModelHealthError as e:
+            raise UpdateError("health", f"the version to roll back to fails its health check: {e}") from None
+        old = st.active
+        if old:
+            st.bad[old] = "rolled back by an operator"
+        st.active, st.trial = target, None
+        await self._save()
+        await self.agent.swap(engine)
+        self.event("rolled_back", version=old or "default", to=target or "default", reason="operator")
+        self._count("rolled_back", "operator")
+        return {"active": target or "default", "previous": old or "default"}
+
+    def list(self) -> dict:
+        base = self.root / (self.state.name or "model")
+        installed = sorted((d.name for d in base.iterdir() if d.is_dir()), key=semver) if base.is_dir() else []
+        st = self.state
+        return {"active": st.active or "default", "serving": self.agent.model_name_version(),
+                "installed": installed, "good": st.good, "bad": st.bad, "highest": st.highest,
+                "trial": st.trial, "updating": self.busy()}
+
+    def cancel(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.cancelled = True
+        if self._good_timer is not None:
+            self._good_timer.cancel()
