@@ -308,6 +308,118 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    if args.action == "pack":
+        return _model_pack(args)
+    if args.action in ("list", "rollback"):
+        return _call_daemon(args, f"model.{args.action}", {})
+    return _model_install(args)
+
+
+def _model_pack(args: argparse.Namespace) -> int:
+    if not args.source or not args.key:
+        return _fail("model pack DIR --key KEY: the folder and the signing key are needed")
+    args.dir = args.source
+    return _pack(args)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    """Sign a model folder for publishing: its manifest (name, version, every file with size and sha256, minimum
+    agent version, expiry, smoke set) and the manifest's Ed25519 signature. Needs no recipe and no torch."""
+    import json
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from edge_agent.glm.models import ModelError, _check_manifest, sign_folder
+    from edge_agent.ota import semver
+
+    folder = Path(args.dir)
+    try:
+        key = load_pem_private_key(Path(args.key).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as e:
+        return _fail(f"--key {args.key}: not a readable unencrypted PEM private key ({e})")
+    if not isinstance(key, Ed25519PrivateKey):
+        return _fail(f"--key {args.key}: not an Ed25519 key (make one: openssl genpkey -algorithm ed25519)")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return _fail(f"{folder}/manifest.json: the model's manifest (architecture, providers, tokenizer) is needed: "
+                     f"{e}")
+    for p in folder.iterdir():
+        if p.is_symlink() or not (p.is_file() or p.name.startswith(".")):
+            return _fail(f"{p}: only regular files may be in a bundle")
+    if args.version:
+        manifest["version"] = args.version
+    if semver(manifest.get("version", "")) == (-1,):
+        return _fail(f"version {manifest.get('version')!r} is not semver (--version X.Y.Z)")
+    if args.min_agent:
+        manifest["min_agent_version"] = args.min_agent
+    if args.expires_days:
+        manifest["expires"] = int(time.time() + args.expires_days * 86400)
+    manifest["rollback"] = bool(args.rollback)
+    if not manifest["rollback"]:
+        del manifest["rollback"]
+    try:
+        body = sign_folder(folder, manifest, key)
+        _check_manifest(json.loads(body))
+    except ModelError as e:
+        return _fail(str(e))
+    total = sum(f["size"] for f in manifest["files"].values())
+    print(f"packed {manifest['name']} {manifest['version']}: {len(manifest['files'])} files, {total} bytes; "
+          f"publish the folder's files under one URL and send model.update with it")
+    return 0
+
+
+def _model_install(args: argparse.Namespace) -> int:
+    """model.update through the running daemon, with the download's progress and each step as it happens."""
+    import time
+
+    from edge_agent.control import NoDaemon, call
+
+    src = args.source
+    request = {"url": src} if "://" in src else {"dir": str(Path(src).resolve())}
+    try:
+        state = _state_dir(args)
+        reply = call(state, "model.update", request, timeout=args.timeout)
+    except config.ConfigError as e:
+        return _fail(str(e))
+    except NoDaemon as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if not reply.get("ok"):
+        _print_json(reply)
+        return 1
+    from tqdm import tqdm
+
+    bar, step = None, None
+    deadline = time.monotonic() + args.timeout
+    try:
+        while time.monotonic() < deadline:
+            res = call(state, "model.list", {}, timeout=10)["result"]
+            u = res.get("updating")
+            if u is None:
+                break
+            if u["step"] != step:
+                step = u["step"]
+                print(f"model update: {step}" + (f" {u['version']}" if u.get("version") else ""), file=sys.stderr)
+            if u.get("total") and bar is None and step in ("verified", "downloading"):
+                bar = tqdm(total=u["total"], unit="B", unit_scale=True, desc="download", file=sys.stderr)
+            if bar is not None:
+                bar.update(u["done"] - bar.n)
+            time.sleep(0.2)
+        else:
+            return _fail(f"the update did not finish within --timeout {args.timeout:g} s (it goes on; see "
+                         "edge-agent model list)")
+    finally:
+        if bar is not None:
+            bar.close()
+    last = res.get("last") or {}
+    _print_json(last)
+    return 0 if last.get("outcome") == "active" else 1
+
+
 def cmd_ops(_args: argparse.Namespace) -> int:
     from edge_agent import ops
     for op in ops.TABLE.values():
@@ -394,6 +506,20 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--key-id", required=True, help="its id in the gateway's commands.operator_keys")
     sg.add_argument("--id", default="", help="the request id (default: a random one)")
     sg.set_defaults(fn=cmd_sign)
+    mo = sub.add_parser("model", help="model versions: install (URL or folder, through the running agent), list, "
+                        "rollback; pack (sign a folder for publishing)")
+    mo.add_argument("action", choices=["install", "list", "rollback", "pack"])
+    mo.add_argument("source", nargs="?", default="", help="install: a bundle URL (https://...) or a model folder; "
+                    "pack: the folder to sign")
+    mo.add_argument("--key", default="", help="pack: the Ed25519 private key (PEM) that signs the manifest")
+    mo.add_argument("--version", default="", help="pack: set the version (semver)")
+    mo.add_argument("--min-agent", default="", help="pack: the oldest agent version that may run it")
+    mo.add_argument("--expires-days", type=float, default=0, help="pack: the manifest expires after this many days "
+                    "(0: never)")
+    mo.add_argument("--rollback", action="store_true", help="pack: allow installing below the highest version")
+    mo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the agent")
+    mo.add_argument("--config", default=DEFAULT_CONFIG, help="where the running agent's state directory is")
+    mo.set_defaults(fn=cmd_model)
     ls = sub.add_parser("ops", help="list the operations: what each takes, whether it changes anything")
     ls.set_defaults(fn=cmd_ops)
     b = sub.add_parser("bench", help="benchmarks: 'bench model' times the GLM against its peers")

@@ -182,6 +182,11 @@ class Fetcher:
                 return
             r = self._request(url, {"Range": f"bytes={have}-"} if have else None)
             try:
+                total = r.headers.get("Content-Range", "").rpartition("/")[2] if r.status == 206 else \
+                    r.headers.get("Content-Length")
+                if total and total.isdigit() and int(total) != size:
+                    raise UpdateError("size", f"{dest.name}: the server's file is {total} bytes; the manifest says "
+                                              f"{size}")
                 if have and r.status == 206:
                     start = int(re.match(r"bytes (\d+)-", r.headers.get("Content-Range", "bytes 0-"))[1])
                     if start != have:
@@ -239,6 +244,8 @@ class Updater:
         self._busy: asyncio.Task | None = None
         self._fetcher: Fetcher | None = None
         self._good_timer: asyncio.TimerHandle | None = None
+        self.progress: dict | None = None  # the update in progress: step, version, bytes done and in all
+        self.last: dict | None = None      # the last update's outcome
 
     @property
     def keys(self) -> list[str]:
@@ -249,6 +256,8 @@ class Updater:
         await self.store.set_meta("ota", asdict(self.state))
 
     def event(self, event: str, **fields: Any) -> None:
+        if self.progress is not None and event not in ("requested", "deleted"):
+            self.progress["step"] = event
         doc = {"event": event, "ts": round(self.clock(), 3), "agent": __version__, **fields}
         self.store.event("ota", json.dumps(doc, separators=(",", ":"), default=str).encode())
         (log.warning if event in ("refused", "failed", "rolled_back", "health_failed") else log.info)(
@@ -328,8 +337,7 @@ class Updater:
     def busy(self) -> bool:
         return self._busy is not None and not self._busy.done()
 
-    async def update(self, url: str | None = None, folder: str | None = None, wait: bool = False,
-                     progress: Callable[[int], None] | None = None) -> dict:
+    async def update(self, url: str | None = None, folder: str | None = None, wait: bool = False) -> dict:
         """Start an update from a URL (a bundle on an HTTPS server) or a local folder. wait=False: returns once it
         is accepted (its steps follow as events); wait=True: returns its outcome."""
         if not self.cfg.enabled:
@@ -340,23 +348,33 @@ class Updater:
             raise UpdateError("busy", "another model update is in progress")
         source = url or folder or ""
         self.event("requested", source=source[:200])
-        self._busy = asyncio.ensure_future(self._update(url, folder, progress))
+        self.progress = {"step": "requested", "source": source[:200], "version": None, "done": 0, "total": None}
+        self._busy = asyncio.ensure_future(self._update(url, folder))
         if not wait:
             self._busy.add_done_callback(lambda t: t.cancelled() or t.exception())
             return {"accepted": True, "source": source[:200]}
         return await asyncio.shield(self._busy)
 
-    async def _update(self, url: str | None, folder: str | None, progress) -> dict:
+    async def _update(self, url: str | None, folder: str | None) -> dict:
         loop = asyncio.get_running_loop()
         version = None
         try:
             if url:
-                fetcher = Fetcher(self.ssl_context() if url.startswith("https://") else None, self.cfg.timeout_s,
-                                  self.cfg.attempts, self.cfg.allow_plain_http, progress)
+                try:
+                    ctx = self.ssl_context() if url.startswith("https://") else None
+                except Exception as e:  # noqa: BLE001 - the TLS files: a clear refusal, not a crash
+                    raise UpdateError("tls", f"the gateway's TLS files for the model server: {e}") from None
+                fetcher = Fetcher(ctx, self.cfg.timeout_s, self.cfg.attempts, self.cfg.allow_plain_http,
+                                  self._progress)
                 self._fetcher = fetcher
                 base = url.rstrip("/")
                 body = await loop.run_in_executor(None, fetcher.get, f"{base}/manifest.json", MAX_MANIFEST_BYTES)
-                sig = await loop.run_in_executor(None, fetcher.get, f"{base}/manifest.sig", 4096)
+                try:
+                    sig = await loop.run_in_executor(None, fetcher.get, f"{base}/manifest.sig", 4096)
+                except UpdateError as e:
+                    if e.reason != "not_found":
+                        raise
+                    raise UpdateError("signature", "the bundle is not signed (no manifest.sig)") from None
             else:
                 src = Path(folder or "")
                 try:
@@ -365,6 +383,7 @@ class Updater:
                     raise UpdateError("not_found", f"{src}: {e.strerror}") from None
             manifest = self._verify(body, sig)
             version = manifest["version"]
+            self.progress.update(version=version, total=sum(m["size"] for m in manifest["files"].values()))
             self.state.pending = {"version": version, "source": (url or folder or "")[:200], "step": "download"}
             await self._save()
             self.event("verified", version=version, files=len(manifest["files"]),
@@ -385,6 +404,7 @@ class Updater:
             self.state.pending["step"] = "stage"
             await self._save()
             target = await loop.run_in_executor(None, self._stage, staging, manifest)
+            shutil.rmtree(self.incoming, ignore_errors=True)
             self.event("staged", version=version, path=str(target))
             self.state.pending["step"] = "health"
             await self._save()
@@ -405,9 +425,13 @@ class Updater:
             self._count("active")
             self._arm_good(version)
             self._prune()
+            self.last = {"outcome": "active", "version": version}
             return {"version": version, "active": True}
         except UpdateError as e:
             await self._fail(version, e)
+            raise
+        except asyncio.CancelledError:
+            await self._fail(version, UpdateError("interrupted", "the agent stopped during the update"))
             raise
         except ModelError as e:
             err = UpdateError(_MODEL_REASONS.get(e.reason, "manifest"), str(e))
@@ -415,6 +439,7 @@ class Updater:
             raise err from None
         finally:
             self._fetcher = None
+            self.progress = None
 
     async def _fail(self, version: str | None, e: UpdateError) -> None:
         outcome = "refused" if e.reason not in ("download", "interrupted", "health", "disk") else "failed"
@@ -423,12 +448,18 @@ class Updater:
             self.event("health_failed", version=version, reason=e.reason, error=e.message[:300])
         self.event(outcome, version=version, reason=e.reason, error=e.message[:300])
         self._count(outcome, e.reason)
+        self.last = {"outcome": outcome, "version": version, "reason": e.reason, "error": e.message[:300]}
         self.state.pending = None
         shutil.rmtree(self.incoming, ignore_errors=True)  # one update at a time: nothing else is in there
         try:
             await self._save()
         except Exception:  # noqa: BLE001 - the store may be closing; the state is rebuilt at the next start
             log.exception("model update state not saved")
+
+    def _progress(self, n: int) -> None:  # from the download thread: a dict update is atomic enough to read
+        p = self.progress
+        if p is not None:
+            p["done"] += n
 
     def _verify(self, body: bytes, sig: bytes) -> dict:
         try:
@@ -505,7 +536,7 @@ class Updater:
         st = self.state
         return {"active": st.active or "default", "serving": self.agent.model_name_version(),
                 "installed": installed, "good": st.good, "bad": st.bad, "highest": st.highest,
-                "trial": st.trial, "updating": self.busy()}
+                "trial": st.trial, "updating": dict(self.progress) if self.progress else None, "last": self.last}
 
     def cancel(self) -> None:
         if self._fetcher is not None:

@@ -113,3 +113,101 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Nginx:
+    """nginx from the distribution as a model server: HTTPS on a loopback port, client certificates required
+    (signed by `client_ca`), serving `root`; `rate` bounds bytes a second per connection (resume tests). The access
+    log records each request's Range header, status and body bytes sent."""
+
+    def __init__(self, directory: Path, root: Path, ca: Path, cert: Path, key: Path, port: int | None = None,
+                 rate: str = "0") -> None:
+        self.dir, self.root = Path(directory), Path(root)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.access_log = self.dir / "access.log"
+        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        temp = "\n".join(f"  {k}_temp_path {self.dir}/{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                       "scgi"))
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        self.conf = self.dir / "nginx.conf"
+        self.conf.write_text(f"""{user}daemon off;
+worker_processes 1;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  log_format ota '"$request" $status $body_bytes_sent range="$http_range" client=$ssl_client_verify';
+  access_log {self.access_log} ota;
+{temp}
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{self.port} ssl;
+    server_name localhost;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_client_certificate {ca};
+    ssl_verify_client on;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    limit_rate {rate};
+    root {self.root};
+  }}
+}}
+""")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "Nginx":
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf), "-p", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.dir / "error.log"
+                raise RuntimeError(f"nginx exited ({self.proc.returncode}): "
+                                   f"{err.read_text()[-500:] if err.exists() else ''}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"nginx did not listen on 127.0.0.1:{self.port} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL the master and its worker (a server that dies mid-transfer)."""
+        if self.proc is not None and self.proc.poll() is None:
+            import signal
+            kids = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+            self.proc.send_signal(signal.SIGKILL)
+            for pid in kids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def requests(self) -> list[dict]:
+        """The access log: one dict per request (path, status, bytes, range)."""
+        import re
+        out = []
+        if self.access_log.exists():
+            for line in self.access_log.read_text().splitlines():
+                m = re.match(r'"GET (\S+) [^"]*" (\d+) (\d+) range="([^"]*)" client=(\S+)', line)
+                if m:
+                    out.append({"path": m[1], "status": int(m[2]), "bytes": int(m[3]), "range": m[4],
+                                "client": m[5]})
+        return out

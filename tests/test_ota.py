@@ -1,0 +1,295 @@
+"""Model updates over the air against a real model server: nginx from the distribution on a loopback port, HTTPS
+with client certificates required, serving bundles packed with `edge-agent model pack`.
+
+In-process tests drive the real Updater (a real Store, a real Agent, the real downloader) for the refusals and the
+resume; the agent-as-a-process tests drive model.update over MQTT, kill -9 and the crash-loop rollback."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent import ops
+from edge_agent.config import ModelConfig, OtaConfig, StoreConfig
+from edge_agent.devkit.brokers import Nginx
+from edge_agent.devkit.certs import CA
+from edge_agent.glm.engine import shipped_model_dir
+from edge_agent.metrics import Metrics
+
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+                                reason="nginx is not installed (.ci/run installs it)")
+
+NAME = "glm-edge-iot"
+
+
+def _pub(key: Ed25519PrivateKey) -> str:
+    return base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                          serialization.PublicFormat.Raw)).decode()
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory):
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path_factory.mktemp("keys") / "publisher.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return key, path
+
+
+@pytest.fixture
+def server(tmp_path, pki):
+    cert, key = pki["ca"].issue("model-server", server=True)
+    root = tmp_path / "www"
+    root.mkdir()
+    s = Nginx(tmp_path / "nginx", root, pki["ca"].cert_path, cert, key).start()
+    yield s
+    s.stop()
+
+
+def pack(root: Path, version: str, key_path: Path, *extra: str, edit=None) -> str:
+    """A bundle of the shipped model at `version` under the server's root, packed by the CLI; returns its path."""
+    folder = root / NAME / version
+    shutil.copytree(shipped_model_dir(), folder)
+    if edit is not None:
+        edit(folder)
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "model", "pack", str(folder), "--key", str(key_path),
+                        "--version", version, *extra], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return f"/{NAME}/{version}"
+
+
+class Rig:
+    """The real Updater with a real Store and Agent, in one event loop."""
+
+    def __init__(self, tmp: Path, pki, signer_pub: str, ctx=None, **ota) -> None:
+        from edge_agent import tls
+        from edge_agent.agent import Agent
+        from edge_agent.ota import Updater
+        from edge_agent.store import Store
+
+        self.metrics = Metrics()
+        self.store = Store(StoreConfig(), tmp / "state", self.metrics)
+        mcfg = ModelConfig(providers=["cpu"])
+        self.ocfg = OtaConfig(**{"trusted_keys": [signer_pub], "timeout_s": 5, **ota})
+        self.agent = Agent(mcfg, ops.TOOLSET, tmp / "state", self.metrics, keys=[mcfg.public_key, signer_pub])
+        cert, key = pki["gateway"]
+        self.ctx = ctx or (lambda: tls.client_context(str(pki["ca"].cert_path), str(cert), str(key)))
+        self.updater = Updater(self.ocfg, tmp / "state", self.store, self.metrics, self.agent, self.ctx)
+        self.agent.updater = self.updater
+
+    async def __aenter__(self) -> "Rig":
+        await self.store.open()
+        await self.updater.boot()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.updater.cancel()
+        if self.agent.engine is not None:
+            self.agent.engine.close()
+        await self.store.close()
+
+    async def events(self) -> list[dict]:
+        await asyncio.sleep(0.05)
+        return [json.loads(p) for _, topic, p in await self.store.read_alerts(0, 1000) if topic == "ota"]
+
+    def count(self, outcome: str, reason: str = "") -> float:
+        return self.metrics.value("edge_agent_model_updates_total", {"outcome": outcome, "reason": reason})
+
+
+def _refused(tmp_path, pki, signer, url, reason, expect, ctx=None, **ota):
+    from edge_agent.ota import UpdateError
+
+    async def main():
+        async with Rig(tmp_path, pki, _pub(signer[0]), ctx, **ota) as rig:
+            with pytest.raises(UpdateError) as e:
+                await rig.updater.update(url=url, wait=True)
+            assert e.value.reason == reason and expect in e.value.message, e.value.message
+            ev = await rig.events()
+            assert [x["event"] for x in ev][0] == "requested" and ev[-1]["reason"] == reason, ev
+            assert rig.count(ev[-1]["event"], reason) == 1
+            assert rig.updater.state.active is None and not (tmp_path / "state" / "models" / NAME).exists()
+            return ev
+    return asyncio.run(main())
+
+
+def test_an_update_lands_verified_staged_and_active(tmp_path, pki, signer, server):
+    path = pack(server.root, "9.0.0", signer[1])
+
+    async def main():
+        async with Rig(tmp_path, pki, _pub(signer[0])) as rig:
+            r = await rig.updater.update(url=server.url + path, wait=True)
+            assert r == {"version": "9.0.0", "active": True}
+            assert rig.agent.model_name_version() == f"{NAME}@9.0.0"
+            listed = rig.updater.list()
+            assert listed["active"] == "9.0.0" and listed["installed"] == ["9.0.0"] and listed["highest"] == "9.0.0"
+            assert listed["trial"]["version"] == "9.0.0" and listed["last"] == {"outcome": "active",
+                                                                                "version": "9.0.0"}
+            ev = [e["event"] for e in await rig.events()]
+            assert ev == ["requested", "verified", "staged", "health_passed", "active"], ev
+            assert rig.count("active") == 1
+            assert (tmp_path / "state" / "models" / NAME / "9.0.0" / "manifest.sig").exists()
+            assert not (tmp_path / "state" / "models" / ".incoming").exists()
+            # the same version again, and a lower one: the anti-rollback floor
+            from edge_agent.ota import UpdateError
+            with pytest.raises(UpdateError, match="not above 9.0.0"):
+                await rig.updater.update(url=server.url + path, wait=True)
+    asyncio.run(main())
+    reqs = server.requests()
+    assert all(r["client"] == "SUCCESS" for r in reqs)  # every request carried the gateway's certificate
+    assert {r["path"].rsplit("/", 1)[1] for r in reqs} >= {"manifest.json", "manifest.sig", "model.int8.onnx"}
+
+
+@pytest.mark.parametrize("case", ["unsigned", "unknown_key", "tampered", "truncated", "larger", "traversal",
+                                  "expired", "agent_too_old", "not_a_model"])
+def test_refusals_each_with_its_reason_and_a_counter(tmp_path, pki, signer, server, case):
+    other = Ed25519PrivateKey.generate()
+    other_path = tmp_path / "other.pem"
+    other_path.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    root = server.root
+    if case == "unsigned":
+        path = pack(root, "9.1.0", signer[1])
+        (root / path.lstrip("/") / "manifest.sig").unlink()
+        reason, expect = "signature", "not signed"
+    elif case == "unknown_key":
+        path = pack(root, "9.1.0", other_path)
+        reason, expect = "signature", "does not verify with any trusted key"
+    elif case == "tampered":
+        path = pack(root, "9.1.0", signer[1])
+        f = root / path.lstrip("/") / "tokenizer.json"
+        data = bytearray(f.read_bytes())
+        data[100] ^= 1
+        f.write_bytes(bytes(data))
+        reason, expect = "digest", "tokenizer.json: sha256 does not match"
+    elif case == "truncated":
+        path = pack(root, "9.1.0", signer[1])
+        f = root / path.lstrip("/") / "model.int8.onnx"
+        f.write_bytes(f.read_bytes()[:-1000])
+        reason, expect = "size", "the manifest says"
+    elif case == "larger":
+        path = pack(root, "9.1.0", signer[1])
+        f = root / path.lstrip("/") / "model.int8.onnx"
+        f.write_bytes(f.read_bytes() + b"\0" * 1000)
+        reason, expect = "size", "the manifest says"
+    elif case == "traversal":
+        path = pack(root, "9.1.0", signer[1])
+        folder = root / path.lstrip("/")
+        m = json.loads((folder / "manifest.json").read_text())
+        m["files"]["../../etc/cron.d/x"] = m["files"]["tokenizer_config.json"]
+        body = (json.dumps(m, indent=2, sort_keys=True) + "\n").encode()
+        (folder / "manifest.json").write_bytes(body)
+        (folder / "manifest.sig").write_text(base64.b64encode(signer[0].sign(body)).decode() + "\n")
+        reason, expect = "path", "not a plain name"
+    elif case == "expired":
+        path = pack(root, "9.1.0", signer[1], "--expires-days", "-1")
+        reason, expect = "expired", "expired"
+    elif case == "agent_too_old":
+        path = pack(root, "9.1.0", signer[1], "--min-agent", "99.0.0")
+        reason, expect = "agent_too_old", "needs agent 99.0.0"
+    else:  # a signed bundle of another model
+        path = pack(root, "9.1.0", signer[1], edit=lambda d: _rename(d, "someone-elses-model"))
+        reason, expect = "manifest", "someone-elses-model"
+    if case == "not_a_model":
+        from edge_agent.ota import UpdateError
+
+        async def main():  # needs a serving model to know its name
+            async with Rig(tmp_path, pki, _pub(signer[0])) as rig:
+                rig.agent.engine = rig.agent._load(None)
+                with pytest.raises(UpdateError) as e:
+                    await rig.updater.update(url=server.url + path, wait=True)
+                assert e.value.reason == reason and expect in e.value.message
+        asyncio.run(main())
+        return
+    _refused(tmp_path, pki, signer, server.url + path, reason, expect)
+
+
+def _rename(folder: Path, name: str) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    m["name"] = name
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def test_refused_for_the_disk_the_tls_and_the_floor(tmp_path, pki, signer, server):
+    from edge_agent import tls
+
+    path = pack(server.root, "9.2.0", signer[1])
+    url = server.url + path
+    _refused(tmp_path / "disk", pki, signer, url, "disk", "must stay free", disk_reserve_bytes=1 << 50)
+    stranger = CA(tmp_path / "stranger-ca")
+    cert, key = pki["gateway"]
+    _refused(tmp_path / "server-ca", pki, signer, url, "tls", "certificate verify failed",
+             ctx=lambda: tls.client_context(str(stranger.cert_path), str(cert), str(key)))
+    _refused(tmp_path / "no-client-cert", pki, signer, url, "tls", "refused our client certificate",
+             ctx=lambda: tls.client_context(str(pki["ca"].cert_path)))
+    s_cert, s_key = stranger.issue("gw-test")
+    _refused(tmp_path / "foreign-client-cert", pki, signer, url, "tls", "refused our client certificate",
+             ctx=lambda: tls.client_context(str(pki["ca"].cert_path), str(s_cert), str(s_key)))
+    _refused(tmp_path / "plain", pki, signer, url.replace("https://", "http://"), "tls", "only https://")
+
+
+def test_a_download_cut_by_the_server_resumes_with_range(tmp_path, pki, signer):
+    """The server dies in the middle of the model file; the download resumes from where it stopped (Range), and
+    no byte before that point is fetched again."""
+    root = tmp_path / "www"
+    root.mkdir()
+    cert, key = pki["ca"].issue("model-server", server=True)
+    slow = Nginx(tmp_path / "nginx", root, pki["ca"].cert_path, cert, key, rate="400k").start()
+    path = pack(root, "9.3.0", signer[1])
+    size = (root / path.lstrip("/") / "model.int8.onnx").stat().st_size
+    assert size > 1_000_000
+
+    async def main():
+        async with Rig(tmp_path, pki, _pub(signer[0])) as rig:
+            task = asyncio.ensure_future(rig.updater.update(url=slow.url + path, wait=True))
+            partial = tmp_path / "state" / "models" / ".incoming" / f"{NAME}-9.3.0" / "model.int8.onnx.partial"
+            deadline = time.monotonic() + 30
+            while not (partial.exists() and partial.stat().st_size > size // 4):
+                assert time.monotonic() < deadline and not task.done(), "the download did not start"
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(slow.kill)
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(slow.start)
+            r = await asyncio.wait_for(task, 60)
+            assert r["active"] is True
+    asyncio.run(main())
+    slow.stop()
+    model_reqs = [r for r in slow.requests() if r["path"].endswith("/model.int8.onnx")]
+    resumed = [r for r in model_reqs if r["range"]]
+    assert len(resumed) == 1 and resumed[0]["status"] == 206, model_reqs
+    start = int(resumed[0]["range"].removeprefix("bytes=").rstrip("-"))
+    assert start > size // 4 and resumed[0]["bytes"] == size - start  # nothing before `start` came twice
+
+
+def test_a_model_whose_smoke_set_fails_is_never_activated(tmp_path, pki, signer, server):
+    def wrong_smoke(folder: Path) -> None:
+        m = json.loads((folder / "manifest.json").read_text())
+        m["smoke"] = [{"text": "list all devices", "call": {"tool": "status", "args": {}}}]
+        (folder / "manifest.json").write_text(json.dumps(m))
+    path = pack(server.root, "9.4.0", signer[1], edit=wrong_smoke)
+
+    async def main():
+        from edge_agent.ota import UpdateError
+
+        async with Rig(tmp_path, pki, _pub(signer[0])) as rig:
+            rig.agent.engine = rig.agent._load(None)
+            with pytest.raises(UpdateError) as e:
+                await rig.updater.update(url=server.url + path, wait=True)
+            assert e.value.reason == "health" and "smoke answers differ" in e.value.message
+            assert rig.agent.model_name_version() == f"{NAME}@{shipped_model_dir().name}"  # still serving
+            st = rig.updater.state
+            assert st.active is None and "9.4.0" in st.bad and st.highest is None
+            ev = [e["event"] for e in await rig.events()]
+            assert ev[-2:] == ["health_failed", "failed"], ev
+            assert rig.count("failed", "health") == 1
+            with pytest.raises(UpdateError, match="marked bad"):  # and it is not tried again
+                await rig.updater.update(url=server.url + path, wait=True)
+    asyncio.run(main())
