@@ -88,6 +88,8 @@ class OtaState:
 def check_update(manifest: dict, state: OtaState, now: float, model_name: str | None) -> None:
     """Refusals that need the manifest only (its signature already verified)."""
     version = manifest["version"]
+    if version in state.bad:
+        raise UpdateError("health", f"version {version} was marked bad: {state.bad[version]}")
     if model_name and manifest["name"] != model_name:
         raise UpdateError("manifest", f"the bundle is model {manifest['name']!r}; this gateway runs {model_name!r}")
     if state.highest and semver(version) <= semver(state.highest) and manifest.get("rollback") is not True:
@@ -99,8 +101,6 @@ def check_update(manifest: dict, state: OtaState, now: float, model_name: str | 
     need = manifest.get("min_agent_version", "0.0.0")
     if not isinstance(need, str) or semver(need) > semver(__version__):
         raise UpdateError("agent_too_old", f"the model needs agent {need}; this is {__version__}")
-    if version in state.bad:
-        raise UpdateError("health", f"version {version} was marked bad: {state.bad[version]}")
 
 
 class Fetcher:
@@ -443,7 +443,7 @@ class Updater:
 
     async def _fail(self, version: str | None, e: UpdateError) -> None:
         outcome = "refused" if e.reason not in ("download", "interrupted", "health", "disk") else "failed"
-        if e.reason == "health" and version:
+        if e.reason == "health" and version and version not in self.state.bad:
             self.state.bad[version] = e.message[:300]
             self.event("health_failed", version=version, reason=e.reason, error=e.message[:300])
         self.event(outcome, version=version, reason=e.reason, error=e.message[:300])

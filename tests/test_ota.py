@@ -293,3 +293,201 @@ def test_a_model_whose_smoke_set_fails_is_never_activated(tmp_path, pki, signer,
             with pytest.raises(UpdateError, match="marked bad"):  # and it is not tried again
                 await rig.updater.update(url=server.url + path, wait=True)
     asyncio.run(main())
+
+
+# ---- the agent as a process, over MQTT ------------------------------------------------------------------------
+class Events:
+    """The cloud's view of <prefix>/<gateway>/ota (the viewer's certificate)."""
+
+    def __init__(self, broker, pki) -> None:
+        import threading
+
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        cert, key = pki["viewer"]
+        self.got: list[dict] = []
+        self.lock = threading.Lock()
+        c = self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id="ota-viewer", clean_session=False,
+                                 protocol=paho.MQTTv311)
+        c.tls_set(ca_certs=str(pki["ca"].cert_path), certfile=str(cert), keyfile=str(key))
+        c.on_message = lambda _c, _u, m: self._add(json.loads(m.payload))
+        c.on_connect = lambda cl, *_a: cl.subscribe("edge/gw-test/ota", 1)
+        c.connect("localhost", broker.port, 30)
+        c.loop_start()
+        time.sleep(0.3)
+
+    def _add(self, doc: dict) -> None:
+        with self.lock:
+            self.got.append(doc)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return [e["event"] for e in self.got]
+
+    def wait(self, name: str, timeout: float = 60) -> dict:
+        from conftest import wait_for
+        wait_for(lambda: name in self.names(), timeout, what=f"ota event {name} (got {self.names()})")
+        with self.lock:
+            return next(e for e in self.got if e["event"] == name)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def _ota_agent(make_agent, local, cloud, signer, **ota):
+    return make_agent(local, cloud, commands={"allow": ["read-only", "model.update", "model.rollback"]},
+                      model={"providers": ["cpu"], "queue": 32},
+                      ota={"trusted_keys": [_pub(signer[0])], **ota})
+
+
+def test_a_swap_under_ask_load_fails_no_question_and_each_reply_names_its_model(tmp_path, pki, signer, server,
+                                                                                  local_broker, cloud_broker,
+                                                                                  make_agent):
+    """20 questions a second through MQTT for 12 s; the update lands in the middle: every question is answered,
+    each reply names the model version that answered it, and the version changes once, old to new."""
+    import threading
+    import uuid
+
+    from conftest import wait_for
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from test_commands import CommandClient
+
+    path = pack(server.root, "9.5.0", signer[1])
+    agent = _ota_agent(make_agent, local_broker, cloud_broker, signer).start()
+    agent.wait_ready()
+    events = Events(cloud_broker, pki)
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 30, what="model loaded")
+        old = cli.call("status")["result"]["model"]["version"]
+        replies: dict[bytes, dict] = {}
+        lock = threading.Lock()
+        load = CommandClient(cloud_broker, pki, "5")
+        load.c.on_message = lambda _c, _u, m: (lock.acquire(), replies.__setitem__(
+            m.properties.CorrelationData, json.loads(m.payload)), lock.release())
+        sent: list[bytes] = []
+        t0 = time.monotonic()
+        accepted = None
+        while time.monotonic() - t0 < 12:
+            corr = uuid.uuid4().bytes
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic, props.CorrelationData = load.reply_topic, corr
+            load.c.publish("edge/gw-test/cmd/ask", json.dumps({"text": "what is the temperature of pump-3"}),
+                           qos=1, properties=props)
+            sent.append(corr)
+            if accepted is None and time.monotonic() - t0 > 3:
+                accepted = cli.call("model.update", {"url": server.url + path})
+            time.sleep(0.05)
+        assert accepted["ok"] and accepted["result"]["accepted"] is True, accepted
+        events.wait("active", 60)
+        wait_for(lambda: len(replies) == len(sent), 30, what=f"all {len(sent)} replies ({len(replies)})")
+        load.close()
+        versions = [replies[c]["result"]["model"] if replies[c]["ok"] else replies[c]["error"] for c in sent]
+        assert all(replies[c]["ok"] for c in sent), [v for v in versions if not isinstance(v, str)][:3]
+        assert len(sent) >= 200
+        first_new = versions.index(f"{NAME}@9.5.0")
+        assert set(versions[:first_new]) == {f"{NAME}@{old}"} and set(versions[first_new:]) == {f"{NAME}@9.5.0"}
+        status = cli.call("status")["result"]
+        assert status["model"]["version"] == "9.5.0" and status["models"]["active"] == "9.5.0"
+        assert events.names()[:2] == ["requested", "verified"] and "health_passed" in events.names()
+    finally:
+        cli.close()
+        events.close()
+    assert agent.stop() == 0
+
+
+def test_a_model_that_makes_the_agent_restart_is_rolled_back(tmp_path, pki, signer, server, local_broker,
+                                                             cloud_broker, make_agent):
+    """After a swap, before the model is marked good, the agent dies at start (kill -9) again and again: past
+    ota.crash_restarts it boots the previous model, marks the new one bad and says why."""
+    from conftest import wait_for
+    from test_commands import CommandClient
+
+    path = pack(server.root, "9.6.0", signer[1])
+    agent = _ota_agent(make_agent, local_broker, cloud_broker, signer, crash_restarts=2, good_after_s=600).start()
+    agent.wait_ready()
+    events = Events(cloud_broker, pki)
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 30, what="model loaded")
+        assert cli.call("model.update", {"url": server.url + path, "wait": True}, timeout=60)["ok"]
+        for boot in (1, 2):  # killed right after each start, before the model is marked good
+            agent.kill9()
+            agent.start()
+            agent.wait_ready()
+            wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 30, what="model loaded")
+            assert cli.call("status")["result"]["model"]["version"] == "9.6.0"
+            assert cli.call("model.list")["result"]["trial"]["boots"] == boot
+        agent.kill9()
+        agent.start()
+        agent.wait_ready()
+        wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 30, what="model loaded")
+        status = cli.call("status")["result"]
+        assert status["model"]["version"] == shipped_model_dir().name, status["model"]
+        listed = cli.call("model.list")["result"]
+        assert listed["active"] == "default" and "restarted 2 times" in listed["bad"]["9.6.0"], listed
+        ev = events.wait("rolled_back")
+        assert ev["version"] == "9.6.0" and ev["to"] == "default"
+        # and it is not installed again
+        r = cli.call("model.update", {"url": server.url + path, "wait": True}, timeout=60)
+        assert not r["ok"] and "marked bad" in r["error"]["message"], r
+    finally:
+        cli.close()
+        events.close()
+    assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("at", ["downloading", "verified", "staged", "health_passed"])
+def test_kill9_at_each_step_leaves_a_verified_model_serving(tmp_path, pki, signer, local_broker, cloud_broker,
+                                                            make_agent, at):
+    """kill -9 during the download, after the manifest is verified, once staged (health check running), once
+    healthy (the swap): after the restart a verified model serves and the update either completed or is reported
+    failed; no half-written version is ever loaded."""
+    from conftest import wait_for
+    from test_commands import CommandClient
+
+    root = tmp_path / "www"
+    root.mkdir()
+    cert, key = pki["ca"].issue("model-server", server=True)
+    srv = Nginx(tmp_path / "nginx", root, pki["ca"].cert_path, cert, key,
+                rate="300k" if at == "downloading" else "0").start()
+    path = pack(root, "9.7.0", signer[1])
+    agent = _ota_agent(make_agent, local_broker, cloud_broker, signer).start()
+    agent.wait_ready()
+    events = Events(cloud_broker, pki)
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 30, what="model loaded")
+        assert cli.call("model.update", {"url": srv.url + path})["ok"]
+        if at == "downloading":
+            part = tmp_path / "state" / "models" / ".incoming" / f"{NAME}-9.7.0" / "model.int8.onnx.partial"
+            wait_for(lambda: part.exists() and part.stat().st_size > 100_000, 30, what="a partial download")
+        else:
+            wait_for(lambda: at in events.names(), 60, interval=0.005, what=at)
+        agent.kill9()
+        agent.start()
+        agent.wait_ready()
+        wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 30, what="model loaded")
+        serving = cli.call("status")["result"]["model"]["version"]
+        listed = cli.call("model.list")["result"]
+        assert serving in (shipped_model_dir().name, "9.7.0")
+        assert listed["active"] == ("9.7.0" if serving == "9.7.0" else "default"), (serving, listed)
+        if serving != "9.7.0":
+            ev = events.wait("failed")
+            assert ev["reason"] == "interrupted" and ev["version"] == "9.7.0"
+        assert not (tmp_path / "state" / "models" / ".incoming").exists()
+        installed = tmp_path / "state" / "models" / NAME
+        for d in (installed.iterdir() if installed.exists() else []):  # whatever is installed verifies whole
+            from edge_agent.glm.models import load_verified
+            load_verified(d, [_pub(signer[0])])
+        if serving != "9.7.0":  # the update can be made again, and lands
+            r = cli.call("model.update", {"url": srv.url + path, "wait": True}, timeout=90)
+            assert r["ok"] and r["result"]["active"] is True, r
+    finally:
+        cli.close()
+        events.close()
+        srv.stop()
+    assert agent.stop() == 0
