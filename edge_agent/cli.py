@@ -313,7 +313,33 @@ def cmd_model(args: argparse.Namespace) -> int:
         return _model_pack(args)
     if args.action in ("list", "rollback"):
         return _call_daemon(args, f"model.{args.action}", {})
+    if args.action == "keys":
+        return _model_keys(args)
     return _model_install(args)
+
+
+def _model_keys(args: argparse.Namespace) -> int:
+    """A key rotation's request (model.keys): the new set and its serial, signed by a key of the current set."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from edge_agent.ota import key_set_message
+
+    keys = [k.strip() for k in args.source.split(",") if k.strip()]
+    if not keys or not args.key or args.serial <= 0:
+        return _fail("model keys KEY[,KEY...] --key CURRENT.pem --serial N: the new public keys (base64), a key of "
+                     "the current set and a serial above the last rotation's")
+    try:
+        key = load_pem_private_key(Path(args.key).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as e:
+        return _fail(f"--key {args.key}: not a readable unencrypted PEM private key ({e})")
+    if not isinstance(key, Ed25519PrivateKey):
+        return _fail(f"--key {args.key}: not an Ed25519 key")
+    sig = base64.b64encode(key.sign(key_set_message(keys, args.serial))).decode()
+    _print_json({"keys": ",".join(keys), "serial": args.serial, "sig": sig})
+    return 0
 
 
 def _model_pack(args: argparse.Namespace) -> int:
@@ -507,16 +533,18 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--id", default="", help="the request id (default: a random one)")
     sg.set_defaults(fn=cmd_sign)
     mo = sub.add_parser("model", help="model versions: install (URL or folder, through the running agent), list, "
-                        "rollback; pack (sign a folder for publishing)")
-    mo.add_argument("action", choices=["install", "list", "rollback", "pack"])
+                        "rollback; pack (sign a folder for publishing); keys (sign a key rotation)")
+    mo.add_argument("action", choices=["install", "list", "rollback", "pack", "keys"])
     mo.add_argument("source", nargs="?", default="", help="install: a bundle URL (https://...) or a model folder; "
-                    "pack: the folder to sign")
-    mo.add_argument("--key", default="", help="pack: the Ed25519 private key (PEM) that signs the manifest")
+                    "pack: the folder to sign; keys: the new public keys, comma-separated")
+    mo.add_argument("--key", default="", help="pack: the Ed25519 private key (PEM) that signs the manifest; keys: a "
+                    "key of the current set, that signs the new one")
     mo.add_argument("--version", default="", help="pack: set the version (semver)")
     mo.add_argument("--min-agent", default="", help="pack: the oldest agent version that may run it")
     mo.add_argument("--expires-days", type=float, default=0, help="pack: the manifest expires after this many days "
                     "(0: never)")
     mo.add_argument("--rollback", action="store_true", help="pack: allow installing below the highest version")
+    mo.add_argument("--serial", type=int, default=0, help="keys: the rotation's serial (above the last one's)")
     mo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the agent")
     mo.add_argument("--config", default=DEFAULT_CONFIG, help="where the running agent's state directory is")
     mo.set_defaults(fn=cmd_model)

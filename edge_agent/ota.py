@@ -52,6 +52,14 @@ _MODEL_REASONS = {"signature": "signature", "public_key": "signature", "digest":
                   "path": "path", "external_data": "path", "manifest": "manifest"}
 
 
+MAX_KEYS = 5
+
+
+def key_set_message(keys: list[str], serial: int) -> bytes:
+    """What a key rotation signs: the new set and its serial, canonical JSON."""
+    return json.dumps({"keys": list(keys), "serial": serial}, sort_keys=True, separators=(",", ":")).encode()
+
+
 class UpdateError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         assert reason in REASONS, reason
@@ -76,6 +84,8 @@ class OtaState:
     highest: str | None = None     # no version at or below it is installed again, unless its manifest says rollback
     trial: dict | None = None      # {"version", "previous", "swapped_at", "boots"} until marked good
     pending: dict | None = None    # an update in progress: {"version", "url", "step"}
+    keys: list[str] | None = None  # the trusted key set after a rotation (None: model.public_key, ota.trusted_keys)
+    keys_serial: int = 0           # a rotation's serial: each must be above the last (no replay of an old set)
 
     @classmethod
     def of(cls, raw: Any) -> OtaState:
@@ -249,7 +259,49 @@ class Updater:
 
     @property
     def keys(self) -> list[str]:
-        return [self.agent.cfg.public_key, *self.cfg.trusted_keys]
+        """The keys a model may be signed by: the rotated set where there is one, else ota.trusted_keys; and always
+        model.public_key (the configured root: the shipped or configured model stays loadable)."""
+        rotated = self.state.keys if self.state.keys is not None else self.cfg.trusted_keys
+        return list(dict.fromkeys([self.agent.cfg.public_key, *rotated]))
+
+    async def rotate_keys(self, keys: list[str], serial: int, sig: str) -> dict:
+        """Replace the trusted key set with `keys`: accepted only when signed (Ed25519, over key_set_message) by a
+        key of the current set, with a serial above the last one's."""
+        from edge_agent.glm.models import parse_public_key
+
+        if not 1 <= len(keys) <= MAX_KEYS:
+            raise UpdateError("manifest", f"a key set holds 1..{MAX_KEYS} keys")
+        try:
+            for k in keys:
+                parse_public_key(k)
+        except ModelError as e:
+            raise UpdateError("manifest", str(e)) from None
+        if serial <= self.state.keys_serial:
+            raise UpdateError("downgrade", f"key set serial {serial} is not above {self.state.keys_serial}, the last "
+                                           "one accepted")
+        msg = key_set_message(keys, serial)
+        import base64
+        import binascii
+
+        from cryptography.exceptions import InvalidSignature
+        try:
+            raw = base64.b64decode(sig, validate=True)
+        except (binascii.Error, ValueError):
+            raise UpdateError("signature", "sig is not base64") from None
+        for k in self.keys:
+            try:
+                parse_public_key(k).verify(raw, msg)
+                break
+            except InvalidSignature:
+                continue
+        else:
+            self._count("refused", "signature")
+            raise UpdateError("signature", "the new key set is not signed by a key of the current set")
+        self.state.keys, self.state.keys_serial = list(keys), serial
+        await self._save()
+        self.agent.keys = self.keys
+        self.event("keys_rotated", serial=serial, keys=len(keys))
+        return {"keys": self.keys, "serial": serial}
 
     # ---- state and events -----------------------------------------------------------------------
     async def _save(self) -> None:
@@ -276,6 +328,7 @@ class Updater:
         rolled back when it has made the agent restart too often."""
         self.state = OtaState.of(await self.store.get_meta("ota"))
         st = self.state
+        self.agent.keys = self.keys
         if st.pending:
             p, st.pending = st.pending, None
             self.event("failed", version=p.get("version"), reason="interrupted",

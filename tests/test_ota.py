@@ -491,3 +491,41 @@ def test_kill9_at_each_step_leaves_a_verified_model_serving(tmp_path, pki, signe
         events.close()
         srv.stop()
     assert agent.stop() == 0
+
+
+def test_the_trusted_keys_rotate_only_when_the_current_set_signs_the_new_one(tmp_path, pki, signer, server):
+    """model.keys: a new set signed by a key of the current set, with a higher serial, replaces it; a set signed
+    by a stranger, or an old set replayed, is refused; a bundle signed by the removed key is then refused."""
+    from edge_agent.ota import UpdateError, key_set_message
+
+    new = Ed25519PrivateKey.generate()
+    new_path = tmp_path / "new.pem"
+    new_path.write_bytes(new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    stranger = Ed25519PrivateKey.generate()
+
+    def sig(key, keys, serial):
+        return base64.b64encode(key.sign(key_set_message(keys, serial))).decode()
+
+    async def main():
+        async with Rig(tmp_path, pki, _pub(signer[0])) as rig:
+            with pytest.raises(UpdateError, match="not signed by a key of the current set"):
+                await rig.updater.rotate_keys([_pub(new)], 1, sig(stranger, [_pub(new)], 1))
+            r = await rig.updater.rotate_keys([_pub(new)], 1, sig(signer[0], [_pub(new)], 1))
+            assert _pub(new) in r["keys"] and _pub(signer[0]) not in r["keys"]
+            with pytest.raises(UpdateError, match="serial 1 is not above 1"):  # a replay
+                await rig.updater.rotate_keys([_pub(signer[0])], 1, sig(new, [_pub(signer[0])], 1))
+            old = pack(server.root, "9.8.0", signer[1])
+            with pytest.raises(UpdateError, match="does not verify with any trusted key"):
+                await rig.updater.update(url=server.url + old, wait=True)
+            fresh = pack(server.root, "9.9.0", new_path)
+            assert (await rig.updater.update(url=server.url + fresh, wait=True))["active"] is True
+            assert "keys_rotated" in [e["event"] for e in await rig.events()]
+        async with Rig(tmp_path, pki, _pub(signer[0])) as rig:  # the rotation outlives a restart
+            assert _pub(signer[0]) not in rig.updater.keys and rig.updater.state.keys_serial == 1
+    asyncio.run(main())
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "model", "keys", _pub(new), "--key", str(new_path),
+                        "--serial", "2"], capture_output=True, text=True, timeout=60)
+    req = json.loads(r.stdout)
+    assert req["serial"] == 2 and req["keys"] == _pub(new)
+    new.public_key().verify(base64.b64decode(req["sig"]), key_set_message([_pub(new)], 2))

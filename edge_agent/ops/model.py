@@ -46,6 +46,17 @@ async def _rollback(gw: Gateway, req: Request) -> dict:
         raise _error(e) from None
 
 
+async def _keys(gw: Gateway, req: Request) -> dict:
+    from edge_agent.ota import UpdateError
+
+    f = req.fields
+    keys = [k.strip() for k in f["keys"].split(",") if k.strip()]
+    try:
+        return await _updater(gw).rotate_keys(keys, f["serial"], f["sig"])
+    except UpdateError as e:
+        raise _error(e) from None
+
+
 OPERATIONS = (
     Operation("model.update", "install a signed model bundle (url: HTTPS, mutual TLS; dir: local, CLI only); "
               "wait: reply with the outcome instead of on acceptance (steps are events on <prefix>/<gw>/ota)",
@@ -55,4 +66,7 @@ OPERATIONS = (
               {}, changes=False, run=_list),
     Operation("model.rollback", "serve the previous good model version again; the current one is marked bad", {},
               changes=True, run=_rollback),
+    Operation("model.keys", "replace the keys that may sign models (keys: comma-separated base64 Ed25519), signed by "
+              "a key of the current set over the new set and a serial above the last (edge-agent model keys)",
+              {"keys": Field((str,)), "serial": Field((int,)), "sig": Field((str,))}, changes=True, run=_keys),
 )
