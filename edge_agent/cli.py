@@ -419,25 +419,29 @@ def _model_install(args: argparse.Namespace) -> int:
         return 1
     from tqdm import tqdm
 
-    bar, step = None, None
+    bar, shown = None, 0
     deadline = time.monotonic() + args.timeout
     try:
-        while time.monotonic() < deadline:
+        while True:
             res = call(state, "model.list", {}, timeout=10)["result"]
             u = res.get("updating")
+            steps = res.get("steps") or []
+            for step in steps[shown:]:
+                if bar is not None:
+                    bar.write(f"model update: {step}", file=sys.stderr)
+                else:
+                    print(f"model update: {step}", file=sys.stderr)
+            shown = len(steps)
+            if u is not None and u.get("total") and bar is None:
+                bar = tqdm(total=u["total"], unit="B", unit_scale=True, desc="download", file=sys.stderr)
+            if bar is not None and u is not None:
+                bar.update(u["done"] - bar.n)
             if u is None:
                 break
-            if u["step"] != step:
-                step = u["step"]
-                print(f"model update: {step}" + (f" {u['version']}" if u.get("version") else ""), file=sys.stderr)
-            if u.get("total") and bar is None and step in ("verified", "downloading"):
-                bar = tqdm(total=u["total"], unit="B", unit_scale=True, desc="download", file=sys.stderr)
-            if bar is not None:
-                bar.update(u["done"] - bar.n)
+            if time.monotonic() > deadline:
+                return _fail(f"the update did not finish within --timeout {args.timeout:g} s (it goes on; see "
+                             "edge-agent model list)")
             time.sleep(0.2)
-        else:
-            return _fail(f"the update did not finish within --timeout {args.timeout:g} s (it goes on; see "
-                         "edge-agent model list)")
     finally:
         if bar is not None:
             bar.close()

@@ -256,6 +256,7 @@ class Updater:
         self._good_timer: asyncio.TimerHandle | None = None
         self.progress: dict | None = None  # the update in progress: step, version, bytes done and in all
         self.last: dict | None = None      # the last update's outcome
+        self.steps: list[str] = []         # the events of the update in progress, or of the last one
 
     @property
     def keys(self) -> list[str]:
@@ -310,6 +311,8 @@ class Updater:
     def event(self, event: str, **fields: Any) -> None:
         if self.progress is not None and event not in ("requested", "deleted"):
             self.progress["step"] = event
+        if event != "deleted":
+            self.steps = [*self.steps[-20:], event] if event != "requested" else [event]
         doc = {"event": event, "ts": round(self.clock(), 3), "agent": __version__, **fields}
         self.store.event("ota", json.dumps(doc, separators=(",", ":"), default=str).encode())
         (log.warning if event in ("refused", "failed", "rolled_back", "health_failed") else log.info)(
@@ -454,6 +457,7 @@ class Updater:
                     if src_file.is_symlink() or not src_file.is_file():
                         raise UpdateError("path", f"{name}: not a regular file in {folder}")
                     await loop.run_in_executor(None, shutil.copyfile, src_file, staging / name)
+                    self._progress(manifest["files"][name]["size"])
             self.state.pending["step"] = "stage"
             await self._save()
             target = await loop.run_in_executor(None, self._stage, staging, manifest)
@@ -589,7 +593,8 @@ class Updater:
         st = self.state
         return {"active": st.active or "default", "serving": self.agent.model_name_version(),
                 "installed": installed, "good": st.good, "bad": st.bad, "highest": st.highest,
-                "trial": st.trial, "updating": dict(self.progress) if self.progress else None, "last": self.last}
+                "trial": st.trial, "updating": dict(self.progress) if self.progress else None, "last": self.last,
+                "steps": list(self.steps)}
 
     def cancel(self) -> None:
         if self._fetcher is not None:

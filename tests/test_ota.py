@@ -529,3 +529,37 @@ def test_the_trusted_keys_rotate_only_when_the_current_set_signs_the_new_one(tmp
     req = json.loads(r.stdout)
     assert req["serial"] == 2 and req["keys"] == _pub(new)
     new.public_key().verify(base64.b64decode(req["sig"]), key_set_message([_pub(new)], 2))
+
+
+def test_model_install_from_the_cli_and_old_versions_pruned(tmp_path, pki, signer, local_broker, cloud_broker,
+                                                            make_agent):
+    """`edge-agent model install DIR` through the running agent (each step printed, the outcome as JSON); with
+    ota.keep_versions = 2, the oldest installed version goes once a third is good."""
+    from conftest import wait_for
+
+    agent = _ota_agent(make_agent, local_broker, cloud_broker, signer, keep_versions=2, good_after_s=1).start()
+    agent.wait_ready()
+    cfg = agent.config_path
+    try:
+        def install(version: str) -> subprocess.CompletedProcess:
+            folder = Path(pack(tmp_path / "bundles", version, signer[1]).lstrip("/"))
+            return subprocess.run([sys.executable, "-m", "edge_agent", "model", "install",
+                                   str(tmp_path / "bundles" / folder), "--config", str(cfg)],
+                                  capture_output=True, text=True, timeout=120)
+        (tmp_path / "bundles").mkdir()
+        wait_for(lambda: "model loaded" in agent.log(), 30, what="model loaded")
+        for v in ("10.0.0", "10.1.0", "10.2.0"):
+            r = install(v)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert json.loads(r.stdout.strip().splitlines()[-1]) == {"outcome": "active", "version": v}
+            assert "model update: staged" in r.stderr
+            time.sleep(1.5)  # marked good
+        models = tmp_path / "state" / "models" / NAME
+        wait_for(lambda: sorted(p.name for p in models.iterdir()) == ["10.1.0", "10.2.0"], 10,
+                 what="the oldest version deleted")
+        r = subprocess.run([sys.executable, "-m", "edge_agent", "model", "list", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+        listed = json.loads(r.stdout)["result"]
+        assert listed["active"] == "10.2.0" and listed["good"][-2:] == ["10.1.0", "10.2.0"], listed
+    finally:
+        assert agent.stop() == 0
