@@ -221,6 +221,7 @@ class App:
                 "next_seq": self.store.next_seq, "uplink_connected": bool(self.uplink and self.uplink.connected),
                 "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink and self.uplink.cert else None,
                 "uplink_error": self.uplink.tls_error if self.uplink else None,
+                "cert_reload": self.uplink.last_reload if self.uplink else None,
                 "model": self.agent.info() if self.agent else None,
                 "models": self.updater.list() if self.updater else None}
 
@@ -234,6 +235,10 @@ class App:
                 loop.add_signal_handler(sig, self.request_stop)
             except (NotImplementedError, RuntimeError):  # not the main thread (tests, demo)
                 pass
+        try:  # SIGHUP: look at the uplink's certificate files now (systemctl reload edge-agent)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.uplink.reload.set() if self.uplink else None)
+        except (NotImplementedError, RuntimeError):
+            pass
         if not self.components:
             self.build()
         if self.cfg.metrics.enabled:

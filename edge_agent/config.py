@@ -234,6 +234,9 @@ class UplinkConfig:
     reconnect_max_s: float = opt(60.0, doc="reconnect delay cap", ge=0.1)
     publish_timeout_s: float = opt(15.0, doc="a publish the cloud has not acknowledged by then declares the link "
                                    "dead: counted, reconnected, sent again", ge=0.5, le=600)
+    cert_watch_s: float = opt(5.0, doc="how often the certificate files are looked at while connected (also on "
+                              "SIGHUP); new valid files switch the connection, the old ones serve until the broker "
+                              "takes them", ge=0.2, le=3600)
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
 
 

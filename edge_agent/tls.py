@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 
 class TlsConfigError(Exception):
@@ -86,3 +87,28 @@ def client_context(ca_file: str, cert_file: str = "", key_file: str = "", *, pre
             raise TlsConfigError(f"{prefix}cert_file {cert_file} / key_file {key_file}: "
                                  f"certificate and key do not load together ({e.reason})") from None
     return ctx
+
+
+def check_chain(cert_file: str, ca_file: str, what: str = "cert_file") -> None:
+    """The certificate file's own chain holds (each certificate issued by the next), and where its last issuer is
+    in the CA file, that CA signed it. (A client certificate from another CA than the broker's is allowed: the
+    broker decides; this refuses only a chain that contradicts itself or the CA it names.)"""
+    chain = x509.load_pem_x509_certificates(_read(cert_file, what))
+    try:
+        cas = x509.load_pem_x509_certificates(_read(ca_file, "ca_file"))
+    except ValueError:
+        cas = []
+    for child, parent in zip(chain, chain[1:]):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            raise TlsConfigError(f"{what} {cert_file}: its chain does not hold ({child.subject.rfc4514_string()} is "
+                                 f"not issued by {parent.subject.rfc4514_string()})") from None
+    last = chain[-1]
+    for ca in cas:
+        if ca.subject == last.issuer:
+            try:
+                last.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                raise TlsConfigError(f"{what} {cert_file}: claims to be issued by {ca.subject.rfc4514_string()} "
+                                     "but its signature does not verify with that CA") from None

@@ -62,6 +62,12 @@ class Uplink:
         self._acked = 0
         self._last_cert_check = 0.0
         self.connected = False
+        # new certificate files: (context, cert, file signature) while they wait for the broker's acceptance, and
+        # the signature of files that were refused (by the checks or the broker): not tried again until they change
+        self._candidate: tuple | None = None
+        self._refused: tuple | None = None
+        self.reload = asyncio.Event()  # set on SIGHUP: look at the certificate files now
+        self.last_reload: str | None = None  # the last switch's outcome, for status
         self._load_tls()
 
     def _load_tls(self) -> bool:
@@ -89,6 +95,43 @@ class Uplink:
         self.check_certificate()
         return True
 
+    def _new_files(self) -> bool:
+        """While a context serves: whether the certificate files changed into a valid new set (then it waits in
+        _candidate for the broker's acceptance). An invalid set is refused, said once, counted; the serving
+        context stays."""
+        cfg = self.cfg
+        sig = tuple(_stat(p) for p in (cfg.ca_file, cfg.cert_file, cfg.key_file))
+        if self._candidate is not None or sig in (self._tls_files, self._refused):
+            return self._candidate is not None
+        try:
+            ctx = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, prefix="uplink.")
+            cert = tls.load_cert(cfg.cert_file, "uplink.cert_file")
+            tls.check_chain(cfg.cert_file, cfg.ca_file, "uplink.cert_file")
+        except tls.TlsConfigError as e:
+            self._refused = sig
+            self.last_reload = f"refused: {e}"[:300]
+            self.metrics.cert_reloads.labels("invalid").inc()
+            log.error("new uplink certificate files refused; the connection keeps the old ones",
+                      extra={"error": str(e)})
+            return False
+        self._candidate = (ctx, cert, sig)
+        log.info("uplink certificate files changed; switching the connection to them",
+                 extra={"subject": cert.subject, "not_after": cert.not_after.isoformat()})
+        return True
+
+    async def _watch_files(self, conn: MqttConnection) -> None:
+        """Every uplink.cert_watch_s, and on SIGHUP: new valid certificate files end this connection cleanly (no
+        will) so that the next one tries them."""
+        while not conn.disconnected.done():
+            try:
+                await asyncio.wait_for(self.reload.wait(), self.cfg.cert_watch_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+            self.reload.clear()
+            if self._new_files():
+                await conn.disconnect()
+                return
+
     def _status(self, state: str) -> bytes:
         return json.dumps({"state": state, "gateway": self.gateway, "version": __version__,
                            "ts": time.time_ns()}).encode()
@@ -111,12 +154,16 @@ class Uplink:
         while not self._stopping.is_set():
             if time.monotonic() - self._last_cert_check > CERT_CHECK_INTERVAL_S:
                 self.check_certificate()
-            if not self._load_tls():
-                await backoff.wait(self._stopping)
-                continue
+            if self.ssl_context is None:
+                if not self._load_tls():
+                    await backoff.wait(self._stopping)
+                    continue
+            else:
+                self._new_files()  # changed files wait as a candidate; the serving context stays until one is taken
+            trying = self._candidate
             conn = self._conn = MqttConnection(
                 client_id=self.gateway, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
-                keepalive=self.cfg.keepalive_s, ssl_context=self.ssl_context,
+                keepalive=self.cfg.keepalive_s, ssl_context=trying[0] if trying else self.ssl_context,
                 # the command subscription and the commands sent while the agent is down outlive a restart
                 clean_start=self.on_command is None, session_expiry_s=self.session_expiry_s,
                 will=Will(self.status_topic, self._status("offline")), max_inflight=self.cfg.max_inflight,
@@ -130,6 +177,13 @@ class Uplink:
             except (ConnectError, PublishError, asyncio.TimeoutError) as e:
                 conn.close()
                 reason = str(e)
+                if trying is not None:  # the broker did not take the new certificate: back to the old one, now
+                    self._candidate, self._refused = None, trying[2]
+                    self.last_reload = f"refused by the cloud broker: {reason}"[:300]
+                    self.metrics.cert_reloads.labels("refused").inc()
+                    log.error("the cloud broker refused the new uplink certificate; back to the old one",
+                              extra={"error": reason, "subject": trying[1].subject})
+                    continue
                 self.metrics.uplink_errors.labels(e.kind if isinstance(e, ConnectError) else
                                                   "publish" if isinstance(e, PublishError) else "timed_out").inc()
                 wait = backoff.next()
@@ -138,19 +192,30 @@ class Uplink:
                 await backoff.wait(self._stopping, wait)
                 continue
             backoff.reset()
+            if trying is not None:
+                self.ssl_context, self.cert, self._tls_files = trying
+                self._candidate = None
+                self.last_reload = f"switched to {trying[1].subject}, valid until {trying[1].not_after.isoformat()}"
+                self.metrics.cert_reloads.labels("switched").inc()
+                log.info("uplink switched to the new certificate", extra={"subject": trying[1].subject})
+                self.check_certificate()
             self.connected = True
             self.metrics.uplink_connected.set(1)
             self.metrics.uplink_connects.inc()
             log.info("connected to cloud", extra={"host": self.cfg.host, "port": self.cfg.port,
                                                   "resume_after_seq": max(self._acked, self.store.acked_seq)})
             alerts = asyncio.ensure_future(self._alert_pump(conn))
+            watch = asyncio.ensure_future(self._watch_files(conn))
             try:
                 await self._pump(conn)
             finally:
                 alerts.cancel()
-                await asyncio.gather(alerts, return_exceptions=True)
+                watch.cancel()
+                await asyncio.gather(alerts, watch, return_exceptions=True)
                 self.connected = False
                 self.metrics.uplink_connected.set(0)
+            if self._candidate is not None and not self._stopping.is_set():
+                continue  # a planned switch to new certificate files: reconnect at once
             if not self._stopping.is_set():
                 reason = conn.disconnected.result() if conn.disconnected.done() else "unknown"
                 self.metrics.uplink_errors.labels("disconnected").inc()
