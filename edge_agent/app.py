@@ -22,7 +22,8 @@ from edge_agent.backoff import Backoff
 from edge_agent.config import Config, ConfigError, action_value, rule_from_dict, to_dict
 from edge_agent.control import ControlServer
 from edge_agent.glm.points import PointTable
-from edge_agent.logs import RING
+from edge_agent.logs import RING, ShipHandler, new_trace
+from edge_agent import logs
 from edge_agent.metrics import Metrics
 from edge_agent.ota import Updater
 from edge_agent.records import WriteRefused
@@ -65,6 +66,7 @@ class App:
         self.rules: RuleEngine | None = None
         self.agent: Agent | None = None
         self.updater: Updater | None = None
+        self.shipper: ShipHandler | None = None
         self._actions: set[asyncio.Task] = set()
 
     async def sink(self, readings: list) -> int:
@@ -94,7 +96,7 @@ class App:
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
             write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
             rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
-            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan,
+            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan, log_level=self._log_level,
             pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
             models=self.updater),
             self.metrics,
@@ -108,6 +110,12 @@ class App:
                                  cfg.commands.concurrency, tuple(cfg.commands.reply_prefixes),
                                  cfg.commands.session_expiry_s)
             self.components.append(self.uplink)
+            if cfg.log.ship:
+                lc = cfg.log
+                self.store.log_quota = lc.ship_quota_bytes
+                self.uplink.log_batch_bytes = lc.ship_batch_bytes
+                self.shipper = ShipHandler(self.store.log_line, lc.ship_level, lc.ship_library_level,
+                                           lc.ship_max_line_chars)
         if cfg.southbound.coap.enabled:
             from edge_agent.southbound.coap import CoapAdapter
             self.components.append(CoapAdapter(cfg.southbound.coap, self.sink, self.store.dead_letter,
@@ -133,6 +141,7 @@ class App:
             t.add_done_callback(self._actions.discard)
 
     async def _rule_write(self, rc) -> None:
+        new_trace("rule")  # this task's lines (the write, its audit) carry the firing's own trace id
         value = action_value(rc)
         what = {"rule": rc.id, "device": rc.action_device, "point": rc.action_point, "value": value}
         try:
@@ -244,6 +253,7 @@ class App:
         if self.cfg.metrics.enabled:
             self._metrics_server, _ = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         await self.store.open()
+        logs.ship(self.shipper)
         await self._load_rules()
         for comp in self.components:
             self.state[comp.name] = "starting"
@@ -269,6 +279,13 @@ class App:
                 self._metrics_server.shutdown()
             self.notifier.close()
 
+    def _log_level(self, level: str, for_s: float) -> dict:
+        if self.shipper is None:
+            raise PermissionError("log shipping is off")
+        self.shipper.override(level, for_s)
+        log.info("shipped log level changed for a while", extra={"ship_level": level, "for_s": for_s})
+        return {"level": level, "for_s": for_s, "then": self.cfg.log.ship_level}
+
     def _ota_tls(self):
         """The model server's TLS: ota's own files where set, else the uplink's (the gateway's one identity)."""
         o, u = self.cfg.ota, self.cfg.uplink
@@ -293,6 +310,7 @@ class App:
             if task is not None and not task.done():
                 task.cancel()
             self.state[comp.name] = "stopped"
+        logs.ship(None)
         await self.store.close()
         log.info("stopped")
 

@@ -46,6 +46,17 @@ class LogConfig:
     level: str = opt("info", doc="debug|info|warning|error", choices=("debug", "info", "warning", "error"))
     format: str = opt("auto", doc="auto (journal under systemd, else text) | journal | text",
                       choices=("auto", "journal", "text"))
+    ship: bool = opt(True, doc="keep log records in the store and send them to <prefix>/<gateway>/logs (compressed "
+                     "batches, after readings and alerts)")
+    ship_level: str = opt("info", doc="the agent's records shipped from this level (logs.level changes it for a "
+                          "while)", choices=("debug", "info", "warning", "error"))
+    ship_library_level: str = opt("warning", doc="the libraries' records shipped from this level",
+                                  choices=("debug", "info", "warning", "error"))
+    ship_quota_bytes: int = opt(16 << 20, doc="log records kept for the cloud at most (their own bound, within the "
+                                "store's quota); beyond, the oldest are dropped and counted", ge=1 << 16)
+    ship_batch_bytes: int = opt(256 << 10, doc="log lines per batch before compression, at most", ge=4096,
+                                le=16 << 20)
+    ship_max_line_chars: int = opt(4000, doc="a longer line is cut (with a mark)", ge=200, le=65536)
 
 
 @dataclass

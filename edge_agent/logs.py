@@ -6,15 +6,28 @@ timestamp, since journald stamps it; elsewhere it starts with an ISO timestamp.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+
+# the trace id of the command, ask, write, rule firing or model update a line belongs to: set where one starts
+# (the router, the rule engine), inherited by the tasks it starts, written by the formatter, returned in replies
+TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace", default=None)
+
+
+def new_trace(prefix: str = "") -> str:
+    t = (prefix + "-" if prefix else "") + uuid.uuid4().hex[:12]
+    TRACE.set(t)
+    return t
 
 
 MAX_VALUE_CHARS = 2000  # a value longer than this is cut (with a mark); a traceback is cut at 8,000
@@ -56,8 +69,11 @@ class LogfmtFormatter(logging.Formatter):
         parts.append(f"component={record.name.removeprefix('edge_agent.')}")
         parts.append(f"msg={_quote(record.getMessage())}")
         for k, v in record.__dict__.items():
-            if k not in _RESERVED and not k.startswith("_"):
+            if k not in _RESERVED and not k.startswith("_") and k != "trace":
                 parts.append(f"{k}={_quote(v)}")
+        trace = getattr(record, "trace", None) or TRACE.get()
+        if trace:
+            parts.append(f"trace={_quote(trace, 80)}")
         if record.exc_info:
             parts.append(f"exc={_quote(self.formatException(record.exc_info), 8000)}")
         return prefix + " ".join(parts)
@@ -74,6 +90,65 @@ class RingHandler(logging.Handler):
         self.lines.append((record.levelname.lower(), record.name.removeprefix("edge_agent."), self.format(record)))
 
 
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class ShipHandler(logging.Handler):
+    """Log records for the cloud: those at or above the agent's level (edge_agent.*) or the libraries' level (the
+    rest), formatted as logfmt with a timestamp (control characters escaped, each line bounded), handed to `sink`
+    (the store's log table: it never blocks). `override(level, for_s)` lowers or raises the agent's level for a
+    bounded time, then it reverts."""
+
+    def __init__(self, sink, agent_level: str, library_level: str, max_chars: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink, self.max_chars = sink, max_chars
+        self.agent_level, self.library_level = _LEVELS[agent_level], _LEVELS[library_level]
+        self._override: tuple[int, float] | None = None
+        self.setFormatter(LogfmtFormatter(journal=False))
+
+    def override(self, level: str, for_s: float) -> float:
+        self._override = (_LEVELS[level], time.monotonic() + for_s)
+        ours = logging.getLogger("edge_agent")
+        ours.setLevel(min(_LEVELS[level], logging.getLogger().getEffectiveLevel()))  # the console keeps its level
+        return for_s
+
+    def level_now(self) -> tuple[str, float]:
+        ov = self._override
+        if ov is not None and time.monotonic() < ov[1]:
+            return logging.getLevelName(ov[0]).lower(), round(ov[1] - time.monotonic(), 1)
+        return logging.getLevelName(self.agent_level).lower(), 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ours = record.name.startswith("edge_agent")
+        level = self.agent_level if ours else self.library_level
+        ov = self._override
+        if ours and ov is not None:
+            if time.monotonic() < ov[1]:
+                level = ov[0]
+            else:
+                self._override = None
+                logging.getLogger("edge_agent").setLevel(logging.NOTSET)
+        if record.levelno < level:
+            return
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is not shipped
+            return
+        if len(line) > self.max_chars:
+            line = line[:self.max_chars] + f"...[{len(line) - self.max_chars} more]"
+        self.sink(line.encode("utf-8", "backslashreplace"))
+
+
+def ship(handler: ShipHandler | None) -> None:
+    """Add (or, with None, remove) the shipping handler on the root logger; the root's level lets through what it
+    needs."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, ShipHandler)]:
+        root.removeHandler(h)
+    if handler is not None:
+        root.addHandler(handler)
+
+
 RING = RingHandler(1000)  # the last lines, for the logs.tail command
 RING.setFormatter(LogfmtFormatter(journal=False))
 
@@ -85,6 +160,8 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(journal))
+    handler.setLevel(level.upper())  # a shipped-level override (logs.level) never floods the console
+    RING.setLevel(level.upper())
     root.addHandler(handler)
     root.addHandler(RING)
     root.setLevel(level.upper())

@@ -82,6 +82,10 @@ class Metrics:
         self.glm_seconds = Histogram(p + "glm_request_seconds", "GLM request latency (queue wait included)",
                                      registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10))
         self.glm_queue = Gauge(p + "glm_queue_depth", "GLM requests waiting for the inference worker", registry=r)
+        self.logs_dropped = Counter(p + "logs_dropped", "Log lines for the cloud dropped: quota (the oldest, at "
+                                    "log.ship_quota_bytes), queue (a flood), store_error, set_aside (a batch the cloud "
+                                    "kept refusing)", ["reason"], registry=r)
+        self.logs_sent = Counter(p + "logs_sent", "Log lines the cloud acknowledged", registry=r)
         self.cert_reloads = Counter(p + "cert_reloads", "New uplink certificate files: switched (the broker took "
                                     "them), refused (by the broker: back to the old ones), invalid (refused by the "
                                     "checks)", ["outcome"], registry=r)

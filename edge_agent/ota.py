@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edge_agent import __version__
+from edge_agent.logs import TRACE
 from edge_agent.glm.models import MAX_MANIFEST_BYTES, ModelError, load_verified, verify_manifest
 from edge_agent.records import ModelHealthError
 
@@ -314,6 +315,8 @@ class Updater:
         if event != "deleted":
             self.steps = [*self.steps[-20:], event] if event != "requested" else [event]
         doc = {"event": event, "ts": round(self.clock(), 3), "agent": __version__, **fields}
+        if TRACE.get():
+            doc["trace"] = TRACE.get()  # the model.update request that started it
         self.store.event("ota", json.dumps(doc, separators=(",", ":"), default=str).encode())
         (log.warning if event in ("refused", "failed", "rolled_back", "health_failed") else log.info)(
             f"model update: {event}", extra={k: str(v)[:200] for k, v in fields.items()})

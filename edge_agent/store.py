@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, payload BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS alert_log (
     id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (id TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS logs (id INTEGER PRIMARY KEY, line BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     name TEXT NOT NULL, rid TEXT NOT NULL, ts_ns INTEGER NOT NULL, reply BLOB, PRIMARY KEY (name, rid)) WITHOUT ROWID;
 """
@@ -98,6 +99,8 @@ class Job(enum.Enum):
     REQUEST_REPLY = "reply"    # the reply of a taken request id
     EVENT = "event"            # an event for the cloud (topic, payload): model updates; not in the alert log
     META = "meta"              # (key, JSON value or None to delete) kept across restarts (a future)
+    LOG = "log"                # a log line for the cloud (never blocks; bounded by log_quota)
+    LOG_ACK = "log_ack"        # the cloud acknowledged log lines up to an id
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class OutboxRow:
     payload: bytes
 
 
+LOG_QUEUE_MAX = 20_000  # log lines waiting for the writer; beyond, dropped and counted (a flood never blocks)
 _JSON_NAMES: dict[str, str] = {}
 
 
@@ -174,6 +178,12 @@ class Store:
         self.requests_keep_s = 600.0
         self.requests_max = 1000
         self.next_alert_id = 1
+        self.next_log_id = 1
+        self.log_bytes = 0                # bytes of log lines kept for the cloud
+        self.log_quota = 16 << 20         # beyond, the oldest lines go (counted): log.ship_quota_bytes
+        self._logs_pending = 0            # lines handed to the writer, not yet committed (bounded: LOG_QUEUE_MAX)
+        self.log_acked = 0                # the cloud acknowledged log lines up to here (kept in meta)
+        self.new_log: asyncio.Event | None = None
         self.next_seq = 1
         self.outbox_readings = 0
         self.outbox_bytes = 0
@@ -201,6 +211,7 @@ class Store:
         self._slots = asyncio.Semaphore(self.cfg.queue_max_batches)
         self.new_data = asyncio.Event()
         self.new_alert = asyncio.Event()
+        self.new_log = asyncio.Event()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._writer_main, args=(ready,), name="store-writer", daemon=True)
@@ -274,6 +285,31 @@ class Store:
     def alert(self, payload: bytes, rule: str, device: str, state: str) -> None:
         """Keep an alert for the cloud and in the alert log (in the next commit; never blocks the caller)."""
         self._q.put((Job.ALERT, Alert(payload, rule, device, state), None))
+
+    def log_line(self, line: bytes) -> None:
+        """Keep a log line for the cloud (from any thread; never blocks: beyond LOG_QUEUE_MAX lines waiting for the
+        writer, the line is dropped and counted)."""
+        if self._logs_pending >= LOG_QUEUE_MAX:
+            self.metrics.logs_dropped.labels("queue").inc()
+            return
+        self._logs_pending += 1
+        self._q.put((Job.LOG, line, None))
+
+    def ack_logs(self, upto_id: int) -> None:
+        self._q.put((Job.LOG_ACK, upto_id, None))
+
+    async def read_logs(self, after_id: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """Log lines after `after_id`, oldest first: at least one, then up to `max_bytes`."""
+        def read() -> list[tuple[int, bytes]]:
+            out, size = [], 0
+            for i, line in self._rconn.execute(  # type: ignore[union-attr]
+                    "SELECT id, line FROM logs WHERE id > ? ORDER BY id LIMIT 10000", (after_id,)):
+                if out and size + len(line) > max_bytes:
+                    break
+                out.append((i, line))
+                size += len(line)
+            return out
+        return await self._read(read)
 
     def event(self, topic: str, payload: bytes) -> None:
         """Keep an event for the cloud's <prefix>/<gateway>/<topic>, behind and with the alerts (same bound, same
@@ -475,6 +511,12 @@ class Store:
         row = conn.execute("SELECT max(coalesce((SELECT value FROM meta WHERE key='next_alert_id'), 1), "
                            "coalesce((SELECT max(id) + 1 FROM alerts), 1))").fetchone()
         self.next_alert_id = int(row[0])
+        row = conn.execute("SELECT max(coalesce((SELECT value FROM meta WHERE key='next_log_id'), 1), "
+                           "coalesce((SELECT max(id) + 1 FROM logs), 1)), "
+                           "(SELECT coalesce(sum(length(line)), 0) FROM logs)").fetchone()
+        self.next_log_id, self.log_bytes = int(row[0]), int(row[1])
+        row = conn.execute("SELECT value FROM meta WHERE key='log_acked'").fetchone()
+        self.log_acked = int(row[0]) if row else 0
         n, b = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox").fetchone()
         self.outbox_readings, self.outbox_bytes = n, b
         self._load_registry(conn)
@@ -507,6 +549,8 @@ class Store:
         dead: list[tuple] = []
         alerts: list[Alert] = []
         metas: list[tuple[str, str | None]] = []
+        lines: list[bytes] = []
+        logs_acked = 0
         alerts_acked = 0
         rule_changes: list[tuple[str, str | None]] = []
         taken: list[tuple[tuple[str, str], asyncio.Future]] = []
@@ -552,6 +596,10 @@ class Store:
             elif kind is Job.META:
                 metas.append(payload)
                 results.append((fut, 0))
+            elif kind is Job.LOG:
+                lines.append(payload)
+            elif kind is Job.LOG_ACK:
+                logs_acked = max(logs_acked, payload)
             elif kind is Job.ALERT_ACK:
                 alerts_acked = max(alerts_acked, payload)
             elif kind is Job.RULE:
@@ -620,6 +668,7 @@ class Store:
                     conn.execute("DELETE FROM rules WHERE id = ?", (rule_id,))
                 else:
                     conn.execute("INSERT OR REPLACE INTO rules VALUES (?, ?)", (rule_id, doc))
+            next_log_id, log_bytes, _dropped = self._commit_logs(conn, lines, logs_acked)
             for key, value in metas:
                 if value is None:
                     conn.execute("DELETE FROM meta WHERE key = ?", (f"x.{key}",))
@@ -656,14 +705,21 @@ class Store:
             if self._disk_full(conn):
                 # acks and alerts have no one to redeliver them: kept for the next maintenance pass (once a second,
                 # not at once: a disk that stays full must not spin the writer), bounded like the alerts table
-                self._retry = (self._retry + [j for j in jobs if j[2] is None])[-(self.alerts_max + 1000):]
+                self._retry = (self._retry + [j for j in jobs if j[2] is None and j[0] is not Job.LOG]
+                               )[-(self.alerts_max + 1000):]
+            if lines:  # log lines are not kept through a failed commit: dropped, counted
+                self._logs_pending -= len(lines)
+                self.metrics.logs_dropped.labels("store_error").inc(len(lines))
             self._full_log.warning("commit_failed", "store commit failed; the sources will redeliver",
                                    error=str(e))
             self._resolve(results, StoreError(f"commit failed: {e}",
                                               data=isinstance(e, (sqlite3.InterfaceError, sqlite3.DataError))))
             return
+        self._logs_pending -= len(lines)
         self.next_seq = seq
         self.next_alert_id = next_alert_id
+        self.next_log_id, self.log_bytes = next_log_id, log_bytes
+        self.log_acked = max(self.log_acked, logs_acked)
         if ack > self.acked_seq:
             self.acked_seq = ack
             self.outbox_readings -= acked[0]
@@ -690,7 +746,7 @@ class Store:
         self.metrics.store_commit_seconds.observe(time.perf_counter() - t0)
         self.metrics.outbox_readings.set(self.outbox_readings)
         self.metrics.outbox_bytes.set(self.outbox_bytes)
-        self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts))
+        self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts), logs=bool(lines))
         if waiting:
             self._resolve([(f, 0) for f in waiting], StoreError(self._full_reason(), full=True))
 
@@ -787,7 +843,36 @@ class Store:
         self._seen_devices.clear()
         self._seen_points.clear()
 
-    def _resolve(self, results: list, error: BaseException | None, notify: bool = False, alert: bool = False) -> None:
+    def _commit_logs(self, conn: sqlite3.Connection, lines: list[bytes], acked: int) -> tuple[int, int, int]:
+        """Insert the log lines, drop what the cloud acknowledged, keep the table within log_quota (oldest first):
+        (the next id, the bytes kept, the lines dropped at the quota)."""
+        next_id, kept, dropped = self.next_log_id, self.log_bytes, 0
+        if lines:
+            conn.executemany("INSERT INTO logs (id, line) VALUES (?, ?)",
+                             [(next_id + i, line) for i, line in enumerate(lines)])
+            next_id += len(lines)
+            kept += sum(len(line) for line in lines)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_log_id', ?)", (next_id,))
+        if acked:
+            kept -= conn.execute("SELECT coalesce(sum(length(line)), 0) FROM logs WHERE id <= ?", (acked,)).fetchone()[0]
+            conn.execute("DELETE FROM logs WHERE id <= ?", (acked,))
+        if acked:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('log_acked', max(?, coalesce((SELECT value FROM meta "
+                         "WHERE key = 'log_acked'), 0)))", (acked,))
+        if kept > self.log_quota:  # the oldest go (the uplink counts them: the ids it never sent)
+            excess, upto = kept - self.log_quota, 0
+            for i, n in conn.execute("SELECT id, length(line) FROM logs ORDER BY id"):
+                excess -= n
+                kept -= n
+                dropped += 1
+                upto = i
+                if excess <= 0:
+                    break
+            conn.execute("DELETE FROM logs WHERE id <= ?", (upto,))
+        return next_id, kept, dropped
+
+    def _resolve(self, results: list, error: BaseException | None, notify: bool = False, alert: bool = False,
+                 logs: bool = False) -> None:
         def done() -> None:
             for fut, value in results:
                 if not fut.done():
@@ -799,7 +884,9 @@ class Store:
                 self.new_data.set()
             if alert and self.new_alert is not None:
                 self.new_alert.set()
-        if results or notify or alert:
+            if logs and self.new_log is not None:
+                self.new_log.set()
+        if results or notify or alert or logs:
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(done)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import gzip
 import json
 import logging
 import os
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 CERT_CHECK_INTERVAL_S = 3600
 
 
+LOG_TRIES = 3  # a log batch that failed this often is set aside
+
+
 class Uplink:
     name = "uplink"
 
@@ -44,6 +48,9 @@ class Uplink:
                  on_command: CommandHandler | None = None, max_commands: int = 8,
                  reply_prefixes: tuple[str, ...] = (), session_expiry_s: int = 3600) -> None:
         self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
+        self.log_batch_bytes = 0  # > 0: ship the store's log lines (log.ship_batch_bytes a batch)
+        self._sent_seq = 0  # readings published up to here (logs wait while readings wait to be sent)
+        self._log_failures: dict[int, int] = {}  # a log batch's first id -> failed tries
         self.on_command = on_command
         self.max_commands = max_commands
         self.ssl_context: ssl.SSLContext | None = None
@@ -204,14 +211,15 @@ class Uplink:
             self.metrics.uplink_connects.inc()
             log.info("connected to cloud", extra={"host": self.cfg.host, "port": self.cfg.port,
                                                   "resume_after_seq": max(self._acked, self.store.acked_seq)})
-            alerts = asyncio.ensure_future(self._alert_pump(conn))
-            watch = asyncio.ensure_future(self._watch_files(conn))
+            helpers = [asyncio.ensure_future(self._alert_pump(conn)), asyncio.ensure_future(self._watch_files(conn))]
+            if self.log_batch_bytes:
+                helpers.append(asyncio.ensure_future(self._log_pump(conn)))
             try:
                 await self._pump(conn)
             finally:
-                alerts.cancel()
-                watch.cancel()
-                await asyncio.gather(alerts, watch, return_exceptions=True)
+                for h in helpers:
+                    h.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
                 self.connected = False
                 self.metrics.uplink_connected.set(0)
             if self._candidate is not None and not self._stopping.is_set():
@@ -246,7 +254,7 @@ class Uplink:
     async def _pump(self, conn: MqttConnection) -> None:
         store, cfg = self.store, self.cfg
         assert store.new_data is not None
-        sent = max(self._acked, store.acked_seq)
+        sent = self._sent_seq = max(self._acked, store.acked_seq)
         inflight: collections.deque[tuple[int, int, asyncio.Future, float]] = collections.deque()
         loop = asyncio.get_running_loop()
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -263,7 +271,7 @@ class Uplink:
                                f'"count":{count},"readings":[').encode() + b",".join(r.payload for r in rows) + b"]}"
                     inflight.append((last, count, conn.publish(self.telemetry_topic, payload, qos=1), loop.time()))
                     self.metrics.batches_sent.inc()
-                    sent = last
+                    sent = self._sent_seq = last
                 if self._stopping.is_set() and not inflight:
                     return
                 waits: list[asyncio.Future] = [conn.disconnected]
@@ -329,6 +337,47 @@ class Uplink:
                 store.ack_alerts(aid)
                 if topic == "alerts":
                     self.metrics.alerts.labels("sent").inc()
+
+    async def _log_pump(self, conn: MqttConnection) -> None:
+        """Log lines leave the store oldest first, in gzip'd JSON batches ({gateway, first_id, last_id, lines}), one
+        at a time, each deleted after the cloud's PUBACK, and only while no reading waits to be sent. A batch that
+        fails LOG_TRIES times (on any connections) is set aside: deleted and counted, never blocking the rest."""
+        store = self.store
+        assert store.new_log is not None
+        sent = store.log_acked
+        while not conn.disconnected.done():
+            store.new_log.clear()
+            if self._sent_seq < store.next_seq - 1:  # readings first
+                await asyncio.sleep(0.05)
+                continue
+            rows = await store.read_logs(sent, self.log_batch_bytes)
+            if not rows:
+                await store.new_log.wait()
+                continue
+            first, last = rows[0][0], rows[-1][0]
+            if first > sent + 1:  # ids are consecutive: the ones between never left, the quota took them
+                self.metrics.logs_dropped.labels("quota").inc(first - sent - 1)
+                sent = first - 1
+            body = {"gateway": self.gateway, "first_id": first, "last_id": last,
+                    "lines": [line.decode("utf-8", "backslashreplace") for _, line in rows]}
+            payload = gzip.compress(json.dumps(body, separators=(",", ":")).encode(), 6)
+            try:
+                await self._acked_publish(conn, f"{self.base}/logs", payload)
+            except PublishError:
+                if conn.disconnected.done():
+                    return  # the link went, not the batch: sent again on the next connection
+                tries = self._log_failures[first] = self._log_failures.get(first, 0) + 1
+                if tries < LOG_TRIES:
+                    return  # sent again on the next connection
+                self.metrics.logs_dropped.labels("set_aside").inc(len(rows))
+                log.error("a log batch the cloud kept refusing was set aside", extra={
+                    "first_id": first, "last_id": last, "tries": tries})
+            self._log_failures.pop(first, None)
+            while len(self._log_failures) > 64:
+                self._log_failures.pop(next(iter(self._log_failures)))
+            sent = last
+            store.ack_logs(last)
+            self.metrics.logs_sent.inc(len(rows))
 
     # -- commands: the transport side only; the supervisor's handler knows what they mean -----------
     def _on_command_message(self, conn: MqttConnection, msg) -> None:

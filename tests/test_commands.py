@@ -146,7 +146,9 @@ def test_read_commands_and_refusals(protocol, local_broker, cloud_broker, make_a
 
 def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, make_agent, pki):
     from edge_agent.devkit.brokers import free_port
+    from test_logship import LogViewer
     plc = Plc(free_port()).start()
+    viewer = LogViewer(cloud_broker, pki)
     try:
         agent = make_agent(local_broker, cloud_broker, commands={"allow": ["ping", "status", "write", "ask"]},
                            ask={"writes": "direct"},  # here: the model's write runs at once (confirm: test_trust)
@@ -169,6 +171,12 @@ def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, m
             asked = cli.call("ask", {"text": "set plc-1 setpoint to 62.5"}, rid="a-1")
             assert asked["ok"] and asked["result"]["result"] == {"written": {"device": "plc-1", "point": "setpoint",
                                                                              "value": 62.5}}
+            # its trace id links the question to the write in the cloud's logs: the audit line and the PLC write
+            trace = f"trace={asked['trace']}"
+            wait_for(lambda: sum(trace in line for _, line in viewer.lines()) >= 2, 20, what="the traced lines")
+            traced = [line for _, line in viewer.lines() if trace in line]
+            assert any('msg="write done"' in t and "via ask" in t for t in traced), traced
+            assert any('msg="opcua write"' in t for t in traced), traced
             asked = cli.call("ask", {"text": "set the temperature of plc-1 to 1"}, rid="a-2")
             assert asked["error"]["code"] == "refused" and "not allow-listed" in asked["error"]["message"]
             assert asked["error"]["call"]["args"] == {"device": "plc-1", "point": "temperature", "value": 1}
@@ -185,6 +193,7 @@ def test_resent_write_executes_once_and_is_audited(local_broker, cloud_broker, m
         assert 'msg="write refused"' in log and "who=mqtt " in log and "reply_to=" not in log
         assert agent.stop() == 0
     finally:
+        viewer.close()
         plc.kill()
 
 

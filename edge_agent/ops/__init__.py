@@ -12,7 +12,7 @@ from edge_agent.ops.ask import PendingWrites
 from edge_agent.ops.base import CommandError, Gateway, Operation, reply_error, reply_ok
 from edge_agent.ops.router import READ_ONLY, Router, allowed
 
-_ORDER = ("ping", "status", "devices", "query", "write", "logs.tail", "ask", "config.get", "rules.list",
+_ORDER = ("ping", "status", "devices", "query", "write", "logs.tail", "logs.level", "ask", "config.get", "rules.list",
           "rules.add", "rules.remove", "alerts.list", "confirm", "model.list", "model.update", "model.rollback",
           "model.keys")
 _ALL = {op.name: op for mod in (status, data, write, rules, ask, model) for op in mod.OPERATIONS}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from edge_agent.config import CommandsConfig
+from edge_agent.logs import TRACE
 from edge_agent.glm.schema import ToolSpec
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Gateway:
     pending: Any = None  # ops.ask.PendingWrites: writes ask proposed, awaiting confirmation
     points: Any = None  # glm.points.PointTable: the shipped point words and the gateway's own (ask.points)
     models: Any = None  # ota.Updater: model updates, rollback, the installed versions
+    log_level: Callable[[str, float], dict] | None = None  # the shipped log level for a while (logs.level)
 
 
 @dataclass
@@ -101,11 +103,17 @@ def _dumps(doc: dict) -> bytes:
 
 
 def reply_ok(result: Any) -> bytes:
-    return _dumps({"ok": True, "result": result})
+    return _dumps({"ok": True, "result": result, **_trace()})
 
 
 def reply_error(code: str, message: str, call: dict | None = None) -> bytes:
     err: dict[str, Any] = {"code": code, "message": message}
     if call is not None:
         err["call"] = call  # ask: the tool call the model made of the question
-    return _dumps({"ok": False, "error": err})
+    return _dumps({"ok": False, "error": err, **_trace()})
+
+
+def _trace() -> dict:
+    """The request's trace id (every log line it caused carries it as trace=...)."""
+    t = TRACE.get()
+    return {"trace": t} if t else {}

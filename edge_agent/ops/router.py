@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from edge_agent.config import CommandsConfig, ConfigError
 from edge_agent.metrics import Metrics
 from edge_agent.ops import signing
+from edge_agent.logs import new_trace
 from edge_agent.ops.base import MAX_STRING, CommandError, Gateway, Operation, Request, reply_error, reply_ok
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,9 @@ class Router:
         return doc
 
     async def handle(self, name: str, body: bytes, who: str) -> tuple[bytes, str | None]:
-        """Run one request; returns (reply, id). Never raises."""
+        """Run one request; returns (reply, id). Never raises. Every log line it causes, and its reply, carry a new
+        trace id (the tasks it starts inherit it)."""
+        new_trace()
         rid = None
         label = name if name in self.table else "unknown"
         try:
@@ -188,6 +191,7 @@ class Router:
             fut.set_result(reply)
             if rid is not None:
                 self._remember(name, rid, reply)
+            log.debug("command handled", extra={"command": name, "who": who, "ok": reply.startswith(b'{"ok":true')})
             return reply, rid
         except CommandError as e:
             self.metrics.commands.labels(label, e.code).inc()

@@ -43,6 +43,17 @@ async def _logs_tail(gw: Gateway, req: Request) -> list[str]:
     return lines[-n:]
 
 
+async def _logs_level(gw: Gateway, req: Request) -> dict:
+    if gw.log_level is None:
+        raise CommandError("unavailable", "log shipping is off on this gateway (log.ship = false)")
+    level, for_s = req.fields["level"], req.fields.get("for_s", 600)
+    if level not in _LEVELS:
+        raise CommandError("bad_request", f"logs.level: level must be one of {', '.join(_LEVELS)}")
+    if not 1 <= for_s <= 86400:
+        raise CommandError("bad_request", "logs.level: for_s must be 1 .. 86400")
+    return gw.log_level(level, for_s)
+
+
 OPERATIONS = (
     Operation("ping", "is the agent answering", {}, changes=False, run=_ping),
     Operation("status", "version, uptime, components, outbox, uplink, model", {}, changes=False, run=_status,
@@ -51,4 +62,7 @@ OPERATIONS = (
     Operation("logs.tail", "the agent's last log lines (n, level, component prefix)",
               {"n": Field((int,), False), "level": Field((str,), False), "component": Field((str,), False)},
               changes=False, run=_logs_tail),
+    Operation("logs.level", "ship the agent's log records from this level for for_s seconds (default 600), then "
+              "back to log.ship_level", {"level": Field((str,)), "for_s": Field((int,), False)}, changes=True,
+              run=_logs_level),
 )
