@@ -97,6 +97,7 @@ class App:
             write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
             rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
             rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan, log_level=self._log_level,
+            renew_cert=self._renew_cert if cfg.uplink.enabled and cfg.uplink.renew else None,
             pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
             models=self.updater),
             self.metrics,
@@ -231,6 +232,7 @@ class App:
                 "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink and self.uplink.cert else None,
                 "uplink_error": self.uplink.tls_error if self.uplink else None,
                 "cert_reload": self.uplink.last_reload if self.uplink else None,
+                "cert_renewal": self.uplink.last_renewal if self.uplink else None,
                 "model": self.agent.info() if self.agent else None,
                 "models": self.updater.list() if self.updater else None}
 
@@ -278,6 +280,11 @@ class App:
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
             self.notifier.close()
+
+    def _renew_cert(self) -> dict:
+        assert self.uplink is not None
+        self.uplink.renew_now.set()
+        return {"started": True, "last": self.uplink.last_renewal}
 
     def _log_level(self, level: str, for_s: float) -> dict:
         if self.shipper is None:

@@ -450,6 +450,32 @@ def _model_install(args: argparse.Namespace) -> int:
     return 0 if last.get("outcome") == "active" else 1
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Onboarding: the first key (made here, mode 0600) and its CSR, with the subject the cloud broker's ACL expects
+    (CN = the gateway id). Send the CSR to your CA; install the certificate as uplink.cert_file."""
+    import os
+
+    from edge_agent.renew import make_key_and_csr
+
+    if not config._ID_RE.match(args.gateway):
+        return _fail(f"--gateway {args.gateway!r}: letters, digits, '_', '.', '-' (it becomes the certificate's CN "
+                     "and an MQTT topic segment)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, csr_path = out / f"{args.gateway}.key", out / f"{args.gateway}.csr"
+    if key_path.exists() and not args.force:
+        return _fail(f"{key_path} exists (--force replaces it)")
+    key_pem, csr_pem = make_key_and_csr(args.gateway)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    os.chmod(key_path, 0o600)
+    csr_path.write_bytes(csr_pem)
+    print(f"{key_path} (the private key, mode 0600: it stays on this gateway)\n{csr_path} (send it to your CA; "
+          f"install the certificate it signs as uplink.cert_file, this key as uplink.key_file)")
+    return 0
+
+
 def cmd_ops(_args: argparse.Namespace) -> int:
     from edge_agent import ops
     for op in ops.TABLE.values():
@@ -552,6 +578,12 @@ def parser() -> argparse.ArgumentParser:
     mo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the agent")
     mo.add_argument("--config", default=DEFAULT_CONFIG, help="where the running agent's state directory is")
     mo.set_defaults(fn=cmd_model)
+    ce = sub.add_parser("certs", help="certs request: the first key and CSR of a gateway (onboarding)")
+    ce.add_argument("action", choices=["request"])
+    ce.add_argument("--gateway", required=True, help="the gateway id (the certificate's CN)")
+    ce.add_argument("--out", default=".", help="where the key and CSR are written")
+    ce.add_argument("--force", action="store_true", help="replace an existing key")
+    ce.set_defaults(fn=cmd_certs)
     ls = sub.add_parser("ops", help="list the operations: what each takes, whether it changes anything")
     ls.set_defaults(fn=cmd_ops)
     b = sub.add_parser("bench", help="benchmarks: 'bench model' times the GLM against its peers")

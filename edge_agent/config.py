@@ -248,6 +248,14 @@ class UplinkConfig:
     cert_watch_s: float = opt(5.0, doc="how often the certificate files are looked at while connected (also on "
                               "SIGHUP); new valid files switch the connection, the old ones serve until the broker "
                               "takes them", ge=0.2, le=3600)
+    renew: bool = opt(False, doc="renew the client certificate on the device: a new key made here, a CSR to "
+                      "<prefix>/<gateway>/certs/csr, the cloud's signer answers on .../certs/crt (needs a signer on "
+                      "the cloud side)")
+    renew_fraction: float = opt(0.667, doc="renew at this fraction of the certificate's lifetime (less up to 5 % "
+                                "jitter)", ge=0.05, le=0.99)
+    renew_timeout_s: float = opt(60.0, doc="the signer's answer must come within this", ge=1, le=3600)
+    renew_retry_s: float = opt(300.0, doc="after a failed renewal, retry after this (doubling, up to a day)",
+                               ge=1, le=86400)
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
 
 

@@ -86,6 +86,9 @@ class Metrics:
                                     "log.ship_quota_bytes), queue (a flood), store_error, set_aside (a batch the cloud "
                                     "kept refusing)", ["reason"], registry=r)
         self.logs_sent = Counter(p + "logs_sent", "Log lines the cloud acknowledged", registry=r)
+        self.cert_renewals = Counter(p + "cert_renewals", "Uplink certificate renewals: ok, refused (by the broker), "
+                                     "invalid (the signer's answer failed the checks), timeout", ["outcome"],
+                                     registry=r)
         self.cert_reloads = Counter(p + "cert_reloads", "New uplink certificate files: switched (the broker took "
                                     "them), refused (by the broker: back to the old ones), invalid (refused by the "
                                     "checks)", ["outcome"], registry=r)

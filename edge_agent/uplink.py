@@ -25,7 +25,7 @@ import ssl
 import time
 from typing import Awaitable, Callable
 
-from edge_agent import __version__, tls
+from edge_agent import __version__, renew, tls
 from edge_agent.backoff import Backoff
 from edge_agent.config import UplinkConfig
 from edge_agent.metrics import Metrics
@@ -75,6 +75,18 @@ class Uplink:
         self._refused: tuple | None = None
         self.reload = asyncio.Event()  # set on SIGHUP: look at the certificate files now
         self.last_reload: str | None = None  # the last switch's outcome, for status
+        # renewal on the device (renew.py): the live pair and its successor, a manual trigger, the signer's answers
+        self.files = renew.Files(cfg.cert_file, cfg.key_file)
+        self.renew_now = asyncio.Event()
+        self.last_renewal: str | None = None
+        self._renewing = False  # the candidate is a renewal's .new pair: committed when the broker takes it
+        self._renew_after = 0.0  # monotonic: no renewal before (after a failure)
+        self._renew_wait = cfg.renew_retry_s
+        self._crt: dict[str, asyncio.Future] = {}
+        self.crt_topic, self.csr_topic = f"{base}/certs/crt", f"{base}/certs/csr"
+        done = self.files.recover()
+        if done:
+            log.warning("uplink certificate files: " + done)
         self._load_tls()
 
     def _load_tls(self) -> bool:
@@ -178,12 +190,19 @@ class Uplink:
                 on_message=lambda msg: self._on_command_message(conn, msg))
             try:
                 await conn.connect()
-                if self.on_command is not None:
-                    await conn.subscribe([(self.cmd_prefix + "+", 1)], timeout=self.cfg.publish_timeout_s)
+                subs = ([(self.cmd_prefix + "+", 1)] if self.on_command is not None else []) + \
+                    ([(self.crt_topic, 1)] if self.cfg.renew else [])
+                if subs:
+                    await conn.subscribe(subs, timeout=self.cfg.publish_timeout_s)
                 await self._acked_publish(conn, self.status_topic, self._status("online"), retain=True)
             except (ConnectError, PublishError, asyncio.TimeoutError) as e:
                 conn.close()
                 reason = str(e)
+                if trying is not None and self._renewing:
+                    self._renewing, self._candidate = False, None
+                    self.files.discard()
+                    self._failed_renewal("refused", f"the cloud broker refused the renewed certificate: {reason}")
+                    continue
                 if trying is not None:  # the broker did not take the new certificate: back to the old one, now
                     self._candidate, self._refused = None, trying[2]
                     self.last_reload = f"refused by the cloud broker: {reason}"[:300]
@@ -202,6 +221,15 @@ class Uplink:
             if trying is not None:
                 self.ssl_context, self.cert, self._tls_files = trying
                 self._candidate = None
+                if self._renewing:  # the broker took the renewed pair: now it becomes the live one
+                    self._renewing = False
+                    self.files.commit()
+                    self._tls_files = tuple(_stat(p) for p in (self.cfg.ca_file, self.cfg.cert_file,
+                                                                self.cfg.key_file))
+                    self._renew_wait = self.cfg.renew_retry_s
+                    self.last_renewal = f"renewed: valid until {trying[1].not_after.isoformat()}"
+                    self.metrics.cert_renewals.labels("ok").inc()
+                    log.info("uplink certificate renewed and committed", extra={"not_after": trying[1].not_after.isoformat()})
                 self.last_reload = f"switched to {trying[1].subject}, valid until {trying[1].not_after.isoformat()}"
                 self.metrics.cert_reloads.labels("switched").inc()
                 log.info("uplink switched to the new certificate", extra={"subject": trying[1].subject})
@@ -212,6 +240,8 @@ class Uplink:
             log.info("connected to cloud", extra={"host": self.cfg.host, "port": self.cfg.port,
                                                   "resume_after_seq": max(self._acked, self.store.acked_seq)})
             helpers = [asyncio.ensure_future(self._alert_pump(conn)), asyncio.ensure_future(self._watch_files(conn))]
+            if self.cfg.renew:
+                helpers.append(asyncio.ensure_future(self._renewal(conn)))
             if self.log_batch_bytes:
                 helpers.append(asyncio.ensure_future(self._log_pump(conn)))
             try:
@@ -338,6 +368,64 @@ class Uplink:
                 if topic == "alerts":
                     self.metrics.alerts.labels("sent").inc()
 
+    def _failed_renewal(self, outcome: str, why: str) -> None:
+        self.last_renewal = f"{outcome}: {why}"[:300]
+        self.metrics.cert_renewals.labels(outcome).inc()
+        self._renew_after = time.monotonic() + self._renew_wait
+        log.error("uplink certificate renewal failed; the old pair serves on", extra={
+            "outcome": outcome, "error": why[:300], "retry_s": round(self._renew_wait)})
+        self._renew_wait = min(self._renew_wait * 2, 86400.0)
+
+    async def _renewal(self, conn: MqttConnection) -> None:
+        """While connected: when the certificate is due (or certs.renew asks), a new key and a CSR; the signed
+        certificate checked; then this connection ends so that the next one tries the new pair (see run())."""
+        import uuid
+
+        cfg = self.cfg
+        while not conn.disconnected.done():
+            try:
+                due = renew.due_at(cfg.cert_file, cfg.renew_fraction)
+            except (OSError, ValueError) as e:
+                self._failed_renewal("invalid", f"the live certificate cannot be read: {e}")
+                return
+            wait = max((due - dt.datetime.now(dt.timezone.utc)).total_seconds(),
+                       self._renew_after - time.monotonic(), 0.0)
+            if wait > 0 and not self.renew_now.is_set():
+                try:
+                    await asyncio.wait_for(self.renew_now.wait(), min(wait, 3600.0))
+                except (asyncio.TimeoutError, TimeoutError):
+                    continue
+            self.renew_now.clear()
+            rid = uuid.uuid4().hex[:16]
+            key_pem, csr_pem = renew.make_key_and_csr(self.gateway)
+            self.files.write_key(key_pem)
+            fut = self._crt[rid] = asyncio.get_running_loop().create_future()
+            try:
+                await self._acked_publish(conn, self.csr_topic, renew.csr_message(rid, csr_pem))
+                log.info("uplink certificate renewal: CSR sent", extra={"id": rid})
+                cert_pem = await asyncio.wait_for(fut, cfg.renew_timeout_s)
+                info = self.files.accept(cert_pem, self.gateway, cfg.ca_file)
+                ctx = tls.client_context(cfg.ca_file, str(self.files.cert_new), str(self.files.key_new),
+                                         prefix="renewal.")
+            except PublishError:
+                self.files.discard()
+                return  # the link went; the next connection tries again
+            except (asyncio.TimeoutError, TimeoutError):
+                self.files.discard()
+                self._failed_renewal("timeout", f"no signed certificate within {cfg.renew_timeout_s:g} s")
+                continue
+            except (renew.RenewalError, tls.TlsConfigError) as e:
+                self.files.discard()
+                self._failed_renewal(getattr(e, "outcome", "invalid"), str(e))
+                continue
+            finally:
+                self._crt.pop(rid, None)
+            self._candidate, self._renewing = (ctx, info, None), True
+            log.info("uplink certificate renewal: signed certificate checked; switching to it",
+                     extra={"not_after": info.not_after.isoformat()})
+            await conn.disconnect()
+            return
+
     async def _log_pump(self, conn: MqttConnection) -> None:
         """Log lines leave the store oldest first, in gzip'd JSON batches ({gateway, first_id, last_id, lines}), one
         at a time, each deleted after the cloud's PUBACK, and only while no reading waits to be sent. A batch that
@@ -381,6 +469,16 @@ class Uplink:
 
     # -- commands: the transport side only; the supervisor's handler knows what they mean -----------
     def _on_command_message(self, conn: MqttConnection, msg) -> None:
+        if msg.topic == self.crt_topic:  # the signer's answer to a renewal's CSR
+            conn.ack(msg.mid, msg.qos)
+            try:
+                doc = json.loads(msg.payload[:renew.MAX_CERT_BYTES + 4096])
+                fut = self._crt.get(str(doc.get("id")))
+                if fut is not None and not fut.done():
+                    fut.set_result(str(doc.get("cert", "")).encode())
+            except (ValueError, AttributeError):
+                self.metrics.cert_renewals.labels("invalid").inc()
+            return
         if self.on_command is None or not msg.topic.startswith(self.cmd_prefix):
             conn.ack(msg.mid, msg.qos)
             return

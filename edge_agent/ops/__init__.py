@@ -14,7 +14,7 @@ from edge_agent.ops.router import READ_ONLY, Router, allowed
 
 _ORDER = ("ping", "status", "devices", "query", "write", "logs.tail", "logs.level", "ask", "config.get", "rules.list",
           "rules.add", "rules.remove", "alerts.list", "confirm", "model.list", "model.update", "model.rollback",
-          "model.keys")
+          "model.keys", "certs.renew")
 _ALL = {op.name: op for mod in (status, data, write, rules, ask, model) for op in mod.OPERATIONS}
 assert set(_ALL) == set(_ORDER), "list a new operation in _ORDER (the order `known:` messages and docs show)"
 TABLE: dict[str, Operation] = {name: _ALL[name] for name in _ORDER}

@@ -59,6 +59,7 @@ class Gateway:
     points: Any = None  # glm.points.PointTable: the shipped point words and the gateway's own (ask.points)
     models: Any = None  # ota.Updater: model updates, rollback, the installed versions
     log_level: Callable[[str, float], dict] | None = None  # the shipped log level for a while (logs.level)
+    renew_cert: Callable[[], dict] | None = None  # start an uplink certificate renewal (certs.renew)
 
 
 @dataclass

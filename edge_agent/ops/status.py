@@ -20,7 +20,8 @@ async def _status(gw: Gateway, req: Request) -> dict:
 
 def _status_answer(fields: dict, result: Any) -> str:
     up = result.get("uptime_s", 0)
-    return (f"gateway {result.get('gateway')} up {up / 3600:.1f} h; uplink "
+    took = f"{up:.0f} s" if up < 120 else f"{up / 60:.0f} min" if up < 7200 else f"{up / 3600:.1f} h"
+    return (f"gateway {result.get('gateway')} up {took}; uplink "
             f"{'connected' if result.get('uplink_connected') else 'down'}; "
             f"{result.get('outbox_readings', 0)} readings waiting for the cloud")
 
@@ -54,6 +55,12 @@ async def _logs_level(gw: Gateway, req: Request) -> dict:
     return gw.log_level(level, for_s)
 
 
+async def _certs_renew(gw: Gateway, req: Request) -> dict:
+    if gw.renew_cert is None:
+        raise CommandError("unavailable", "certificate renewal is off on this gateway (uplink.renew = false)")
+    return gw.renew_cert()
+
+
 OPERATIONS = (
     Operation("ping", "is the agent answering", {}, changes=False, run=_ping),
     Operation("status", "version, uptime, components, outbox, uplink, model", {}, changes=False, run=_status,
@@ -65,4 +72,6 @@ OPERATIONS = (
     Operation("logs.level", "ship the agent's log records from this level for for_s seconds (default 600), then "
               "back to log.ship_level", {"level": Field((str,)), "for_s": Field((int,), False)}, changes=True,
               run=_logs_level),
+    Operation("certs.renew", "renew the uplink certificate now: a new key on the gateway, a CSR to the cloud's "
+              "signer, the new pair committed once the broker accepts it", {}, changes=True, run=_certs_renew),
 )
