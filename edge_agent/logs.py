@@ -104,12 +104,12 @@ class ShipHandler(logging.Handler):
         self.sink, self.max_chars = sink, max_chars
         self.agent_level, self.library_level = _LEVELS[agent_level], _LEVELS[library_level]
         self._override: tuple[int, float] | None = None
+        self.base = logging.NOTSET  # the agent's logger level while no override runs (set by ship())
         self.setFormatter(LogfmtFormatter(journal=False))
 
     def override(self, level: str, for_s: float) -> float:
         self._override = (_LEVELS[level], time.monotonic() + for_s)
-        ours = logging.getLogger("edge_agent")
-        ours.setLevel(min(_LEVELS[level], logging.getLogger().getEffectiveLevel()))  # the console keeps its level
+        logging.getLogger("edge_agent").setLevel(min(_LEVELS[level], self.base))  # the console keeps its level
         return for_s
 
     def level_now(self) -> tuple[str, float]:
@@ -127,7 +127,7 @@ class ShipHandler(logging.Handler):
                 level = ov[0]
             else:
                 self._override = None
-                logging.getLogger("edge_agent").setLevel(logging.NOTSET)
+                logging.getLogger("edge_agent").setLevel(self.base)
         if record.levelno < level:
             return
         try:
@@ -140,13 +140,22 @@ class ShipHandler(logging.Handler):
 
 
 def ship(handler: ShipHandler | None) -> None:
-    """Add (or, with None, remove) the shipping handler on the root logger; the root's level lets through what it
-    needs."""
+    """Add (or, with None, remove) the shipping handler on the root logger. The loggers let through what the
+    console or the shipping needs (the agent's at the lower of the console's and ship_level, the libraries' at the
+    lower of the console's and ship_library_level); the console's own handler keeps log.level."""
     root = logging.getLogger()
+    console = min((h.level for h in root.handlers if not isinstance(h, ShipHandler) and h.level), default=root.level)
     for h in [h for h in root.handlers if isinstance(h, ShipHandler)]:
         root.removeHandler(h)
-    if handler is not None:
-        root.addHandler(handler)
+    ours = logging.getLogger("edge_agent")
+    if handler is None:
+        ours.setLevel(logging.NOTSET)
+        root.setLevel(console or logging.WARNING)
+        return
+    root.addHandler(handler)
+    root.setLevel(min(console or logging.WARNING, handler.library_level))
+    handler.base = min(console or logging.WARNING, handler.agent_level)
+    ours.setLevel(handler.base)
 
 
 RING = RingHandler(1000)  # the last lines, for the logs.tail command

@@ -136,7 +136,7 @@ def wait_metric(port: int, name: str, value: float, timeout: float, interval: fl
 
 
 def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: int, synchronous: str,
-              rules: int = 0) -> dict:
+              rules: int = 0, ship: bool = True) -> dict:
     ca = CA(work / "pki")
     server = ca.issue("cloud", server=True)
     gw = ca.issue("bench-gw")
@@ -144,7 +144,7 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
     local = Mosquitto.local(work / "local").start()
     cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, *server).start()
     mport = free_port()
-    cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")}, "log": {"level": "warning"},
+    cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")}, "log": {"level": "warning", "ship": ship},
            "southbound": {"mqtt": {"port": local.port, "protocol": os.environ.get("BENCH_PROTOCOL", "5"),
                                    **({"receive_maximum": receive_maximum} if receive_maximum else {})}},
            
@@ -215,11 +215,25 @@ def main() -> None:
     ap.add_argument("--receive-maximum", type=int, default=0, help="0 = the config default")
     ap.add_argument("--synchronous", choices=("full", "normal"), default="full")
     ap.add_argument("--rules", type=int, default=0, help="rules active on the ingested series")
+    ap.add_argument("--ship", choices=("on", "off", "both"), default="on",
+                    help="log shipping (log.ship); both: run twice and compare")
     a = ap.parse_args()
+    if a.ship == "both":
+        rows = {}
+        for ship in (False, True, False, True):  # interleaved: the machine drifts
+            with tempfile.TemporaryDirectory() as d:
+                r = agent_run(Path(d), a.messages, a.devices, a.rate, a.receive_maximum, a.synchronous, a.rules, ship)
+            rows.setdefault(ship, []).append(r["points_per_s"])
+            print(f"log shipping {'on ' if ship else 'off'}: {r['points_per_s']:9.0f} points/s, "
+                  f"CPU {r['cpu_cores']:.2f} cores", flush=True)
+        on, off = sum(rows[True]) / 2, sum(rows[False]) / 2
+        print(f"log shipping on/off throughput: {on / off:.3f} (mean of two runs each)")
+        return
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         ceil = ceiling(work, a.messages, a.devices) * 5
-        r = agent_run(work, a.messages, a.devices, a.rate, a.receive_maximum, a.synchronous, a.rules)
+        r = agent_run(work, a.messages, a.devices, a.rate, a.receive_maximum, a.synchronous, a.rules,
+                      a.ship == "on")
     print(f"backlog: {a.messages} messages x 5 points from {a.devices} devices, QoS 1; "
           f"agent receive_maximum {a.receive_maximum or 'default'}; {a.rules} rules")
     print(f"ceiling  (mosquitto_sub -q 1 drains it)      : {ceil:9.0f} points/s")
