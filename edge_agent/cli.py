@@ -185,6 +185,8 @@ async def _probe(cfg) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge_agent.devkit.demo import run_demo
     logs.setup("warning" if not args.verbose else "info", "text")
+    logging.getLogger("asyncua").setLevel(logging.WARNING)  # its per-node info lines would drown the agent's
+    logging.getLogger("asyncua.server").setLevel(logging.ERROR)  # the PLC simulator's, not the agent's
     return run_demo(duration=args.duration, devices=args.devices, rate=args.rate)
 
 

@@ -65,10 +65,31 @@ async def _devices(port: int, n: int, rate: float, stop: asyncio.Event) -> None:
                     "temperature": round(20 + 5 * math.sin(t / 10 + i) + random.gauss(0, 0.1), 3),
                     "pressure": round(1.0 + 0.05 * math.cos(t / 7 + i), 4),
                     "running": (int(t) // 15 + i) % 2 == 0}}
-                conn.publish(f"devices/pump-{i + 1}/telemetry", json.dumps(payload).encode(), qos=1)
+                fut = conn.publish(f"devices/pump-{i + 1}/telemetry", json.dumps(payload).encode(), qos=1)
+                fut.add_done_callback(_quiet)  # a publish cut by Ctrl-C is not an error of the demo
             await asyncio.sleep(1 / rate)
     finally:
         await conn.disconnect()
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _port_open(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+
+
+HEADER = (f"{'time':>6} {'received':>9} {'committed':>10} {'cloud-acked':>12} {'outbox':>7} {'uplink':>7} "
+          f"{'cloud got':>10} {'last seq':>9}   mqtt/coap/opcua")
 
 
 class CloudViewer:
@@ -126,7 +147,8 @@ class CloudViewer:
                 rid = f"ask-{n}"
                 self.asked[rid] = q
                 n += 1
-                conn.publish("edge/demo-gw/cmd/ask", json.dumps({"id": rid, "text": q}).encode())
+                conn.publish("edge/demo-gw/cmd/ask", json.dumps({"id": rid, "text": q}).encode()).add_done_callback(
+                    _quiet)
         await conn.disconnect()
 
 
@@ -161,7 +183,7 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
     print(f"opcua plc      opc.tcp://127.0.0.1:{plc_port}/plc/ (asyncua, 4 monitored items)")
     cfg = demo_config(work / "state", local.port, cloud.port, ca.cert_path, gw_cert, gw_key, coap_port, sensor_port,
                       plc_port)
-    await asyncio.sleep(1.0)  # the PLC's server comes up
+    await _port_open(plc_port)  # the PLC's server is up before the agent looks for it
     app = App(cfg)
     app.build()
     viewer = CloudViewer()
@@ -169,14 +191,19 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
     agent = asyncio.create_task(app.run())
     await asyncio.sleep(0.5)
     tasks.append(asyncio.create_task(_devices(local.port, devices, rate, stop)))
-    print(f"agent          gateway {cfg.gateway.id}, store {work / 'state'}; Ctrl-C to stop\n")
-    print(f"{'time':>6} {'received':>9} {'committed':>10} {'cloud-acked':>12} {'outbox':>7} {'uplink':>7} "
-          f"{'cloud got':>10} {'last seq':>9}   mqtt/coap/opcua")
+    metrics = f"http://127.0.0.1:{app._metrics_server.server_port}/metrics" if app._metrics_server else "off"
+    print(f"agent          gateway {cfg.gateway.id}, store {work / 'state'}")
+    print(f"metrics        {metrics}")
+    print("operator       asks a question every 4 s over MQTT (edge/demo-gw/cmd/ask); Ctrl-C to stop\n")
     t0 = time.monotonic()
     m = app.metrics
+    rows = 0
     try:
         while not agent.done() and (duration <= 0 or time.monotonic() - t0 < duration):
             await asyncio.sleep(1.0)
+            if rows % 20 == 0:
+                print(HEADER, flush=True)
+            rows += 1
             print(f"{time.monotonic() - t0:6.0f} "
                   f"{int(app.received()):9d} "
                   f"{int(m.value('edge_agent_readings_committed_total')):10d} "
@@ -199,4 +226,6 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
           f"{int(m.value('edge_agent_glm_requests_total', {'outcome': 'ok'}))} questions answered by the GLM, "
           f"{int(m.value('edge_agent_uplink_readings_acked_total'))} acknowledged by the cloud, "
           f"{app.store.outbox_readings} left in the outbox, {viewer.alerts} alerts at the cloud")
+    print("next: edge-agent check --config /etc/edge-agent/config.toml --connect (your own brokers), then the "
+          "README's 'Installing the systemd service'")
     return 0
