@@ -427,7 +427,15 @@ def _convert(key: str, hint: Any, raw: Any) -> Any:
         (item,) = typing.get_args(hint)
         if not isinstance(raw, list):
             raise ConfigError(f"{key}: expected an array ([[{key}]] tables), got {_describe(raw)}")
-        return [_convert(f"{key}[{i}]", item, v) for i, v in enumerate(raw)]
+        out, errors = [], []
+        for i, v in enumerate(raw):
+            try:
+                out.append(_convert(f"{key}[{i}]", item, v))
+            except ConfigError as e:
+                errors.append(str(e))
+        if errors:
+            raise ConfigError("\n".join(errors))
+        return out
     if hint is bool:
         if not isinstance(raw, bool):
             raise ConfigError(f"{key}: expected true or false, got {_describe(raw)}")
@@ -464,29 +472,37 @@ def _describe(raw: Any) -> str:
 
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
+    """The section as its dataclass; every problem of the file is collected and reported at once (one line each)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    errors: list[str] = []
     for k in raw:
         if k not in fields:
             where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"{where}: unknown key (known in {prefix or 'the top level'}: "
-                              f"{', '.join(fields)})")
+            errors.append(f"{where}: unknown key (known in {prefix or 'the top level'}: {', '.join(fields)})")
     values = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{key}: required key is missing ({f.metadata.get('doc', '')})")
+                errors.append(f"{key}: required key is missing ({f.metadata.get('doc', '')})")
             continue
-        value = _convert(key, hints[name], raw[name])
+        try:
+            value = _convert(key, hints[name], raw[name])
+        except ConfigError as e:
+            errors.append(str(e))
+            continue
         meta = f.metadata
         if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-        if meta.get("ge") is not None and value < meta["ge"]:
-            raise ConfigError(f"{key}: must be >= {meta['ge']}, got {value}")
-        if meta.get("le") is not None and value > meta["le"]:
-            raise ConfigError(f"{key}: must be <= {meta['le']}, got {value}")
-        values[name] = value
+            errors.append(f"{key}: expected one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        elif meta.get("ge") is not None and value < meta["ge"]:
+            errors.append(f"{key}: must be >= {meta['ge']}, got {value}")
+        elif meta.get("le") is not None and value > meta["le"]:
+            errors.append(f"{key}: must be <= {meta['le']}, got {value}")
+        else:
+            values[name] = value
+    if errors:
+        raise ConfigError("\n".join(errors))
     return cls(**values)
 
 

@@ -192,3 +192,17 @@ def test_check_runs_the_models_smoke_set_and_reports_a_disagreement(tmp_path):
     r = cli("check", "--config", str(cfg))
     assert r.returncode == 1 and "DISAGREES on this machine: 1 of 2 smoke answers differ" in r.stdout, r.stdout
     assert "'gateway status': got {\"tool\": \"status\", \"args\": {}}" in r.stdout
+
+
+def test_check_reports_every_problem_of_a_file_at_once(tmp_path):
+    p = tmp_path / "three.toml"
+    p.write_text('[store]\nbatch_max_rows = "lots"\nquota_bytes = -1\n[uplink]\nport = 99999\ncolour = "red"\n'
+                 '[[rules.rule]]\nid = "r"\nkind = "sideways"\ndevice = "d"\npoint = "p"\n')
+    r = cli("check", "--config", str(p))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("edge-agent: ") and len(lines) == 5, r.stderr
+    text = r.stderr
+    for needle in ("store.batch_max_rows: expected an integer", "store.quota_bytes: must be >=",
+                   "uplink.colour: unknown key", "uplink.port: must be <= 65535", "rules.rule[0].kind: expected one of"):
+        assert needle in text, (needle, text)
