@@ -179,7 +179,13 @@ async def _probe(cfg) -> list[str]:
         finally:
             await conn.disconnect()
             conn.close()
-    return out or ["# ok nothing to connect to (uplink and southbound MQTT disabled)"]
+    if cfg.southbound.opcua.enabled:
+        from edge_agent.southbound import opcua
+        out += await opcua.probe(cfg.southbound.opcua)
+    if cfg.southbound.coap.enabled:
+        from edge_agent.southbound import coap
+        out += await coap.probe(cfg.southbound.coap)
+    return out or ["# ok nothing to connect to (uplink and southbound disabled)"]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

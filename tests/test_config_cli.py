@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 from edge_agent.config import tomllib
 from pathlib import Path
@@ -206,3 +207,38 @@ def test_check_reports_every_problem_of_a_file_at_once(tmp_path):
     for needle in ("store.batch_max_rows: expected an integer", "store.quota_bytes: must be >=",
                    "uplink.colour: unknown key", "uplink.port: must be <= 65535", "rules.rule[0].kind: expected one of"):
         assert needle in text, (needle, text)
+
+
+def test_check_connect_reaches_the_opcua_servers_and_coap_resources(tmp_path, pki, local_broker, cloud_broker):
+    import subprocess
+    import sys
+
+    from conftest import agent_config, wait_for, write_config
+    from edge_agent.devkit.brokers import free_port, free_udp_port
+    from test_opcua import FAST, NODES, Plc
+
+    plc = Plc(free_port()).start()
+    sensor_port = free_udp_port()
+    sensor = subprocess.Popen([sys.executable, "-m", "edge_agent.devkit.simulators", "coap", "--port",
+                               str(sensor_port)])
+    try:
+        time.sleep(1.0)
+        nodes = [*NODES, {"point": "ghost", "browse_path": "2:PLC/2:NoSuchNode"}]
+        cfg = agent_config(tmp_path, local_broker.port, cloud_broker.port, pki,
+                           southbound__opcua={"enabled": True, "servers": [
+                               {"device": "plc-1", "endpoint": plc.endpoint, **FAST, "nodes": NODES},
+                               {"device": "plc-2", "endpoint": plc.endpoint, **FAST, "nodes": nodes}]},
+                           southbound__coap={"enabled": True, "observe": [
+                               {"uri": f"coap://127.0.0.1:{sensor_port}/sensors/temp", "device": "s-1"},
+                               {"uri": f"coap://127.0.0.1:{sensor_port}/sensors/nothing", "device": "s-2"}]})
+        r = cli("check", "--connect", "--config", str(write_config(tmp_path / "c.toml", cfg)))
+        out = r.stdout
+        assert r.returncode == 1, out + r.stderr
+        assert f"# ok opcua {plc.endpoint} (plc-1): session up (None), {len(NODES)} nodes found" in out, out
+        assert f"# FAILED opcua {plc.endpoint} (plc-2): session up, but not found: ghost" in out
+        assert f"# ok coap coap://127.0.0.1:{sensor_port}/sensors/temp (s-1): 2.05 Content" in out
+        assert f"# FAILED coap coap://127.0.0.1:{sensor_port}/sensors/nothing (s-2): 4.04 Not Found" in out
+    finally:
+        plc.kill()
+        sensor.kill()
+        sensor.wait(10)

@@ -257,3 +257,31 @@ class CoapAdapter:
         await self.sink(readings)
         self._received.inc(len(readings))
         self._last.set(time.time())
+
+
+async def probe(cfg: CoapConfig, timeout_s: float = 5.0) -> list[str]:
+    """`edge-agent check --connect`: one GET (no observation) of each observed resource, with the adapter's
+    credentials; one verdict line each."""
+    if not cfg.observe:
+        return []
+    a = CoapAdapter(cfg, sink=None, dead_letter=None, metrics=Metrics())  # type: ignore[arg-type]  # its credentials
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    if a._creds is not None:
+        ctx.client_credentials.update(a._creds)
+    out = []
+    try:
+        for o in cfg.observe:
+            where = f"coap {o.uri} ({o.device})"
+            try:
+                r = await asyncio.wait_for(ctx.request(Message(code=Code.GET, uri=o.uri)).response, timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                out.append(f"# FAILED {where}: no answer within {timeout_s:g} s")
+                continue
+            except Exception as e:  # noqa: BLE001 - aiocoap's network errors: said, not raised
+                out.append(f"# FAILED {where}: {type(e).__name__}: {e}")
+                continue
+            ok = r.code.is_successful()
+            out.append(f"# {'ok' if ok else 'FAILED'} {where}: {r.code} ({len(r.payload)} bytes)")
+    finally:
+        await ctx.shutdown()
+    return out

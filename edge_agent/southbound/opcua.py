@@ -147,22 +147,10 @@ class _Session:
 
     async def _setup(self, client: Client) -> None:
         cfg = self.cfg
-        if cfg.security_policy != "None":
-            tls.check_key_file(cfg.client_key_file, "client_key_file")
-            mode = getattr(ua.MessageSecurityMode, cfg.security_mode)
-            await client.set_security(_POLICIES[cfg.security_policy], certificate=cfg.client_cert_file,
-                                      private_key=cfg.client_key_file, server_certificate=cfg.server_cert_file,
-                                      mode=mode)
-        if cfg.username:
-            client.set_user(cfg.username)
-            client.set_password(cfg.password)
-        await asyncio.wait_for(client.connect(), cfg.request_timeout_s * 3)
+        await _connect(client, cfg)
         self.by_node, self.by_point = {}, {}
         for n in cfg.nodes:
-            if n.node_id:
-                node = client.get_node(n.node_id)
-            else:
-                node = await client.nodes.objects.get_child(n.browse_path.split("/"))
+            node = await _node(client, n)
             vtype = None
             if n.writable:
                 vtype = await node.read_data_type_as_variant_type()
@@ -351,6 +339,52 @@ class OpcuaAdapter:
             log.error("opcua readings could not be committed", extra={"readings": len(batch), "error": str(e)})
         finally:
             self._buffered -= len(batch)
+
+
+async def _connect(client: Client, cfg: OpcuaServerConfig) -> None:
+    """A session with the server's configured security and user."""
+    if cfg.security_policy != "None":
+        tls.check_key_file(cfg.client_key_file, "client_key_file")
+        mode = getattr(ua.MessageSecurityMode, cfg.security_mode)
+        await client.set_security(_POLICIES[cfg.security_policy], certificate=cfg.client_cert_file,
+                                  private_key=cfg.client_key_file, server_certificate=cfg.server_cert_file,
+                                  mode=mode)
+    if cfg.username:
+        client.set_user(cfg.username)
+        client.set_password(cfg.password)
+    await asyncio.wait_for(client.connect(), cfg.request_timeout_s * 3)
+
+
+async def _node(client: Client, n) -> Node:
+    return client.get_node(n.node_id) if n.node_id else await client.nodes.objects.get_child(n.browse_path.split("/"))
+
+
+async def probe(cfg: OpcuaConfig) -> list[str]:
+    """`edge-agent check --connect`: a session with each server (its security, its user) and each configured node
+    found; one verdict line each."""
+    out = []
+    for s in cfg.servers:
+        where = f"opcua {s.endpoint} ({s.device})"
+        client = Client(s.endpoint, timeout=s.request_timeout_s)
+        client.application_uri = s.application_uri
+        try:
+            await _connect(client, s)
+            missing = []
+            for n in s.nodes:
+                try:
+                    await _node(client, n)
+                except Exception as e:  # noqa: BLE001 - a node the server does not have: named
+                    missing.append(f"{n.point} ({n.node_id or n.browse_path}: {_describe(e)[:80]})")
+            out.append(f"# FAILED {where}: session up, but not found: {'; '.join(missing)}" if missing else
+                       f"# ok {where}: session up ({s.security_policy}), {len(s.nodes)} nodes found")
+        except Exception as e:  # noqa: BLE001 - every failure is a verdict, not a crash
+            out.append(f"# FAILED {where}: {_reason(e)}: {_describe(e)[:200]}")
+        finally:
+            try:
+                await asyncio.wait_for(client.disconnect(), 2.0)
+            except Exception:  # noqa: BLE001 - never connected, or already gone
+                pass
+    return out
 
 
 def _describe(e: BaseException) -> str:
