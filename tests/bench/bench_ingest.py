@@ -136,7 +136,7 @@ def wait_metric(port: int, name: str, value: float, timeout: float, interval: fl
 
 
 def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: int, synchronous: str,
-              rules: int = 0, ship: bool = True) -> dict:
+              rules: int = 0, ship: bool = True, delay_ms: float | None = None) -> dict:
     ca = CA(work / "pki")
     server = ca.issue("cloud", server=True)
     gw = ca.issue("bench-gw")
@@ -150,7 +150,8 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
            
            "uplink": {"host": "localhost", "port": cloud.port, "ca_file": str(ca.cert_path), "cert_file": str(gw[0]),
                       "key_file": str(gw[1])},
-           "store": {"synchronous": synchronous}, "metrics": {"port": mport},
+           "store": {"synchronous": synchronous,
+                     **({"batch_max_delay_ms": delay_ms} if delay_ms is not None else {})}, "metrics": {"port": mport},
            # the GLM is off unless BENCH_MODEL=1: loading ONNX Runtime and the model adds ~70 MB of RSS
            "model": {"enabled": os.environ.get("BENCH_MODEL") == "1"},
            # rules on the benchmark's own series (thresholds the generated values never reach: no alerts)
@@ -192,12 +193,19 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
                                 str(viewer[1]), str(out), str(5 * m)], stdout=subprocess.PIPE)
         sub.stdout.readline()
         time.sleep(0.5)
+        cpu_a, _ = proc_stats(agent.pid)
+        commits_a = metric(mport, "edge_agent_store_commits_total")
+        g0 = time.perf_counter()
         run_gen(local.port, m, devices, rate)
         sub.wait(120)
+        cpu_b, _ = proc_stats(agent.pid)
+        paced_s = time.perf_counter() - g0
+        commits_paced = metric(mport, "edge_agent_store_commits_total") - commits_a
         lat = sorted(json.loads(out.read_text())["latencies_ms"])
         return {"points_per_s": 5 * n / elapsed, "cpu_cores": (cpu1 - cpu0) / elapsed,
                 "rss_mb": max(peak, rss) / 2**20, "p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99)],
                 "batches": len(lat), "rate": rate, "paused": paused, "commits": commits,
+                "paced_cpu_cores": (cpu_b - cpu_a) / paced_s, "paced_commits": commits_paced, "paced_messages": m,
                 "commit_ms": 1000 * commit_s / max(commits, 1)}
     finally:
         if agent is not None:
@@ -215,6 +223,7 @@ def main() -> None:
     ap.add_argument("--receive-maximum", type=int, default=0, help="0 = the config default")
     ap.add_argument("--synchronous", choices=("full", "normal"), default="full")
     ap.add_argument("--rules", type=int, default=0, help="rules active on the ingested series")
+    ap.add_argument("--delay-ms", type=float, default=None, help="store.batch_max_delay_ms (default: the config's)")
     ap.add_argument("--ship", choices=("on", "off", "both"), default="on",
                     help="log shipping (log.ship); both: run twice and compare")
     a = ap.parse_args()
@@ -233,7 +242,7 @@ def main() -> None:
         work = Path(d)
         ceil = ceiling(work, a.messages, a.devices) * 5
         r = agent_run(work, a.messages, a.devices, a.rate, a.receive_maximum, a.synchronous, a.rules,
-                      a.ship == "on")
+                      a.ship == "on", a.delay_ms)
     print(f"backlog: {a.messages} messages x 5 points from {a.devices} devices, QoS 1; "
           f"agent receive_maximum {a.receive_maximum or 'default'}; {a.rules} rules")
     print(f"ceiling  (mosquitto_sub -q 1 drains it)      : {ceil:9.0f} points/s")
@@ -242,7 +251,8 @@ def main() -> None:
     print(f"agent CPU {r['cpu_cores']:.2f} cores, peak RSS {r['rss_mb']:.0f} MB; {r['commits']:.0f} commits "
           f"(mean {r['commit_ms']:.1f} ms, synchronous={a.synchronous}), ingest paused {r['paused']:.0f} times")
     print(f"latency at {r['rate'] * 5:.0f} points/s: publish->cloud p50 {r['p50_ms']:.0f} ms, "
-          f"p99 {r['p99_ms']:.0f} ms ({r['batches']} batches)")
+          f"p99 {r['p99_ms']:.0f} ms ({r['batches']} batches); agent CPU there {r['paced_cpu_cores']:.2f} cores, "
+          f"{r['paced_commits']:.0f} commits for {r['paced_messages']} messages")
 
 
 if __name__ == "__main__":
