@@ -33,7 +33,9 @@ class _Ours:
         from edge_agent.glm.generate import Generator
         from edge_agent.glm.runtime import PROVIDERS, RuntimeOptions, session_options
 
-        sess = ort.InferenceSession(model.blobs[file], providers=[PROVIDERS[provider]],
+        # a graph with external data is opened by path (ONNX Runtime finds its data beside it); else the verified bytes
+        source = str(model.dir / file) if model.external.get(file) else model.blobs[file]
+        sess = ort.InferenceSession(source, providers=[PROVIDERS[provider]],
                                     sess_options=session_options(RuntimeOptions([provider], threads)))
         a = model.arch
         self.gen = Generator(sess, [], a["context"], a["num_hidden_layers"], a["num_key_value_heads"],
@@ -47,11 +49,13 @@ class _Ours:
 class _Genai:
     """onnxruntime-genai on the same folder (its genai_config.json names the same file)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, threads: int) -> None:
         import onnxruntime_genai as og
 
         self.og = og
-        self.m = og.Model(str(model_dir))
+        cfg = og.Config(str(model_dir))  # the folder's genai_config.json, with our thread count (a fair comparison)
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.m = og.Model(cfg)
 
     def once(self, ids: list[int], new: int) -> tuple[float, float]:
         og = self.og
@@ -135,6 +139,19 @@ def shipped_eval_sets() -> list[str]:
     return [str(root / "heldout.jsonl"), str(root / "handwritten.jsonl")]
 
 
+def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
+    """This machine's read-only memory bandwidth in GB/s (a sum over an array larger than the caches; best of reps)."""
+    import numpy as np
+
+    a = np.ones(mb * (1 << 20) // 8)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t0))
+    return best / 1e9
+
+
 def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print) -> dict:
     import onnxruntime as ort
 
@@ -153,7 +170,7 @@ def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps
     # ---- ours, unconstrained, per provider x file; onnxruntime-genai interleaved with ours on the served file,
     # run for run, so both see the same machine (this box is noisy)
     try:
-        genai = _Genai(model.dir)
+        genai = _Genai(model.dir, cfg.threads)
     except ImportError:
         genai = None
         out("  onnxruntime-genai not installed (pip install 'edge-agent[bench]'); skipped")
@@ -189,6 +206,18 @@ def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps
                     f"{res['genai']['decode_tok_s']:7.0f} tok/s   (ours/genai "
                     f"{r['decode_tok_s'] / res['genai']['decode_tok_s']:.2f})")
     res["ours"] = rows
+    # the roofline: every weight is read once per generated token (batch 1); the served file's bytes
+    bw = read_bandwidth()
+    per_token = sum(model.manifest["files"][f]["size"] for f in [engine.session.file,
+                                                                 *model.external.get(engine.session.file, [])])
+    roof = bw * 1e9 / per_token
+    res["roofline"] = {"read_gb_s": bw, "bytes_per_token": per_token, "tok_s": roof}
+    for r in rows:
+        if r["file"] == engine.session.file:
+            r["roofline_fraction"] = r["decode_tok_s"] / roof
+    mine = next((r for r in rows if r["file"] == engine.session.file), None)
+    out(f"  roofline: {bw:.1f} GB/s read-only, {per_token / 1e6:.2f} MB of weights a token -> {roof:.0f} tok/s"
+        + (f"; ours decode at {mine['decode_tok_s'] / roof:.0%} of it" if mine else ""))
     served = next((r for r in rows if r["file"] == engine.session.file and r["provider"] == engine.session.provider),
                   rows[0])
     texts = [json.loads(line)["text"] for line in Path(eval_files[0]).read_text().splitlines()[:n_ask]] \
