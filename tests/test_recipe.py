@@ -81,3 +81,27 @@ def test_a_users_glm_checkpoint_drops_in(tmp_path):
     e.load()
     assert e.info()["name"] == "glm-edge-custom"
     e.close()
+
+
+def test_a_quantized_graph_that_fits_one_file_is_written_as_one(tmp_path):
+    """An fp32 export over 2 GB makes the quantizer write external data; when the INT8 result fits in one protobuf
+    it is saved as one file again (the runtime then verifies and loads bytes, not a folder)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    sys.path.insert(0, str(ROOT / "models" / "recipe"))
+    import package
+
+    w = numpy_helper.from_array(np.ones((64, 64), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    path = tmp_path / "model.int8.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="model.int8.onnx.data",
+              size_threshold=0)
+    assert (tmp_path / "model.int8.onnx.data").exists()
+    package.inline_if_small(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
+    m = onnx.load(str(path))
+    assert numpy_helper.to_array(m.graph.initializer[0]).sum() == 64 * 64
