@@ -563,3 +563,26 @@ def test_model_install_from_the_cli_and_old_versions_pruned(tmp_path, pki, signe
         assert listed["active"] == "10.2.0" and listed["good"][-2:] == ["10.1.0", "10.2.0"], listed
     finally:
         assert agent.stop() == 0
+
+
+def test_rollback_serves_the_previous_good_version_and_marks_the_current_bad(tmp_path, pki, signer, server):
+    a, b = pack(server.root, "11.0.0", signer[1]), pack(server.root, "11.1.0", signer[1])
+
+    async def main():
+        from edge_agent.ota import UpdateError
+
+        async with Rig(tmp_path, pki, _pub(signer[0]), good_after_s=0.2) as rig:
+            await rig.updater.update(url=server.url + a, wait=True)
+            await asyncio.sleep(0.5)  # 11.0.0 marked good
+            await rig.updater.update(url=server.url + b, wait=True)
+            assert rig.agent.model_name_version() == f"{NAME}@11.1.0"
+            r = await rig.updater.rollback()
+            assert r == {"active": "11.0.0", "previous": "11.1.0"}
+            assert rig.agent.model_name_version() == f"{NAME}@11.0.0"
+            st = rig.updater.state
+            assert st.active == "11.0.0" and st.bad["11.1.0"] == "rolled back by an operator"
+            assert st.highest == "11.1.0"  # the floor stays: 11.1.0 cannot come back, nor anything below it
+            with pytest.raises(UpdateError, match="marked bad"):
+                await rig.updater.update(url=server.url + b, wait=True)
+            assert [e["event"] for e in await rig.events()][-3:-1] == ["rolled_back", "requested"]
+    asyncio.run(main())
