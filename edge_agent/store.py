@@ -120,7 +120,7 @@ class OutboxRow:
     payload: bytes
 
 
-LOG_QUEUE_MAX = 20_000  # log lines waiting for the writer; beyond, dropped and counted (a flood never blocks)
+LOG_QUEUE_MAX = 20_000  # jobs waiting for the writer beyond which log lines are dropped and counted (never blocks)
 _JSON_NAMES: dict[str, str] = {}
 
 
@@ -181,7 +181,6 @@ class Store:
         self.next_log_id = 1
         self.log_bytes = 0                # bytes of log lines kept for the cloud
         self.log_quota = 16 << 20         # beyond, the oldest lines go (counted): log.ship_quota_bytes
-        self._logs_pending = 0            # lines handed to the writer, not yet committed (bounded: LOG_QUEUE_MAX)
         self.log_acked = 0                # the cloud acknowledged log lines up to here (kept in meta)
         self.new_log: asyncio.Event | None = None
         self.next_seq = 1
@@ -289,10 +288,9 @@ class Store:
     def log_line(self, line: bytes) -> None:
         """Keep a log line for the cloud (from any thread; never blocks: beyond LOG_QUEUE_MAX lines waiting for the
         writer, the line is dropped and counted)."""
-        if self._logs_pending >= LOG_QUEUE_MAX:
+        if self._q.qsize() >= LOG_QUEUE_MAX:  # the writer is that far behind: a log line is what gives way
             self.metrics.logs_dropped.labels("queue").inc()
             return
-        self._logs_pending += 1
         self._q.put((Job.LOG, line, None))
 
     def ack_logs(self, upto_id: int) -> None:
@@ -708,14 +706,12 @@ class Store:
                 self._retry = (self._retry + [j for j in jobs if j[2] is None and j[0] is not Job.LOG]
                                )[-(self.alerts_max + 1000):]
             if lines:  # log lines are not kept through a failed commit: dropped, counted
-                self._logs_pending -= len(lines)
                 self.metrics.logs_dropped.labels("store_error").inc(len(lines))
             self._full_log.warning("commit_failed", "store commit failed; the sources will redeliver",
                                    error=str(e))
             self._resolve(results, StoreError(f"commit failed: {e}",
                                               data=isinstance(e, (sqlite3.InterfaceError, sqlite3.DataError))))
             return
-        self._logs_pending -= len(lines)
         self.next_seq = seq
         self.next_alert_id = next_alert_id
         self.next_log_id, self.log_bytes = next_log_id, log_bytes
