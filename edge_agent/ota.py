@@ -401,9 +401,10 @@ class Updater:
     async def update(self, url: str | None = None, folder: str | None = None, wait: bool = False) -> dict:
         """Start an update from a URL (a bundle on an HTTPS server) or a local folder. wait=False: returns once it
         is accepted (its steps follow as events); wait=True: returns its outcome."""
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or not self.agent.cfg.enabled:
             self._count("refused", "disabled")
-            raise UpdateError("disabled", "model updates are off on this gateway (ota.enabled = false)")
+            raise UpdateError("disabled", "model updates are off on this gateway (ota.enabled = false)" if not
+                              self.cfg.enabled else "the model is off on this gateway (model.enabled = false)")
         if self.busy():
             self._count("refused", "busy")
             raise UpdateError("busy", "another model update is in progress")
