@@ -255,7 +255,7 @@ class Updater:
         self._busy: asyncio.Task | None = None
         self._fetcher: Fetcher | None = None
         self._good_timer: asyncio.TimerHandle | None = None
-        self._loaded = False  # the state is read at boot; an agent with the model off reads it at the first update
+        self._loaded = False  # the state is read at boot (or by an update that comes first)
         self.progress: dict | None = None  # the update in progress: step, version, bytes done and in all
         self.last: dict | None = None      # the last update's outcome
         self.steps: list[str] = []         # the events of the update in progress, or of the last one
@@ -408,7 +408,7 @@ class Updater:
         if self.busy():
             self._count("refused", "busy")
             raise UpdateError("busy", "another model update is in progress")
-        if not self._loaded:  # the model is off (model.enabled = false): the floor and the bad list still hold
+        if not self._loaded:  # an update before the agent's start read the state: the floor and the bad list hold
             self.state, self._loaded = OtaState.of(await self.store.get_meta("ota")), True
         source = url or folder or ""
         self.event("requested", source=source[:200])
