@@ -333,16 +333,17 @@ class Updater:
         """Which model folder to load at start (None: the configured or shipped one), after the bookkeeping of a
         restart: an update a restart interrupted is reported failed; a model on trial counts this boot and is
         rolled back when it has made the agent restart too often."""
-        self.state = OtaState.of(await self.store.get_meta("ota"))
-        self._loaded = True
+        if not self._loaded:
+            self.state, self._loaded = OtaState.of(await self.store.get_meta("ota")), True
         st = self.state
         self.agent.keys = self.keys
-        if st.pending:
+        if st.pending and not self.busy():  # (an update this process started before boot is not interrupted)
             p, st.pending = st.pending, None
             self.event("failed", version=p.get("version"), reason="interrupted",
                        error=f"the agent restarted during the update (at {p.get('step')})")
             self._count("failed", "interrupted")
-        shutil.rmtree(self.incoming, ignore_errors=True)
+        if not self.busy():
+            shutil.rmtree(self.incoming, ignore_errors=True)
         if st.trial:
             st.trial["boots"] = st.trial.get("boots", 0) + 1
             within = self.clock() - st.trial.get("swapped_at", 0) <= self.cfg.crash_window_s
