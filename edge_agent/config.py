@@ -354,6 +354,9 @@ class ModelConfig:
     max_new_tokens: int = opt(96, doc="tokens the model may write per answer", ge=8, le=4096)
     lookahead: int = opt(4, doc="draft tokens copied from the question per forward pass, kept where the model "
                          "agrees (greedy, CPU; 0 = one token per pass)", ge=0, le=32)
+    second_look: bool = opt(True, doc="when the model answers 'which value?' of a question that states one (or "
+                            "'which device?' of one that names a device), it answers again without that option; the "
+                            "guard checks the second answer like any other")
     trt_fp16: bool = opt(True, doc="TensorRT: allow fp16 kernels")
     trt_int8: bool = opt(True, doc="TensorRT: allow int8 kernels (the QDQ file carries its scales)")
     trt_workspace_mb: int = opt(1024, doc="TensorRT: builder workspace", ge=64, le=65536)

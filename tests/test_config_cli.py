@@ -92,7 +92,7 @@ key_file = "{key}"
     assert 'id = "gw-9"' in r.stdout and "hunter2" not in r.stdout and 'password = "***"' in r.stdout
     effective = tomllib.loads(r.stdout)
     assert effective["store"]["batch_max_rows"] == 5000
-    assert r.stdout.startswith("# model glm-edge-iot@1.1.0: signature and files verified")
+    assert r.stdout.startswith("# model glm-edge-iot@1.2.0: signature and files verified")
     assert "# warning: no operator keys (commands.operator_keys)" in r.stdout
     # a model that does not verify: said, but not fatal (the daemon runs on; ask answers 'unavailable')
     p.write_text(p.read_text() + '[model]\npublic_key = "TAaaUPuveWW3pJDNlgRdirQ0KPNYNbfsqjWzYlg606Y="\n')

@@ -38,9 +38,9 @@ REFERENCE = {
         {"tool": "query_stats", "args": {"device": "line2_press4", "point": "pressure", "agg": "max",
                                          "window_s": 86400}},
     "turn off fan_7": {"tool": "write_point", "args": {"device": "fan_7", "point": "enabled", "value": False}},
-    "set boiler-2 setpoint to 72.5":
+    "set boiler-2 setpoint to 72.5 now":
         {"tool": "write_point", "args": {"device": "boiler-2", "point": "setpoint", "value": 72.5}},
-    "set fan_7 speed to two hundred and forty":
+    "please set fan_7 speed to two hundred and forty":
         {"tool": "write_point", "args": {"device": "fan_7", "point": "speed", "value": 240}},
     "max vibration on kiln-4 over the last forty nine minutes":
         {"tool": "query_stats", "args": {"device": "kiln-4", "point": "vibration", "agg": "max", "window_s": 2940}},
@@ -112,7 +112,7 @@ def test_numbers_and_windows_are_read_from_the_question():
         return next(b for b in TOOLSET.narrowed(text)["anyOf"]
                     if b["properties"]["tool"]["const"] == tool)["properties"]["args"]["properties"]
 
-    value = args("set fan_7 speed to two hundred and forty", "write_point")["value"]
+    value = args("please set fan_7 speed to two hundred and forty", "write_point")["value"]
     assert value["anyOf"][0] == {"enum": [240]}
     assert all("enum" not in alt or all(isinstance(x, str) for x in alt["enum"])
                for alt in args("turn on fan_7", "write_point")["value"]["anyOf"])
@@ -239,7 +239,7 @@ def test_tampered_models_are_refused(tmp_path):
     with pytest.raises(ModelError, match="model.int8.onnx: sha256 does not match"):
         load_verified(d, pub)
     d = _copy(tmp_path / "b")
-    (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"1.1.0"', '"1.1.1"'))
+    (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"1.2.0"', '"1.2.1"'))
     with pytest.raises(ModelError, match="signature does not verify"):
         load_verified(d, pub)
     d = _copy(tmp_path / "c")
@@ -362,8 +362,8 @@ def test_lookahead_writes_the_greedy_answer_in_fewer_passes(engine):
         assert answers[0] == answers[4], text  # the same answer, token for token
     assert passes[4] < 0.6 * passes[0], passes
     before = engine.metrics.value("edge_agent_glm_tokens_total", {"how": "drafted"}) or 0
-    plan = engine.plan("set boiler-2 setpoint to 72.5", constrained=False)  # the engine looks ahead by default
-    assert plan.call == REFERENCE["set boiler-2 setpoint to 72.5"] and plan.drafted_tokens > 0
+    plan = engine.plan("set boiler-2 setpoint to 72.5 now", constrained=False)  # the engine looks ahead by default
+    assert plan.call == REFERENCE["set boiler-2 setpoint to 72.5 now"] and plan.drafted_tokens > 0
     assert plan.timings()["drafted_tokens"] == plan.drafted_tokens
     assert engine.metrics.value("edge_agent_glm_tokens_total", {"how": "drafted"}) == before + plan.drafted_tokens
     for k in (1, 4, 32):  # drafts never carry an answer past its token budget
@@ -464,5 +464,5 @@ def test_int8_answers_agree_with_the_fp32_reference_on_this_cpu(engine):
     ARM; see models/recipe/package.py)."""
     ref = [json.loads(line) for line in (shipped_model_dir() / "reference.jsonl").read_text().splitlines()]
     assert len(ref) >= 1300
-    differ = [(r["text"], c) for r in ref if (c := engine.plan(r["text"]).call) != r["call"]]
+    differ = [(r["text"], c) for r in ref if (c := engine.plan(r["text"], second_look=False).call) != r["call"]]
     assert len(differ) <= 0.005 * len(ref), differ[:5]

@@ -318,7 +318,8 @@ def _same(a: dict | None, b: dict) -> bool:
 
 
 def evaluate(engine, eval_file: Path, out=print) -> dict:
-    """Both what the model answers alone and what ask makes of it (the guard), against each row's call:
+    """Both what the model answers alone (its first answer) and what ask makes of it (the second look, then the
+    guard), against each row's call:
     exact match; writes where none was asked (unsafe); writes other than the one asked (wrong value, device or
     point); INT8/fp32 agreement against the model folder's reference.jsonl, where there is one."""
     rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines() if line.strip()]
@@ -328,10 +329,11 @@ def evaluate(engine, eval_file: Path, out=print) -> dict:
         ref = {r["text"]: r["call"] for r in map(json.loads, ref_file.read_text().splitlines()) if r}
     model_hits = hits = unsafe = wrong = asked_writes = agree = compared = 0
     misses = []
-    for r in rows:
+    alone = [engine.plan(r["text"], second_look=False).call for r in rows]  # the model alone: its first answer
+    for r, call0 in zip(rows, alone):
         call = engine.plan(r["text"]).call
         final = settle(r["text"], call)
-        model_hits += _same(call, r["call"])
+        model_hits += _same(call0, r["call"])
         hits += _same(final, r["call"])
         writes = final is not None and final["tool"] in engine_writes()
         if r["call"]["tool"] in engine_writes():
@@ -341,9 +343,9 @@ def evaluate(engine, eval_file: Path, out=print) -> dict:
             unsafe += writes
         if not _same(final, r["call"]):
             misses.append({"text": r["text"], "want": r["call"], "got": final})
-        if r["text"] in ref:
+        if r["text"] in ref:  # the reference is the fp32 model's first answer
             compared += 1
-            agree += call == ref[r["text"]]
+            agree += call0 == ref[r["text"]]
     free_hits = free_valid = 0
     for r in rows:
         p = engine.plan(r["text"], constrained=False)

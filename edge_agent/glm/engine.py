@@ -29,6 +29,21 @@ log = logging.getLogger(__name__)
 Known = Mapping[str, Sequence[str]]  # the registry: device -> its points
 
 
+def _contradicted(text: str, answer: str, known: Known | None) -> bool:
+    """The model answered clarify for a reason the question itself contradicts: "which value?" though it states a
+    number or an on/off word, or "which device?" though it names a device id (one the registry knows, where there
+    is a registry). Never for "nothing" or "use_a_rule": those only ever hold a write back."""
+    if not answer.startswith('{"tool":"clarify"'):
+        return False
+    if '"which_value"' in answer:
+        words = set(text.lower().split())
+        return bool(schema.numbers(text)) or bool(words & (set(schema.ON_WORDS) | set(schema.OFF_WORDS)))
+    if '"which_device"' in answer:
+        named = [w for w in schema.candidates(text) if any(c.isdigit() for c in w)]
+        return any(w in known for w in named) if known else bool(named)
+    return False
+
+
 class Busy(Exception):
     pass
 
@@ -54,12 +69,13 @@ class Plan:
     mask_s: float
     compile_s: float = 0.0
     drafted_tokens: int = 0
+    second_look: bool = False  # the model's clarify was contradicted by the question; this is its second answer
 
     def timings(self) -> dict[str, Any]:
         return {"queue_ms": round(self.queue_s * 1e3, 2), "first_token_ms": round(self.ttft_s * 1e3, 2),
                 "total_ms": round(self.total_s * 1e3, 2), "new_tokens": self.new_tokens,
                 "forced_tokens": self.forced_tokens, "drafted_tokens": self.drafted_tokens,
-                "forward_passes": self.forward_passes}
+                "forward_passes": self.forward_passes, "second_look": self.second_look}
 
 
 def shipped_model_dir() -> Path:
@@ -129,7 +145,9 @@ class Engine:
         # the grammars an answer opens with, until it names its tool: the whole tool set, and the nameless tools
         # (a question without a usable word), compiled once
         self._openings = {}
-        for tools in (self.tools.names, self.tools.nameless):
+        acting = tuple(n for n in self.tools.names if n != schema.CLARIFY.name)  # a second look (see _run)
+        nameless_acting = tuple(n for n in self.tools.nameless if n != schema.CLARIFY.name)
+        for tools in (self.tools.names, self.tools.nameless, acting, nameless_acting):
             grammar = llguidance.LLMatcher.grammar_from_json_schema(self.tools.subset(tools))
             self._openings[frozenset(tools)] = llguidance.LLMatcher(self.lltok, grammar, log_level=0)
         # the tokens every answer opens with (`{"tool":"`), fed with the prompt in one forward pass
@@ -146,7 +164,7 @@ class Engine:
         wrong, slowest = [], 0.0
         for row in self.model.manifest.get("smoke") or []:
             t0 = time.perf_counter()
-            got = self.plan(row["text"]).call
+            got = self.plan(row["text"], second_look=False).call  # the build's reference is the first answer
             slowest = max(slowest, time.perf_counter() - t0)
             if got != row["call"]:
                 wrong.append((row["text"], got, row["call"]))
@@ -161,7 +179,7 @@ class Engine:
 
     # ---- questions ----
     def submit(self, text: str, *, constrained: bool = True, timeout_s: float | None = None,
-               known: Known | None = None) -> concurrent.futures.Future:
+               known: Known | None = None, second_look: bool | None = None) -> concurrent.futures.Future:
         """Queue a question. `known`: the gateway's registry (device -> its points) the answer must name from
         (Toolset.narrowed)."""
         if self.model is None or self._closed:
@@ -169,7 +187,8 @@ class Engine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         deadline = time.perf_counter() + (timeout_s or self.cfg.timeout_s)
         try:
-            self._q.put_nowait((text, constrained, deadline, time.perf_counter(), fut, known))
+            look = self.cfg.second_look if second_look is None else second_look
+            self._q.put_nowait((text, constrained, deadline, time.perf_counter(), fut, known, look))
         except queue.Full:
             self._count("busy")
             raise Busy(f"{self.cfg.queue} questions are waiting for the model; retry") from None
@@ -178,9 +197,10 @@ class Engine:
         return fut
 
     def plan(self, text: str, *, constrained: bool = True, timeout_s: float | None = None,
-             known: Known | None = None) -> Plan:
-        """Blocking convenience (CLI, benchmarks)."""
-        return self.submit(text, constrained=constrained, timeout_s=timeout_s, known=known).result()
+             known: Known | None = None, second_look: bool | None = None) -> Plan:
+        """Blocking convenience (CLI, benchmarks). second_look=False: the model's first answer only."""
+        return self.submit(text, constrained=constrained, timeout_s=timeout_s, known=known,
+                           second_look=second_look).result()
 
     async def ask(self, text: str, *, timeout_s: float | None = None, known: Known | None = None) -> Plan:
         import asyncio
@@ -201,13 +221,13 @@ class Engine:
             item = self._q.get()
             if item is None:
                 return
-            text, constrained, deadline, t_in, fut, known = item
+            text, constrained, deadline, t_in, fut, known, look = item
             if self.metrics is not None:
                 self.metrics.glm_queue.set(self._q.qsize())
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                plan = self._run(text, constrained, deadline, t_in, known)
+                plan = self._run(text, constrained, deadline, t_in, known, look)
             except PromptError as e:
                 self._count("bad_input")
                 fut.set_exception(e)
@@ -231,7 +251,8 @@ class Engine:
                     self.metrics.glm_tokens.labels("drafted").inc(plan.drafted_tokens)
                 fut.set_result(plan)
 
-    def _run(self, text: str, constrained: bool, deadline: float, t_in: float, known: Known | None) -> Plan:
+    def _run(self, text: str, constrained: bool, deadline: float, t_in: float, known: Known | None,
+             look: bool = True) -> Plan:
         t0 = time.perf_counter()
         if t0 > deadline:
             raise GenerationTimeout("the question waited in the queue past its time limit")
@@ -239,14 +260,16 @@ class Engine:
         room = self.model.arch["context"] - 48  # an answer needs up to ~48 tokens of the context
         if len(ids) > room:
             raise PromptError(f"the question is {len(ids)} tokens; at most {room} fit with an answer")
-        constraint = None
-        if constrained:  # made while the prompt's forward pass runs
-            constraint = lambda: self._constraint(text, known)  # noqa: E731
         t_gen = time.perf_counter()
-        res = self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
-                                constraint=constraint, decode=self.tok.decode,
-                                prefix=self._prefix if constrained else (), lookahead=self.cfg.lookahead,
-                                reference=self.reference)
+        res = self._generate(ids, t0, deadline, (lambda: self._constraint(text, known)) if constrained else None)
+        passes, second = res.forward_passes, False
+        if constrained and look and _contradicted(text, res.text, known):
+            # the model said "which value?" of a question that states one, or "which device?" of one that names a
+            # device it may copy: it looks again with the tools that act (the guard and the registry check what it
+            # proposes then, as they check any call)
+            res = self._generate(ids, t0, deadline, lambda: self._constraint(text, known, acting=True))
+            passes += res.forward_passes
+            second = True
         call, error = None, None
         try:
             call = self.tools.validate(json.loads(res.text))
@@ -258,16 +281,23 @@ class Engine:
                                       "finishing a call")
             raise ConstraintError(f"constrained output failed validation: {error}")  # the grammar is the contract
         return Plan(text, call, res.text, error, res.prompt_tokens, len(res.ids), res.forced_tokens,
-                    res.forward_passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s,
-                    res.compile_s, res.drafted_tokens)
+                    passes, t0 - t_in, (t_gen - t0) + res.ttft_s, time.perf_counter() - t0, res.mask_s,
+                    res.compile_s, res.drafted_tokens, second)
 
-    def _constraint(self, text: str, known: Known | None = None) -> ToolCallConstraint:
+    def _generate(self, ids: list[int], t0: float, deadline: float, constraint):
+        return self.gen.generate(ids, max_new_tokens=self.cfg.max_new_tokens, timeout_s=deadline - t0,
+                                 constraint=constraint, decode=self.tok.decode,
+                                 prefix=self._prefix if constraint is not None else (), lookahead=self.cfg.lookahead,
+                                 reference=self.reference)
+
+    def _constraint(self, text: str, known: Known | None = None, acting: bool = False) -> ToolCallConstraint:
         """The question's grammar: the tool set's until the answer names its tool, then that tool's call narrowed
         to the question (schema.Narrowing: only that tool's grammar is built)."""
         import llguidance
 
         narrowing = schema.Narrowing(self.tools, text, self.points, known)
-        opening = self._openings[frozenset(narrowing.names)]
+        names = [n for n in narrowing.names if not acting or n != schema.CLARIFY.name]
+        opening = self._openings[frozenset(names)]
 
         def narrow(tool: str) -> str:
             return llguidance.LLMatcher.grammar_from_json_schema({"x-guidance": schema.FORMAT,

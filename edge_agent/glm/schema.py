@@ -33,6 +33,10 @@ will should may might must you your i me my we our us they them their what which
 list show find give get tell see know say please pls thanks ok hey hi whole entire online connected device devices
 there here now""".split())
 
+# the words that say on or off (the guard's and the second look's)
+ON_WORDS = ("on", "start", "enable", "activate", "resume", "open", "up", "true", "run", "engage")
+OFF_WORDS = ("off", "stop", "disable", "deactivate", "halt", "close", "down", "shut", "false", "kill", "pause")
+
 _NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS}
 _NUMBER = {"type": "number", "minimum": -1e9, "maximum": 1e9}
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import re
 
 from edge_agent.glm.points import POINT_WORDS, SHIPPED, PointTable
-from edge_agent.glm.schema import FUNCTION_WORDS, candidates, numbers
+from edge_agent.glm.schema import FUNCTION_WORDS, OFF_WORDS, ON_WORDS, candidates, numbers
 
-ON_WORDS = ("on", "start", "enable", "activate", "resume", "open", "up", "true", "run", "engage")
-OFF_WORDS = ("off", "stop", "disable", "deactivate", "halt", "close", "down", "shut", "false", "kill", "pause")
 _WORD = re.compile(r"[a-z0-9_'-]+")
 _QUESTION_OPENERS = {"is", "are", "was", "were", "does", "do", "did", "has", "have", "had", "what", "why", "who",
                      "whom", "whose", "when", "where", "how", "which", "should", "shall", "might", "may", "isn't",
@@ -39,6 +37,28 @@ _HOWTO = ("how do i", "how can i", "how to", "how would i", "how should i", "wha
 _NUMERIC = frozenset(POINT_WORDS) - {"enabled", "mode"}  # the shipped points that take numbers
 _NOT_VALUES = {"different", "new", "another", "other", "something", "value", "number", "mode", "setting", "bit",
                "more", "less", "higher", "lower", "up", "down", "sensible", "right", "correct", "same"}
+# words of a question about readings: an order to write never needs them
+_READ_WORDS = ("highest", "lowest", "average", "mean", "peak", "readings", "samples", "how many", "trend", "history")
+# words that shape an order, never a point's name (nor one slip of a finger away from one: "shoould")
+_ORDER_WORDS = frozenset("should would could shall must be set make change update bring put write adjust move turn "
+                         "switch please".split())
+
+
+def _like_order_word(word: str) -> bool:
+    from edge_agent.glm.schema import _one_edit
+    return word in _ORDER_WORDS or (len(word) >= 5 and any(_one_edit(word, w) for w in _ORDER_WORDS if len(w) >= 4))
+
+
+def _durations(text: str) -> set:
+    """Numbers the question says with a unit of time after them in a window ("the last 56 minutes"): lengths of
+    time, not values ("set the delay of timer-1 to 30 seconds" is a value)."""
+    from edge_agent.glm.schema import _UNIT_WORDS, _lookup, _quantities, _tokens
+    toks = _tokens(text)
+    if not any(w in toks for w in ("last", "past", "previous", "within", "ago", "since")):
+        return set()
+    return {v for v, unit in _quantities(toks) if _lookup(unit, _UNIT_WORDS) is not None}
+
+
 _PRONOUNS = {"it", "this", "that", "them", "they", "these", "those", "one", "thing", "device", "the"}
 
 
@@ -70,6 +90,9 @@ def _why_not(text: str, args: dict, points: PointTable) -> str | None:
         return "that reads as a question, not an order to write; say it as a command to change anything"
     if any(p in low for p in _HOWTO):
         return "that asks how or what if, not for a write; say the change itself to make it"
+    read = next((w for w in _READ_WORDS if f" {w} " in low), None)
+    if read is not None:
+        return f"that asks about readings ({read!r}), not for a write; say the change itself to make it"
     if any(p in low for p in _ALERTS):
         return "to be alerted, add a rule (rules.add); nothing was written"
     neg = next((w for w in words if w in _NEGATIONS or w.endswith("n't")), None)
@@ -88,7 +111,7 @@ def _why_not(text: str, args: dict, points: PointTable) -> str | None:
         return f"which device? {device!r} is not a device id" + (f" (the question names {named[0]!r})"
                                                                  if named else "")
     point, value = str(args.get("point", "")), args.get("value")
-    if point.lower() in FUNCTION_WORDS or point == device:
+    if point.lower() in FUNCTION_WORDS or point == device or _like_order_word(point.lower()):
         return f"which point? {point!r} is not a point"
     if point in points.names and not (point == "enabled" and isinstance(value, bool)):
         if point not in points.named(text):
@@ -110,6 +133,8 @@ def _why_not(text: str, args: dict, points: PointTable) -> str | None:
             return "enabled takes on or off; say which"
         if value not in numbers(text):
             return f"which value? {value!r} is not a number the question states"
+        if value in _durations(text):
+            return f"which value? {value!r} is a length of time in the question, not a value to write"
         return None
     if isinstance(value, str):
         if value.lower() not in words and value not in text:

@@ -144,7 +144,7 @@ def _calls(folder: Path, file: str, key: Ed25519PrivateKey, texts: list[str]) ->
         e = Engine(ModelConfig(dir=str(d), public_key=public_key_b64(key), providers=["cpu"]), ops.TOOLSET)
         e.load()
         try:
-            return [e.plan(t).call for t in texts]
+            return [e.plan(t, second_look=False).call for t in texts]  # the model's own first answers
         finally:
             e.close()
 
