@@ -28,7 +28,7 @@ POINT_WORDS: dict[str, tuple[str, ...]] = {
     "setpoint": ("setpoint", "set point", "sp", "target"),
     "co2": ("co2", "carbon dioxide"),
     "rpm": ("rpm", "revs", "revolutions"),
-    "enabled": ("enabled", "on or off", "switched on", "turned on"),
+    "enabled": ("enabled", "on or off", "switched on", "turned on", "switched off", "turned off", "active", "stopped"),
     "mode": ("mode", "operating mode"),
 }
 # phrases that are questions about a point ("how hot is boiler-2"): the corpus writes them in their own templates
