@@ -39,5 +39,6 @@ def test_quick_start_verbatim_in_a_fresh_clone(tmp_path):
     assert len(rows) >= 10 and all(r.split()[5] == "up" for r in rows[3:-2])  # (the last: while it stops)
     assert int(rows[-2].split()[3]) > 1000  # the cloud acknowledged readings
     assert "operator asked" in out and "stopped:" in out and "next: edge-agent check" in out
+    assert "cloud got alert: pump-1/temperature" in out and "try            mosquitto_sub" in out
     assert "Traceback" not in out + demo.stderr and "Future exception" not in demo.stderr
     assert "level=error" not in out + demo.stderr

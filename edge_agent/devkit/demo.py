@@ -194,7 +194,12 @@ async def _demo(work: Path, duration: float, devices: int, rate: float) -> int:
     metrics = f"http://127.0.0.1:{app._metrics_server.server_port}/metrics" if app._metrics_server else "off"
     print(f"agent          gateway {cfg.gateway.id}, store {work / 'state'}")
     print(f"metrics        {metrics}")
-    print("operator       asks a question every 4 s over MQTT (edge/demo-gw/cmd/ask); Ctrl-C to stop\n")
+    pki = work / "pki"
+    tls_args = f"-h localhost -p {cloud.port} --cafile {pki}/ca.pem --cert {pki}/cloud-viewer.pem --key {pki}/cloud-viewer.key"
+    print("operator       asks a question every 4 s over MQTT (edge/demo-gw/cmd/ask); Ctrl-C to stop")
+    print(f"try            mosquitto_sub {tls_args} -t 'edge/#' -v -C 5")
+    print(f"               mosquitto_pub {tls_args} -t edge/demo-gw/cmd/ask -m "
+          "'{\"id\":\"q1\",\"text\":\"list all pumps\"}'   (the answer on edge/demo-gw/res/q1)\n")
     t0 = time.monotonic()
     m = app.metrics
     rows = 0
