@@ -119,3 +119,15 @@ def test_the_model_under_a_registry_grammar_names_only_what_the_gateway_has():
             assert call["args"]["device"] in known and call["args"]["point"] in known[call["args"]["device"]]
     finally:
         e.close()
+
+
+def test_a_yes_no_question_about_a_value_reads_its_last_value():
+    from edge_agent.glm.schema import is_yes_no_now
+
+    for text in ("is the humidity in greenhouse-2 higher than 60", "is tank-22 level above 80?", "is pump-30 running?"):
+        assert is_yes_no_now(text), text
+        q = _args_of(ops.TOOLSET.narrowed(text), "query_stats")["properties"]
+        assert q["agg"] == {"enum": ["last"]} and q["window_s"] == {"enum": [60]}
+    for text in ("is the average temperature of pump-3 above 20 today", "was the max pressure above 5?",
+                 "what is the temperature of x-1", "is x-1 temp above 20 in the last hour"):
+        assert not is_yes_no_now(text), text

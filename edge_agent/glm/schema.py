@@ -262,6 +262,10 @@ def _numbers(quantities: list[tuple[float, str]]) -> list[int | float]:
 
 
 def windows(text: str) -> list[int]:
+    return _windows(text)[0]
+
+
+def _windows(text: str) -> tuple[list[int], bool]:
     """The time windows a question states, in seconds: a number with a unit ("19 days", "forty nine m", "23m"),
     a unit alone ("the last hour"), a quarter or half hour, today. None stated: the conventional windows and every
     number times every unit, for the model to choose from."""
@@ -288,10 +292,24 @@ def windows(text: str) -> list[int]:
             stated.append(unit)
     stated = [w for w in stated if 1 <= w <= MAX_WINDOW_S]
     if stated:
-        return list(dict.fromkeys(stated))
+        return list(dict.fromkeys(stated)), True
     said = [v for v in _numbers(quantities) if v > 0]
     return sorted({*CONVENTIONAL_WINDOWS, *(int(n * u) for n in said for u in UNIT_SECONDS.values()
-                                            if float(n * u).is_integer() and 1 <= n * u <= MAX_WINDOW_S)})
+                                            if float(n * u).is_integer() and 1 <= n * u <= MAX_WINDOW_S)}), False
+
+
+# a yes/no question about a value ("is tank-22 level above 80?"): about the value now, unless it names an aggregate
+# or a window
+_YES_NO = frozenset("is are was were does do did has have".split())
+_AGG_WORDS = frozenset("max maximum min minimum avg average mean highest lowest peak top smallest typical count "
+                       "many readings samples".split())
+
+
+def is_yes_no_now(text: str) -> bool:
+    toks = [t for t in _tokens(text) if isinstance(t, str)]
+    if not toks or toks[0] not in _YES_NO or any(t in _AGG_WORDS for t in toks):
+        return False
+    return not _windows(text)[1]
 
 
 def prompt(text: str) -> str:
@@ -421,6 +439,11 @@ class Narrowing:
         return [w for w in self.words if self.known and w in self.known][:8]
 
     @functools.cached_property
+    def _now(self) -> bool:
+        """A yes/no question about a value now: its read is the last value (the corpus's convention)."""
+        return is_yes_no_now(self.text)
+
+    @functools.cached_property
     def _hint(self) -> str | None:
         return self.points.hint(self.text)
 
@@ -448,9 +471,9 @@ class Narrowing:
             return {"enum": [self._hint]} if self._hint else {"enum": list(dict.fromkeys([*self.points.names,
                                                                                          *words]))}
         if kind is Arg.AGG:
-            return {"enum": list(AGGS)}
+            return {"enum": ["last"]} if self._now else {"enum": list(AGGS)}
         if kind is Arg.WINDOW:
-            return {"enum": windows(self.text)}
+            return {"enum": [60]} if self._now else {"enum": windows(self.text)}
         if kind is Arg.VALUE:
             said = numbers(self.text)
             return {"anyOf": [*([{"enum": said}] if said else []), {"type": "boolean"}, {"enum": words}]}
