@@ -490,9 +490,9 @@ def cmd_ops(_args: argparse.Namespace) -> int:
         fields = " ".join(f"{k}{'' if f.required else '?'}:{f.describe()}" for k, f in op.fields.items())
         kind = "changes" if op.changes else "read-only"
         tool = f"  [GLM tool {op.tool.name}]" if op.tool else ""
-        print(f"{op.name:<13} {kind:<9} {op.doc}{tool}")
+        print(f"{op.name:<15} {kind:<9} {op.doc}{tool}")
         if fields:
-            print(f"{'':<24}fields: {fields}")
+            print(f"{'':<26}fields: {fields}")
     return 0
 
 
