@@ -294,20 +294,29 @@ def cmd_op(args: argparse.Namespace) -> int:
     return _call_daemon(args, args.name, request)
 
 
+def _signing_key(path: str):
+    """An operator's or publisher's Ed25519 private key (unencrypted PEM); ConfigError says what is wrong."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as e:
+        raise config.ConfigError(f"--key {path}: not a readable unencrypted PEM private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise config.ConfigError(f"--key {path}: not an Ed25519 key (make one: openssl genpkey -algorithm ed25519)")
+    return key
+
+
 def cmd_sign(args: argparse.Namespace) -> int:
     """An operator's signed request, as JSON to publish on <prefix>/<gateway>/cmd/<name>."""
     import uuid
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     from edge_agent.ops.signing import sign
     try:
-        key = load_pem_private_key(Path(args.key).read_bytes(), None)
-    except (OSError, ValueError, TypeError) as e:
-        return _fail(f"--key {args.key}: not a readable unencrypted PEM private key ({e})")
-    if not isinstance(key, Ed25519PrivateKey):
-        return _fail(f"--key {args.key}: not an Ed25519 key (make one: openssl genpkey -algorithm ed25519)")
+        key = _signing_key(args.key)
+    except config.ConfigError as e:
+        return _fail(str(e))
     try:
         fields = _fields(args.fields)
     except config.ConfigError as e:
@@ -330,9 +339,6 @@ def _model_keys(args: argparse.Namespace) -> int:
     """A key rotation's request (model.keys): the new set and its serial, signed by a key of the current set."""
     import base64
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     from edge_agent.ota import key_set_message
 
     keys = [k.strip() for k in args.source.split(",") if k.strip()]
@@ -340,11 +346,9 @@ def _model_keys(args: argparse.Namespace) -> int:
         return _fail("model keys KEY[,KEY...] --key CURRENT.pem --serial N: the new public keys (base64), a key of "
                      "the current set and a serial above the last rotation's")
     try:
-        key = load_pem_private_key(Path(args.key).read_bytes(), None)
-    except (OSError, ValueError, TypeError) as e:
-        return _fail(f"--key {args.key}: not a readable unencrypted PEM private key ({e})")
-    if not isinstance(key, Ed25519PrivateKey):
-        return _fail(f"--key {args.key}: not an Ed25519 key")
+        key = _signing_key(args.key)
+    except config.ConfigError as e:
+        return _fail(str(e))
     sig = base64.b64encode(key.sign(key_set_message(keys, args.serial))).decode()
     _print_json({"keys": ",".join(keys), "serial": args.serial, "sig": sig})
     return 0
@@ -363,19 +367,14 @@ def _pack(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     from edge_agent.glm.models import ModelError, _check_manifest, sign_folder
     from edge_agent.ota import semver
 
     folder = Path(args.dir)
     try:
-        key = load_pem_private_key(Path(args.key).read_bytes(), None)
-    except (OSError, ValueError, TypeError) as e:
-        return _fail(f"--key {args.key}: not a readable unencrypted PEM private key ({e})")
-    if not isinstance(key, Ed25519PrivateKey):
-        return _fail(f"--key {args.key}: not an Ed25519 key (make one: openssl genpkey -algorithm ed25519)")
+        key = _signing_key(args.key)
+    except config.ConfigError as e:
+        return _fail(str(e))
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError) as e:

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edge_agent import __version__
+from edge_agent.files import fsync_dir, fsync_file
 from edge_agent.logs import TRACE
-from edge_agent.glm.models import MAX_MANIFEST_BYTES, ModelError, load_verified, verify_manifest
+from edge_agent.glm.models import MAX_MANIFEST_BYTES, ModelError, load_verified, read_bounded, verify_manifest
 from edge_agent.records import ModelHealthError
 
 log = logging.getLogger(__name__)
@@ -233,12 +234,12 @@ class Fetcher:
         os.replace(partial, dest)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+async def _remove(path: Path) -> None:
+    """Delete a folder (a partial download, an old version) in a worker thread, not on the event loop."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: shutil.rmtree(path, ignore_errors=True))
+    except RuntimeError:  # the executor is shutting down with the agent: do it here, it is the last thing
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Updater:
@@ -343,7 +344,7 @@ class Updater:
                        error=f"the agent restarted during the update (at {p.get('step')})")
             self._count("failed", "interrupted")
         if not self.busy():
-            shutil.rmtree(self.incoming, ignore_errors=True)
+            await _remove(self.incoming)
         if st.trial:
             st.trial["boots"] = st.trial.get("boots", 0) + 1
             within = self.clock() - st.trial.get("swapped_at", 0) <= self.cfg.crash_window_s
@@ -378,10 +379,11 @@ class Updater:
         st.good = [v for v in st.good if v != version] + [version]
         await self._save()
         self.event("good", version=version)
-        self._prune()
+        await self._prune()
 
-    def _prune(self) -> None:
-        """Keep the active version and the newest good ones, ota.keep_versions in all; delete the others."""
+    async def _prune(self) -> None:
+        """Keep the active version and the newest good ones, ota.keep_versions in all; delete the others (off the
+        event loop: a real-size version is gigabytes)."""
         st = self.state
         base = self.root / (st.name or "model")
         if not base.is_dir():
@@ -392,7 +394,7 @@ class Updater:
             keep |= {st.trial["version"], st.trial.get("previous")}
         for d in base.iterdir():
             if d.is_dir() and d.name not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+                await _remove(d)
                 self.event("deleted", version=d.name)
 
     # ---- the update ----------------------------------------------------------------------------
@@ -442,8 +444,9 @@ class Updater:
                     raise UpdateError("signature", "the bundle is not signed (no manifest.sig)") from None
             else:
                 src = Path(folder or "")
-                try:
-                    body, sig = (src / "manifest.json").read_bytes(), (src / "manifest.sig").read_bytes()
+                try:  # bounded, regular files only (a FIFO in their place would block the loop)
+                    body = read_bounded(src / "manifest.json", MAX_MANIFEST_BYTES)
+                    sig = read_bounded(src / "manifest.sig", 4096)
                 except OSError as e:
                     raise UpdateError("not_found", f"{src}: {e.strerror}") from None
             manifest = self._verify(body, sig)
@@ -470,7 +473,7 @@ class Updater:
             self.state.pending["step"] = "stage"
             await self._save()
             target = await loop.run_in_executor(None, self._stage, staging, manifest)
-            shutil.rmtree(self.incoming, ignore_errors=True)
+            await _remove(self.incoming)
             self.event("staged", version=version, path=str(target))
             self.state.pending["step"] = "health"
             await self._save()
@@ -490,7 +493,7 @@ class Updater:
             self.event("active", version=version, previous=previous or "default")
             self._count("active")
             self._arm_good(version)
-            self._prune()
+            await self._prune()
             self.last = {"outcome": "active", "version": version}
             return {"version": version, "active": True}
         except UpdateError as e:
@@ -516,7 +519,7 @@ class Updater:
         self._count(outcome, e.reason)
         self.last = {"outcome": outcome, "version": version, "reason": e.reason, "error": e.message[:300]}
         self.state.pending = None
-        shutil.rmtree(self.incoming, ignore_errors=True)  # one update at a time: nothing else is in there
+        await _remove(self.incoming)  # one update at a time: nothing else is in there
         try:
             await self._save()
         except Exception:  # noqa: BLE001 - the store may be closing; the state is rebuilt at the next start
@@ -560,9 +563,8 @@ class Updater:
         """Verify the downloaded folder as the runtime will load it, fsync it, rename it into place."""
         load_verified(staging, self.keys)
         for p in staging.iterdir():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(staging)
+            fsync_file(p)
+        fsync_dir(staging)
         target = self.root / manifest["name"] / manifest["version"]
         target.parent.mkdir(parents=True, exist_ok=True)
         if self.state.active == manifest["version"]:
@@ -570,7 +572,7 @@ class Updater:
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     # ---- rollback, list ------------------------------------------------------------------------

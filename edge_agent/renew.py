@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edge_agent import tls
+from edge_agent.files import fsync_dir, write_synced
 
 log = logging.getLogger(__name__)
 MAX_CERT_BYTES = 64 << 10
@@ -41,23 +42,6 @@ class RenewalError(Exception):
     def __init__(self, outcome: str, message: str) -> None:
         super().__init__(message)
         self.outcome = outcome  # a metric label: invalid, timeout, refused
-
-
-def _fsync_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, mode)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_key_and_csr(gateway: str) -> tuple[bytes, bytes]:
@@ -93,14 +77,14 @@ class Files:
             return None
         if self.key_new.exists() and not self.cert_new.exists() and _matches(self.cert, self.key_new):
             os.replace(self.key_new, self.key)  # the certificate was renamed, the key not yet: finish
-            _fsync_dir(self.key.parent)
+            fsync_dir(self.key.parent)
             return "finished a renewal's commit"
         for p in (self.cert_new, self.key_new):
             p.unlink(missing_ok=True)
         return "dropped an uncommitted renewal (the old pair serves)"
 
     def write_key(self, key_pem: bytes) -> None:
-        _fsync_write(self.key_new, key_pem)
+        write_synced(self.key_new, key_pem)
 
     def accept(self, cert_pem: bytes, gateway: str, ca_file: str) -> tls.CertInfo:
         """Check the signer's certificate against the new key and write it beside the live one."""
@@ -119,7 +103,7 @@ class Files:
         cn = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if cn != [gateway]:
             raise RenewalError("invalid", f"the signed certificate names {cn}, not {gateway!r}")
-        _fsync_write(self.cert_new, cert_pem, 0o644)
+        write_synced(self.cert_new, cert_pem, 0o644)
         try:
             info = tls.load_cert(str(self.cert_new), "the renewed certificate")
             tls.check_chain(str(self.cert_new), ca_file, "the renewed certificate")
@@ -133,9 +117,9 @@ class Files:
         """The broker accepted the new pair: it becomes the live one (certificate first; see recover())."""
         os.replace(self.cert_new, self.cert)
         os.replace(self.key_new, self.key)
-        _fsync_dir(self.key.parent)
+        fsync_dir(self.key.parent)
         if self.cert.parent != self.key.parent:
-            _fsync_dir(self.cert.parent)
+            fsync_dir(self.cert.parent)
 
     def discard(self) -> None:
         for p in (self.cert_new, self.key_new):

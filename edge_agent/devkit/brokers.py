@@ -85,18 +85,10 @@ class Mosquitto:
         through asyncio.to_thread, as the demo does."""
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited ({self.proc.returncode}); see {self.log}: "
-                                   f"{self.log.read_text()[-500:] if self.log.exists() else ''}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port} within {timeout}s")
+        if not _listening(self.proc, self.port, timeout, "mosquitto", self.log):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{self.port} within {timeout}s")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -113,6 +105,22 @@ class Mosquitto:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _listening(proc: subprocess.Popen, port: int, timeout: float, what: str, log: Path) -> bool:
+    """Wait (blocking) until `port` on 127.0.0.1 accepts connections: True; False after `timeout`; a process that
+    exits meanwhile raises with the tail of its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}: "
+                               f"{log.read_text()[-500:] if log.exists() else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 class Nginx:
@@ -163,19 +171,10 @@ http {{
     def start(self, timeout: float = 10.0) -> "Nginx":
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf), "-p", str(self.dir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.dir / "error.log"
-                raise RuntimeError(f"nginx exited ({self.proc.returncode}): "
-                                   f"{err.read_text()[-500:] if err.exists() else ''}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"nginx did not listen on 127.0.0.1:{self.port} within {timeout}s")
+        if not _listening(self.proc, self.port, timeout, "nginx", self.dir / "error.log"):
+            self.stop()
+            raise RuntimeError(f"nginx did not listen on 127.0.0.1:{self.port} within {timeout}s")
+        return self
 
     def kill(self) -> None:
         """SIGKILL the master and its worker (a server that dies mid-transfer)."""

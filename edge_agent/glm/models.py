@@ -86,7 +86,7 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
         raise ModelError(f"model.public_key is not a base64 Ed25519 public key: {e}", "public_key") from None
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
+def read_bounded(path: Path, limit: int) -> bytes:
     """A regular file's bytes, at most `limit` (a FIFO or a device in its place would block the reader: refused)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as f:
@@ -170,8 +170,8 @@ def load_verified(folder: Path, public_key: str | Sequence[str]) -> VerifiedMode
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist", "missing")
     try:
-        body = _read_bounded(folder / "manifest.json", MAX_MANIFEST_BYTES)
-        sig_text = _read_bounded(folder / "manifest.sig", 4096)
+        body = read_bounded(folder / "manifest.json", MAX_MANIFEST_BYTES)
+        sig_text = read_bounded(folder / "manifest.sig", 4096)
     except FileNotFoundError as e:
         raise ModelError(f"{folder}: {Path(e.filename).name} is missing", "missing") from None
     except OSError as e:  # a symlink (O_NOFOLLOW) or unreadable
