@@ -69,10 +69,10 @@ class App:
         self.shipper: ShipHandler | None = None
         self._actions: set[asyncio.Task] = set()
 
-    async def sink(self, readings: list) -> int:
+    async def sink(self, readings: list, since: float | None = None) -> int:
         """Where adapters hand readings: committed first, then seen by the rules (which never raise: a committed
         batch is always acknowledged)."""
-        seq, admitted = await self.store.commit(readings)
+        seq, admitted = await self.store.commit(readings, since)
         if self.rules is not None:
             self.rules.observe(admitted)
         return seq
@@ -127,7 +127,8 @@ class App:
                                                 self.metrics))
         if cfg.southbound.mqtt.enabled:
             self.ingest = MqttIngest(cfg.southbound.mqtt, cfg.gateway.id, self.sink, self.store.dead_letter,
-                                     self.metrics)
+                                     self.metrics, batch_delay_s=cfg.store.batch_max_delay_ms / 1000,
+                                     batch_rows=cfg.store.batch_max_rows)
             self.components.append(self.ingest)
 
     def _rule_action(self, rc, state: str, payload: bytes) -> None:

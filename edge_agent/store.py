@@ -103,6 +103,13 @@ class Job(enum.Enum):
     LOG_ACK = "log_ack"        # the cloud acknowledged log lines up to an id
 
 
+# Jobs nobody waits on and that lose nothing by waiting: they ride along with the next commit of readings, or go on
+# their own after store.lazy_max_delay_ms. The uplink remembers what the cloud acknowledged across reconnections, so
+# a lazy acknowledgement re-sends nothing unless the agent dies before it commits (at least once, as always).
+# Acknowledgements of alerts and log batches are not lazy: those pumps start from the store on each connection.
+LAZY = frozenset({Job.OUTBOX_ACK, Job.LOG})
+
+
 @dataclass(frozen=True)
 class Alert:
     payload: bytes
@@ -120,6 +127,7 @@ class OutboxRow:
     payload: bytes
 
 
+TAIL_MAX_BYTES = 4 << 20  # the newest outbox rows kept in memory for the uplink (beyond, it reads them from SQLite)
 LOG_QUEUE_MAX = 20_000  # jobs waiting for the writer beyond which log lines are dropped and counted (never blocks)
 _JSON_NAMES: dict[str, str] = {}
 
@@ -164,8 +172,9 @@ class Store:
     def __init__(self, cfg: StoreConfig, state_dir: str | Path, metrics: Metrics) -> None:
         self.cfg = cfg
         self.path = Path(state_dir) / "edge-agent.db"
+        self._wal = str(self.path) + "-wal"
         self.metrics = metrics
-        self._q: queue.Queue = queue.Queue()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()  # unbounded: writers are bounded by _slots
         self._slots: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: threading.Thread | None = None
@@ -198,6 +207,10 @@ class Store:
         self.full = False  # at the quota with store.at_quota = backpressure: new readings wait with their source
         self._full_log = RateLimited(log, interval_s=60, burst=1)
         self._retry: list[tuple] = []  # acks and alerts of a commit the full disk failed: tried again each second
+        # the newest committed outbox rows, consecutive (loop thread only): the uplink reads these without a trip
+        # to the reader thread and SQLite; bounded by TAIL_MAX_BYTES, oldest dropped first
+        self._tail: collections.deque[OutboxRow] = collections.deque()
+        self._tail_bytes = 0
         self._series: dict[tuple[str, str], int] = {}
         self._seen_devices: dict[str, str] = {}                     # since the last maintenance pass
         self._seen_points: dict[tuple[str, str], str | None] = {}
@@ -257,13 +270,14 @@ class Store:
         """Commit readings; returns the seq of the last one once it is durable."""
         return (await self.commit(readings))[0]
 
-    async def commit(self, readings: list[Reading]) -> tuple[int, list[Reading]]:
+    async def commit(self, readings: list[Reading], since: float | None = None) -> tuple[int, list[Reading]]:
         """Commit readings; once durable, returns the last seq and the readings the registry took (refused ones are
-        counted and dead-lettered: see _admit)."""
+        counted and dead-lettered: see _admit). `since`: the monotonic time the oldest of them arrived, where the
+        caller held them to gather a batch (batch_max_delay_ms counts from then; default: now)."""
         assert self._slots is not None and self._loop is not None
         async with self._slots:
             fut = self._loop.create_future()
-            self._q.put((Job.WRITE, readings, fut))
+            self._put(Job.WRITE, readings, fut, since)
             return await fut
 
     async def dead_letter(self, source: str, topic: str, reason: str, detail: str, payload: bytes) -> None:
@@ -273,17 +287,22 @@ class Store:
         assert self._slots is not None and self._loop is not None
         async with self._slots:
             fut = self._loop.create_future()
-            self._q.put((Job.DEAD_LETTER, (time.time_ns(), source, topic, reason, detail[:500],
-                               bytes(payload[:self.cfg.dead_letter_payload_bytes])), fut))
+            self._put(Job.DEAD_LETTER, (time.time_ns(), source, topic, reason, detail[:500],
+                               bytes(payload[:self.cfg.dead_letter_payload_bytes])), fut)
             await fut
+
+    def _put(self, kind: Job, payload: Any, fut: asyncio.Future | None, since: float | None = None) -> None:
+        """Hand a job to the writer (from any thread), with the time it was handed over (or `since`): its commit's
+        deadline counts from then."""
+        self._q.put((kind, payload, fut, time.monotonic() if since is None else since))
 
     def ack_outbox(self, upto_seq: int) -> None:
         """The cloud acknowledged every reading up to `upto_seq`: drop those outbox rows (in the next commit)."""
-        self._q.put((Job.OUTBOX_ACK, upto_seq, None))
+        self._put(Job.OUTBOX_ACK, upto_seq, None)
 
     def alert(self, payload: bytes, rule: str, device: str, state: str) -> None:
         """Keep an alert for the cloud and in the alert log (in the next commit; never blocks the caller)."""
-        self._q.put((Job.ALERT, Alert(payload, rule, device, state), None))
+        self._put(Job.ALERT, Alert(payload, rule, device, state), None)
 
     def log_line(self, line: bytes) -> None:
         """Keep a log line for the cloud (from any thread; never blocks: beyond LOG_QUEUE_MAX lines waiting for the
@@ -291,10 +310,10 @@ class Store:
         if self._q.qsize() >= LOG_QUEUE_MAX:  # the writer is that far behind: a log line is what gives way
             self.metrics.logs_dropped.labels("queue").inc()
             return
-        self._q.put((Job.LOG, line, None))
+        self._put(Job.LOG, line, None)
 
     def ack_logs(self, upto_id: int) -> None:
-        self._q.put((Job.LOG_ACK, upto_id, None))
+        self._put(Job.LOG_ACK, upto_id, None)
 
     async def read_logs(self, after_id: int, max_bytes: int) -> list[tuple[int, bytes]]:
         """Log lines after `after_id`, oldest first: at least one, then up to `max_bytes`."""
@@ -312,13 +331,13 @@ class Store:
     def event(self, topic: str, payload: bytes) -> None:
         """Keep an event for the cloud's <prefix>/<gateway>/<topic>, behind and with the alerts (same bound, same
         order, sent after the cloud's PUBACK; in the next commit; never blocks the caller)."""
-        self._q.put((Job.EVENT, Alert(payload, "", "", "", topic), None))
+        self._put(Job.EVENT, Alert(payload, "", "", "", topic), None)
 
     async def set_meta(self, key: str, value: Any) -> None:
         """Keep a small JSON value across restarts (None deletes it); returns once committed."""
         assert self._loop is not None
         fut = self._loop.create_future()
-        self._q.put((Job.META, (key, None if value is None else json.dumps(value)), fut))
+        self._put(Job.META, (key, None if value is None else json.dumps(value)), fut)
         await fut
 
     async def get_meta(self, key: str) -> Any:
@@ -329,7 +348,7 @@ class Store:
         """Store (doc) or delete (None) a rule added by command; returns once committed."""
         assert self._loop is not None
         fut = self._loop.create_future()
-        self._q.put((Job.RULE, (rule_id, doc), fut))
+        self._put(Job.RULE, (rule_id, doc), fut)
         await fut
 
     async def take_request(self, name: str, rid: str) -> bytes | None:
@@ -337,17 +356,17 @@ class Store:
         requests_keep_s): its reply, or b"" when it never got one (the agent stopped while it ran)."""
         assert self._loop is not None
         fut = self._loop.create_future()
-        self._q.put((Job.REQUEST, (name, rid), fut))
+        self._put(Job.REQUEST, (name, rid), fut)
         return await fut
 
     def request_reply(self, name: str, rid: str, reply: bytes) -> None:
-        self._q.put((Job.REQUEST_REPLY, (name, rid, reply), None))
+        self._put(Job.REQUEST_REPLY, (name, rid, reply), None)
 
     async def load_rules(self) -> list[str]:
         return [d for (d,) in await self.query("SELECT doc FROM rules ORDER BY id")]
 
     def ack_alerts(self, upto_id: int) -> None:
-        self._q.put((Job.ALERT_ACK, upto_id, None))
+        self._put(Job.ALERT_ACK, upto_id, None)
 
     async def read_alerts(self, after_id: int = 0, limit: int = 100) -> list[tuple[int, str, bytes]]:
         """(id, topic, payload) of the alerts and events waiting for the cloud, oldest first."""
@@ -374,8 +393,42 @@ class Store:
         return await self._read(read)
 
     async def read_outbox(self, after_seq: int, max_readings: int, max_bytes: int) -> list[OutboxRow]:
-        """Consecutive outbox rows after `after_seq`: at least one row, then up to the bounds."""
-        return await self._read(self._read_outbox, after_seq, max_readings, max_bytes)
+        """Consecutive outbox rows after `after_seq`: at least one row, then up to the bounds. From the in-memory
+        tail when it holds the next row (the usual case while the uplink keeps up), else from SQLite."""
+        tail = self._tail
+        while tail and tail[0].last_seq <= after_seq:
+            self._tail_bytes -= len(tail.popleft().payload)
+        if not tail and after_seq + 1 >= self.next_seq:
+            return []  # nothing committed after it (a commit under way tells by new_data once it is in the tail)
+        if not tail or tail[0].first_seq != after_seq + 1:
+            return await self._read(self._read_outbox, after_seq, max_readings, max_bytes)
+        out: list[OutboxRow] = []
+        n = size = 0
+        for row in tail:
+            if out and (n + row.count > max_readings or size + len(row.payload) > max_bytes):
+                break
+            out.append(row)
+            n += row.count
+            size += len(row.payload)
+        return out
+
+    def _to_tail(self, rows: list[OutboxRow]) -> None:
+        """(loop thread) Rows just committed; a row that does not follow the tail's last starts it afresh."""
+        tail = self._tail
+        if tail and rows and rows[0].first_seq != tail[-1].last_seq + 1:
+            tail.clear()
+            self._tail_bytes = 0
+        for row in rows:
+            tail.append(row)
+            self._tail_bytes += len(row.payload)
+        while self._tail_bytes > TAIL_MAX_BYTES:
+            self._tail_bytes -= len(tail.popleft().payload)
+
+    def _drop_tail(self, upto_seq: int) -> None:
+        """(loop thread) Outbox rows up to `upto_seq` were acknowledged or evicted: never served from memory after
+        that."""
+        while self._tail and self._tail[0].first_seq <= upto_seq:
+            self._tail_bytes -= len(self._tail.popleft().payload)
 
     def _read_outbox(self, after_seq: int, max_readings: int, max_bytes: int) -> list[OutboxRow]:
         assert self._rconn is not None
@@ -459,33 +512,50 @@ class Store:
         ready.set_result(None)
         max_rows = self.cfg.batch_max_rows
         delay = self.cfg.batch_max_delay_ms / 1000
+        lazy_delay = max(delay, self.cfg.lazy_max_delay_ms / 1000)
+        get = self._q.get
+        jobs: list[tuple] = []  # taken, not yet committed
+        rows = 0
+        due = 0.0  # when the oldest job taken must be in a commit
         stopping = False
         while not stopping:
+            # Batching that follows the load: a commit goes when it holds batch_max_rows readings or when a job
+            # taken has waited its bound since it was handed over (batch_max_delay_ms; lazy_max_delay_ms for the
+            # lazy kinds), never later; everything already queued then goes with it, up to the row bound.
+            now = time.monotonic()
+            if jobs and (rows >= max_rows or now >= due):
+                while rows < max_rows:
+                    try:
+                        nxt = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stopping = True
+                        break
+                    jobs.append(nxt)
+                    if nxt[0] is Job.WRITE:
+                        rows += len(nxt[1])
+                self._commit_guarded(conn, jobs)
+                jobs, rows = [], 0
+                if time.monotonic() - self._last_maintenance >= MAINTENANCE_INTERVAL_S:
+                    self._maintain(conn)
+                continue
             try:
-                job = self._q.get(timeout=MAINTENANCE_INTERVAL_S)
-            except queue.Empty:  # idle: retention and the quota still apply
-                self._maintain(conn)
+                job = get(timeout=due - now if jobs else MAINTENANCE_INTERVAL_S)
+            except queue.Empty:
+                if not jobs:  # idle: retention and the quota still apply
+                    self._maintain(conn)
                 continue
             if job is _STOP:
                 break
-            jobs = [job]
-            rows = len(job[1]) if job[0] is Job.WRITE else 0
-            deadline = time.monotonic() + delay
-            while rows < max_rows:
-                try:
-                    remaining = deadline - time.monotonic()
-                    nxt = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                jobs.append(nxt)
-                if nxt[0] is Job.WRITE:
-                    rows += len(nxt[1])
+            kind = job[0]
+            if kind is Job.WRITE:
+                rows += len(job[1])
+            job_due = job[3] + (lazy_delay if kind in LAZY else delay)
+            due = job_due if not jobs or job_due < due else due
+            jobs.append(job)
+        if jobs:
             self._commit_guarded(conn, jobs)
-            if time.monotonic() - self._last_maintenance >= MAINTENANCE_INTERVAL_S:
-                self._maintain(conn)
         # drain whatever arrived with or after STOP, so nothing handed to the store is dropped
         rest = []
         while True:
@@ -532,7 +602,7 @@ class Store:
             except sqlite3.Error:
                 pass
             self._load_registry(conn)
-            self._resolve([(fut, 0) for kind, _, fut in jobs if fut is not None],
+            self._resolve([(job[2], 0) for job in jobs if job[2] is not None],
                           StoreError(f"commit crashed: {type(e).__name__}: {e}"[:300],
                                      data=isinstance(e, (UnicodeError, OverflowError, TypeError, ValueError))))
 
@@ -562,12 +632,12 @@ class Store:
         refused: dict[tuple[str, str, str, str], int] = {}  # (reason, source, device, point) -> readings
         waiting: list[asyncio.Future] = []  # writes refused while the store is full (backpressure)
         room = None  # bytes the writes of this commit may still take, where that is close to the quota
-        if any(kind is Job.WRITE for kind, _, _ in jobs):
+        if any(job[0] is Job.WRITE for job in jobs):
             self._check_room(conn)
-            n = sum(len(p) for k, p, _ in jobs if k is Job.WRITE)
+            n = sum(len(p) for k, p, _, _ in jobs if k is Job.WRITE)
             if self.cfg.at_quota == "backpressure" and self._used + n * _MAX_READING_BYTES > self._limit:
                 room = self._limit - self._used
-        for kind, payload, fut in jobs:
+        for kind, payload, fut, _ in jobs:
             if kind is Job.WRITE and payload and room is not None and not self.full:
                 need = _disk_bytes(payload)
                 if need > room:  # this write would not fit: it waits with its source, which may send less
@@ -742,7 +812,8 @@ class Store:
         self.metrics.store_commit_seconds.observe(time.perf_counter() - t0)
         self.metrics.outbox_readings.set(self.outbox_readings)
         self.metrics.outbox_bytes.set(self.outbox_bytes)
-        self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts), logs=bool(lines))
+        self._resolve(results, None, notify=bool(n_rows), alert=bool(alerts), logs=bool(lines),
+                      rows=[OutboxRow(*o) for o in out_rows], acked=ack)
         if waiting:
             self._resolve([(f, 0) for f in waiting], StoreError(self._full_reason(), full=True))
 
@@ -868,8 +939,12 @@ class Store:
         return next_id, kept, dropped
 
     def _resolve(self, results: list, error: BaseException | None, notify: bool = False, alert: bool = False,
-                 logs: bool = False) -> None:
+                 logs: bool = False, rows: list[OutboxRow] | None = None, acked: int = 0) -> None:
         def done() -> None:
+            if acked:
+                self._drop_tail(acked)
+            if rows:
+                self._to_tail(rows)
             for fut, value in results:
                 if not fut.done():
                     if error is None:
@@ -882,7 +957,7 @@ class Store:
                 self.new_alert.set()
             if logs and self.new_log is not None:
                 self.new_log.set()
-        if results or notify or alert or logs:
+        if results or notify or alert or logs or rows or acked:
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(done)
@@ -932,7 +1007,7 @@ class Store:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         self._reusable = free * page_size  # inside the file, free for SQLite to reuse (the disk does not see it)
-        wal = self.path.with_name(self.path.name + "-wal")
+        wal = self._wal
         try:
             wal_size = os.path.getsize(wal)
         except OSError:
@@ -1072,6 +1147,11 @@ class Store:
             conn.execute("COMMIT")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             cnt = sum(r[2] for r in rows)
+            try:
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._drop_tail, rows[-1][0])
+            except RuntimeError:  # the loop closed during shutdown: the tail goes with it
+                pass
             evicted += cnt
             self.outbox_readings -= cnt
             self.outbox_bytes -= sum(r[3] for r in rows)

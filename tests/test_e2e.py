@@ -39,6 +39,30 @@ def test_readings_reach_cloud_in_order_with_contiguous_seqs(local_broker, cloud_
     wait_for(lambda: sub.status[-1]["state"] == "offline", 5, what="offline status on clean stop")
 
 
+def test_messages_that_arrive_within_the_delay_share_one_commit_and_one_uplink_batch_acked_after_it(
+        local_broker, cloud_broker, make_agent, cloud_subscriber):
+    """Ingest gathers messages until the first has waited store.batch_max_delay_ms (nothing is committed, so nothing
+    acknowledged, before), then one commit, and the cloud gets the window's readings in one batch."""
+    sub = cloud_subscriber()
+    agent = make_agent(local_broker, cloud_broker, store={"batch_max_delay_ms": 1500}).start().wait_ready()
+    pub = Publisher(local_broker)
+    pub.publish(0, device="warm")  # registers the device and the series first
+    wait_for(lambda: len(sub.readings()) >= 2, 20, what="the first reading at the cloud")
+    commits = agent.metric("edge_agent_store_commits_total")
+    batches = len(sub.batches)
+    t0 = time.monotonic()
+    for i in range(1, 21):
+        pub.publish(i, device="warm")
+    time.sleep(0.7)
+    assert agent.metric("edge_agent_store_commits_total") == commits and len(sub.readings()) == 2  # gathering
+    wait_for(lambda: len(sub.readings()) >= 42, 10, what="the window at the cloud")
+    assert time.monotonic() - t0 >= 1.4  # the first message's wait, not less
+    assert agent.metric("edge_agent_store_commits_total") - commits <= 2  # the window's, and perhaps a pass
+    assert len(sub.batches) - batches == 1
+    pub.close()
+    assert agent.stop() == 0
+
+
 def test_devices_are_registered(local_broker, cloud_broker, make_agent, tmp_path):
     import sqlite3
     agent = make_agent(local_broker, cloud_broker).start().wait_ready()

@@ -140,3 +140,83 @@ def test_the_registry_is_bounded_and_known_series_go_on(tmp_path):
         assert seqs == list(range(1, len(seqs) + 1))  # refused readings take no sequence numbers
         await s.close()
     asyncio.run(main())
+
+
+def _commits(s: Store) -> float:
+    return s.metrics.store_commits._value.get()
+
+
+def test_writes_within_the_delay_share_one_commit_that_goes_when_the_first_has_waited_it(tmp_path):
+    """Batching that follows the load: a write waits at most batch_max_delay_ms for others to share its commit,
+    counted from when it was handed over (not from when the writer got to it), and never longer."""
+    async def main():
+        s = await _open(tmp_path, batch_max_delay_ms=300)
+        await s.write([R(0)])  # registers the series
+        before = _commits(s)
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(s.write([R(1)]))
+        await asyncio.sleep(0.1)
+        second = asyncio.ensure_future(s.write([R(2)]))
+        assert await first == 2 and await second == 3
+        waited = time.monotonic() - t0
+        assert _commits(s) == before + 1  # one commit for both
+        assert 0.28 <= waited < 2.0, waited  # the first write's bound, not the second's
+        # a caller that held its readings already (an adapter gathering a batch) says since when
+        t0 = time.monotonic()
+        await s.commit([R(3)], since=t0 - 10)
+        assert time.monotonic() - t0 < 0.2  # its wait was spent: it goes at once
+        await s.close()
+    asyncio.run(main())
+
+
+def test_a_full_batch_goes_at_once_whatever_the_delay(tmp_path):
+    async def main():
+        s = await _open(tmp_path, batch_max_delay_ms=10_000, batch_max_rows=50)
+        t0 = time.monotonic()
+        assert await s.write([R(i) for i in range(60)]) == 60
+        assert time.monotonic() - t0 < 5.0  # the row bound, not the 10 s delay
+        await s.close()
+    asyncio.run(main())
+
+
+def test_an_acknowledgement_rides_along_with_readings_or_goes_alone_after_its_bound(tmp_path):
+    async def main():
+        s = await _open(tmp_path, batch_max_delay_ms=0, lazy_max_delay_ms=500)
+        await s.write([R(i) for i in range(10)])
+        before = _commits(s)
+        s.ack_outbox(5)
+        await asyncio.sleep(0.2)
+        assert s.acked_seq == 0 and _commits(s) == before  # waiting for company
+        await s.write([R(10)])  # the next readings take it along: one commit
+        assert s.acked_seq == 5 and _commits(s) == before + 1
+        s.ack_outbox(11)
+        t0 = time.monotonic()
+        while s.acked_seq != 11:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - t0 < 5.0, "the acknowledgement never committed on its own"
+        assert time.monotonic() - t0 >= 0.4  # alone, after its bound
+        await s.close()
+        s = await _open(tmp_path)
+        assert s.acked_seq == 11 and s.outbox_readings == 0
+        await s.close()
+    asyncio.run(main())
+
+
+def test_the_uplink_reads_what_was_just_committed_from_memory_and_never_an_acknowledged_row(tmp_path):
+    async def main():
+        s = await _open(tmp_path, outbox_chunk_readings=10)
+        await s.write([R(i) for i in range(25)])
+        # served from the in-memory tail: no trip to the reader thread
+        s._read_outbox = None  # type: ignore[assignment]  # would raise if called
+        rows = await s.read_outbox(0, 1000, 1 << 20)
+        assert [(r.first_seq, r.last_seq) for r in rows] == [(1, 10), (11, 20), (21, 25)]
+        assert await s.read_outbox(25, 1000, 1 << 20) == []  # nothing after the newest commit
+        del s._read_outbox
+        s.ack_outbox(20)
+        await s.write([R(99)])
+        rows = await s.read_outbox(0, 1000, 1 << 20)  # from SQLite: the acknowledged rows are gone
+        assert [(r.first_seq, r.last_seq) for r in rows] == [(21, 25), (26, 26)]
+        rows = await s.read_outbox(20, 1000, 1 << 20)
+        assert [(r.first_seq, r.last_seq) for r in rows] == [(21, 25), (26, 26)]
+        await s.close()
+    asyncio.run(main())

@@ -46,7 +46,7 @@ def test_a_batch_the_store_refuses_is_split_and_only_the_culprit_is_set_aside(lo
     committed: list[Reading] = []
     dead: list[tuple] = []
 
-    async def sink(readings: list[Reading]) -> int:
+    async def sink(readings: list[Reading], since: float | None = None) -> int:
         if any(r.device == "poison" for r in readings):
             raise StoreError("commit crashed: UnicodeEncodeError", data=True)
         committed.extend(readings)
@@ -174,7 +174,7 @@ def test_alerts_fired_and_cleared_across_an_outage_and_a_restart_all_arrive_in_o
     cloud_broker.start()
     wait_for(lambda: len(got) >= 50, 30, what="every alert at the cloud")
     time.sleep(0.5)
-    assert [a["value"] for a in got] == values  # all, once each, in order
+    assert [a["value"] for a in got] == values, ([a["value"] for a in got], values)  # all, once each, in order
     pub.close()
     c.loop_stop()
     c.disconnect()

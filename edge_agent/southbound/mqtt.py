@@ -2,9 +2,11 @@
 
 Persistent session, QoS 1, manual acknowledgement: a message is PUBACKed only after its readings
 are committed to the store, so a crash at any point leaves it with the broker, which redelivers it.
-Messages are decoded as they arrive (on the loop thread, by the paho callback); everything decoded
-in one loop turn goes to the store as one write, and the PUBACKs of a batch go out in arrival order
-once that write is durable. Rejected payloads are counted, logged (rate-limited), kept in the
+Messages are decoded as they arrive (on the loop thread, by the paho callback) and gathered into one
+batch until the first of them has waited store.batch_max_delay_ms (or the batch holds batch_max_rows
+readings, or reading is paused at the pending bound: then at once); the batch goes to the store as one
+write (whose own deadline counts from that first message, so the wait is not paid twice), and its
+PUBACKs go out in arrival order once that write is durable. Rejected payloads are counted, logged (rate-limited), kept in the
 dead-letter table and acknowledged, so a poison message is not redelivered forever.
 
 Bounds: the broker sends at most `receive_maximum` unacknowledged messages (MQTT 5; with 3.1.1 the
@@ -40,7 +42,7 @@ class MqttIngest:
     name = "mqtt"
 
     def __init__(self, cfg: MqttIngestConfig, gateway_id: str, sink: Sink, dead_letter: DeadLetter,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, batch_delay_s: float = 0.0, batch_rows: int = 5000) -> None:
         self.cfg = cfg
         self.client_id = cfg.client_id or f"{gateway_id}-ingest"
         self.sink, self.dead_letter, self.metrics = sink, dead_letter, metrics
@@ -64,7 +66,10 @@ class MqttIngest:
         self._readings: list[Reading] = []
         self._dead: list[tuple[str, str, str, str, bytes]] = []
         self._pending = 0
-        self._flush_scheduled = False
+        self.batch_delay_s, self.batch_rows = batch_delay_s, batch_rows
+        self._flush_handle: asyncio.Handle | None = None  # the pending batch's flush (a timer, or at once)
+        self._flush_now = False
+        self._batch_t = 0.0  # when the pending batch's first message arrived (monotonic)
         self._last_flush: asyncio.Future | None = None
         self._rl = RateLimited(log)
         self._received = metrics.readings_received.labels(SOURCE)
@@ -153,17 +158,22 @@ class MqttIngest:
             decode = self._route(topic)
             readings = decode(topic, payload, time.time_ns())
             self._readings.extend(readings)
-            self._received.inc(len(readings))
-            self._last.set(time.time())
         except RejectedInput as e:
             self._dead.append(self._reject(topic, payload, e))
         except Exception as e:  # a decoder bug: keep the payload, count it, keep running
             log.exception("decoder failed", extra={"topic": topic[:120]})
             self._dead.append(self._reject(topic, payload,
                                            RejectedInput("internal_error", f"{type(e).__name__}: {e}")))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._flush_handle is None:  # the batch's first message: it waits batch_delay_s at most
+            self._batch_t = time.monotonic()
+            loop = asyncio.get_running_loop()
+            self._flush_now = not self.batch_delay_s
+            self._flush_handle = (loop.call_later(self.batch_delay_s, self._flush) if self.batch_delay_s else
+                                  loop.call_soon(self._flush))
+        elif not self._flush_now and (self._paused or len(self._readings) >= self.batch_rows):
+            self._flush_handle.cancel()  # full, or at the pending bound: it goes now
+            self._flush_now = True
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _route(self, topic: str) -> Decoder:
         decode = self._routes_cache.get(topic)
@@ -186,21 +196,28 @@ class MqttIngest:
         return SOURCE, topic[:256], e.reason, e.detail, payload
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # when called directly (stop)
+            self._flush_handle = None
         if not self._batch:
             return
         batch, readings, dead, size = self._batch, self._readings, self._dead, self._batch_bytes
+        if readings:  # counted per batch, not per message
+            self._received.inc(len(readings))
+            self._last.set(time.time())
         self._batch, self._readings, self._dead, self._batch_bytes = [], [], [], 0
         prev, conn = self._last_flush, self._conn
-        self._last_flush = asyncio.ensure_future(self._commit_and_ack(conn, batch, size, readings, dead, prev))
+        self._last_flush = asyncio.ensure_future(self._commit_and_ack(conn, batch, size, readings, dead, prev,
+                                                                      self._batch_t))
 
     async def _commit_and_ack(self, conn: MqttConnection | None, batch: list[tuple[int, int, int, bytes]],
-                              size: int, readings: list[Reading], dead: list, prev: asyncio.Future | None) -> None:
+                              size: int, readings: list[Reading], dead: list, prev: asyncio.Future | None,
+                              since: float) -> None:
         held = False
         try:
             if readings:
                 try:
-                    await self.sink(readings)
+                    await self.sink(readings, since=since)
                 except StoreError as e:
                     if e.full:  # the store is at its quota (backpressure): hold the batch here, commit as room frees
                         await self._hold(conn, batch, readings, prev)

@@ -40,18 +40,22 @@ GENERATOR = r"""
 import asyncio, json, sys, time
 from edge_agent.mqttio import MqttConnection
 port, n, devices, rate = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+# publisher k of p publishes for the devices d with d % p == k (several processes reach rates one cannot)
+k, p = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (0, 1)
 async def main():
-    c = MqttConnection(client_id="bench-gen", host="127.0.0.1", port=port, max_inflight=1000)
+    c = MqttConnection(client_id=f"bench-gen-{k}", host="127.0.0.1", port=port, max_inflight=1000)
     await c.connect()
-    topics = [f"devices/dev-{d:03d}/telemetry" for d in range(devices)]
+    topics = [f"devices/dev-{d:03d}/telemetry" for d in range(devices) if d % p == k]
     window, pending = 2000, []
     t0 = time.perf_counter()
     for i in range(n):
         body = ('{"ts":%d,"values":{"temperature":%.2f,"pressure":%.3f,"flow":%d,"running":true,"vib":%.4f}}'
                 % (time.time_ns() // 1_000_000, 20 + i % 10, 1.0 + i % 7 / 100, i % 500, (i % 13) / 1000)).encode()
-        pending.append(c.publish(topics[i % devices], body, qos=1))
-        if rate and i % 50 == 0:
-            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        pending.append(c.publish(topics[i % len(topics)], body, qos=1))
+        if rate:  # on time, message by message (at most 2 ms early)
+            ahead = t0 + (i + 1) / rate - time.perf_counter()
+            if ahead > 0.002:
+                await asyncio.sleep(ahead)
         if len(pending) >= window:
             await asyncio.gather(*pending[:window // 2]); del pending[:window // 2]
     await asyncio.gather(*pending)
@@ -61,28 +65,35 @@ asyncio.run(main())
 """
 
 CLOUD_SUB = r"""
-import json, re, ssl, sys, time
+import json, re, ssl, sys, threading, time
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 port, ca, cert, key, out = sys.argv[1:6]
+expected, timeout = int(sys.argv[6]), float(sys.argv[7]) if len(sys.argv) > 7 else 600.0
 ts_re = re.compile(rb'"ts":(\d+)')
-lat, total = [], [0]
+lat, total, last, done = [], [0], [0], threading.Event()
 def on_message(c, u, m):
     now = time.time_ns()
     head = m.payload[:400]
-    n = int(re.search(rb'"count":(\d+)', head).group(1))
-    total[0] += n
+    total[0] += int(re.search(rb'"count":(\d+)', head).group(1))
+    last[0] = now
     t = ts_re.search(head)
     if t: lat.append((now - int(t.group(1))) / 1e6)
-    if total[0] >= int(sys.argv[6]):
-        json.dump({"latencies_ms": lat, "readings": total[0]}, open(out, "w")); c.disconnect()
+    if total[0] >= expected:
+        done.set()
 c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-cloud")
 c.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+subscribed = threading.Event()
 c.on_connect = lambda c, u, f, r, p: c.subscribe("edge/+/telemetry", 1)
+c.on_subscribe = lambda *a: subscribed.set()
 c.on_message = on_message
 c.connect("localhost", int(port), 30)
+c.loop_start()
+subscribed.wait(30)
 print("ready", flush=True)
-c.loop_forever()
+done.wait(timeout)
+c.disconnect(); c.loop_stop()
+json.dump({"latencies_ms": lat, "readings": total[0], "last_ns": last[0]}, open(out, "w"))
 """
 
 
@@ -94,6 +105,12 @@ def proc_stats(pid: int) -> tuple[float, int]:
     with open(f"/proc/{pid}/status") as f:
         rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     return cpu, rss
+
+
+def written(pid: int) -> int:
+    """Bytes the process caused to be written to storage (/proc/<pid>/io write_bytes)."""
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
 
 
 def metric(port: int, name: str) -> float:
@@ -135,44 +152,78 @@ def wait_metric(port: int, name: str, value: float, timeout: float, interval: fl
     raise RuntimeError(f"{name} did not reach {value} in {timeout} s")
 
 
+class Rig:
+    """Two Mosquittos (local plain, cloud mutual TLS) and the agent between them (its own process)."""
+
+    def __init__(self, work: Path, devices: int, receive_maximum: int = 0, synchronous: str = "full",
+                 rules: int = 0, ship: bool = True, delay_ms: float | None = None) -> None:
+        self.work = work
+        self.ca = CA(work / "pki")
+        server = self.ca.issue("cloud", server=True)
+        gw = self.ca.issue("bench-gw")
+        self.viewer = self.ca.issue("cloud-viewer")
+        self.local = Mosquitto.local(work / "local").start()
+        self.cloud = Mosquitto.mtls(work / "cloud", self.ca.cert_path, *server).start()
+        self.mport = free_port()
+        cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")},
+               "log": {"level": "warning", "ship": ship},
+               "southbound": {"mqtt": {"port": self.local.port, "protocol": os.environ.get("BENCH_PROTOCOL", "5"),
+                                       **({"receive_maximum": receive_maximum} if receive_maximum else {})}},
+               "uplink": {"host": "localhost", "port": self.cloud.port, "ca_file": str(self.ca.cert_path),
+                          "cert_file": str(gw[0]), "key_file": str(gw[1])},
+               "store": {"synchronous": synchronous,
+                         **({"batch_max_delay_ms": delay_ms} if delay_ms is not None else {})},
+               "metrics": {"port": self.mport},
+               # the GLM is off unless BENCH_MODEL=1: loading ONNX Runtime and the model adds ~70 MB of RSS
+               "model": {"enabled": os.environ.get("BENCH_MODEL") == "1"},
+               # rules on the benchmark's own series (thresholds the generated values never reach: no alerts)
+               "rules": {"rule": [{"id": f"r{i}", "kind": ("above", "below", "rate", "zscore")[i % 4],
+                                   "device": f"dev-{i % devices:03d}",
+                                   "point": ("temperature", "pressure", "flow")[i % 3],
+                                   "threshold": (1e9, -1e9, 1e9, 1e9)[i % 4]} for i in range(rules)]}}
+        (work / "agent.toml").write_text(to_toml(cfg))
+        self.cmd = [sys.executable, "-m", "edge_agent", "run", "--config", str(work / "agent.toml")]
+        self.agent: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Starts the agent; returns the seconds from exec to subscribed (imports, TLS, store open)."""
+        s0 = time.perf_counter()
+        self.agent = subprocess.Popen(self.cmd, cwd=ROOT)
+        wait_metric(self.mport, 'edge_agent_ingest_connected{source="mqtt"}', 1, 30, 0.005)
+        return time.perf_counter() - s0
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.terminate()
+            self.agent.wait(30)
+            self.agent = None
+
+    def cloud_sub(self, expected: int, timeout: float) -> tuple[subprocess.Popen, Path]:
+        out = self.work / f"cloud-{time.monotonic_ns()}.json"
+        sub = subprocess.Popen([sys.executable, "-c", CLOUD_SUB, str(self.cloud.port), str(self.ca.cert_path),
+                                str(self.viewer[0]), str(self.viewer[1]), str(out), str(expected), str(timeout)],
+                               stdout=subprocess.PIPE)
+        sub.stdout.readline()
+        return sub, out
+
+    def close(self) -> None:
+        self.stop_agent()
+        self.local.stop()
+        self.cloud.stop()
+
+
 def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: int, synchronous: str,
               rules: int = 0, ship: bool = True, delay_ms: float | None = None) -> dict:
-    ca = CA(work / "pki")
-    server = ca.issue("cloud", server=True)
-    gw = ca.issue("bench-gw")
-    viewer = ca.issue("cloud-viewer")
-    local = Mosquitto.local(work / "local").start()
-    cloud = Mosquitto.mtls(work / "cloud", ca.cert_path, *server).start()
-    mport = free_port()
-    cfg = {"gateway": {"id": "bench-gw", "state_dir": str(work / "state")}, "log": {"level": "warning", "ship": ship},
-           "southbound": {"mqtt": {"port": local.port, "protocol": os.environ.get("BENCH_PROTOCOL", "5"),
-                                   **({"receive_maximum": receive_maximum} if receive_maximum else {})}},
-           
-           "uplink": {"host": "localhost", "port": cloud.port, "ca_file": str(ca.cert_path), "cert_file": str(gw[0]),
-                      "key_file": str(gw[1])},
-           "store": {"synchronous": synchronous,
-                     **({"batch_max_delay_ms": delay_ms} if delay_ms is not None else {})}, "metrics": {"port": mport},
-           # the GLM is off unless BENCH_MODEL=1: loading ONNX Runtime and the model adds ~70 MB of RSS
-           "model": {"enabled": os.environ.get("BENCH_MODEL") == "1"},
-           # rules on the benchmark's own series (thresholds the generated values never reach: no alerts)
-           "rules": {"rule": [{"id": f"r{i}", "kind": ("above", "below", "rate", "zscore")[i % 4],
-                               "device": f"dev-{i % devices:03d}", "point": ("temperature", "pressure", "flow")[i % 3],
-                               "threshold": (1e9, -1e9, 1e9, 1e9)[i % 4]} for i in range(rules)]}}
-    (work / "agent.toml").write_text(to_toml(cfg))
-    cmd = [sys.executable, "-m", "edge_agent", "run", "--config", str(work / "agent.toml")]
-    agent = None
+    rig = Rig(work, devices, receive_maximum, synchronous, rules, ship, delay_ms)
     try:
         # First start: creates the persistent session, and tells how long the agent takes from exec to
         # subscribed (Python imports, TLS, store open), which the timed run does not count.
+        startup = rig.start()
+        rig.stop_agent()
+        run_gen(rig.local.port, n, devices)  # the backlog, queued at the broker for the agent's session
         s0 = time.perf_counter()
-        agent = subprocess.Popen(cmd, cwd=ROOT)
-        wait_metric(mport, 'edge_agent_ingest_connected{source="mqtt"}', 1, 30, 0.005)
-        startup = time.perf_counter() - s0
-        agent.terminate()
-        agent.wait(30)
-        run_gen(local.port, n, devices)  # the backlog, queued at the broker for the agent's session
-        s0 = time.perf_counter()
-        agent = subprocess.Popen(cmd, cwd=ROOT)
+        rig.start()
+        agent, mport = rig.agent, rig.mport
         cpu0 = 0.0  # the process's whole CPU time is counted, start-up included (a slight overcount)
         t0 = s0 + startup
         peak = 0
@@ -187,17 +238,14 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
         commits = metric(mport, "edge_agent_store_commits_total")
         commit_s = metric(mport, "edge_agent_store_commit_seconds_sum")
         # latency at a paced rate through the running agent
-        out = work / "cloud.json"
         m = max(1000, int(rate * 10))
-        sub = subprocess.Popen([sys.executable, "-c", CLOUD_SUB, str(cloud.port), str(ca.cert_path), str(viewer[0]),
-                                str(viewer[1]), str(out), str(5 * m)], stdout=subprocess.PIPE)
-        sub.stdout.readline()
+        sub, out = rig.cloud_sub(5 * m, 120)
         time.sleep(0.5)
         cpu_a, _ = proc_stats(agent.pid)
         commits_a = metric(mport, "edge_agent_store_commits_total")
         g0 = time.perf_counter()
-        run_gen(local.port, m, devices, rate)
-        sub.wait(120)
+        run_gen(rig.local.port, m, devices, rate)
+        sub.wait(130)
         cpu_b, _ = proc_stats(agent.pid)
         paced_s = time.perf_counter() - g0
         commits_paced = metric(mport, "edge_agent_store_commits_total") - commits_a
@@ -208,11 +256,72 @@ def agent_run(work: Path, n: int, devices: int, rate: float, receive_maximum: in
                 "paced_cpu_cores": (cpu_b - cpu_a) / paced_s, "paced_commits": commits_paced, "paced_messages": m,
                 "commit_ms": 1000 * commit_s / max(commits, 1)}
     finally:
-        if agent is not None:
-            agent.terminate()
-            agent.wait(30)
-        local.stop()
-        cloud.stop()
+        rig.close()
+
+
+PUBLISHER_RATE = 2500  # messages/s one Python publisher process offers on a slow core; more processes beyond
+
+
+def paced(work: Path, rates: list[float], seconds: float, devices: int, synchronous: str,
+          delay_ms: float | None, out=print) -> list[dict]:
+    """Offers each rate for `seconds` through one running agent; per rate: the agent's CPU (utime+stime from the
+    first publish until the cloud has every reading, or the drain deadline), publish->cloud p50/p99 (per uplink
+    batch, from its oldest reading's device timestamp), readings lost (published, never at the cloud within
+    `seconds` + 20 s) and whether the rate was sustained: offered within 5 % of the rate, nothing lost, and the
+    cloud had the last reading within 2 s of the last publish."""
+    rig = Rig(work, devices, synchronous=synchronous, delay_ms=delay_ms)
+    rows = []
+    try:
+        rig.start()
+        time.sleep(1.0)  # start-up done: idle
+        pid, mport = rig.agent.pid, rig.mport
+        i0, t_i = proc_stats(pid)[0], time.perf_counter()
+        time.sleep(5.0)
+        idle = (proc_stats(pid)[0] - i0) / (time.perf_counter() - t_i)
+        out(f"idle: agent CPU {idle:.3f} cores over 5 s")
+        for rate in rates:
+            n = max(20, int(rate * seconds))
+            pubs = max(1, -(-int(rate) // PUBLISHER_RATE))
+            sub, res = rig.cloud_sub(5 * n, seconds + 20)
+            commits0 = metric(mport, "edge_agent_store_commits_total")
+            batches0 = metric(mport, "edge_agent_uplink_batches_sent_total")
+            cpu0, t0, w0 = proc_stats(pid)[0], time.perf_counter(), written(pid)
+            gens = [subprocess.Popen([sys.executable, "-c", GENERATOR, str(rig.local.port),
+                                      str(n // pubs + (k < n % pubs)), str(devices), str(rate / pubs), str(k),
+                                      str(pubs)], cwd=ROOT, stdout=subprocess.PIPE) for k in range(pubs)]
+            took = max(json.loads(g.communicate()[0])["seconds"] for g in gens)
+            t_pub = time.perf_counter()
+            sub.wait(seconds + 40)
+            cpu1, t1 = proc_stats(pid)[0], time.perf_counter()
+            time.sleep(1.5)  # the last acknowledgement's commit (store.lazy_max_delay_ms), for the bytes written
+            w1 = written(pid)
+            r = json.loads(res.read_text())
+            lat = sorted(r["latencies_ms"]) or [float("nan")]
+            lost = 5 * n - r["readings"]
+            # when the cloud had the last reading, relative to the last publish
+            drain = (r["last_ns"] / 1e9 - (time.time() - (time.perf_counter() - t_pub))) if r["last_ns"] \
+                else float("inf")
+            offered = n / took
+            row = {"rate": rate, "offered": offered, "publishers": pubs, "messages": n,
+                   "cpu_cores": (cpu1 - cpu0) / (t1 - t0), "p50_ms": lat[len(lat) // 2],
+                   "p99_ms": lat[int(len(lat) * 0.99)], "lost": lost, "drain_s": drain,
+                   "commits": metric(mport, "edge_agent_store_commits_total") - commits0,
+                   "batches": metric(mport, "edge_agent_uplink_batches_sent_total") - batches0,
+                   "bytes_per_reading": (w1 - w0) / (5 * n)}
+            row["sustained"] = offered >= 0.95 * rate and lost <= 0 and drain <= 2.0
+            rows.append(row)
+            out(f"{rate:7.0f} msg/s ({5 * rate:7.0f} points/s) offered {offered:7.0f} by {pubs}: CPU "
+                f"{row['cpu_cores']:.3f} cores, p50 {row['p50_ms']:5.0f} ms, p99 {row['p99_ms']:5.0f} ms, lost "
+                f"{lost}, last reading at the cloud {drain:+.2f} s after the last publish, {row['commits']:.0f} "
+                f"commits and {row['batches']:.0f} uplink batches for {n} messages, "
+                f"{row['bytes_per_reading']:.0f} bytes written per reading"
+                f"{'' if row['sustained'] else '  NOT SUSTAINED'}", flush=True)
+            time.sleep(1.0)
+        best = max((r["rate"] for r in rows if r["sustained"]), default=0)
+        out(f"highest rate sustained with zero loss: {best:.0f} msg/s ({5 * best:.0f} points/s)")
+        return rows
+    finally:
+        rig.close()
 
 
 def main() -> None:
@@ -226,7 +335,13 @@ def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=None, help="store.batch_max_delay_ms (default: the config's)")
     ap.add_argument("--ship", choices=("on", "off", "both"), default="on",
                     help="log shipping (log.ship); both: run twice and compare")
+    ap.add_argument("--paced", default="", help="paced mode: messages/s to offer in turn, e.g. 10,100,1000,5000")
+    ap.add_argument("--seconds", type=float, default=10.0, help="paced mode: seconds per rate")
     a = ap.parse_args()
+    if a.paced:
+        with tempfile.TemporaryDirectory() as d:
+            paced(Path(d), [float(x) for x in a.paced.split(",")], a.seconds, a.devices, a.synchronous, a.delay_ms)
+        return
     if a.ship == "both":
         rows = {}
         for ship in (False, True, False, True):  # interleaved: the machine drifts
