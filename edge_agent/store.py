@@ -130,6 +130,7 @@ class OutboxRow:
 TAIL_MAX_BYTES = 4 << 20  # the newest outbox rows kept in memory for the uplink (beyond, it reads them from SQLite)
 LOG_QUEUE_MAX = 20_000  # jobs waiting for the writer beyond which log lines are dropped and counted (never blocks)
 _JSON_NAMES: dict[str, str] = {}
+_SERIES_JSON: dict[tuple, tuple[str, str, str]] = {}  # (device, point, unit, source) -> the JSON around a value
 
 
 def _json_name(s: str | None) -> str:
@@ -159,11 +160,23 @@ def encode_readings(first_seq: int, readings: list[Reading]) -> bytes:
     {"seq", "device", "point", "value", "unit", "ts", "quality", "source"}, three times faster."""
     parts = []
     seq = first_seq
+    pieces = _SERIES_JSON
     for r in readings:
-        value, ok = _json_value(r.value)
-        parts.append(f'{{"seq":{seq},"device":{_json_name(r.device)},"point":{_json_name(r.point)},'
-                     f'"value":{value},"unit":{_json_name(r.unit)},"ts":{r.ts_ns},'
-                     f'"quality":{_json_name(r.quality if ok else "bad")},"source":{_json_name(r.source)}}}')
+        key = (r.device, r.point, r.unit, r.source)
+        p = pieces.get(key)
+        if p is None:
+            if len(pieces) > 100_000:  # bounded, like _JSON_NAMES
+                pieces.clear()
+            p = pieces[key] = (f',"device":{_json_name(r.device)},"point":{_json_name(r.point)},"value":',
+                               f',"unit":{_json_name(r.unit)},"ts":', f',"source":{_json_name(r.source)}}}')
+        v = r.value
+        t = type(v)
+        if t is float and math.isfinite(v):
+            value, ok = repr(v), True
+        else:
+            value, ok = _json_value(v)
+        parts.append(f'{{"seq":{seq}{p[0]}{value}{p[1]}{r.ts_ns},"quality":'
+                     f'{_json_name(r.quality if ok else "bad")}{p[2]}')
         seq += 1
     return ",".join(parts).encode()
 
@@ -879,9 +892,8 @@ class Store:
         and unit changes of known ones are written by the maintenance pass, once a second, not per commit."""
         seen_d, seen_p = self._seen_devices, self._seen_points
         for _, rs in writes:
-            for r in rs:
-                seen_p[(r.device, r.point)] = r.unit
-                seen_d[r.device] = r.source
+            seen_p.update({(r.device, r.point): r.unit for r in rs})
+            seen_d.update({r.device: r.source for r in rs})
         fresh_d = [(d, s) for d, s in seen_d.items() if d not in self._known_devices]
         if fresh_d:
             conn.executemany("INSERT OR IGNORE INTO devices VALUES (?,?,?,?)",
