@@ -428,13 +428,69 @@ def test_generator_runs_on_the_public_session_api_too(engine):
     assert ours.text == engine.gen.generate(ids, max_new_tokens=96, timeout_s=10, decode=engine.tok.decode).text
 
 
+def test_a_refused_draft_is_masked_out_of_the_cache_not_copied_and_answers_stay_the_same(engine):
+    """Refused draft tokens stay in the KV cache with attention mask 0: the next pass sees exactly what a cut cache
+    would give; where holes would outgrow the context, the cache is compacted; the answers are the greedy ones."""
+    gen = engine.gen
+    ids = engine.tok.encode_prompt("set boiler-2 setpoint to 72.5 now")
+    rows_a, past = gen._forward_cpu(ids, None, None, 0)
+    nxt = int(rows_a[-1].argmax())
+    # a pass with two wrong draft tokens after the real one, then the next token: over the holed cache ...
+    _, holed = gen._forward_cpu([nxt, 7, 8], past, None, len(ids))
+    mask = [1] * (len(ids) + 1) + [0, 0] + [1]
+    rows_h, _ = gen._forward_cpu([5], holed, mask, len(ids) + 1)
+    # ... and over the same cache cut after the real token (a copy: what refused drafts cost before)
+    clean = [np.ascontiguousarray(p[:, :, :len(ids) + 1]) for p in holed]
+    rows_c, _ = gen._forward_cpu([5], clean, None, len(ids) + 1)
+    np.testing.assert_allclose(rows_h[-1], rows_c[-1], rtol=1e-4, atol=1e-4)
+    # drafts that are always wrong: holes everywhere; a small context forces compactions; the answer is unchanged
+    from edge_agent.glm.generate import Lookup
+    wrong = Lookup([t for t in range(3, 200)] * 2)
+    saved = gen.context, gen.pass_cost, list(gen._kept)
+    try:
+        gen.pass_cost, gen._kept = [1.0] * 5, [1.0] * 4  # drafting always looks worth it
+        for ctx in (saved[0], len(ids) + 30):
+            gen.context = ctx
+            a = gen.generate(ids, max_new_tokens=96, timeout_s=10, lookahead=4, reference=wrong)
+            b = gen.generate(ids, max_new_tokens=96, timeout_s=10, lookahead=0)
+            assert a.ids == b.ids and a.stop == b.stop
+    finally:
+        gen.context, gen.pass_cost, gen._kept = saved
+
+
+def test_lookahead_drafts_only_where_this_machine_makes_it_pay(engine):
+    """The draft length comes from the measured cost of a wider pass and how often drafts were kept: where a pass
+    of 1+k tokens costs more than the tokens it can be expected to keep, no drafts (one pass in 32 still measures)."""
+    gen = engine.gen
+    assert len(gen.pass_cost) == engine.cfg.lookahead + 1 and gen.pass_cost[0] == 1.0  # calibrated at load
+    saved = gen.pass_cost, list(gen._kept), gen._explore
+    try:
+        gen._kept = [0.9, 0.9, 0.9, 0.9]
+        gen.pass_cost = [1.0, 1.05, 1.1, 1.15, 1.2]  # drafting is nearly free: all four
+        assert gen.draft_length(4) == 4
+        gen.pass_cost = [1.0, 1.5, 2.5, 3.5, 4.5]  # each draft costs more than it keeps, but one
+        assert gen.draft_length(4) == 1
+        gen._kept = [0.2, 0.2, 0.2, 0.2]
+        picks = [gen.draft_length(4) for _ in range(64)]
+        assert picks.count(0) == 62 and picks.count(4) == 2  # off, but for the measuring passes
+        ids = engine.tok.encode_prompt("set boiler-2 setpoint to 72.5 now")
+        gen._kept = [0.0] * 4
+        gen.pass_cost = [1.0, 9.0, 9.0, 9.0, 9.0]
+        gen._explore = 1  # no measuring pass in this short answer
+        off = gen.generate(ids, max_new_tokens=96, timeout_s=10, lookahead=4, reference=engine.reference)
+        plain = gen.generate(ids, max_new_tokens=96, timeout_s=10, lookahead=0)
+        assert off.ids == plain.ids and off.drafted_tokens == 0 and off.forward_passes == plain.forward_passes
+    finally:
+        gen.pass_cost, gen._kept, gen._explore = saved
+
+
 def _margin(engine, text: str) -> float:
     """The smallest lead, in logits, of each token the constrained greedy answer chose over the best other token
     its grammar allowed there (forced tokens skipped), by one forward pass over the whole answer."""
     ids = engine.tok.encode_prompt(text)
     r = engine.gen.generate(ids, max_new_tokens=96, timeout_s=10, constraint=lambda: engine._constraint(text),
                             decode=engine.tok.decode, prefix=engine._prefix, lookahead=0)
-    rows, _ = engine.gen._forward_cpu(ids + r.ids, None, 0)
+    rows, _ = engine.gen._forward_cpu(ids + r.ids, None, None, 0)
     c = engine._constraint(text)
     worst = float("inf")
     for j, tok in enumerate(r.ids):

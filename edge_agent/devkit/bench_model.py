@@ -134,9 +134,9 @@ def _torch(arch: dict, ids: list[int], new: int, reps: int, threads: int) -> dic
 
 
 def shipped_eval_sets() -> list[str]:
-    """The evaluation sets beside the shipped model: the generated held-out split and the hand-written one."""
+    """The evaluation sets beside the shipped model: the generated held-out split and the two hand-written ones."""
     root = Path(__file__).resolve().parents[2] / "models" / "eval"
-    return [str(root / "heldout.jsonl"), str(root / "handwritten.jsonl")]
+    return [str(root / f"{name}.jsonl") for name in ("heldout", "handwritten", "handwritten_b")]
 
 
 def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
@@ -242,7 +242,12 @@ def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps
                 acc[name][2] += passes
     la, pl = acc["lookahead"], acc["plain"]
     res["answers"] = {"n": len(texts), "lookahead": cfg.lookahead, "decode_tok_s": la[0] / la[1],
-                      "tokens_per_pass": la[0] / max(la[2], 1), "plain_decode_tok_s": pl[0] / pl[1]}
+                      "tokens_per_pass": la[0] / max(la[2], 1), "plain_decode_tok_s": pl[0] / pl[1],
+                      "pass_cost": engine.gen.pass_cost, "draft_kept": engine.gen._kept,
+                      "draft_length_now": engine.gen.draft_length(cfg.lookahead)}
+    out("  lookahead on this machine: a pass of 1+k tokens costs " +
+        ", ".join(f"{c:.2f}" for c in engine.gen.pass_cost) + " x one token (k = 0..); draft token i kept " +
+        ", ".join(f"{p:.0%}" for p in engine.gen._kept) + f"; it now drafts {res['answers']['draft_length_now']}")
     line = (f"  answers, unconstrained ({len(texts)} questions, to the end token): ours {la[0] / la[1]:.0f} tok/s "
             f"with lookahead {cfg.lookahead} ({la[0] / max(la[2], 1):.2f} tokens a pass), {pl[0] / pl[1]:.0f} "
             "without")

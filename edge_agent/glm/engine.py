@@ -142,6 +142,9 @@ class Engine:
         self.gen = Generator(session.sess, [self.tok.eos_id], a["context"], a["num_hidden_layers"],
                              a["num_key_value_heads"], a["head_dim"], session.provider)
         self.model, self.session = model, session
+        if self.cfg.lookahead and not self.gen.on_device:
+            cost = self.gen.calibrate(self.cfg.lookahead)
+            log.info("lookahead calibrated", extra={"pass_cost": " ".join(f"{c:.2f}" for c in cost)})
         # the grammars an answer opens with, until it names its tool: the whole tool set, and the nameless tools
         # (a question without a usable word), compiled once
         self._openings = {}

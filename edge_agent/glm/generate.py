@@ -186,12 +186,63 @@ class Generator:
         # decode step for this model (the feeds here are always complete and plain arrays)
         self._run = getattr(session, "_sess", session).run
         self._pool = None
+        # lookahead decides by measurement: the cost of a pass of 1+k tokens relative to one token on this machine
+        # (calibrate()), and how often the k-th draft token has been kept (an average over recent passes); it drafts
+        # the k that writes the most tokens per unit of time, none when no draft pays for its pass
+        self.pass_cost: list[float] = [1.0]  # [cost of 1+k tokens / cost of 1 token for k = 0..]
+        self._kept: list[float] = []  # P(draft token i is kept | the ones before it were), i = 1..
+        self._explore = 0
 
-    # one forward pass over `ids` (appended after `past_len` cached tokens); returns the logits of every position
-    def _forward_cpu(self, ids: list[int], past, past_len: int):
+    def calibrate(self, lookahead: int, reps: int = 5, prompt_len: int = 24) -> list[float]:
+        """Times passes of 1..1+lookahead tokens after a short prompt (the median of `reps` each); sets
+        pass_cost. Blocking: call where the session may run (the inference worker, or before it starts)."""
+        if lookahead <= 0 or self.on_device:
+            self.pass_cost = [1.0]
+            return self.pass_cost
+        ids = [0] * min(prompt_len, self.context // 2)
+        _, past = self._forward_cpu(ids, None, None, 0)
+        times = []
+        for n in range(1, lookahead + 2):
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                self._forward_cpu([0] * n, past, None, len(ids))
+                ts.append(time.perf_counter() - t)
+            times.append(sorted(ts)[len(ts) // 2])
+        self.pass_cost = [t / times[0] for t in times]
+        self._kept = [0.8] * lookahead  # optimistic at first: drafts get tried, then measured
+        return self.pass_cost
+
+    def draft_length(self, lookahead: int) -> int:
+        """How many draft tokens to feed in the next pass: the k that maximises expected tokens per unit of pass
+        cost. One pass in 32 drafts regardless (while lookahead is on), so that the averages keep being measured."""
+        k_max = min(lookahead, len(self.pass_cost) - 1, len(self._kept))
+        if k_max <= 0:
+            return lookahead if len(self.pass_cost) == 1 else 0  # not calibrated: as configured
+        best_k, best, expect, p = 0, 1.0, 1.0, 1.0
+        for k in range(1, k_max + 1):
+            p *= self._kept[k - 1]
+            expect += p
+            rate = expect / self.pass_cost[k]
+            if rate > best:
+                best_k, best = k, rate
+        self._explore += 1
+        if best_k == 0 and self._explore % 32 == 0:
+            return k_max
+        return best_k
+
+    def _learn(self, drafted: int, kept: int, alpha: float = 0.05) -> None:
+        for i in range(min(kept + 1, drafted, len(self._kept))):
+            self._kept[i] += alpha * ((1.0 if i < kept else 0.0) - self._kept[i])
+
+    # one forward pass over `ids` (appended after `past_len` real tokens); `mask`: one entry per cached position and
+    # new token (0: a refused draft token still in the cache, not attended to), None: all attended; returns the
+    # logits of every position
+    def _forward_cpu(self, ids: list[int], past, mask: list[int] | None, past_len: int):
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
-                 "attention_mask": self._ones[:, :past_len + n],
+                 "attention_mask": self._ones[:, :past_len + n] if mask is None else
+                 np.asarray([mask], dtype=np.int64),
                  "position_ids": self._positions[:, past_len:past_len + n]}
         if past is None:
             for name in self.past_names:
@@ -201,7 +252,7 @@ class Generator:
         out = self._run(self._outputs, feeds, None)
         return out[0][0], out[1:]
 
-    def _forward_device(self, ids: list[int], past, past_len: int):
+    def _forward_device(self, ids: list[int], past, mask: list[int] | None, past_len: int):
         import onnxruntime as ort
 
         n = len(ids)
@@ -242,7 +293,7 @@ class Generator:
         if callable(constraint):
             # compile the grammar while the prompt runs (ONNX Runtime releases the GIL): hides the compile time.
             # The answer's forced opening (`{"tool":"`), when known, rides along in the prompt's forward pass.
-            pending = self._helper().submit(forward, prompt_ids + list(prefix), None, 0)
+            pending = self._helper().submit(forward, prompt_ids + list(prefix), None, None, 0)
             constraint = constraint()
             rows, past = pending.result()
             if prefix and constraint.accepts(*prefix):
@@ -251,9 +302,9 @@ class Generator:
                 if on_token is not None:
                     on_token(list(prefix))
             elif prefix:  # not this grammar's opening after all: run the prompt alone
-                rows, past = forward(prompt_ids, None, 0)
+                rows, past = forward(prompt_ids, None, None, 0)
         else:
-            rows, past = forward(prompt_ids, None, 0)
+            rows, past = forward(prompt_ids, None, None, 0)
         logits = rows[-1]
         lookup = None
         if lookahead > 0 and top_p <= 0.0 and not self.on_device:
@@ -261,6 +312,10 @@ class Generator:
             lookup.extend([*prompt_ids, *out])
         passes, mask_s = 1, 0.0
         past_len = len(prompt_ids) + len(out)
+        # refused draft tokens stay in the cache, masked out (no copy of the cache); `attend` has one entry per cached
+        # position once there is one (None until then), and the cache is compacted only where it would outgrow
+        # the context
+        attend: list[int] | None = None
         ttft = time.perf_counter() - t0 if out else 0.0
         stop = "max_tokens"
         todo: list[int] = []  # tokens the grammar forced after accepted draft tokens, not yet fed
@@ -298,19 +353,28 @@ class Generator:
             drafts: list[int] = []
             if lookup is not None:
                 lookup.extend(step)
-                room = min(lookahead, max_new - len(out), self.context - past_len - len(step))
+                room = min(self.draft_length(lookahead), max_new - len(out), self.context - past_len - len(step))
                 drafts = lookup.draft(room) if room > 0 else []
                 if drafts and constraint is not None:
                     drafts = drafts[:constraint.valid_prefix(drafts)]
-            rows, past = forward(step + drafts, past, past_len)
+            if attend is not None and len(attend) + len(step) + len(drafts) > self.context:
+                keep = np.flatnonzero(np.asarray(attend))  # compact: the refused positions leave the cache
+                past = [np.ascontiguousarray(p[:, :, keep]) for p in past]
+                attend = None
+            fed = step + drafts
+            mask = None if attend is None else attend + [1] * len(fed)
+            rows, past = forward(fed, past, mask, past_len)
             passes += 1
             kept = 0
             if drafts:  # keep the draft tokens the model itself would have written next
                 preds = np.argmax(rows[len(step) - 1:len(step) - 1 + len(drafts)], axis=1)
                 while kept < len(drafts) and preds[kept] == drafts[kept]:
                     kept += 1
-                if kept < len(drafts):  # forget the refused ones
-                    past = [np.ascontiguousarray(p[:, :, :past_len + len(step) + kept]) for p in past]
+                self._learn(len(drafts), kept)
+            if attend is not None or kept < len(drafts):  # the refused ones stay in the cache, masked out
+                attend = mask if mask is not None else [1] * (past_len + len(fed))
+                for i in range(len(attend) - (len(drafts) - kept), len(attend)):
+                    attend[i] = 0
             logits = rows[len(step) - 1 + kept]
             past_len += len(step) + kept
             if kept:
