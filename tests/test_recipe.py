@@ -105,3 +105,40 @@ def test_a_quantized_graph_that_fits_one_file_is_written_as_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
     m = onnx.load(str(path))
     assert numpy_helper.to_array(m.graph.initializer[0]).sum() == 64 * 64
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_embedding_table_is_int8_looked_up_row_by_row(tmp_path, share):
+    """The fp32 embedding table leaves the INT8 file: shared with the INT8 LM head it is tied to (all of it), or a
+    per-row 8-bit table of its own (three quarters); the graph answers as before within quantization noise."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(ROOT / "models" / "recipe"))
+    import package
+
+    src = ROOT / "models" / "glm-edge-iot" / "1.2.0" / "model.int8.onnx"
+    path = tmp_path / "model.int8.onnx"
+    shutil.copyfile(src, path)
+    arch = json.loads((src.parent / "manifest.json").read_text())["architecture"]
+    table = arch["vocab_size"] * arch["hidden_size"] * 4
+    saved = package.quantize_embedding(path, share=share)
+    assert saved == (table if share else table - table // 4 - arch["vocab_size"] * 4)
+    assert src.stat().st_size - path.stat().st_size >= saved * 0.99
+    assert not any(i.name == "embed" for i in onnx.load(str(path)).graph.initializer)
+
+    def logits(p: Path) -> np.ndarray:
+        s = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": np.array([[5, 17, 300, 42, 99, 7, 8, 900]], dtype=np.int64),
+                 "attention_mask": np.ones((1, 8), np.int64), "position_ids": np.arange(8)[None]}
+        for i in s.get_inputs():
+            if i.name.startswith("past"):
+                feeds[i.name] = np.zeros((1, arch["num_key_value_heads"], 0, arch["head_dim"]), np.float32)
+        return s.run(["logits"], feeds)[0]
+    a, b = logits(src), logits(path)
+    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # quantization noise, not another model
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.75
+    assert package.quantize_embedding(path, share=share) == 0  # nothing left to do

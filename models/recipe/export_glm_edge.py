@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--context", type=int, default=512, help="the runtime's context limit (TensorRT profiles too)")
     ap.add_argument("--calibration", type=Path, help="JSONL of {text, call} for the QDQ calibration")
+    ap.add_argument("--embedding", choices=("shared", "int8", "fp32"), default="shared",
+                    help="the CPU file's embedding table: shared with the tied INT8 LM head (no fp32 table), its own "
+                         "int8 table, or fp32 (package.quantize_embedding)")
     args = ap.parse_args(argv)
 
     model = GlmForCausalLM.from_pretrained(args.checkpoint, torch_dtype=torch.float32, local_files_only=True).eval()
@@ -74,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for line in args.calibration.read_text().splitlines()] if args.calibration else \
             [{"text": "status", "call": {"tool": "status", "args": {}}}]
         calib = P._Calib(tok, rows, cfg.num_key_value_heads, hd, cfg.num_hidden_layers, n=32)
-        P.quantize(fp32, args.out / "model.int8.onnx", args.out / "model.qdq.int8.onnx", calib)
+        saved = P.quantize(fp32, args.out / "model.int8.onnx", args.out / "model.qdq.int8.onnx", calib,
+                           embedding=args.embedding if cfg.tie_word_embeddings or args.embedding != "shared" else
+                           "int8")
+        print(f"embedding ({args.embedding}): {saved / 1e6:.0f} MB less in the CPU file")
     shutil.copyfile(args.checkpoint / "tokenizer.json", args.out / "tokenizer.json")
     (args.out / "tokenizer_config.json").write_text(json.dumps(P.tokenizer_config(args.context), indent=2) + "\n")
     eos = tok.token_to_id(EOS)
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                          "tie_word_embeddings": cfg.tie_word_embeddings, "context": args.context,
                          "params": sum(p.numel() for p in model.parameters())},
         "tokenizer": "tokenizer.json", "prompt": "glm-edge-chat",
-        "quantization": {"model.int8.onnx": "dynamic int8", "model.qdq.int8.onnx": "static QDQ int8"},
+        "quantization": {"model.int8.onnx": f"dynamic int8, embedding {args.embedding}",
+                         "model.qdq.int8.onnx": "static QDQ int8"},
         "providers": {"TensorrtExecutionProvider": "model.qdq.int8.onnx",
                       "CUDAExecutionProvider": "model.qdq.int8.onnx", "CPUExecutionProvider": "model.int8.onnx"},
         "public_key": P.public_key_b64(key), "torch_check": check,
