@@ -504,17 +504,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     logs.setup("warning", "text")
     try:
         _cfg, mcfg = _model_config(args)
-        evals = args.eval
+        if args.scale:
+            mcfg = _scale_model(args.scale, mcfg)
+        evals = args.eval if not args.scale else None
         if evals is not None and not evals:
             from edge_agent.devkit.bench_model import shipped_eval_sets
             evals = shipped_eval_sets()
-        res = run(mcfg, evals, n_ask=args.n, reps=args.reps)
+        res = run(mcfg, evals, n_ask=args.n, reps=args.reps, scale=bool(args.scale))
     except (config.ConfigError, ModelError, RuntimeError) as e:
         return _fail(str(e))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=str)
     return 0
+
+
+def _scale_model(layout: str, mcfg):
+    """The benchmark model of real shape for `bench model --scale`: built once by the recipe
+    (models/recipe/scale_model.py: random weights, exported and quantized as a user's checkpoint), kept under the
+    user's cache folder; its own key signs it."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "models" / "recipe" / "scale_model.py"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-agent" / "bench-models"
+    out = cache / layout
+    if not (out / "manifest.json").exists():
+        if not recipe.exists():
+            raise RuntimeError("--scale builds its model with the recipe of a source checkout (models/recipe)")
+        print(f"building the {layout} benchmark model into {out} (once; minutes) ...", flush=True)
+        r = subprocess.run([sys.executable, str(recipe), "--layout", layout, "--out", str(out)])
+        if r.returncode != 0:
+            raise RuntimeError(f"building the {layout} benchmark model failed (exit {r.returncode}); it needs "
+                               "the recipe's extra: pip install -e '.[recipe]'")
+    key = json.loads((out / "manifest.json").read_text())["public_key"]
+    return dataclasses.replace(mcfg, dir=str(out), public_key=key)
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
@@ -600,6 +628,9 @@ def parser() -> argparse.ArgumentParser:
                         "exact match, writes where none was asked, wrong writes, INT8/fp32 agreement")
     b.add_argument("--n", type=int, default=100, help="questions timed for ask latency")
     b.add_argument("--reps", type=int, default=5, help="repetitions of each timed run")
+    b.add_argument("--scale", choices=("tiny", "0.5b", "1.5b"), default=None,
+                   help="a benchmark model of real shape (random weights at a GLM-Edge layout, built once by the "
+                        "recipe, then cached): speed per pass against genai, the roofline, peak memory")
     b.add_argument("--json", default="", help="also write the figures to this file")
     model_args(b)
     b.set_defaults(fn=cmd_bench)

@@ -561,7 +561,7 @@ class Updater:
 
     def _stage(self, staging: Path, manifest: dict) -> Path:
         """Verify the downloaded folder as the runtime will load it, fsync it, rename it into place."""
-        load_verified(staging, self.keys)
+        load_verified(staging, self.keys).close()
         for p in staging.iterdir():
             fsync_file(p)
         fsync_dir(staging)

@@ -229,6 +229,34 @@ def _resign(folder: Path, key: Ed25519PrivateKey, edit) -> str:
                                                           serialization.PublicFormat.Raw)).decode()
 
 
+def test_the_runtime_serves_the_file_it_verified_and_holds_no_copy_of_the_graph(tmp_path):
+    """ONNX Runtime opens the verified inode (/proc/self/fd), not the path again: a file swapped in after the check
+    is never served; a graph file anyone may write is refused; the graph's bytes are not kept."""
+    from edge_agent.glm.runtime import RuntimeOptions, open_session
+
+    pub = ModelConfig().public_key
+    d = _copy(tmp_path)
+    model = load_verified(d, pub, providers=["CPUExecutionProvider"])
+    assert set(model.blobs) == {"tokenizer.json"} and set(model.fds) == {"model.int8.onnx"}  # no GPU graph read
+    good = (d / "model.int8.onnx").read_bytes()
+    swapped = d / "swapped"
+    blob = bytearray(good)
+    blob[: len(blob) // 2] = bytes(len(blob) // 2)  # a broken graph at the same path, after the check
+    swapped.write_bytes(bytes(blob))
+    os.replace(swapped, d / "model.int8.onnx")
+    session = open_session(model, RuntimeOptions(["cpu"], 1))  # opens, because it reads what was verified
+    assert session.file == "model.int8.onnx"
+    model.close()
+    assert model.fds == {}
+    with pytest.raises(ModelError, match="sha256 does not match"):
+        load_verified(d, pub)  # the swapped file itself never passes
+    d = _copy(tmp_path / "w")
+    os.chmod(d / "model.int8.onnx", 0o666)
+    with pytest.raises(ModelError, match="writable by anyone") as e:
+        load_verified(d, pub)
+    assert e.value.reason == "path"
+
+
 def test_tampered_models_are_refused(tmp_path):
     pub = ModelConfig().public_key
     d = _copy(tmp_path)

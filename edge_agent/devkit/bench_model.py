@@ -33,8 +33,8 @@ class _Ours:
         from edge_agent.glm.generate import Generator
         from edge_agent.glm.runtime import PROVIDERS, RuntimeOptions, session_options
 
-        # a graph with external data is opened by path (ONNX Runtime finds its data beside it); else the verified bytes
-        source = str(model.dir / file) if model.external.get(file) else model.blobs[file]
+        # opened by path (verified when the engine loaded it; ONNX Runtime finds external data beside it)
+        source = str(model.dir / file)
         sess = ort.InferenceSession(source, providers=[PROVIDERS[provider]],
                                     sess_options=session_options(RuntimeOptions([provider], threads)))
         a = model.arch
@@ -152,7 +152,54 @@ def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
     return best / 1e9
 
 
-def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print) -> dict:
+_RSS_OURS = r"""
+import json, sys
+from edge_agent import ops
+from edge_agent.config import ModelConfig
+from edge_agent.glm.engine import Engine
+d, key, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+e = Engine(ModelConfig(dir=d, public_key=key, providers=["cpu"], threads=threads, lookahead=0), ops.TOOLSET)
+e.load()
+e.gen.generate(list(range(3, 40)), max_new_tokens=32, timeout_s=600)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024)
+e.close()
+"""
+_RSS_GENAI = r"""
+import json, sys
+import onnxruntime_genai as og
+d, threads = sys.argv[1], int(sys.argv[3])
+cfg = og.Config(d)
+cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+m = og.Model(cfg)
+p = og.GeneratorParams(m)
+p.set_search_options(max_length=37 + 32, min_length=37 + 32)
+g = og.Generator(m, p)
+g.append_tokens(list(range(3, 40)))
+while not g.is_done():
+    g.generate_next_token()
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024)
+"""
+
+
+def peak_rss(model_dir: Path, public_key: str, threads: int) -> dict:
+    """Peak resident memory of a process that loads the model and writes 32 tokens: ours (the agent's engine) and
+    onnxruntime-genai's, each in a fresh process (bytes; absent where genai is not installed)."""
+    import subprocess
+    import sys
+
+    res = {}
+    for name, code in (("ours", _RSS_OURS), ("genai", _RSS_GENAI)):
+        r = subprocess.run([sys.executable, "-c", code, str(model_dir), public_key, str(threads)],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode == 0:
+            res[name] = int(r.stdout.split()[-1])
+    return res
+
+
+def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print,
+        scale: bool = False) -> dict:
+    """scale: a benchmark model of random weights (models/recipe/scale_model.py): speed, the roofline and memory
+    only; its answers are noise."""
     import onnxruntime as ort
 
     from edge_agent import ops
@@ -220,6 +267,13 @@ def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps
         + (f"; ours decode at {mine['decode_tok_s'] / roof:.0%} of it" if mine else ""))
     served = next((r for r in rows if r["file"] == engine.session.file and r["provider"] == engine.session.provider),
                   rows[0])
+    if scale:
+        engine.close()
+        rss = res["peak_rss"] = peak_rss(model.dir, cfg.public_key, cfg.threads)
+        out("  peak RSS (load + 32 tokens, a fresh process each): " +
+            ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in rss.items()) +
+            (f" (ours/genai {rss['ours'] / rss['genai']:.2f})" if len(rss) == 2 else ""))
+        return res
     texts = [json.loads(line)["text"] for line in Path(eval_files[0]).read_text().splitlines()[:n_ask]] \
         if eval_files else [LONG_PROMPT] * 20
     # ---- unconstrained answers, each until its end token: ours with lookahead and without, genai with its n-gram

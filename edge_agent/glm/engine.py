@@ -119,8 +119,13 @@ class Engine:
     def load(self, folder: Path | None = None) -> None:
         """Load a verified model: `folder`, else model.dir, else the shipped one."""
         folder = folder or (Path(self.cfg.dir) if self.cfg.dir else shipped_model_dir())
+        import onnxruntime as ort
+
+        from edge_agent.glm.runtime import PROVIDERS
+        offered = ort.get_available_providers() if self._available is None else self._available
+        wanted = [PROVIDERS[k] for k in self.cfg.providers if PROVIDERS[k] in offered]
         try:
-            model = load_verified(folder, self.keys)
+            model = load_verified(folder, self.keys, providers=wanted)
         except ModelError as e:
             if self.metrics is not None:
                 self.metrics.model_load_errors.labels(e.reason).inc()
@@ -128,7 +133,10 @@ class Engine:
         opts = RuntimeOptions(providers=list(self.cfg.providers), threads=self.cfg.threads,
                               trt_fp16=self.cfg.trt_fp16, trt_int8=self.cfg.trt_int8,
                               trt_workspace_mb=self.cfg.trt_workspace_mb, cache_dir=self.cache_dir)
-        session = open_session(model, opts, self._available)
+        try:
+            session = open_session(model, opts, self._available)
+        finally:
+            model.close()  # ONNX Runtime has read the graph it serves
         for r in session.reasons:  # not offered by this build: expected on a CPU box; a failure: worth a warning
             (log.info if r.expected else log.warning)("execution provider passed over", extra={"reason": str(r)})
         log.info("model loaded", extra={"model": model.name, "provider": session.provider, "file": session.file})

@@ -129,7 +129,7 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.chmod(d, 0o700)  # engines are code the GPU runs: only the agent may write them
         try:
-            source = str(model.dir / file) if file in model.external else model.blobs[file]
+            source = model.source(file)  # the verified file itself (see glm/models.py)
             sess = ort.InferenceSession(source, sess_options=session_options(opts),
                                         providers=[c[0] for c in chain], provider_options=[c[1] for c in chain])
         except Exception as e:  # noqa: BLE001 - a provider that cannot start: say why, try the next
