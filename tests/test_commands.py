@@ -100,7 +100,9 @@ def test_read_commands_and_refusals(protocol, local_broker, cloud_broker, make_a
                                                                        "agg": "max", "window_s": 3600}}
         assert a["result"]["result"]["value"] == 20.5 and a["result"]["result"]["samples"] == 5
         assert a["result"]["answer"] == "highest temperature of pump-1 over the last 1 hour: 20.5"
-        assert a["result"]["model"] == "glm-edge-iot@1.2.0" and a["result"]["timings"]["total_ms"] > 0
+        from edge_agent.glm.engine import shipped_model_dir
+        assert a["result"]["model"] == f"glm-edge-iot@{shipped_model_dir().name}"
+        assert a["result"]["timings"]["total_ms"] > 0
         a = cli.call("ask", {"text": "list all pumps"})["result"]
         assert a["call"]["args"] == {"filter": "pump"} and [d["device"] for d in a["result"]] == ["pump-1"]
         # a question that maps to a write, on a gateway that does not allow write: refused, with the call

@@ -92,7 +92,8 @@ key_file = "{key}"
     assert 'id = "gw-9"' in r.stdout and "hunter2" not in r.stdout and 'password = "***"' in r.stdout
     effective = tomllib.loads(r.stdout)
     assert effective["store"]["batch_max_rows"] == 5000
-    assert r.stdout.startswith("# model glm-edge-iot@1.2.0: signature and files verified")
+    from edge_agent.glm.engine import shipped_model_dir
+    assert r.stdout.startswith(f"# model glm-edge-iot@{shipped_model_dir().name}: signature and files verified")
     assert "# warning: no operator keys (commands.operator_keys)" in r.stdout
     # a model that does not verify: said, but not fatal (the daemon runs on; ask answers 'unavailable')
     p.write_text(p.read_text() + '[model]\npublic_key = "TAaaUPuveWW3pJDNlgRdirQ0KPNYNbfsqjWzYlg606Y="\n')

@@ -120,7 +120,8 @@ def test_the_embedding_table_is_int8_looked_up_row_by_row(tmp_path, share):
     sys.path.insert(0, str(ROOT / "models" / "recipe"))
     import package
 
-    src = ROOT / "models" / "glm-edge-iot" / "1.2.0" / "model.int8.onnx"
+    from edge_agent.glm.engine import shipped_model_dir
+    src = shipped_model_dir() / "model.int8.onnx"
     path = tmp_path / "model.int8.onnx"
     shutil.copyfile(src, path)
     arch = json.loads((src.parent / "manifest.json").read_text())["architecture"]

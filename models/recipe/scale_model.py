@@ -32,7 +32,6 @@ LAYOUTS = {
                  intermediate_size=768),
 }
 VOCAB = 59264
-TOKENIZER = HERE.parents[1] / "models" / "glm-edge-iot" / "1.2.0" / "tokenizer.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     import export_glm_edge
     from edge_agent.glm.schema import EOS, PAD
 
+    from edge_agent.glm.engine import shipped_model_dir
+
+    tokenizer = shipped_model_dir() / "tokenizer.json"
     torch.manual_seed(args.seed)
-    tok = json.loads(TOKENIZER.read_text())
+    tok = json.loads(tokenizer.read_text())
     vocab = {t["content"]: t["id"] for t in tok["added_tokens"]}
     cfg = GlmConfig(vocab_size=VOCAB, max_position_embeddings=args.context, rms_norm_eps=1e-5,
                     tie_word_embeddings=True, attention_bias=True, partial_rotary_factor=0.5,
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(tmp) / "checkpoint"
         model.save_pretrained(ckpt, safe_serialization=True)
         del model
-        (ckpt / "tokenizer.json").write_text(TOKENIZER.read_text())
+        (ckpt / "tokenizer.json").write_text(tokenizer.read_text())
         return export_glm_edge.main(["--checkpoint", str(ckpt), "--out", str(args.out), "--key", str(key),
                                      "--name", f"glm-edge-bench-{args.layout}", "--version", "0.0.0",
                                      "--context", str(args.context)])
