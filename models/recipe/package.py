@@ -341,7 +341,13 @@ def export_and_package(work: Path, out: Path, key_path: Path | None, version: st
     tok = Tokenizer.from_file(str(work / "tokenizer.json"))
     cfg = T.glm_config(student_size, tok.get_vocab_size(), tok)
     model = T.GlmForCausalLM(cfg)
-    model.load_state_dict(torch.load(work / "student_distilled.pt", map_location="cpu"))
+    # the student that did better on the generated held-out split (never on the hand-written sets: those judge it)
+    chosen = max((k for k in ("student_distilled", "student_alone") if k in report and (work / f"{k}.pt").exists()),
+                 key=lambda k: report[k]["heldout"]["exact_match"])
+    log(f"shipping {chosen} (held-out exact " +
+        ", ".join(f"{k} {report[k]['heldout']['exact_match']:.1%}" for k in ("student_distilled", "student_alone")
+                  if k in report) + ")")
+    model.load_state_dict(torch.load(work / f"{chosen}.pt", map_location="cpu"))
     model.eval()
     if out.exists():
         shutil.rmtree(out)
@@ -383,6 +389,7 @@ def export_and_package(work: Path, out: Path, key_path: Path | None, version: st
                       "CPUExecutionProvider": "model.int8.onnx"},
         "public_key": public_key_b64(key),
         "eval": {k: v for k, v in report.items()},
+        "student": chosen,
         "torch_check": check,
     }
     write_signed_manifest(out, manifest, key)  # a first signature: the reference engine loads the folder
