@@ -35,7 +35,7 @@ from edge_agent.uplink import Uplink
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("edge_agent.audit")
-LAG_INTERVAL_S = 0.5
+LAG_INTERVAL_S = 2.0  # the loop-lag gauge's sampling: a stall longer than this is always seen
 STATUS_INTERVAL_S = 10.0
 
 

@@ -325,8 +325,11 @@ class MqttConnection:
         self.close()
 
     async def _misc_loop(self) -> None:
+        # paho's keepalive bookkeeping: a quarter of the keepalive is often enough to ping in time and to notice a
+        # silent broker (at most 5 s late), without waking an idle gateway every second per connection
+        interval = min(5.0, max(0.5, self.keepalive / 4))
         while self._sock is not None:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(interval)
             if self._c.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._lost("keepalive timeout")
                 return

@@ -116,9 +116,10 @@ class RuleEngine:
         self._by_series: dict[tuple[str, str], list[_Rule]] = {}
         self.from_config = {r.id for r in cfg.rule}
         self._rl = RateLimited(log)
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()  # a rule was added: the clock may be needed now
         for r in cfg.rule:
             self.add(r)
-        self._stop = asyncio.Event()
 
     def add(self, rc: RuleConfig) -> None:
         """Add or replace (same id) a rule."""
@@ -126,6 +127,7 @@ class RuleEngine:
         rule = _Rule(rc, self)
         self.rules.append(rule)
         self._by_series.setdefault((rc.device, rc.point), []).append(rule)
+        self._changed.set()
 
     def remove(self, rule_id: str) -> bool:
         for rule in self.rules:
@@ -180,14 +182,19 @@ class RuleEngine:
             self.act(c, state, payload)
 
     async def run(self) -> None:
-        """The clock for `nodata` rules; everything else happens on the ingest path."""
+        """The clock for `nodata` rules (once a second, only while there is one: an idle gateway is not woken for
+        nothing); everything else happens on the ingest path."""
         self._stop.clear()
         while not self._stop.is_set():
             self.tick()
-            try:
-                await asyncio.wait_for(self._stop.wait(), 1.0)
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
+            self._changed.clear()
+            clocked = any(r.cfg.kind == "nodata" for r in self.rules)
+            waits = [asyncio.ensure_future(self._stop.wait())]
+            if not clocked:
+                waits.append(asyncio.ensure_future(self._changed.wait()))
+            await asyncio.wait(waits, timeout=1.0 if clocked else None, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
 
     async def stop(self) -> None:
         self._stop.set()

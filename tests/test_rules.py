@@ -75,6 +75,28 @@ def test_nodata_fires_after_silence_and_clears_with_data():
     assert states(out) == [("quiet", "firing"), ("quiet", "cleared")]
 
 
+def test_the_clock_runs_only_while_a_nodata_rule_needs_it():
+    """No `nodata` rule: the engine's task sleeps until a rule is added (an idle gateway is not woken every second);
+    one added by command starts the clock at once."""
+    import asyncio
+
+    async def main():
+        e, out, clock = engine(RuleConfig(id="hot", kind="above", device="d", point="t", threshold=5))
+        ticks = []
+        real = e.tick
+        e.tick = lambda: (ticks.append(1), real())[1]  # type: ignore[method-assign]
+        task = asyncio.ensure_future(e.run())
+        await asyncio.sleep(2.5)
+        assert len(ticks) == 1  # the first pass only
+        e.add(RuleConfig(id="quiet", kind="nodata", device="d", point="t", seconds=30, cooldown_s=0))
+        clock.t += 31
+        await asyncio.sleep(1.5)
+        assert len(ticks) >= 2 and states(out) == [("quiet", "firing")]
+        await e.stop()
+        await asyncio.wait_for(task, 5)
+    asyncio.run(main())
+
+
 def test_cooldown_holds_a_flapping_value():
     e, out, clock = engine(RuleConfig(id="hot", kind="above", device="d", point="t", threshold=80, cooldown_s=60))
     feed(e, clock, [90, 70] * 10)            # 20 s of flapping: one firing, one clearing
