@@ -550,3 +550,25 @@ def test_int8_answers_agree_with_the_fp32_reference_on_this_cpu(engine):
     assert len(ref) >= 1300
     differ = [(r["text"], c) for r in ref if (c := engine.plan(r["text"], second_look=False).call) != r["call"]]
     assert len(differ) <= 0.005 * len(ref), differ[:5]
+
+
+def test_the_external_data_scan_streams_and_sees_a_reference_across_a_block_boundary(tmp_path):
+    from edge_agent.glm.models import _mentions
+
+    for at in (0, (1 << 22) - 4, (1 << 22) - 8, 1 << 22, (3 << 22) - 3):
+        p = tmp_path / f"f{at}"
+        data = bytearray(3 << 22)
+        data[at:at + 8] = b"location"
+        p.write_bytes(bytes(data))
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            assert _mentions(fd, b"location"), at
+        finally:
+            os.close(fd)
+    p = tmp_path / "none"
+    p.write_bytes(b"locatio" + bytes(1 << 22) + b"n")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert not _mentions(fd, b"location")
+    finally:
+        os.close(fd)

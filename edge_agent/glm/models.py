@@ -147,12 +147,26 @@ def _check_manifest(m: Any) -> dict[str, Any]:
     return m
 
 
+def _mentions(fd: int, needle: bytes) -> bool:
+    """Whether the file's bytes contain `needle` (streamed through the descriptor: no copy of the file)."""
+    tail, pos = b"", 0
+    while block := os.pread(fd, 1 << 22, pos):
+        if needle in tail + block[:len(needle) - 1] or needle in block:
+            return True
+        tail, pos = block[-(len(needle) - 1):], pos + len(block)
+    return False
+
+
 def _external_data(name: str, fd: int) -> list[str]:
     """Locations of the external data an ONNX file references (read through its verified descriptor, without its
-    external data; the parse is transient, freed before ONNX Runtime loads the graph)."""
+    external data). A reference is a tensor's `external_data` entry keyed "location": a file without those bytes
+    has none, and is not parsed here (a 0.5 GB graph would cost its size again in memory); one with them (a graph
+    whose weights live outside it, so a small one) is parsed."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors
 
+    if not _mentions(fd, b"location"):
+        return []
     try:
         proto = onnx.load_model(f"/proc/self/fd/{fd}", load_external_data=False)  # the inode that was verified
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad model file
