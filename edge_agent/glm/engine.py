@@ -39,7 +39,8 @@ def _contradicted(text: str, answer: str, known: Known | None) -> bool:
         words = set(text.lower().split())
         return bool(schema.numbers(text)) or bool(words & (set(schema.ON_WORDS) | set(schema.OFF_WORDS)))
     if '"which_device"' in answer:
-        named = [w for w in schema.candidates(text) if any(c.isdigit() for c in w)]
+        # a device id has a letter and a digit ("pump-3", "tk101"); a bare number ("set the speed to 40") is a value
+        named = [w for w in schema.candidates(text) if any(c.isdigit() for c in w) and any(c.isalpha() for c in w)]
         return any(w in known for w in named) if known else bool(named)
     return False
 

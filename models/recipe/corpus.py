@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 from edge_agent.glm.points import POINT_WORDS, QUESTION_FORMS
 from edge_agent.glm.schema import format_call
@@ -173,7 +174,7 @@ class Gen:
             text = str(v)
         else:
             v = -r.randint(1, 60)
-            text = str(v)
+            text = str(v) if r.random() < 0.8 else "minus " + self.number_text(-v)
         if r.random() < 0.25:
             text += r.choice([" %", "%", " degrees", " °C", " rpm", " bar", " kw", " l/min", " units"])
         return v, text
@@ -260,7 +261,7 @@ class Gen:
         k = r.random()
         if k < 0.3:
             t = r.choice(IS_ON_HELDOUT if self.heldout else IS_ON)
-            return t.format(d=dev), _last(dev, "enabled")
+            return t.format(d=dev, now=r.choice(NOW_WORDS)), _last(dev, "enabled")
         if k < 0.45:
             t = r.choice(IS_MODE_HELDOUT if self.heldout else IS_MODE)
             return t.format(d=dev, m=r.choice(MODES)), _last(dev, "mode")
@@ -281,7 +282,8 @@ class Gen:
         verb = r.choice(ON_VERBS if on else OFF_VERBS)
         fill = dict(d=dev, d2=dev2, p=p, p2=r.choice(POINTS[r.choice(list(POINTS))]), v=val, verb=verb,
                     n=self.number_text(r.randint(0, 200)), m=r.choice(MODES), t=r.choice(LATER),
-                    s=r.choice(TRAIN_STEMS if not self.heldout else HELDOUT_STEMS))
+                    s=r.choice(TRAIN_STEMS if not self.heldout else HELDOUT_STEMS),
+                    city=r.choice(CITIES) if r.random() < 0.5 else self.syllables())
         k = r.random()
         if k < 0.40:
             reason, pool = "nothing", (NOTHING_HELDOUT if self.heldout else NOTHING)
@@ -298,9 +300,9 @@ class Gen:
     def example(self) -> tuple[str, dict]:
         r = self.rng
         k = r.random()
-        text, call = (self.query() if k < 0.36 else self.how() if k < 0.39 else self.write() if k < 0.65 else
-                      self.list_devices() if k < 0.74 else self.alerts() if k < 0.80 else
-                      self.status() if k < 0.85 else self.is_question() if k < 0.90 else self.clarify())
+        text, call = (self.query() if k < 0.34 else self.how() if k < 0.37 else self.write() if k < 0.62 else
+                      self.list_devices() if k < 0.71 else self.alerts() if k < 0.77 else
+                      self.status() if k < 0.82 else self.is_question() if k < 0.88 else self.clarify())
         return self.noise(text, order=call["tool"] == "write_point"), call
 
     def noise(self, text: str, order: bool = False) -> str:
@@ -330,6 +332,8 @@ QUERY_LAST = [
     "what does {d} read for {p} {now}", "{d}: {p}?", "could you read the {p} of {d}", "need {d} {p} {now}",
     "report the {adj} {p} of {d}", "what {p} is {d} at {now}", "{p} at {d} please", "look up {d} {p}",
     "what is {d} showing for {p} {now}", "status of {p} on {d}", "can i get the {adj} {p} for {d}",
+    "what's the {p} in {d} {now}", "{p} in {d}", "{adj} {p} in {d}?", "how much {p} is in {d} {now}",
+    "{p} level in {d}", "what {p} do we have in {d}", "{p} inside {d} {now}",
 ]
 QUERY_LAST_HELDOUT = [
     "i need the {adj} {p} of {d}", "what does {d} say for {p} {now}", "{d}: {adj} {p}?", "report {p} for {d} {now}",
@@ -356,11 +360,14 @@ QUERY_COUNT = [
 ]
 QUERY_COUNT_HELDOUT = ["{w}, how many {p} values came from {d}", "count up the {p} readings of {d} {w}"]
 
-ON_VERBS = ["turn on", "switch on", "start", "enable", "power up", "activate", "start up"]
-OFF_VERBS = ["turn off", "switch off", "stop", "disable", "shut down", "deactivate", "power down"]
+ON_VERBS = ["turn on", "switch on", "start", "enable", "power up", "activate", "start up", "turn on", "start",
+            "switch on", "resume", "open"]
+OFF_VERBS = ["turn off", "switch off", "stop", "disable", "shut down", "deactivate", "power down", "turn off", "stop",
+             "switch off", "kill", "halt", "pause", "close"]
 ONOFF = ["{v} {d}", "please {v} {d}", "{v} the {d}", "can you {v} {d}", "{v} {d} now", "i want you to {v} {d}",
          "{d}: {v}", "need to {v} {d}", "could you {v} {d} right away", "go {v} {d}", "{v} {d} immediately",
-         "we must {v} {d}", "{d} - {v} it", "let's {v} {d}", "{v} {d} asap", "time to {v} {d}"]
+         "we must {v} {d}", "{d} - {v} it", "let's {v} {d}", "{v} {d} asap", "time to {v} {d}", "{v} {d} right now",
+         "{v} {d} now please", "please {v} {d} now"]
 ONOFF_HELDOUT = ["{d}: {v} it now", "go ahead and {v} {d}", "we need to {v} {d}", "could you {v} the {d} now"]
 MODE = ["set {d} mode to {m}", "put {d} in {m} mode", "switch {d} to {m} mode", "change the mode of {d} to {m}",
         "{d} mode {m}", "{d}: mode = {m}", "set the mode for {d} to {m}", "i want {d} in {m} mode",
@@ -371,23 +378,31 @@ SET = ["set {d} {p} to {v}", "change {p} on {d} to {v}", "{d}: {p} = {v}", "put 
        "{d} {p} to {v}", "change {d}'s {p} to {v}", "write {v} to {d} {p}", "{d} {p} should be {v}",
        "make the {p} of {d} {v}", "i want {d} {p} at {v}", "update {d} {p} to {v}", "{p} on {d} -> {v}",
        "could you set {d} {p} to {v}", "need {d} {p} set to {v}", "bring the {p} of {d} to {v}",
-       "{d}: set {p} {v}", "set {p} = {v} on {d}", "move {d} {p} to {v}"]
+       "{d}: set {p} {v}", "set {p} = {v} on {d}", "move {d} {p} to {v}", "set the {p} in {d} to {v}",
+       "set {d} {p} {v}", "{d} set {p} to {v}"]
 SET_HELDOUT = ["make {d} {p} {v}", "update {p} for {d} -> {v}", "{p} of {d} should be {v}", "bring {d} {p} to {v}",
                "could you change the {p} on {d} to {v}"]
 LIST_ALL = ["list devices", "show all devices", "what devices are connected", "which devices do you see",
             "devices?", "list all devices", "show me the devices", "what devices do you know", "enumerate devices",
             "give me the device list", "list every device", "what is connected", "which devices are there",
-            "all devices please", "show me every device you have"]
+            "all devices please", "show me every device you have", "what do you have connected",
+            "what devices can you see", "which devices are online"]
 LIST_ALL_HELDOUT = ["give me every device", "what is connected to you", "device list please", "enumerate every device"]
 LIST = ["list all {s}s", "show {s} devices", "which {s}s are there", "devices with {s} in the name", "find {s}",
         "list {s} devices", "show me all the {s}s", "what {s}s do you see", "any {s} devices?", "find all {s}s",
         "enumerate {s}s", "give me the {s} list", "which {s} units are connected", "list the {s}s",
-        "do you have any {s}s", "show every {s}"]
+        "do you have any {s}s", "show every {s}", "any {s}s?", "got any {s}s", "{s}s?", "list {s}s please",
+        "which {s}s do you know", "are there {s}s"]
 LIST_HELDOUT = ["any {s}s around?", "what {s} units do you have", "enumerate the {s}s", "find every {s}"]
 STATUS = ["status", "how are you", "gateway status", "health check", "are you ok?", "is everything running",
           "system health", "show status", "what is your status", "how is the system", "diagnostics",
           "report status", "gateway health", "are you alive", "how is the gateway", "status report",
-          "give me your health", "is the system ok", "how are things"]
+          "give me your health", "is the system ok", "how are things", "are you online?", "are you connected",
+          "is the uplink up", "is the uplink ok", "uplink status", "are we connected to the cloud",
+          "is the connection to the cloud working", "is the cloud connected", "are you working?",
+          "are you still working", "is the mqtt connection up", "is the uplink down?", "you online",
+          "are you functioning", "is the gateway online", "cloud connection status", "are you still there",
+          "is the broker connected", "do you have a connection", "is the link ok"]
 STATUS_HELDOUT = ["how is the gateway doing", "report your health", "give me a status report", "you alive?",
                   "health of the system"]
 ALERTS_ALL = ["which alarms are active?", "any active alerts", "show alerts", "list alarms", "what alarms are firing",
@@ -413,7 +428,8 @@ HOW_Q = ["{q} is {d} {now}", "{q} is {d}?", "{d}: {q} is it {now}", "tell me {q}
 HOW_HELDOUT = ["any idea {q} {d} is {now}", "{q} does {d} get {now}"]
 IS_ON = ["is {d} running", "is {d} on?", "is {d} switched off", "is {d} enabled?", "is {d} still running",
          "is {d} stopped?", "did {d} stop", "is {d} turned on", "{d} running?", "is {d} off right now",
-         "are we running {d}?", "is {d} up"]
+         "are we running {d}?", "is {d} up", "is {d} on {now}", "is {d} on or off", "is {d} off?",
+         "{d} on?", "is {d} running {now}", "is {d} turned off {now}", "is {d} on at the moment", "{d} on or off?"]
 IS_ON_HELDOUT = ["has {d} been switched on?", "is {d} active at the moment"]
 IS_MODE = ["is {d} in {m} mode?", "is {d} set to {m} mode", "what mode is {d} in", "{d} mode?",
            "is {d} running in {m}?", "which mode is {d} using"]
@@ -423,6 +439,7 @@ IS_VALUE = ["is {d} {p} {v}?", "is the {p} of {d} {v}", "is {d} {p} above {v}?",
             "has {d} {p} reached {v}?", "is the {p} on {d} over {v}", "did {d} {p} go above {v}?",
             "{d} {p} is {v}, right?"]
 IS_VALUE_HELDOUT = ["is the {p} at {d} higher than {v}?", "does {d} {p} read {v}"]
+CITIES = ["paris", "tokyo", "munich", "chicago", "lyon", "madrid", "oslo", "dallas", "seoul", "lagos"]
 LATER = ["tomorrow", "tonight", "at 6pm", "in an hour", "later", "on monday", "at midnight", "next shift",
          "in 10 minutes", "after lunch", "every morning", "at 5"]
 NOTHING = [
@@ -439,6 +456,14 @@ NOTHING = [
     "remind me {t} to set {d} {p} to {v}", "plan to {verb} {d} {t}", "{verb} {d} every day at 6",
     "i was going to {verb} {d}", "i think someone should {verb} {d}", "i already told them to {verb} {d}",
     "what is the best {p} for {d}", "explain what {p} means on {d}", "what does {verb} do on {d}",
+    "don't put {d} in {m} mode", "do not switch {d} to {m} mode", "never put {d} into {m} mode",
+    "how do i put {d} in {m} mode", "how to switch {d} to {m} mode", "how can we run {d} in {m} mode",
+    "could we run {d} in {m} mode?", "can {d} run in {m} mode?", "should we switch {d} to {m} mode",
+    "is it ok to put {d} in {m} mode?", "what does {m} mode do on {d}", "why is {d} in {m} mode",
+    "who put {d} in {m} mode", "what command would {verb} {d}",
+    "what command do i use to {verb} {d}", "when was {d} last started", "when did {d} last stop",
+    "when was {d} switched off", "how long has {d} been running", "when was the last time {d} ran",
+    "is it safe to set {d} {p} to {v}?", "what should {d} {p} be",
 ]
 NOTHING_HELDOUT = ["don't you dare {verb} {d}", "could i {verb} {d} safely?", "who decided to {verb} {d}",
                    "remember to {verb} {d} {t}", "imagine we {verb} {d}", "i wonder if we should set {d} {p} to {v}"]
@@ -446,7 +471,11 @@ SMALL_TALK = ["thanks", "thank you", "good morning", "hello there", "tell me a j
               "what can you do", "what's the weather like", "nice work", "hmm", "what time is it", "bye",
               "you are great", "help", "what is your name", "i am bored", "good night", "how old are you",
               "sing a song", "what is the meaning of life", "lol", "never mind", "cancel", "forget it", "stop talking",
-              "ok thanks", "cool", "no", "yes"]
+              "ok thanks", "cool", "no", "yes", "what's the weather in {city}", "how is the traffic in {city}",
+              "what time is it in {city}", "book me a flight to {city}", "what's the news", "play some music",
+              "order lunch", "who won the game", "translate hello to german", "write me a poem",
+              "what's 2 plus 2", "call my boss", "how far is {city}", "weather tomorrow?", "set an alarm for 7",
+              "what day is it", "are you a robot", "do you like {city}", "send an email to {city} office"]
 SMALL_TALK_HELDOUT = ["cheers mate", "what's up", "you there", "tell me something funny"]
 RULE = [
     "{verb} {d} if {d2} {p2} goes above {n}", "if {d2} {p2} drops below {n}, {verb} {d}",
@@ -458,13 +487,21 @@ RULE = [
     "tell me when {d} {p} goes over {n}", "warn me if {d} {p} is under {n}", "ping me when {d} {p} reaches {n}",
     "alert me if {d} goes offline", "send an alert when {d} {p} exceeds {n}", "raise an alarm if {d} {p} > {n}",
     "if {d} {p} > {n} then {verb} {d2}", "keep {d} {p} at {v} whenever {d2} runs",
+    "if the {p2} in {d2} is over {n} {verb} {d}", "if the {p2} of {d2} goes above {n}, {verb} {d}",
+    "when the {p2} at {d2} drops under {n} {verb} {d}", "{verb} {d} as soon as {d2} {p2} is below {n}",
+    "{verb} {d} once the {p2} in {d2} reaches {n}", "send an alert if {d} {p} is more than {n}",
+    "send an alert if {d} draws more than {n} amps", "alert if {d} {p} is higher than {n}",
+    "email me if {d} {p} goes over {n}", "raise an alert when {d} stops", "tell me if {d} {p} is above {n}",
+    "{verb} {d} if the {p2} goes over {n}", "if {d2} stops running, {verb} {d}",
+    "as soon as {d2} is off, {verb} {d}", "after {d2} stops, {verb} {d}",
 ]
 RULE_HELDOUT = ["in case {d2} {p2} climbs past {n}, {verb} {d}", "give me a heads up when {d} {p} falls under {n}",
                 "should {d2} {p2} exceed {n}, {verb} {d}"]
 WHICH_DEVICE = ["{verb} it", "{verb} it now", "please {verb} it", "set the {p} to {v}", "set {p} to {v}",
                 "change the {p} to {v}", "{verb} that", "{verb} the {s}", "{verb} this one", "put it in {m} mode",
                 "set it to {v}", "make it {v}", "{verb} them all", "can you {verb} the {s}", "{p} to {v}",
-                "{verb} the other one", "set mode to {m}", "{verb} everything", "turn the {s} off", "switch it on"]
+                "{verb} the other one", "set mode to {m}", "{verb} everything", "turn the {s} off", "switch it on",
+                "{verb} the {s} now", "please {verb} the {s}", "{verb} that {s}", "{verb} the {s} please"]
 WHICH_DEVICE_HELDOUT = ["go {verb} that thing", "adjust the {p} there to {v}", "{verb} the {s} over there"]
 WHICH_VALUE = ["set {d} {p}", "change {d} {p}", "adjust the {p} on {d}", "set {d} mode", "put {d} in a mode",
                "change the setpoint of {d}", "set {d} to", "update {d} {p}", "write to {d} {p}", "{d} {p} =",
@@ -473,14 +510,33 @@ WHICH_VALUE = ["set {d} {p}", "change {d} {p}", "adjust the {p} on {d}", "set {d
 WHICH_VALUE_HELDOUT = ["tweak the {p} of {d}", "bump up {d} {p}", "set {d} {p} to something sensible"]
 
 
+EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().strip(" ?!.").split())
+
+
+def handwritten_texts() -> set[str]:
+    """Every hand-written evaluation question, as compared with a generated one (case, spacing and end
+    punctuation aside): none of them is ever trained on."""
+    out = set()
+    for f in sorted(EVAL_DIR.glob("handwritten*.jsonl")):
+        out |= {_key(json.loads(line)["text"]) for line in f.read_text().splitlines() if line.strip()}
+    return out
+
+
 def split(seed: int, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
     random.seed(seed)  # words() joins numbers with a random separator
     train_gen = Gen(rng, heldout=False)
     train = []
     names: set[str] = set()
-    for _ in range(n_train):
+    sealed = handwritten_texts()
+    while len(train) < n_train:
         text, call = train_gen.example()
+        if _key(text) in sealed:
+            continue
         train.append({"text": text, "call": call})
         for key in ("device", "filter"):
             if isinstance(call["args"].get(key), str):

@@ -221,8 +221,10 @@ def quantize_embedding(path: Path, share: bool) -> int:
     return saved
 
 
-AGREEMENT_GATE = 0.995  # INT8 constrained calls that must equal fp32's, on the evaluation questions
-ACCURACY_GATE = 0.005  # INT8 exact match may trail fp32's by at most this
+# INT8 constrained calls that must equal fp32's, over all the evaluation questions together (1,389): what the runtime's
+# test checks on every CPU too. Per set it is not a gate: on a 305-question set one near-tie flip is 0.33 points.
+AGREEMENT_GATE = 0.995
+ACCURACY_GATE = 0.005  # on each set, INT8 exact match may trail fp32's by at most this
 SMOKE = 40  # questions in the manifest's smoke set
 
 
@@ -268,9 +270,15 @@ def reference(out: Path, fp32: Path, key: Ed25519PrivateKey, evals: dict[str, li
         result[name] = {"n": len(rows), "int8_fp32_agreement": round(agree, 4), "fp32_exact": round(acc_fp32, 4),
                         "int8_exact": round(acc_int8, 4)}
         log(f"{name}: INT8/fp32 agreement {agree:.2%}; model-only exact fp32 {acc_fp32:.2%}, INT8 {acc_int8:.2%}")
-        if gate and (agree < AGREEMENT_GATE or acc_fp32 - acc_int8 > ACCURACY_GATE):
-            raise SystemExit(f"{name}: INT8 fails the gate (agreement >= {AGREEMENT_GATE:.1%}, accuracy within "
-                             f"{ACCURACY_GATE:.1%} of fp32): {result[name]}")
+        if gate and acc_fp32 - acc_int8 > ACCURACY_GATE:
+            raise SystemExit(f"{name}: INT8 fails the gate (accuracy within {ACCURACY_GATE:.1%} of fp32): "
+                             f"{result[name]}")
+    agree = sum(a == b for a, b in zip(ref, q)) / len(ref)
+    result["all"] = {"n": len(ref), "int8_fp32_agreement": round(agree, 4)}
+    log(f"all {len(ref)} evaluation questions: INT8/fp32 agreement {agree:.2%}")
+    if gate and agree < AGREEMENT_GATE:
+        raise SystemExit(f"INT8 fails the gate (agreement >= {AGREEMENT_GATE:.1%} over the evaluation questions): "
+                         f"{result}")
     (out / "reference.jsonl").write_text("".join(json.dumps({"text": t, "call": c}, ensure_ascii=False) + "\n"
                                                  for t, c in zip(texts, ref)))
     # the smoke set: questions whose INT8 answer here is fp32's, every tool represented, in a fixed order
@@ -335,18 +343,20 @@ def write_signed_manifest(out: Path, manifest: dict, key: Ed25519PrivateKey) -> 
 
 
 def export_and_package(work: Path, out: Path, key_path: Path | None, version: str, student_size: str,
-                       report: dict, log=print, gate: bool = True) -> None:
+                       report: dict, log=print, gate: bool = True,
+                       candidates: tuple[str, ...] = ("student_distilled", "student_alone")) -> None:
+    """`candidates`: the trained models that may ship; the one that did better on the generated held-out split
+    does (never judged on the hand-written sets: those judge it). The teacher may be named too (a larger model:
+    slower per token, see the README)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(work / "tokenizer.json"))
-    cfg = T.glm_config(student_size, tok.get_vocab_size(), tok)
-    model = T.GlmForCausalLM(cfg)
-    # the student that did better on the generated held-out split (never on the hand-written sets: those judge it)
-    chosen = max((k for k in ("student_distilled", "student_alone") if k in report and (work / f"{k}.pt").exists()),
-                 key=lambda k: report[k]["heldout"]["exact_match"])
+    present = [k for k in candidates if k in report and (work / f"{k}.pt").exists()]
+    chosen = max(present, key=lambda k: report[k]["heldout"]["exact_match"])
     log(f"shipping {chosen} (held-out exact " +
-        ", ".join(f"{k} {report[k]['heldout']['exact_match']:.1%}" for k in ("student_distilled", "student_alone")
-                  if k in report) + ")")
+        ", ".join(f"{k} {report[k]['heldout']['exact_match']:.1%}" for k in present) + ")")
+    cfg = T.glm_config(report[chosen].get("size", student_size), tok.get_vocab_size(), tok)
+    model = T.GlmForCausalLM(cfg)
     model.load_state_dict(torch.load(work / f"{chosen}.pt", map_location="cpu"))
     model.eval()
     if out.exists():

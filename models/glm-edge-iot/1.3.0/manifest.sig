@@ -1,0 +1,1 @@
+HM3u1QdlsmFtZwvyWgmaSL90p+biRLxDcsIYVAUiLihcbZWuRjbA6ekxtLzvtqnE9TjwPdHiPbJmxI5OHbIgBQ==
