@@ -273,7 +273,8 @@ def paced(work: Path, rates: list[float], seconds: float, devices: int, synchron
     rows = []
     try:
         rig.start()
-        time.sleep(1.0)  # start-up done: idle
+        run_gen(rig.local.port, devices, devices)  # every device registered (and its log line shipped) beforehand
+        time.sleep(3.0)  # start-up and registration done: idle
         pid, mport = rig.agent.pid, rig.mport
         i0, t_i = proc_stats(pid)[0], time.perf_counter()
         time.sleep(5.0)
