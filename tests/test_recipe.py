@@ -143,3 +143,31 @@ def test_the_embedding_table_is_int8_looked_up_row_by_row(tmp_path, share):
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()  # quantization noise, not another model
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.75
     assert package.quantize_embedding(path, share=share) == 0  # nothing left to do
+
+
+def test_the_benchmark_model_of_real_shape_builds_and_loads(tmp_path):
+    """scale_model.py (what `bench model --scale` builds): random weights at a GLM-Edge layout, exported, quantized
+    with the embedding shared with the INT8 head, signed; the runtime verifies and loads it (tiny layout here)."""
+    import onnx
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.glm.engine import Engine
+    from edge_agent.ops import TOOLSET
+
+    out = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, str(ROOT / "models" / "recipe" / "scale_model.py"), "--layout", "tiny",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["architecture"]["vocab_size"] == 59264 and m["architecture"]["hidden_size"] == 256
+    assert "embedding shared" in m["quantization"]["model.int8.onnx"]
+    graph = onnx.load(str(out / "model.int8.onnx"))
+    assert not any(len(i.dims) == 2 and i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) == (59264, 256)
+                   for i in graph.graph.initializer)  # no fp32 embedding table left
+    e = Engine(ModelConfig(dir=str(out), public_key=m["public_key"], providers=["cpu"]), TOOLSET)
+    e.load()
+    try:
+        res = e.gen.generate(list(range(3, 30)), max_new_tokens=8, timeout_s=60)
+        assert len(res.ids) == 8 or res.stop == "eos"
+    finally:
+        e.close()
