@@ -287,15 +287,16 @@ def test_tampered_models_are_refused(tmp_path):
     pub2 = _resign(d, other, lambda m: m["files"].__setitem__("../escape", {"sha256": "0" * 64, "size": 1}))
     with pytest.raises(ModelError, match="not a plain name"):
         load_verified(d, pub2)
-    # a FIFO in place of manifest.sig (or a symlink) is refused at once, never waited on
-    for name, make in (("f", lambda p: os.mkfifo(p)), ("g", lambda p: os.symlink("/dev/zero", p))):
-        d = _copy(tmp_path / name)
-        (d / "manifest.sig").unlink()
-        make(d / "manifest.sig")
-        t = time.monotonic()
-        with pytest.raises(ModelError) as e:
-            load_verified(d, pub)
-        assert e.value.reason == "missing" and time.monotonic() - t < 2
+    # a FIFO in place of manifest.sig or of a listed file (or a symlink) is refused at once, never waited on
+    for victim in ("manifest.sig", "model.int8.onnx", "tokenizer.json"):
+        for name, make in (("f", lambda p: os.mkfifo(p)), ("g", lambda p: os.symlink("/dev/zero", p))):
+            d = _copy(tmp_path / f"{name}-{victim}")
+            (d / victim).unlink()
+            make(d / victim)
+            t = time.monotonic()
+            with pytest.raises(ModelError) as e:
+                load_verified(d, pub)
+            assert e.value.reason == "missing" and time.monotonic() - t < 2
 
 
 def test_external_data_outside_the_folder_is_refused(tmp_path):

@@ -251,7 +251,8 @@ def _open_verified(folder: Path, name: str, meta: dict, keep_bytes: bool, blobs:
     """A listed file opened (no symlink, a regular file not writable by anyone), its size and sha256 checked
     through the descriptor that is returned (positioned at 0); its bytes into `blobs` where asked."""
     try:
-        fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO in a file's place is refused at once (fstat below), never waited on
+        fd = os.open(folder / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         raise ModelError(f"{name}: missing (or not a regular file) in {folder}", "missing") from None
     try:
