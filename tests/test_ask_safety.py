@@ -316,3 +316,16 @@ def test_end_to_end_questions_leave_the_plc_alone_and_a_confirmed_write_lands(lo
         assert agent.stop() == 0
     finally:
         plc.kill()
+
+
+def test_the_second_look_takes_a_device_id_not_a_bare_number_for_a_named_device():
+    """'which device?' is contradicted by a device id (letters and a digit), never by a value ("set the speed to
+    40"): there the model's clarify stands instead of a second answer that invents a device or a filter."""
+    from edge_agent.glm.engine import _contradicted
+
+    which = '{"tool":"clarify","args":{"reason":"which_device"}}'
+    for text in ("set the speed to 40", "change the setpoint to 72.5", "set it to -3", "adjust it to 2471 rpm"):
+        assert not _contradicted(text, which, None), text
+    assert _contradicted("set pump-3 speed to 40", which, None)
+    assert _contradicted("set tk101 speed to 40", which, None)
+    assert not _contradicted("set pump-3 speed to 40", which, {"pump-4": ["speed"]})  # unknown to the registry

@@ -136,7 +136,7 @@ def _torch(arch: dict, ids: list[int], new: int, reps: int, threads: int) -> dic
 def shipped_eval_sets() -> list[str]:
     """The evaluation sets beside the shipped model: the generated held-out split and the two hand-written ones."""
     root = Path(__file__).resolve().parents[2] / "models" / "eval"
-    return [str(root / f"{name}.jsonl") for name in ("heldout", "handwritten", "handwritten_b")]
+    return [str(p) for p in [root / "heldout.jsonl", *sorted(root.glob("handwritten*.jsonl"))]]
 
 
 def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
