@@ -181,19 +181,21 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 """
 
 
-def peak_rss(model_dir: Path, public_key: str, threads: int) -> dict:
+def peak_rss(model_dir: Path, public_key: str, threads: int, runs: int = 3) -> dict:
     """Peak resident memory of a process that loads the model and writes 32 tokens: ours (the agent's engine) and
-    onnxruntime-genai's, each in a fresh process (bytes; absent where genai is not installed)."""
+    onnxruntime-genai's, each in `runs` fresh processes, interleaved (bytes, sorted; absent where genai is not
+    installed). Several, because a process's peak can hang on its address layout (genai's 0.5B load: 686 or 885 MB)."""
     import subprocess
     import sys
 
-    res = {}
-    for name, code in (("ours", _RSS_OURS), ("genai", _RSS_GENAI)):
-        r = subprocess.run([sys.executable, "-c", code, str(model_dir), public_key, str(threads)],
-                           capture_output=True, text=True, timeout=1800)
-        if r.returncode == 0:
-            res[name] = int(r.stdout.split()[-1])
-    return res
+    res: dict[str, list[int]] = {}
+    for _ in range(runs):
+        for name, code in (("ours", _RSS_OURS), ("genai", _RSS_GENAI)):
+            r = subprocess.run([sys.executable, "-c", code, str(model_dir), public_key, str(threads)],
+                               capture_output=True, text=True, timeout=1800)
+            if r.returncode == 0:
+                res.setdefault(name, []).append(int(r.stdout.split()[-1]))
+    return {k: sorted(v) for k, v in res.items()}
 
 
 def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps: int = 5, out=print,
@@ -270,9 +272,10 @@ def run(cfg, eval_files: list[str] | None, n_ask: int = 100, new: int = 48, reps
     if scale:
         engine.close()
         rss = res["peak_rss"] = peak_rss(model.dir, cfg.public_key, cfg.threads)
-        out("  peak RSS (load + 32 tokens, a fresh process each): " +
-            ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in rss.items()) +
-            (f" (ours/genai {rss['ours'] / rss['genai']:.2f})" if len(rss) == 2 else ""))
+        out(f"  peak RSS (load + 32 tokens, {len(rss.get('ours', []))} fresh processes each, lowest-highest): " +
+            ", ".join(f"{k} {v[0] / 2**20:.0f}-{v[-1] / 2**20:.0f} MB" for k, v in rss.items() if v) +
+            (f" (ours/genai, lowest of each {rss['ours'][0] / rss['genai'][0]:.2f}, highest "
+             f"{rss['ours'][-1] / rss['genai'][-1]:.2f})" if len(rss) == 2 else ""))
         return res
     texts = [json.loads(line)["text"] for line in Path(eval_files[0]).read_text().splitlines()[:n_ask]] \
         if eval_files else [LONG_PROMPT] * 20
