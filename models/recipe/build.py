@@ -24,7 +24,7 @@ import train as T  # noqa: E402
 
 PROFILES = {
     # name: corpus sizes, vocabulary, steps per model, batch
-    "full": dict(n_train=100000, n_heldout=1000, vocab=1024, teacher_steps=1500, student_steps=1500, batch=64,
+    "full": dict(n_train=160000, n_heldout=1000, vocab=1024, teacher_steps=2500, student_steps=1500, batch=64,
                  teacher_lr=1.5e-3, student_lr=3e-3),
     "smoke": dict(n_train=600, n_heldout=40, vocab=384, teacher_steps=30, student_steps=30, batch=16,
                   teacher_lr=3e-3, student_lr=3e-3),

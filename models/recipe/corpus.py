@@ -285,17 +285,58 @@ class Gen:
                     s=r.choice(TRAIN_STEMS if not self.heldout else HELDOUT_STEMS),
                     city=r.choice(CITIES) if r.random() < 0.5 else self.syllables())
         k = r.random()
-        if k < 0.40:
+        if k < 0.36:
             reason, pool = "nothing", (NOTHING_HELDOUT if self.heldout else NOTHING)
+            t = r.choice(pool)
+            if not self.heldout and r.random() < 0.3 and t.split(" ")[0] in ("don't", "do", "never", "please"):
+                return t.format(**fill) + r.choice(NEVER_TAILS), {"tool": "clarify", "args": {"reason": reason}}
         elif k < 0.50:
-            reason, pool = "nothing", (SMALL_TALK_HELDOUT if self.heldout else SMALL_TALK)
+            if self.heldout or r.random() < 0.4:
+                reason, pool = "nothing", (SMALL_TALK_HELDOUT if self.heldout else SMALL_TALK)
+            else:
+                return self.chat(), {"tool": "clarify", "args": {"reason": "nothing"}}
         elif k < 0.70:
             reason, pool = "use_a_rule", (RULE_HELDOUT if self.heldout else RULE)
-        elif k < 0.85:
+            if not self.heldout and r.random() < 0.45:
+                return self.rule(fill), {"tool": "clarify", "args": {"reason": "use_a_rule"}}
+        elif k < 0.84:
             reason, pool = "which_device", (WHICH_DEVICE_HELDOUT if self.heldout else WHICH_DEVICE)
         else:
             reason, pool = "which_value", (WHICH_VALUE_HELDOUT if self.heldout else WHICH_VALUE)
+            if not self.heldout and r.random() < 0.4:
+                t = r.choice(MORE_LESS)
+                return t.format(x=r.choice(MORE_LESS_VERBS), d=dev, p=p) + r.choice(MORE_LESS_TAILS), \
+                    {"tool": "clarify", "args": {"reason": "which_value"}}
         return r.choice(pool).format(**fill), {"tool": "clarify", "args": {"reason": reason}}
+
+    def chat(self) -> str:
+        """Talk that asks the gateway nothing, composed so that no one phrasing is learnt by heart: greetings,
+        remarks about the assistant, errands it cannot run, questions about the world."""
+        r = self.rng
+        k = r.random()
+        if k < 0.2:
+            return r.choice(CHAT_HELLO) + r.choice(["", "", "?", "!", " there", " again", "??", "..."])
+        if k < 0.4:
+            return r.choice(CHAT_ABOUT_YOU).format(adj=r.choice(CHAT_ADJ))
+        if k < 0.75:
+            lead = r.choice(["", "", "can you ", "could you ", "please ", "i want you to ", "would you ", "go "])
+            verb, things = r.choice(CHAT_ERRANDS)
+            city = r.choice(CITIES) if r.random() < 0.5 else self.syllables()
+            return lead + verb + " " + r.choice(things).format(city=city)
+        return r.choice(CHAT_WORLD).format(city=r.choice(CITIES) if r.random() < 0.5 else self.syllables(),
+                                           n=r.randint(2, 99))
+
+    def rule(self, fill: dict) -> str:
+        """An alert or an action on a condition, composed: a lead, a connective, a condition (no phrasing of
+        RULE_HELDOUT's: the held-out set stays unseen)."""
+        r = self.rng
+        cond = r.choice(RULE_CONDITIONS).format(cmp=r.choice(RULE_CMP), state=r.choice(RULE_STATES), **fill)
+        if r.random() < 0.5:
+            return f"{r.choice(ALERT_LEADS)} {r.choice(RULE_WHEN)} {cond}"
+        act = r.choice(["{verb} {d2}", "set {d2} {p} to {v}", "{verb} the {s}", "put {d2} in {m} mode"])
+        act = act.format(**{**fill, "d2": fill["d2"] if r.random() < 0.5 else fill["d"]})
+        return (f"{r.choice(RULE_WHEN)} {cond}, {act}" if r.random() < 0.5 else
+                f"{act} {r.choice(RULE_WHEN)} {cond}")
 
     def example(self) -> tuple[str, dict]:
         r = self.rng
@@ -508,6 +549,62 @@ WHICH_VALUE = ["set {d} {p}", "change {d} {p}", "adjust the {p} on {d}", "set {d
                "set a new {p} for {d}", "modify {d} {p}", "change {d}'s mode", "set {d}", "raise {d} {p}",
                "lower the {p} of {d}", "increase {d} {p} a bit", "turn {d} {p} down"]
 WHICH_VALUE_HELDOUT = ["tweak the {p} of {d}", "bump up {d} {p}", "set {d} {p} to something sensible"]
+
+
+NEVER_TAILS = [" under any circumstances", " no matter what", " ever", " today", " until i say so", " for now",
+               " whatever happens"]
+MORE_LESS_VERBS = ["increase", "decrease", "raise", "lower", "reduce", "turn up", "turn down", "boost", "drop",
+                   "push up", "bring down", "crank up", "dial down"]
+MORE_LESS = ["{x} {d} {p}", "{x} the {p} of {d}", "{x} the {p} on {d}", "{x} {d}'s {p}", "{x} {p} on {d}",
+             "{x} {p} for {d}"]
+MORE_LESS_TAILS = ["", "", "", " a bit", " slightly", " a little", " more", " please", " now"]
+CHAT_HELLO = ["hello", "hi", "hey", "hiya", "howdy", "yo", "good morning", "good afternoon", "good evening",
+              "morning", "anyone there", "is anybody there", "hey you", "hi bot", "hello gateway",
+              "greetings", "sup", "oi", "ping"]
+CHAT_ADJ = ["great", "awesome", "amazing", "useless", "slow", "smart", "funny", "annoying", "helpful", "the best",
+            "brilliant", "terrible", "clever", "weird", "fast", "lovely"]
+CHAT_ABOUT_YOU = ["you're {adj}", "you are {adj}", "you are so {adj}", "you're doing {adj}", "you're really {adj}",
+                  "that was {adj}", "what a {adj} bot", "i think you are {adj}", "you seem {adj} today",
+                  "are you {adj}?", "how {adj} are you", "do you feel {adj}", "i love you", "i hate you",
+                  "do you sleep", "are you human", "do you dream", "what are you", "where do you live",
+                  "who made you", "how do you feel", "are you happy", "good job", "well done", "nice one",
+                  "thanks a lot", "thank you so much", "much appreciated", "sorry", "my bad", "oops",
+                  "never mind that", "ignore me", "just testing", "testing 1 2 3", "test"]
+CHAT_ERRANDS = [
+    ("order", ["pizza", "a pizza", "lunch", "some food", "coffee", "a taxi", "new boots", "pizza for the team"]),
+    ("buy", ["me a coffee", "some milk", "a ticket to {city}", "groceries", "flowers"]),
+    ("book", ["a table", "a hotel in {city}", "a meeting room", "a flight to {city}", "a doctor's appointment"]),
+    ("tell me", ["a story", "a riddle", "a fun fact", "a secret", "about {city}",
+                 "about yourself", "a poem"]),
+    ("sing", ["a song", "happy birthday", "something"]),
+    ("play", ["music", "a game", "some jazz", "the radio", "chess with me"]),
+    ("write", ["a poem", "an essay", "a letter to my boss", "a story about {city}", "my report"]),
+    ("call", ["my wife", "a plumber", "the office in {city}", "an ambulance", "mom"]),
+    ("translate", ["this to french", "good morning to spanish", "thank you into japanese"]),
+    ("find", ["me a restaurant", "a hotel in {city}", "my keys", "a good movie", "cheap flights to {city}"]),
+    ("send", ["flowers to my mother", "a text to bob", "an email to the {city} team", "a postcard"]),
+    ("recommend", ["a movie", "a book", "a restaurant in {city}", "a song"]),
+    ("remind me to", ["buy milk", "call bob", "drink water", "pick up the kids"]),
+    ("set", ["a timer for {city}", "an alarm for 6", "a reminder to call bob"]),
+]
+CHAT_WORLD = ["what's the weather in {city}", "will it rain in {city}", "how hot is it in {city}",
+              "what time is it in {city}", "who is the president of {city}", "how far is {city} from here",
+              "what is {n} times {n}", "what's {n} plus {n}", "how many days until christmas",
+              "who won the match", "what's the score", "what is the capital of {city}", "what day is today",
+              "what's for lunch", "where is {city}", "how do i get to {city}", "is it going to snow",
+              "what's the meaning of life", "why is the sky blue", "what's trending", "any news from {city}",
+              "how old is the universe", "what's the stock price of {city}", "how tall is mount everest"]
+ALERT_LEADS = ["alert me", "notify me", "let me know", "tell me", "warn me", "ping me", "message me", "text me",
+               "email me", "page me", "send me a notification", "raise an alarm",
+               "sound the alarm", "send an alert", "flag it", "shout", "call me", "send a warning", "beep me"]
+RULE_WHEN = ["when", "if", "once", "as soon as", "whenever", "the moment", "if ever", "every time"]
+RULE_CMP = ["goes above", "exceeds", "is over", "drops below", "sinks below", "reaches", "hits", "rises above",
+            "is more than", "is less than", "gets to", "goes under", "is higher than", "is lower than", "tops"]
+RULE_STATES = ["full", "empty", "nearly empty", "almost full", "too hot", "too cold", "overheating", "offline",
+               "down", "back online", "stopped", "running", "idle", "in alarm", "low", "high", "done"]
+RULE_CONDITIONS = ["{d} {p} {cmp} {n}", "the {p} of {d} {cmp} {n}", "the {p} at {d} {cmp} {n}",
+                   "{d} is {state}", "{d} gets {state}", "{d} becomes {state}", "{d}'s {p} {cmp} {n}",
+                   "{d} stops", "{d} starts", "{d} trips", "{d} goes offline", "{d} {p} is {state}"]
 
 
 EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
