@@ -169,16 +169,18 @@ def test_on_the_planning_path_no_text_that_asks_nothing_becomes_a_write(engine):
 
 
 def _handwritten_must_not_write() -> list[str]:
-    path = Path(__file__).resolve().parents[1] / "models" / "eval" / "handwritten.jsonl"
-    return [r["text"] for r in map(json.loads, path.read_text().splitlines()) if "must_not_write" in r]
+    """Every hand-written set's rows that ask no write (A: 125, B: 69, C: 92)."""
+    paths = sorted((Path(__file__).resolve().parents[1] / "models" / "eval").glob("handwritten*.jsonl"))
+    assert len(paths) >= 3
+    return [r["text"] for p in paths for r in map(json.loads, p.read_text().splitlines()) if "must_not_write" in r]
 
 
 def test_no_hand_written_text_that_must_not_write_becomes_a_write(engine):
-    """Every row of the hand-written evaluation set that asks no write (questions, negations, conditions, alerts,
-    later, how-to, what-if, why/who, no device, no value, small talk: 125 texts no corpus template made): the
+    """Every row of the hand-written evaluation sets that asks no write (questions, negations, conditions, alerts,
+    later, how-to, what-if, why/who, no device, no value, small talk: 286 texts no corpus template made): the
     shipped model plans it and ask, with ask.writes = direct, writes nothing."""
     texts = _handwritten_must_not_write()
-    assert len(texts) >= 100
+    assert len(texts) >= 280
     fake = FakeGateway()
 
     async def plan(text: str, known: dict) -> dict:
