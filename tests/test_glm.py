@@ -378,6 +378,17 @@ def test_lookahead_writes_the_greedy_answer_in_fewer_passes(engine):
     assert lk.draft(3) == [8, 9, 6]  # "6 7" was followed by "8 9 6" before
     lk.extend([1])
     assert lk.draft(3) == []  # nothing ever followed 1
+    # drafts as configured: whether they pay on this machine is measured at load (and has its own test below); on a
+    # loaded machine the measured costs can say they do not, and this test is about what drafting does
+    saved = engine.gen.pass_cost, engine.gen._kept
+    engine.gen.pass_cost, engine.gen._kept = [1.0] * 6, [0.8] * 5
+    try:
+        _lookahead_checks(engine)
+    finally:
+        engine.gen.pass_cost, engine.gen._kept = saved
+
+
+def _lookahead_checks(engine) -> None:
     passes = {0: 0, 4: 0}
     for text, call in REFERENCE.items():
         ids = engine.tok.encode_prompt(text)
