@@ -225,7 +225,9 @@ def quantize_embedding(path: Path, share: bool) -> int:
 # INT8 constrained calls that must equal fp32's, over all the evaluation questions together (1,389): what the runtime's
 # test checks on every CPU too. Per set it is not a gate: on a 305-question set one near-tie flip is 0.33 points.
 AGREEMENT_GATE = 0.995
-ACCURACY_GATE = 0.005  # on each set, INT8 exact match may trail fp32's by at most this
+ACCURACY_GATE = 0.005  # over all the evaluation questions, INT8 exact match may trail fp32's by at most this
+# (both gates are over the sets together: on a 110-question set one near-tie that flips is 0.9 points, so a per-set
+# 0.5-point gate would judge luck, not quantization; each set's figures are reported)
 SMOKE = 40  # questions in the manifest's smoke set
 
 
@@ -271,15 +273,17 @@ def reference(out: Path, fp32: Path, key: Ed25519PrivateKey, evals: dict[str, li
         result[name] = {"n": len(rows), "int8_fp32_agreement": round(agree, 4), "fp32_exact": round(acc_fp32, 4),
                         "int8_exact": round(acc_int8, 4)}
         log(f"{name}: INT8/fp32 agreement {agree:.2%}; model-only exact fp32 {acc_fp32:.2%}, INT8 {acc_int8:.2%}")
-        if gate and acc_fp32 - acc_int8 > ACCURACY_GATE:
-            raise SystemExit(f"{name}: INT8 fails the gate (accuracy within {ACCURACY_GATE:.1%} of fp32): "
-                             f"{result[name]}")
+    calls = [row["call"] for rows in evals.values() for row in rows]
     agree = sum(a == b for a, b in zip(ref, q)) / len(ref)
-    result["all"] = {"n": len(ref), "int8_fp32_agreement": round(agree, 4)}
-    log(f"all {len(ref)} evaluation questions: INT8/fp32 agreement {agree:.2%}")
-    if gate and agree < AGREEMENT_GATE:
-        raise SystemExit(f"INT8 fails the gate (agreement >= {AGREEMENT_GATE:.1%} over the evaluation questions): "
-                         f"{result}")
+    acc_fp32 = sum(a == b for a, b in zip(ref, calls)) / len(ref)
+    acc_int8 = sum(a == b for a, b in zip(q, calls)) / len(ref)
+    result["all"] = {"n": len(ref), "int8_fp32_agreement": round(agree, 4), "fp32_exact": round(acc_fp32, 4),
+                     "int8_exact": round(acc_int8, 4)}
+    log(f"all {len(ref)} evaluation questions: INT8/fp32 agreement {agree:.2%}; model-only exact fp32 "
+        f"{acc_fp32:.2%}, INT8 {acc_int8:.2%}")
+    if gate and (agree < AGREEMENT_GATE or acc_fp32 - acc_int8 > ACCURACY_GATE):
+        raise SystemExit(f"INT8 fails the gate (agreement >= {AGREEMENT_GATE:.1%} and exact match within "
+                         f"{ACCURACY_GATE:.1%} of fp32's, over the evaluation questions): {result['all']}")
     (out / "reference.jsonl").write_text("".join(json.dumps({"text": t, "call": c}, ensure_ascii=False) + "\n"
                                                  for t, c in zip(texts, ref)))
     # the smoke set: questions whose INT8 answer here is fp32's, every tool represented, in a fixed order
