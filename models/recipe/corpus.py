@@ -321,10 +321,10 @@ class Gen:
         if k < 0.75:
             lead = r.choice(["", "", "can you ", "could you ", "please ", "i want you to ", "would you ", "go "])
             verb, things = r.choice(CHAT_ERRANDS)
-            city = r.choice(CITIES) if r.random() < 0.5 else self.syllables()
-            return lead + verb + " " + r.choice(things).format(city=city)
-        return r.choice(CHAT_WORLD).format(city=r.choice(CITIES) if r.random() < 0.5 else self.syllables(),
-                                           n=r.randint(2, 99))
+            return lead + verb + " " + r.choice(things).format(city=r.choice(CITIES))
+        # real places only: a made-up word is what a device's stem looks like ("what's the weather in fooblak"
+        # taught 1.4.0's first build to answer "what's the temperature on dryer-14" with `nothing`)
+        return r.choice(CHAT_WORLD).format(city=r.choice(CITIES), n=r.randint(2, 99))
 
     def rule(self, fill: dict) -> str:
         """An alert or an action on a condition, composed: a lead, a connective, a condition (no phrasing of
@@ -375,6 +375,8 @@ QUERY_LAST = [
     "what is {d} showing for {p} {now}", "status of {p} on {d}", "can i get the {adj} {p} for {d}",
     "what's the {p} in {d} {now}", "{p} in {d}", "{adj} {p} in {d}?", "how much {p} is in {d} {now}",
     "{p} level in {d}", "what {p} do we have in {d}", "{p} inside {d} {now}",
+    "what's the {p} on {d} {now}", "what's {d} {p} {now}", "what's the {adj} {p} of {d}", "what's the {p} at {d}",
+    "what {p} is {d} giving {now}", "what's {d}'s {p} {now}",
 ]
 QUERY_LAST_HELDOUT = [
     "i need the {adj} {p} of {d}", "what does {d} say for {p} {now}", "{d}: {adj} {p}?", "report {p} for {d} {now}",
