@@ -1,1 +1,0 @@
-HM3u1QdlsmFtZwvyWgmaSL90p+biRLxDcsIYVAUiLihcbZWuRjbA6ekxtLzvtqnE9TjwPdHiPbJmxI5OHbIgBQ==

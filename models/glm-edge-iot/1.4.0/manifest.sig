@@ -1,0 +1,1 @@
+EO149f+ka/mSUfeCAoaSY203/GOMdbQvzl7uDDAsmmngSINbSbtlBUbddkfbNBR4DFS2mC56Z65G/XWz600gDw==
