@@ -331,3 +331,18 @@ def test_the_second_look_takes_a_device_id_not_a_bare_number_for_a_named_device(
     assert _contradicted("set pump-3 speed to 40", which, None)
     assert _contradicted("set tk101 speed to 40", which, None)
     assert not _contradicted("set pump-3 speed to 40", which, {"pump-4": ["speed"]})  # unknown to the registry
+
+
+def test_the_second_look_takes_on_off_words_as_a_value_only_where_a_state_is_meant():
+    """'which value?' is contradicted by a number, or by an on/off word where the question names no point that
+    takes a number; "bump up the flow on valve-17" states no flow ("up" and "on" are no value for it): the model's
+    clarify stands, where a second answer had made it a read."""
+    from edge_agent.glm.engine import _contradicted
+
+    which = '{"tool":"clarify","args":{"reason":"which_value"}}'
+    for text in ("bump up the flow on valve-17", "turn up the speed on fan-3", "crank up boiler-2 setpoint",
+                 "turn the pressure down on pump-4"):
+        assert not _contradicted(text, which, None), text
+    for text in ("switch on pump-3", "turn fan-14 back on", "shut down press-2", "set the flow on valve-17 to 40",
+                 "turn up the speed on fan-3 to 1200"):
+        assert _contradicted(text, which, None), text

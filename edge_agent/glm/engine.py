@@ -29,15 +29,20 @@ log = logging.getLogger(__name__)
 Known = Mapping[str, Sequence[str]]  # the registry: device -> its points
 
 
-def _contradicted(text: str, answer: str, known: Known | None) -> bool:
+def _contradicted(text: str, answer: str, known: Known | None, points: PointTable = SHIPPED) -> bool:
     """The model answered clarify for a reason the question itself contradicts: "which value?" though it states a
-    number or an on/off word, or "which device?" though it names a device id (one the registry knows, where there
-    is a registry). Never for "nothing" or "use_a_rule": those only ever hold a write back."""
+    number, or an on/off word where no point that takes a number is named ("bump up the flow on valve-17" states
+    no value for the flow: its "up" and "on" are no on/off state), or "which device?" though it names a device id
+    (one the registry knows, where there is a registry). Never for "nothing" or "use_a_rule": those only ever hold
+    a write back."""
     if not answer.startswith('{"tool":"clarify"'):
         return False
     if '"which_value"' in answer:
+        if schema.numbers(text):
+            return True
         words = set(text.lower().split())
-        return bool(schema.numbers(text)) or bool(words & (set(schema.ON_WORDS) | set(schema.OFF_WORDS)))
+        return bool(words & (set(schema.ON_WORDS) | set(schema.OFF_WORDS))) and \
+            all(p in ("enabled", "mode") for p in points.named(text))
     if '"which_device"' in answer:
         # a device id has a letter and a digit ("pump-3", "tk101"); a bare number ("set the speed to 40") is a value
         named = [w for w in schema.candidates(text) if any(c.isdigit() for c in w) and any(c.isalpha() for c in w)]
@@ -275,7 +280,7 @@ class Engine:
         t_gen = time.perf_counter()
         res = self._generate(ids, t0, deadline, (lambda: self._constraint(text, known)) if constrained else None)
         passes, second = res.forward_passes, False
-        if constrained and look and _contradicted(text, res.text, known):
+        if constrained and look and _contradicted(text, res.text, known, self.points):
             # the model said "which value?" of a question that states one, or "which device?" of one that names a
             # device it may copy: it looks again with the tools that act (the guard and the registry check what it
             # proposes then, as they check any call)
