@@ -626,7 +626,9 @@ def test_a_session_load_strands_no_freed_weights_on_the_heap(tmp_path):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, h])],
                           [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, h])], inits)
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "model.int8.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8  # what every supported onnxruntime reads (a newer onnx writes a newer one by default)
+    onnx.save(m, str(fp32))
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
     weights = int8.stat().st_size  # 40 MiB of int8 weights
 
