@@ -346,3 +346,25 @@ def test_the_second_look_takes_on_off_words_as_a_value_only_where_a_state_is_mea
     for text in ("switch on pump-3", "turn fan-14 back on", "shut down press-2", "set the flow on valve-17 to 40",
                  "turn up the speed on fan-3 to 1200"):
         assert _contradicted(text, which, None), text
+
+
+def test_a_slipped_finger_hides_no_sign_and_no_what_if():
+    """The generated held-out set found them: "minnus 40" was read as 40 (the opposite value, written), and
+    "imagien we stop turbine-c7" as an order. A slip of "minus" right before a number is its sign; the guard reads
+    its own words through one dropped, added or swapped letter — and leaves plain words alone."""
+    from edge_agent.glm.schema import numbers
+    from edge_agent.ops.guard import check_write
+
+    assert numbers("temperature of ploo-943 should be minnus 40% pls") == [-40]
+    assert numbers("set coldroom-7 temp to mins 18") == [-18]
+    assert numbers("in the last 40 mins 30 seconds") == [40, 30]  # a unit after a number is no sign
+    write = {"device": "ploo-943", "point": "temperature", "value": 40}
+    assert check_write("temperature of ploo-943 should be minnus 40% pls", write)[0] == "which_value"
+    stop = {"device": "turbine-c7", "point": "enabled", "value": False}
+    for text in ("imagien we stop turbine-c7", "nevre stop turbine-c7", "stop turbine-c7 tomorow",
+                 "stop turbine-c7 wheneevr silo-2 is full"):
+        assert check_write(text, stop) is not None, text
+    assert check_write("stop turbine-c7", stop) is None
+    assert check_write("alter the flow of pump-3 to 40", {"device": "pump-3", "point": "flow", "value": 40}) is None
+    assert check_write("set the cooling water flow on pump-3 to 40",
+                       {"device": "pump-3", "point": "flow", "value": 40}) is None

@@ -193,6 +193,19 @@ def _tokens(text: str) -> list[str | float]:
     return toks
 
 
+def _is_minus(toks: list[str | float], i: int) -> bool:
+    """'minus' or 'negative', or one slip of a finger from either ("minnus 40", "mins 40") right before a number and
+    not right after one ("40 mins" is a unit): a sign lost to a typo would write the opposite value."""
+    tok = toks[i]
+    if tok in ("minus", "negative"):
+        return True
+    if not isinstance(tok, str) or len(tok) < 4 or not (_one_edit(tok, "minus") or _one_edit(tok, "negative")):
+        return False
+    nxt = toks[i + 1] if i + 1 < len(toks) else "."
+    number_next = isinstance(nxt, float) or (isinstance(nxt, str) and _lookup(nxt, _NUMBER_WORDS) is not None)
+    return number_next and not (i and isinstance(toks[i - 1], float))
+
+
 def _quantities(toks: list[str | float]) -> list[tuple[float, str]]:
     """(number, the word after it) for every number in the tokens, in digits or in English words ("forty-nine",
     "two hundred and forty", "sixty two point five", "minus twelve")."""
@@ -206,7 +219,7 @@ def _quantities(toks: list[str | float]) -> list[tuple[float, str]]:
             out.append((sign * tok, after if isinstance(after, str) else "."))
             sign, i = 1.0, i + 1
             continue
-        if tok in ("minus", "negative"):
+        if _is_minus(toks, i):
             sign, i = -1.0, i + 1
             continue
         total: float | None = None

@@ -9,6 +9,7 @@ written. The checks read the words; they do not need the model to be right.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from edge_agent.glm.points import POINT_WORDS, SHIPPED, PointTable
@@ -63,7 +64,35 @@ _PRONOUNS = {"it", "this", "that", "them", "they", "these", "those", "one", "thi
 
 
 def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower().replace("\u2019", "'"))
+    """The question's words, a slipped finger undone on the guard's own words ("imagien" -> "imagine", "nevr" ->
+    "never"): a typo must not hide a negation, a condition, a later or a what-if. Only drops, additions and swaps
+    of neighbours, in words of five letters or more, so no plain word turns into one ("water" is no "later")."""
+    return [_unslipped(w) for w in _WORD.findall(text.lower().replace("\u2019", "'"))]
+
+
+def _slip(a: str, b: str) -> bool:
+    """a is b with one letter dropped or added, or two neighbours swapped."""
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+    if abs(len(a) - len(b)) != 1:
+        return False
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+
+_GUARD_WORDS = tuple(sorted({w for group in (_NEGATIONS, _CONDITIONS, _TIMES, _QUESTION_OPENERS, _HOWTO, _ALERTS)
+                             for phrase in group for w in phrase.split() if len(w) >= 5}))
+
+
+_REAL_WORDS = {"alter"}  # words that are a slip away from a guard word and mean something else ("later")
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: operators repeat their words
+def _unslipped(word: str) -> str:
+    if len(word) < 5 or word in _GUARD_WORDS or word in _REAL_WORDS:
+        return word
+    return next((g for g in _GUARD_WORDS if _slip(word, g)), word)
 
 
 def check_write(text: str, args: dict, points: PointTable = SHIPPED) -> tuple[str, str] | None:
