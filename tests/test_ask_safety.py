@@ -365,6 +365,8 @@ def test_a_slipped_finger_hides_no_sign_and_no_what_if():
                  "stop turbine-c7 wheneevr silo-2 is full"):
         assert check_write(text, stop) is not None, text
     assert check_write("stop turbine-c7", stop) is None
+    as_text = {"device": "s-g8", "point": "temperature", "value": "40"}  # the model's string for a number
+    assert check_write("temperatures of s-g8 should be mins 40 °C", as_text)[0] == "which_value"
     assert check_write("alter the flow of pump-3 to 40", {"device": "pump-3", "point": "flow", "value": 40}) is None
     assert check_write("set the cooling water flow on pump-3 to 40",
                        {"device": "pump-3", "point": "flow", "value": 40}) is None

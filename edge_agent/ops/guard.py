@@ -166,6 +166,8 @@ def _why_not(text: str, args: dict, points: PointTable) -> str | None:
             return f"which value? {value!r} is a length of time in the question, not a value to write"
         return None
     if isinstance(value, str):
+        if point in _NUMERIC or re.fullmatch(r"[-+]?[0-9][0-9.,]*", value.strip()):
+            return f"which value? {point} takes a number, not the text {value!r}"  # "40" in place of -40
         if value.lower() not in words and value not in text:
             return f"which value? {value!r} is not in the question"
         if value.lower() in FUNCTION_WORDS or value.lower() in _NOT_VALUES or SHIPPED.named(value):
