@@ -592,8 +592,6 @@ import sys
 from pathlib import Path
 from edge_agent.glm import runtime
 from edge_agent.glm.models import VerifiedModel
-if sys.argv[2] == "glibc-default":
-    runtime._mallopt = lambda param, value: False  # what a session's load did before
 import onnxruntime  # noqa: F401 - its own memory is not the session's
 status = lambda: {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}
 before = status()["VmRSS"]
@@ -632,12 +630,14 @@ def test_a_session_load_strands_no_freed_weights_on_the_heap(tmp_path):
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
     weights = int8.stat().st_size  # 40 MiB of int8 weights
 
-    def peak(mode: str) -> int:
-        r = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(int8), mode], capture_output=True, text=True,
+    def peak() -> int:
+        r = subprocess.run([sys.executable, "-c", _LOAD_PEAK, str(int8)], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         return int(r.stdout.split()[-1])
 
-    ours, before = peak("ours"), peak("glibc-default")
-    assert ours < 1.6 * weights, (ours, weights)  # 1.30 here (x86, AVX-512 VNNI): the packed copies and the graph
-    assert before > 1.25 * ours, (before, ours)  # what it guards against still happens without it
+    # without the pin the same load peaked at 1.75x ours here with onnxruntime 1.32, and at ours or above with 1.23
+    # (by address layout, as the 0.5B load did): that side is luck, so only the bound is asserted, in three loads
+    for _ in range(3):
+        ours = peak()
+        assert ours < 1.6 * weights, (ours, weights)  # 1.30 here (x86, AVX-512 VNNI): the packed copies, the graph
