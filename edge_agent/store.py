@@ -938,17 +938,31 @@ class Store:
         if acked:
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('log_acked', max(?, coalesce((SELECT value FROM meta "
                          "WHERE key = 'log_acked'), 0)))", (acked,))
-        if kept > self.log_quota:  # the oldest go (the uplink counts them: the ids it never sent)
-            excess, upto = kept - self.log_quota, 0
-            for i, n in conn.execute("SELECT id, length(line) FROM logs ORDER BY id"):
-                excess -= n
-                kept -= n
-                dropped += 1
-                upto = i
-                if excess <= 0:
-                    break
-            conn.execute("DELETE FROM logs WHERE id <= ?", (upto,))
+        room = self.log_room()
+        if kept > room:  # the oldest go (the uplink counts them: the ids it never sent)
+            gone, n = self._drop_logs(conn, kept - room)
+            kept -= gone
+            dropped += n
         return next_id, kept, dropped
+
+    def log_room(self) -> int:
+        """The bytes log lines may hold: log.ship_quota_bytes, and never more than a quarter of the store's effective
+        quota — their room comes out of the quota, so a log storm cannot take the readings' room."""
+        return min(self.log_quota, self._limit // 4)
+
+    @staticmethod
+    def _drop_logs(conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
+        """Delete the oldest log lines until `excess` bytes are gone (or none is left): (bytes, lines) dropped."""
+        gone = n = upto = 0
+        for i, size in conn.execute("SELECT id, length(line) FROM logs ORDER BY id"):
+            gone += size
+            n += 1
+            upto = i
+            if gone >= excess:
+                break
+        if n:
+            conn.execute("DELETE FROM logs WHERE id <= ?", (upto,))
+        return gone, n
 
     def _resolve(self, results: list, error: BaseException | None, notify: bool = False, alert: bool = False,
                  logs: bool = False, rows: list[OutboxRow] | None = None, acked: int = 0) -> None:
@@ -1133,6 +1147,14 @@ class Store:
         n = conn.execute("DELETE FROM readings WHERE seq <= ?", (self.acked_seq,)).rowcount
         if n > 0:
             self.metrics.window_evicted.labels("quota").inc(n)
+        if self.log_bytes and self.used_bytes(conn) > target:
+            # log lines give up their room before any reading does
+            conn.execute("BEGIN IMMEDIATE")
+            gone, lines = self._drop_logs(conn, self.log_bytes)
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.log_bytes -= gone
+            self.metrics.logs_dropped.labels("quota").inc(lines)
         if self.cfg.at_quota == "backpressure":
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._used = self.used_bytes(conn)

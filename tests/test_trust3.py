@@ -1,0 +1,38 @@
+"""Trust, round three (issue 25): each test performs an attack an outside review found on the previous main and
+asserts the promise it broke."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from edge_agent.config import StoreConfig
+from edge_agent.metrics import Metrics
+from edge_agent.records import Reading
+from edge_agent.store import Store
+
+
+def test_a_log_storm_never_evicts_a_queued_reading(tmp_path):
+    """Attack: a small store quota, the cloud away, a burst of warnings. Log lines used to live beside the quota
+    (log.ship_quota_bytes, 16 MiB) and the quota evicted readings, never log rows: the storm pushed every queued
+    reading out. Now the logs' room is a quarter of the quota at most and is given up first: no reading goes."""
+    async def main():
+        s = Store(StoreConfig(quota_bytes=2 << 20, outbox_chunk_readings=100), tmp_path, Metrics())
+        await s.open()
+        line = b'{"level":"warning","msg":"' + b"w" * 400 + b'"}'
+        written = 0
+        for burst in range(12):
+            for _ in range(1500):  # 600 KB of log lines a burst, far above what the quota leaves them
+                s.log_line(line)
+            await s.write([Reading("pump-1", "t", float(burst * 50 + i), None, time.time_ns(), "good", "mqtt")
+                           for i in range(50)])
+            written += 50
+        await asyncio.sleep(1.2)  # a maintenance pass
+        await s.write([Reading("pump-1", "t", 0.0, None, time.time_ns(), "good", "mqtt")])
+        written += 1
+        assert (s.metrics.value("edge_agent_outbox_evicted_readings_total") or 0) == 0
+        assert s.outbox_readings == written
+        rows = await s.read_outbox(0, 100_000, 1 << 30)
+        assert sum(r.count for r in rows) == written
+        assert s.log_bytes <= s.log_room() <= (2 << 20) // 4
+        await s.close()
+    asyncio.run(main())
