@@ -101,7 +101,7 @@ class App:
             pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
             models=self.updater),
             self.metrics,
-            journal=self.store)
+            journal=self.store, gateway_id=cfg.gateway.id)
         self.store.requests_keep_s, self.store.requests_max = cfg.commands.dedup_window_s, cfg.commands.dedup_max
         self.control = ControlServer(Path(cfg.gateway.state_dir), self.router.handle)
         self.components.append(self.control)

@@ -321,7 +321,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         fields = _fields(args.fields)
     except config.ConfigError as e:
         return _fail(str(e))
-    _print_json(sign(key, args.key_id, args.name, args.id or uuid.uuid4().hex[:16], fields))
+    _print_json(sign(key, args.key_id, args.name, args.id or uuid.uuid4().hex[:16], fields, gateway=args.gateway))
     return 0
 
 
@@ -595,6 +595,8 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("fields", nargs="*", metavar="NAME=VALUE")
     sg.add_argument("--key", required=True, help="the operator's Ed25519 private key (PEM)")
     sg.add_argument("--key-id", required=True, help="its id in the gateway's commands.operator_keys")
+    sg.add_argument("--gateway", required=True, help="the id of the gateway the request is for (gateway.id): the "
+                    "signature binds it, so no other gateway runs it")
     sg.add_argument("--id", default="", help="the request id (default: a random one)")
     sg.set_defaults(fn=cmd_sign)
     mo = sub.add_parser("model", help="model versions: install (URL or folder, through the running agent), list, "

@@ -129,7 +129,7 @@ async def _query(device, point, agg, window_s, max_rows):
 
 def _router(fake: FakeGateway, writes: str, allow=("read-only", "write", "confirm")) -> ops.Router:
     m = Metrics()
-    return ops.Router(CommandsConfig(allow=list(allow)), ops.TABLE, fake.gateway(writes, m), m)
+    return ops.Router(CommandsConfig(allow=list(allow)), ops.TABLE, fake.gateway(writes, m), m, gateway_id="gw-test")
 
 
 async def _call(router: ops.Router, name: str, body: dict, who: str = "mqtt") -> dict:

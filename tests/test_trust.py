@@ -409,16 +409,21 @@ def test_changing_operations_need_an_operators_signature_when_keys_are_configure
         assert cli.call("ping")["ok"]  # read-only: no signature needed
         err = cli.call("rules.add", rule)["error"]
         assert err["code"] == "forbidden" and "requires an operator's signature" in err["message"]
-        ok = cli.call("rules.add", json.dumps(sign(alice, "alice", "rules.add", "r-1", rule)).encode(), rid="r-1")
+        ok = cli.call("rules.add", json.dumps(sign(alice, "alice", "rules.add", "r-1", rule, gateway="gw-test")).encode(),
+                      rid="r-1")
         assert ok["ok"], ok
         for body, why in (
-                (sign(mallory, "mallory", "rules.add", "r-2", rule), "unknown key 'mallory'"),
-                (sign(mallory, "alice", "rules.add", "r-3", rule), "does not verify"),
-                (sign(alice, "alice", "rules.add", "r-4", rule, ts=int((time.time() - 600) * 1000)), "replayed"),
-                ({**sign(alice, "alice", "rules.add", "r-5", rule), "rule": {**rule["rule"], "threshold": 1}},
+                (sign(mallory, "mallory", "rules.add", "r-2", rule, gateway="gw-test"), "unknown key 'mallory'"),
+                (sign(mallory, "alice", "rules.add", "r-3", rule, gateway="gw-test"), "does not verify"),
+                (sign(alice, "alice", "rules.add", "r-4", rule, gateway="gw-test", ts=int((time.time() - 600) * 1000)),
+                 "replayed"),
+                ({**sign(alice, "alice", "rules.add", "r-5", rule, gateway="gw-test"),
+                  "rule": {**rule["rule"], "threshold": 1}},
                  "does not verify"),  # a changed argument
-                ({**sign(alice, "alice", "rules.add", "r-6", rule), "id": "r-7"}, "does not verify"),  # another id
-                (sign(alice, "alice", "rules.remove", "r-8", rule), "does not verify")):  # made for another op
+                ({**sign(alice, "alice", "rules.add", "r-6", rule, gateway="gw-test"), "id": "r-7"},
+                 "does not verify"),  # another id
+                (sign(alice, "alice", "rules.remove", "r-8", rule, gateway="gw-test"),
+                 "does not verify")):  # made for another op
             reply = cli.call("rules.add", json.dumps(body).encode(), rid=body["id"])
             assert reply["error"]["code"] in ("forbidden", "bad_request") and why in reply["error"]["message"], reply
         # the CLI makes the request an operator publishes
@@ -427,7 +432,7 @@ def test_changing_operations_need_an_operators_signature_when_keys_are_configure
                                             serialization.NoEncryption()))
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         out = subprocess.run([sys.executable, "-m", "edge_agent", "sign", "rules.remove", "rule_id=hot",
-                              "--key", str(key), "--key-id", "alice", "--id", "r-9"],
+                              "--key", str(key), "--key-id", "alice", "--id", "r-9", "--gateway", "gw-test"],
                              capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         assert cli.call("rules.remove", out.stdout.encode(), rid="r-9")["result"] == {"removed": "hot"}

@@ -36,3 +36,47 @@ def test_a_log_storm_never_evicts_a_queued_reading(tmp_path):
         assert s.log_bytes <= s.log_room() <= (2 << 20) // 4
         await s.close()
     asyncio.run(main())
+
+
+def _alice():
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    key = Ed25519PrivateKey.generate()
+    pub = base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw)).decode()
+    return key, f"alice={pub}"
+
+
+def test_a_signed_write_captured_for_one_gateway_does_not_run_on_another():
+    """Attack: a client allowed to publish commands to the fleet captures a write the operator signed for gw-a and
+    replays it, unchanged, to gw-b. The signature binds the gateway: gw-b refuses it unrun (forbidden), gw-a runs
+    it once."""
+    import json
+
+    from test_ask_safety import FakeGateway
+
+    from edge_agent import ops
+    from edge_agent.config import CommandsConfig
+    from edge_agent.ops.signing import sign
+
+    key, entry = _alice()
+
+    def router(gw_id: str, fake: FakeGateway) -> ops.Router:
+        m = Metrics()
+        return ops.Router(CommandsConfig(allow=["read-only", "write"], operator_keys=[entry]), ops.TABLE,
+                          fake.gateway("direct", m), m, gateway_id=gw_id)
+
+    async def main():
+        a, b = FakeGateway(), FakeGateway()
+        ra, rb = router("gw-a", a), router("gw-b", b)
+        body = json.dumps(sign(key, "alice", "write", "w-1", {"device": "plc-1", "point": "setpoint", "value": 42},
+                               gateway="gw-a")).encode()
+        reply_b = json.loads((await rb.handle("write", body, "mqtt"))[0])
+        assert reply_b["ok"] is False and reply_b["error"]["code"] == "forbidden", reply_b
+        assert "gw-b" in reply_b["error"]["message"] and b.writes == []
+        reply_a = json.loads((await ra.handle("write", body, "mqtt"))[0])
+        assert reply_a["ok"] is True, reply_a
+        assert a.writes == [("plc-1", "setpoint", 42)]
+    asyncio.run(main())

@@ -64,8 +64,9 @@ def allowed(table: dict[str, Operation], allow: list[str]) -> frozenset[str]:
 
 class Router:
     def __init__(self, cfg: CommandsConfig, table: dict[str, Operation], gw: Gateway, metrics: Metrics,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None, *, gateway_id: str) -> None:
         self.cfg, self.table, self.gw, self.metrics, self.journal = cfg, table, gw, metrics, journal
+        self.gateway_id = gateway_id  # what an operator's signature must name (signing.canonical)
         self.allow = allowed(table, cfg.allow)
         self.by_tool = {op.tool.name: op for op in table.values() if op.tool is not None}
         self.keys = signing.parse_keys(cfg.operator_keys)
@@ -111,7 +112,8 @@ class Router:
                 raise CommandError("bad_request", "this gateway has no operator keys (commands.operator_keys); send "
                                                   "the request unsigned", rid)
             try:
-                signer = signing.verify(self.keys, self.cfg.signature_max_age_s, name, rid, sig, fields)
+                signer = signing.verify(self.keys, self.cfg.signature_max_age_s, self.gateway_id, name, rid, sig,
+                                        fields)
             except CommandError as e:
                 e.rid = rid
                 raise

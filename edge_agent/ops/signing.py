@@ -6,10 +6,11 @@ change anything) must carry a signature by one of them:
     {"id": "w-17", "device": "plc-1", "point": "setpoint", "value": 42,
      "sig": {"key": "alice", "ts": 1764400000123, "sig": "<base64 Ed25519 signature>"}}
 
-The signature covers the canonical JSON of {"op": name, "id": id, "ts": ts, "fields": the request's fields}
-(sorted keys, no spaces), so it binds the operation, its arguments, its request id and its time: a signed request
-cannot be replayed under another id or name, nor after `commands.signature_max_age_s`, and a changed argument breaks
-it. The audit records the key id. `edge-agent sign` makes such a request.
+The signature covers the canonical JSON of {"gateway": the gateway's id, "op": name, "id": id, "ts": ts, "fields": the
+request's fields} (sorted keys, no spaces), so it binds the gateway it is meant for, the operation, its arguments, its
+request id and its time: a signed request cannot be replayed to another gateway of the fleet, under another id or
+name, nor after `commands.signature_max_age_s`, and a changed argument breaks it. The audit records the key id.
+`edge-agent sign --gateway ID` makes such a request.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from edge_agent.config import ConfigError
 from edge_agent.ops.base import CommandError
 
 
-def canonical(name: str, rid: str | None, ts: int, fields: dict[str, Any]) -> bytes:
-    return json.dumps({"op": name, "id": rid, "ts": ts, "fields": fields}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, allow_nan=False).encode()
+def canonical(gateway: str, name: str, rid: str | None, ts: int, fields: dict[str, Any]) -> bytes:
+    return json.dumps({"gateway": gateway, "op": name, "id": rid, "ts": ts, "fields": fields}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def parse_keys(entries: list[str]) -> dict[str, Ed25519PublicKey]:
@@ -46,7 +47,7 @@ def parse_keys(entries: list[str]) -> dict[str, Ed25519PublicKey]:
     return keys
 
 
-def verify(keys: dict[str, Ed25519PublicKey], max_age_s: float, name: str, rid: str | None, sig: Any,
+def verify(keys: dict[str, Ed25519PublicKey], max_age_s: float, gateway: str, name: str, rid: str | None, sig: Any,
            fields: dict[str, Any]) -> str:
     """The key id that signed this request; raises CommandError('forbidden') saying why not."""
     if not isinstance(sig, dict) or set(sig) != {"key", "ts", "sig"}:
@@ -64,15 +65,16 @@ def verify(keys: dict[str, Ed25519PublicKey], max_age_s: float, name: str, rid: 
         raise CommandError("forbidden", f"signature made {age:.0f} s from now; commands.signature_max_age_s is "
                                         f"{max_age_s:g} (replayed, or a wrong clock)")
     try:
-        key.verify(base64.b64decode(value, validate=True), canonical(name, rid, ts, fields))
+        key.verify(base64.b64decode(value, validate=True), canonical(gateway, name, rid, ts, fields))
     except (InvalidSignature, binascii.Error, ValueError):
-        raise CommandError("forbidden", f"the signature by {kid!r} does not verify for this request") from None
+        raise CommandError("forbidden", f"the signature by {kid!r} does not verify for this request on gateway "
+                                        f"{gateway!r}") from None
     return kid
 
 
-def sign(key: Ed25519PrivateKey, kid: str, name: str, rid: str, fields: dict[str, Any],
+def sign(key: Ed25519PrivateKey, kid: str, name: str, rid: str, fields: dict[str, Any], *, gateway: str,
          ts: int | None = None) -> dict[str, Any]:
-    """A signed request body (the operator's side)."""
+    """A signed request body for one gateway (the operator's side)."""
     ts = int(time.time() * 1000) if ts is None else ts
-    sig = base64.b64encode(key.sign(canonical(name, rid, ts, fields))).decode()
+    sig = base64.b64encode(key.sign(canonical(gateway, name, rid, ts, fields))).decode()
     return {**fields, "id": rid, "sig": {"key": kid, "ts": ts, "sig": sig}}
