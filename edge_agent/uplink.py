@@ -28,11 +28,12 @@ from typing import Awaitable, Callable
 from edge_agent import __version__, renew, tls
 from edge_agent.backoff import Backoff
 from edge_agent.config import UplinkConfig
+from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.mqttio import ConnectError, MqttConnection, PublishError, Will
 from edge_agent.store import Store
 
-CommandHandler = Callable[[str, bytes, str], Awaitable[tuple[bytes, "str | None"]]]
+CommandHandler = Callable[[str, bytes, str, bool], Awaitable[tuple[bytes, "str | None"]]]  # name, body, who, at least once
 
 log = logging.getLogger(__name__)
 CERT_CHECK_INTERVAL_S = 3600
@@ -49,6 +50,7 @@ class Uplink:
                  reply_prefixes: tuple[str, ...] = (), session_expiry_s: int = 3600) -> None:
         self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
         self.log_batch_bytes = 0  # > 0: ship the store's log lines (log.ship_batch_bytes a batch)
+        self._refusal_log = RateLimited(log, interval_s=60, burst=3)  # commands refused unrun: a flood logs little
         self._sent_seq = 0  # readings published up to here (logs wait while readings wait to be sent)
         self._log_failures: dict[int, int] = {}  # a log batch's first id -> failed tries
         self.on_command = on_command
@@ -482,6 +484,13 @@ class Uplink:
         if self.on_command is None or not msg.topic.startswith(self.cmd_prefix):
             conn.ack(msg.mid, msg.qos)
             return
+        if msg.retain:  # a retained message is a state the broker replays at every subscribe, never a command
+            conn.ack(msg.mid, msg.qos)
+            self.metrics.commands.labels("unknown", "retained").inc()
+            self._refusal_log.warning("retained", "a retained command message was refused unrun (retained messages "
+                                      "come again at every subscribe; publish commands without the retain flag)",
+                                      command=msg.topic[len(self.cmd_prefix):][:64])
+            return
         props = getattr(msg, "properties", None)
         reply_to = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -497,11 +506,12 @@ class Uplink:
                                      or "#" in reply_to):
             # a reply must never land on telemetry, another gateway's commands, or anywhere the sender chose
             self.metrics.commands.labels("unknown", "bad_reply_topic").inc()
-            log.warning("command refused unrun: its response topic is outside the allowed prefixes", extra={
-                "command": name[:64], "response_topic": reply_to[:120], "allowed": ",".join(self.reply_prefixes)})
+            self._refusal_log.warning("bad_reply_topic", "command refused unrun: its response topic is outside the "
+                                      "allowed prefixes", command=name[:64], response_topic=reply_to[:120],
+                                      allowed=",".join(self.reply_prefixes))
             conn.ack(mid, qos)
             return
-        reply, rid = await self.on_command(name, body, "mqtt")
+        reply, rid = await self.on_command(name, body, "mqtt", True)
         topic = reply_to or (self.res_prefix + rid if rid else None)
         if topic is None or "+" in topic or "#" in topic:
             self.metrics.commands.labels("unknown", "unroutable").inc()

@@ -80,3 +80,54 @@ def test_a_signed_write_captured_for_one_gateway_does_not_run_on_another():
         assert reply_a["ok"] is True, reply_a
         assert a.writes == [("plc-1", "setpoint", 42)]
     asyncio.run(main())
+
+
+def test_a_retained_command_never_runs_and_an_id_less_change_runs_once(local_broker, cloud_broker, make_agent, pki):
+    """Attack: a client allowed to command the gateway publishes a changing request with the retain flag and no
+    id. The broker replays it at every subscribe: it ran again at each reconnect. It runs once, when it is first
+    delivered live; the replays (retain flag set) are refused unrun (counted `retained`), through reconnects; and an
+    id-less changing request the broker delivers twice runs once (its bytes are its dedup key)."""
+    import json
+    import uuid
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from conftest import wait_for
+
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False},
+                       commands={"allow": ["read-only", "logs.level"]}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    cert, key = pki["viewer"]
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"op-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv311)
+    c.tls_set(ca_certs=str(pki["ca"].cert_path), certfile=str(cert), keyfile=str(key))
+    c.connect("localhost", cloud_broker.port, 30)
+    c.loop_start()
+    try:
+        body = json.dumps({"level": "debug", "for_s": 60}).encode()
+        c.publish("edge/gw-test/cmd/logs.level", body, qos=1, retain=True).wait_for_publish(5)
+        ok = 'command="logs.level",outcome="ok"'
+        retained = 'command="unknown",outcome="retained"'
+        wait_for(lambda: agent.metric("edge_agent_commands_total", ok) == 1, 10, what="the live delivery run")
+        for n in (1, 2):  # the broker replays it at each new subscribe: refused each time, never run again
+            cloud_broker.stop()
+            cloud_broker.start()
+            wait_for(lambda: (agent.metric("edge_agent_commands_total", retained) or 0) >= n, 30,
+                     what=f"the replay refused after reconnect {n}")
+        assert agent.metric("edge_agent_commands_total", ok) == 1
+        c.reconnect()
+        time.sleep(0.5)
+        c.publish("edge/gw-test/cmd/logs.level", b"", qos=1, retain=True).wait_for_publish(5)  # clear it
+        body = json.dumps({"level": "debug", "for_s": 61}).encode()
+        for _ in range(2):  # the same id-less change delivered twice (as a redelivery would): it runs once
+            c.publish("edge/gw-test/cmd/logs.level", body, qos=1).wait_for_publish(5)
+        dup = 'command="logs.level",outcome="duplicate"'
+        wait_for(lambda: (agent.metric("edge_agent_commands_total", dup) or 0) == 1, 10, what="the second deduplicated")
+        wait_for(lambda: agent.metric("edge_agent_commands_total", ok) == 2, 10, what="the first run")
+        time.sleep(0.5)
+        assert agent.metric("edge_agent_commands_total", ok) == 2
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    assert agent.stop() == 0

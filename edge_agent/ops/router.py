@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
 import logging
 import re
@@ -139,9 +140,10 @@ class Router:
                 raise CommandError("bad_request", f"{name}: field {k!r} longer than {MAX_STRING} characters", rid)
         return doc
 
-    async def handle(self, name: str, body: bytes, who: str) -> tuple[bytes, str | None]:
+    async def handle(self, name: str, body: bytes, who: str, at_least_once: bool = False) -> tuple[bytes, str | None]:
         """Run one request; returns (reply, id). Never raises. Every log line it causes, and its reply, carry a new
-        trace id (the tasks it starts inherit it)."""
+        trace id (the tasks it starts inherit it). `at_least_once`: the channel may deliver the same message again
+        (MQTT QoS 1)."""
         new_trace()
         rid = None
         label = name if name in self.table else "unknown"
@@ -149,28 +151,34 @@ class Router:
             op, fields, rid, signer = self.parse(name, body)
             self.check_allowed(op)
             self.check_signed(op, signer)
-            if rid is not None:
-                cached = self._cached(name, rid)
+            # the key a request is run once under: its id; or, for a changing request without one on a channel that
+            # redelivers (MQTT at QoS 1), its bytes: a redelivery cannot be told from a resend, so the same id-less
+            # change runs once per dedup window (send an id to run it twice)
+            key = rid
+            if rid is None and op.changes and at_least_once:
+                key = "~" + hashlib.sha256(body).hexdigest()[:32]
+            if key is not None:
+                cached = self._cached(name, key)
                 if cached is not None:
                     self.metrics.commands.labels(name, "duplicate").inc()
                     return cached, rid
-                running = self._running.get((name, rid))
+                running = self._running.get((name, key))
                 if running is not None:  # the same id again while the first still runs: one execution
                     self.metrics.commands.labels(name, "duplicate").inc()
                     return await asyncio.shield(running), rid
             if self._slots.locked():
                 raise CommandError("busy", f"{self.cfg.concurrency} commands are running; retry")
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
-            if rid is not None:
-                self._running[(name, rid)] = fut
-            journaled = op.changes and rid is not None and self.journal is not None
+            if key is not None:
+                self._running[(name, key)] = fut
+            journaled = op.changes and key is not None and self.journal is not None
             try:
                 async with self._slots:
-                    prior = await self.journal.take_request(name, rid) if journaled else None  # type: ignore[union-attr]
+                    prior = await self.journal.take_request(name, key) if journaled else None  # type: ignore[union-attr]
                     if prior is not None:  # taken before a restart: never run twice
                         journaled = False
                         self.metrics.commands.labels(name, "duplicate").inc()
-                        reply = prior or reply_error("duplicate", f"request id {rid!r} was taken before the agent "
+                        reply = prior or reply_error("duplicate", f"request {key!r} was taken before the agent "
                                                      "restarted and its outcome was not recorded; it is not run "
                                                      "again (check with a read)")
                     else:
@@ -186,13 +194,13 @@ class Router:
                 if journaled or prior is None:
                     self.metrics.commands.labels(name, "ok").inc()
             finally:
-                if rid is not None:
-                    self._running.pop((name, rid), None)
+                if key is not None:
+                    self._running.pop((name, key), None)
             if journaled:
-                self.journal.request_reply(name, rid, reply)  # type: ignore[union-attr]
+                self.journal.request_reply(name, key, reply)  # type: ignore[union-attr]
             fut.set_result(reply)
-            if rid is not None:
-                self._remember(name, rid, reply)
+            if key is not None:
+                self._remember(name, key, reply)
             log.debug("command handled", extra={"command": name, "who": who, "ok": reply.startswith(b'{"ok":true')})
             return reply, rid
         except CommandError as e:
