@@ -68,6 +68,7 @@ class App:
         self.updater: Updater | None = None
         self.shipper: ShipHandler | None = None
         self._actions: set[asyncio.Task] = set()
+        self._rules_lock = asyncio.Lock()  # rules.add and rules.remove: the cap check and the change as one step
 
     async def sink(self, readings: list, since: float | None = None) -> int:
         """Where adapters hand readings: committed first, then seen by the rules (which never raise: a committed
@@ -164,9 +165,10 @@ class App:
             raise ValueError(str(e)) from None
         if rc.id in self.rules.from_config:
             raise PermissionError(f"rule {rc.id!r} comes from the config file; change it there")
-        self.check_command_rule(rc)
-        await self.store.save_rule(rc.id, json.dumps(dataclasses.asdict(rc)))
-        self.rules.add(rc)
+        async with self._rules_lock:  # check and add as one step: concurrent adds cannot pass the cap together
+            self.check_command_rule(rc)
+            await self.store.save_rule(rc.id, json.dumps(dataclasses.asdict(rc)))
+            self.rules.add(rc)
         return dataclasses.asdict(rc)
 
     def check_command_rule(self, rc) -> None:
@@ -189,8 +191,9 @@ class App:
             return False
         if rule_id in self.rules.from_config:
             raise PermissionError(f"rule {rule_id!r} comes from the config file; remove it there")
-        await self.store.save_rule(rule_id, None)
-        return self.rules.remove(rule_id)
+        async with self._rules_lock:
+            await self.store.save_rule(rule_id, None)
+            return self.rules.remove(rule_id)
 
     async def _load_rules(self) -> None:
         if self.rules is None:

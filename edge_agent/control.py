@@ -6,7 +6,9 @@ the router's reply (the same bytes the MQTT command channel would publish) on on
 allow-list, the fields' checks, the concurrency bound, dedup, audit (`who` is `local uid=N`, from the kernel).
 
 Bounds: a request line of at most 64 KiB (the router's own `max_request_bytes` applies after), 16 connections at
-once (beyond: refused with `busy`), 10 s to send the request.
+once, 10 s to send the request. At the bound a new connection takes the place of the oldest one that has not sent
+its request yet (idle connections cannot lock the CLI out); only when all 16 are running requests is it refused with
+`busy`.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class ControlServer:
         self.path = socket_path(state_dir)
         self.handle = handle
         self._stop = asyncio.Event()
-        self._clients = 0
+        self._running = 0  # connections whose request runs
+        self._idle: dict[asyncio.StreamWriter, None] = {}  # connections that have not sent their request, oldest first
 
     async def run(self) -> None:
         self._stop.clear()
@@ -79,16 +82,28 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            if self._clients >= MAX_CLIENTS:
+            if self._running + len(self._idle) >= MAX_CLIENTS and self._idle:  # the oldest idle one gives way
+                oldest = next(iter(self._idle))
+                self._idle.pop(oldest)
+                oldest.transport.abort()
+            if self._running + len(self._idle) >= MAX_CLIENTS:
                 writer.write(b'{"ok":false,"error":{"code":"busy","message":"too many control connections"}}\n')
                 return
-            self._clients += 1
+            self._idle[writer] = None
             try:
                 name = (await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)).rstrip(b"\n")
                 body = (await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)).rstrip(b"\n")
-                reply, _rid = await self.handle(name.decode("utf-8", "replace")[:128], body, f"local uid={_peer_uid(writer)}")
             finally:
-                self._clients -= 1
+                evicted = writer not in self._idle  # another connection took its place while it sat idle
+                self._idle.pop(writer, None)
+            if evicted:
+                return
+            self._running += 1
+            try:
+                reply, _rid = await self.handle(name.decode("utf-8", "replace")[:128], body,
+                                                f"local uid={_peer_uid(writer)}")
+            finally:
+                self._running -= 1
             writer.write(reply + b"\n")
             await writer.drain()
         except (asyncio.TimeoutError, TimeoutError, asyncio.LimitOverrunError, ValueError, ConnectionError) as e:

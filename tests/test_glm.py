@@ -591,13 +591,14 @@ _LOAD_PEAK = r"""
 import sys
 from pathlib import Path
 from edge_agent.glm import runtime
-from edge_agent.glm.models import VerifiedModel
+from edge_agent.glm.models import VerifiedModel, _stamp
 import onnxruntime  # noqa: F401 - its own memory is not the session's
+import os
 status = lambda: {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}
 before = status()["VmRSS"]
 f = Path(sys.argv[1])
 m = VerifiedModel(f.parent, {"providers": {"CPUExecutionProvider": f.name}, "files": {f.name: {"sha256": ""}},
-                            "architecture": {}}, {})
+                            "architecture": {}}, {}, stamps={f.name: _stamp(os.stat(f))})
 s = runtime.open_session(m, runtime.RuntimeOptions(["cpu"], 1))
 print(status()["VmHWM"] - before)
 """

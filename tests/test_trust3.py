@@ -131,3 +131,148 @@ def test_a_retained_command_never_runs_and_an_id_less_change_runs_once(local_bro
         c.loop_stop()
         c.disconnect()
     assert agent.stop() == 0
+
+
+def _model_copy(tmp_path, name="m"):
+    import shutil
+
+    from edge_agent.glm.engine import shipped_model_dir
+    d = tmp_path / name
+    shutil.copytree(shipped_model_dir(), d)
+    return d
+
+
+def test_a_negative_file_size_in_a_signed_manifest_is_refused(tmp_path):
+    """Attack: a signed manifest lists one file at -10 GB beside a real one, so the bundle's total passes
+    ota.max_bundle_bytes while the real file is as large as the attacker likes. Each size is checked: refused."""
+    import pytest
+    from test_glm import _resign
+
+    from edge_agent.glm.models import ModelError, load_verified
+    d = _model_copy(tmp_path)
+    (d / "pad.bin").write_bytes(b"")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    pub = _resign(d, Ed25519PrivateKey.generate(), lambda m: m["files"].__setitem__(
+        "pad.bin", {"sha256": "0" * 64, "size": -10 << 30}))
+    with pytest.raises(ModelError, match="size of 0 bytes or more"):
+        load_verified(d, pub)
+
+
+def test_a_symlinked_model_folder_is_refused(tmp_path):
+    """Attack: the model folder is a link that can be turned to another folder between the check and the load."""
+    import os
+
+    import pytest
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.glm.models import ModelError, load_verified
+    d = _model_copy(tmp_path)
+    link = tmp_path / "current"
+    os.symlink(d, link)
+    load_verified(d, ModelConfig().public_key).close()
+    with pytest.raises(ModelError, match="symbolic link") as e:
+        load_verified(link, ModelConfig().public_key)
+    assert e.value.reason == "path"
+
+
+def test_a_model_file_rewritten_in_place_after_verification_does_not_load(tmp_path):
+    """Attack: the graph is rewritten in place (same inode) after the gate hashed it and before ONNX Runtime reads
+    it: what would load is not what was verified. The load is refused (`digest`), nothing serves from it."""
+    import pytest
+
+    from edge_agent.config import ModelConfig
+    from edge_agent.glm import runtime
+    from edge_agent.glm.models import ModelError, load_verified
+    d = _model_copy(tmp_path)
+    m = load_verified(d, ModelConfig().public_key, ["CPUExecutionProvider"])
+    graph = d / m.file_for("CPUExecutionProvider")
+    with open(graph, "r+b") as f:  # the same inode, same bytes even: any write in between is refused
+        head = f.read(16)
+        f.seek(0)
+        f.write(head)
+    with pytest.raises(ModelError, match="changed after it was verified") as e:
+        runtime.open_session(m, runtime.RuntimeOptions(["cpu"], 1))
+    assert e.value.reason == "digest"
+    m.close()
+    m = load_verified(d, ModelConfig().public_key, ["CPUExecutionProvider"])  # verified again as it is now: loads
+    assert runtime.open_session(m, runtime.RuntimeOptions(["cpu"], 1)).provider == "cpu"
+    m.close()
+
+
+def test_a_deeply_nested_request_is_bad_request_not_internal():
+    """Attack: a request nested 5,000 deep (within max_request_bytes) answered `internal` with a traceback. Now `bad_request`, and a document
+    nested past 32 levels (which an operation would walk) is refused the same way."""
+    import json
+
+    from test_ask_safety import FakeGateway, _router
+    router = _router(FakeGateway(), "confirm")
+
+    async def main():
+        for body in (b'{"id":"x-1","text":' + b"[" * 5000 + b"]" * 5000 + b"}",
+                     json.dumps({"id": "x-2", "text": json.loads("[" * 40 + "]" * 40)}).encode()):
+            reply, rid = await router.handle("ask", body, "mqtt")
+            doc = json.loads(reply)
+            assert doc["error"]["code"] == "bad_request" and "nested deeper than 32" in doc["error"]["message"], doc
+            assert rid in ("x-1", "x-2")
+        assert router.metrics.value("edge_agent_commands_total", {"command": "ask", "outcome": "internal"}) in (None, 0)
+    asyncio.run(main())
+
+
+def test_idle_control_connections_cannot_lock_the_cli_out(tmp_path):
+    """Attack: 16 connections to the control socket that never send a request held every slot for 10 s; the CLI was
+    refused `busy`. Now the oldest idle connection gives way, and the CLI's request is answered at once."""
+    import socket
+
+    from edge_agent.control import MAX_CLIENTS, ControlServer, call, socket_path
+
+    async def handle(name, body, who):
+        return b'{"ok":true,"result":"pong"}', None
+
+    async def main():
+        server = ControlServer(tmp_path, handle)
+        task = asyncio.ensure_future(server.run())
+        for _ in range(100):
+            if socket_path(tmp_path).exists():
+                break
+            await asyncio.sleep(0.02)
+        idle = []
+        for _ in range(MAX_CLIENTS + 4):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(socket_path(tmp_path)))
+            idle.append(s)
+        await asyncio.sleep(0.2)
+        t = time.monotonic()
+        reply = await asyncio.get_running_loop().run_in_executor(None, lambda: call(tmp_path, "ping", {}, 5.0))
+        assert reply == {"ok": True, "result": "pong"} and time.monotonic() - t < 2
+        for s in idle:
+            s.close()
+        await server.stop()
+        await task
+    asyncio.run(main())
+
+
+def test_concurrent_rule_adds_never_pass_the_command_rule_cap(local_broker, cloud_broker, make_agent, pki):
+    """Attack: rules.add sent 12 times at once with rules.max_command_rules = 3: the check and the add were split by
+    an await, and more than 3 got in. Exactly 3 are kept; the rest are refused."""
+    import json
+
+    from test_commands import CommandClient
+
+    from conftest import wait_for
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False}, rules={"max_command_rules": 3},
+                       commands={"allow": ["read-only", "rules.add"], "concurrency": 16}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        for i in range(12):
+            cli.c.publish("edge/gw-test/cmd/rules.add", json.dumps({"id": f"r-{i}", "rule": {
+                "id": f"hot-{i}", "kind": "above", "device": "b-1", "point": "t", "threshold": 80}}).encode(), qos=1)
+        wait_for(lambda: (agent.metric("edge_agent_commands_total", 'command="rules.add",outcome="ok"') or 0)
+                 + (agent.metric("edge_agent_commands_total", 'command="rules.add",outcome="refused"') or 0) == 12,
+                 20, what="all 12 answered")
+        assert agent.metric("edge_agent_commands_total", 'command="rules.add",outcome="ok"') == 3
+        assert len(cli.call("rules.list")["result"]) == 3
+    finally:
+        cli.close()
+    assert agent.stop() == 0

@@ -11,6 +11,11 @@ happens to the path since), so that a graph is in memory once, as ONNX Runtime's
 under the process only by its owner's or group's hand (the agent's, or root's). A graph with external data
 (models over 2 GB) is opened by its folder's path (ONNX Runtime resolves its data files there), so that folder
 must be writable by root only (systemd's ReadOnlyPaths, or the package's install location).
+
+A file rewritten in place after it was hashed is caught: each graph's (and its external data's) inode, size, mtime
+and ctime are recorded as it is verified, and `VerifiedModel.check_unchanged` compares them once ONNX Runtime has
+read the graph; any write in between changes the ctime (which no user can set back), and the load is refused
+(`digest`). A model folder that is a symbolic link is refused (`path`).
 """
 from __future__ import annotations
 
@@ -49,6 +54,19 @@ class VerifiedModel:
     blobs: dict[str, bytes] = field(repr=False)  # the tokenizer, as verified
     external: dict[str, list[str]] = field(default_factory=dict)  # graph -> its verified external data files
     fds: dict[str, int] = field(default_factory=dict, repr=False)  # graph -> the descriptor it was verified through
+    stamps: dict[str, tuple] = field(default_factory=dict, repr=False)  # file -> (inode, size, mtime, ctime) verified
+
+    def check_unchanged(self, file: str) -> None:
+        """After ONNX Runtime read `file` (a graph) and its external data: refuse it if any of them was written
+        since it was hashed (what was read may not be what was verified)."""
+        for name in (file, *self.external.get(file, ())):
+            try:
+                st = os.fstat(self.fds[name]) if name in self.fds else os.stat(self.dir / name, follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is None or _stamp(st) != self.stamps.get(name):
+                raise ModelError(f"{name}: changed after it was verified (rewritten in place while loading?)",
+                                 "digest")
 
     def source(self, file: str) -> str:
         """What ONNX Runtime opens for a graph: the verified inode itself, or (external data) the folder's path."""
@@ -132,8 +150,9 @@ def _check_manifest(m: Any) -> dict[str, Any]:
     for name, meta in m["files"].items():
         if not _FILE_NAME.match(name) or name in ("manifest.json", "manifest.sig"):
             raise ModelError(f"manifest.json: file name {name[:80]!r} is not a plain name inside the folder", "path")
-        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
-            raise ModelError(f"manifest.json: files[{name!r}] needs sha256 and size")
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int) \
+                or isinstance(meta["size"], bool) or meta["size"] < 0:
+            raise ModelError(f"manifest.json: files[{name!r}] needs sha256 and a size of 0 bytes or more")
     used = [m["tokenizer"], *m["providers"].values()]
     for name in used:
         if name not in m["files"]:
@@ -207,6 +226,8 @@ def load_verified(folder: Path, public_key: str | Sequence[str], providers: Sequ
     Every file is hashed; the bytes kept (`blobs`) are the tokenizer's and the graphs of `providers` (ONNX Runtime
     names; None: every provider's) — a CPU gateway never holds the GPU's graph in memory."""
     folder = Path(folder)
+    if folder.is_symlink():  # a link can be turned elsewhere between this check and the load: refused
+        raise ModelError(f"model folder {folder} is a symbolic link; name the folder itself", "path")
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist", "missing")
     try:
@@ -224,9 +245,11 @@ def load_verified(folder: Path, public_key: str | Sequence[str], providers: Sequ
     graphs = {f for p, f in manifest["providers"].items() if providers is None or p in providers}
     blobs: dict[str, bytes] = {}
     fds: dict[str, int] = {}
+    stamps: dict[str, tuple] = {}
     try:
         for name, meta in manifest["files"].items():
-            fd = _open_verified(folder, name, meta, keep_bytes=name == manifest["tokenizer"], blobs=blobs)
+            fd = _open_verified(folder, name, meta, keep_bytes=name == manifest["tokenizer"], blobs=blobs,
+                                stamps=stamps)
             if name in graphs:
                 fds[name] = fd
             else:
@@ -244,10 +267,15 @@ def load_verified(folder: Path, public_key: str | Sequence[str], providers: Sequ
         for fd in fds.values():
             os.close(fd)
         raise
-    return VerifiedModel(folder, manifest, blobs, external, fds)
+    return VerifiedModel(folder, manifest, blobs, external, fds, stamps)
 
 
-def _open_verified(folder: Path, name: str, meta: dict, keep_bytes: bool, blobs: dict[str, bytes]) -> int:
+def _stamp(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _open_verified(folder: Path, name: str, meta: dict, keep_bytes: bool, blobs: dict[str, bytes],
+                   stamps: dict[str, tuple]) -> int:
     """A listed file opened (no symlink, a regular file not writable by anyone), its size and sha256 checked
     through the descriptor that is returned (positioned at 0); its bytes into `blobs` where asked."""
     try:
@@ -276,6 +304,7 @@ def _open_verified(folder: Path, name: str, meta: dict, keep_bytes: bool, blobs:
             raise ModelError(f"{name}: sha256 does not match the manifest", "digest")
         if keep_bytes:
             blobs[name] = b"".join(chunks)
+        stamps[name] = _stamp(st)
         os.lseek(fd, 0, os.SEEK_SET)
         return fd
     except BaseException:

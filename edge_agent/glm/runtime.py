@@ -174,5 +174,6 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
         if sess.get_providers()[0] != name:
             reasons.append(PassedOver(kind, f"onnxruntime fell back to {sess.get_providers()[0]}"))
             continue
+        model.check_unchanged(file)  # what ONNX Runtime read is what was verified (raises ModelError)
         return Session(sess, kind, file, reasons)
     raise RuntimeError("no execution provider could serve the model: " + "; ".join(map(str, reasons)))

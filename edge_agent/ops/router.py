@@ -41,6 +41,7 @@ audit = logging.getLogger("edge_agent.audit")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ID_IN_TEXT = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9_.-]{1,64})"')  # to route a refusal of an unparsable request
 READ_ONLY = "read-only"  # in commands.allow: every operation that changes nothing
+MAX_DEPTH = 32  # objects and arrays nested in a request, at most
 
 
 class Journal(Protocol):
@@ -88,6 +89,12 @@ class Router:
             m = _ID_IN_TEXT.search(body[:512])
             raise CommandError("bad_request", f"request is not JSON: {e}"[:200],
                                m.group(1).decode() if m else None) from None
+        except RecursionError:  # nested deeper than the parser goes: bad input, not a bug
+            doc = None
+        if doc is None or _depth(doc) > MAX_DEPTH:
+            m = _ID_IN_TEXT.search(body[:512])
+            raise CommandError("bad_request", f"request nested deeper than {MAX_DEPTH} levels",
+                               m.group(1).decode() if m else None)
         if not isinstance(doc, dict):
             raise CommandError("bad_request", "request must be a JSON object")
         rid = doc.pop("id", None)
@@ -238,6 +245,20 @@ class Router:
         self._seen[(name, rid)] = (time.monotonic(), reply)
         while len(self._seen) > self.cfg.dedup_max:
             self._seen.popitem(last=False)
+
+
+def _depth(doc: Any) -> int:
+    """How deep objects and arrays nest in a parsed document (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            if d <= MAX_DEPTH:
+                stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def _no_constant(name: str) -> float:
