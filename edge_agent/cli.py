@@ -328,7 +328,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_model(args: argparse.Namespace) -> int:
     if args.action == "pack":
         return _model_pack(args)
-    if args.action in ("list", "rollback"):
+    if args.action in ("list", "rollback", "cancel"):
         return _call_daemon(args, f"model.{args.action}", {})
     if args.action == "keys":
         return _model_keys(args)
@@ -600,8 +600,9 @@ def parser() -> argparse.ArgumentParser:
     sg.add_argument("--id", default="", help="the request id (default: a random one)")
     sg.set_defaults(fn=cmd_sign)
     mo = sub.add_parser("model", help="model versions: install (URL or folder, through the running agent), list, "
-                        "rollback; pack (sign a folder for publishing); keys (sign a key rotation)")
-    mo.add_argument("action", choices=["install", "list", "rollback", "pack", "keys"])
+                        "rollback; cancel (the update in progress); pack (sign a folder for publishing); keys (sign a "
+                        "key rotation)")
+    mo.add_argument("action", choices=["install", "list", "rollback", "cancel", "pack", "keys"])
     mo.add_argument("source", nargs="?", default="", help="install: a bundle URL (https://...) or a model folder; "
                     "pack: the folder to sign; keys: the new public keys, comma-separated")
     mo.add_argument("--key", default="", help="pack: the Ed25519 private key (PEM) that signs the manifest; keys: a "

@@ -384,6 +384,12 @@ class OtaConfig:
     timeout_s: float = opt(30.0, doc="connect and read timeout of each request to the model server", ge=1, le=600)
     attempts: int = opt(6, doc="tries per file (each resumes where the last stopped); then the update fails",
                         ge=1, le=100)
+    deadline_s: float = opt(7200.0, doc="an update's whole download (manifest and every file, resumes included) "
+                            "must end within this; beyond, it fails (reason deadline)", ge=1, le=7 * 86400)
+    min_rate_bps: int = opt(4096, doc="bytes a second the model server must keep up, averaged over rate_window_s "
+                            "(Uptane's slow retrieval); below, the update fails (reason slow). 0: no minimum",
+                            ge=0)
+    rate_window_s: float = opt(60.0, doc="the window the transfer rate is averaged over", ge=1, le=3600)
     keep_versions: int = opt(3, doc="installed versions kept (the active one, the previous good ones); older ones "
                              "are deleted", ge=2, le=20)
     smoke_max_ms: float = opt(5000.0, doc="health check: a smoke question slower than this fails the model", ge=10)

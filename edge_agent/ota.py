@@ -47,7 +47,10 @@ log = logging.getLogger(__name__)
 
 # why an update did not happen: the label of edge_agent_model_updates_total{outcome="refused"|"failed"}
 REASONS = ("signature", "digest", "size", "path", "expired", "downgrade", "agent_too_old", "disk", "tls",
-           "download", "manifest", "health", "busy", "interrupted", "disabled", "not_found")
+           "download", "manifest", "health", "busy", "interrupted", "disabled", "not_found", "slow", "deadline",
+           "cancelled")
+# the reasons that fail an update that was under way (the others refuse it): the label's outcome
+_FAILURES = frozenset({"download", "interrupted", "health", "disk", "slow", "deadline", "cancelled"})
 CHUNK = 1 << 16
 # a model folder's refusal (glm.models.ModelError.reason) as an update's
 _MODEL_REASONS = {"signature": "signature", "public_key": "signature", "digest": "digest", "missing": "digest",
@@ -128,6 +131,40 @@ class Fetcher:
                                         retries=False, maxsize=1)
         self.attempts, self.allow_http, self.progress, self.sleep = attempts, allow_http, progress, sleep
         self.cancelled = False
+        self.why: UpdateError | None = None  # why it was aborted (deadline, slow, cancelled, the agent stopping)
+        self.received = 0  # bytes read from the server, every request: the watchdog's measure of the rate
+        self._response = None  # the response being read (abort shuts its socket, from another thread)
+
+    def abort(self, why: UpdateError) -> None:
+        """Stop the transfer now, from any thread: a read blocked on the socket returns at once."""
+        self.why, self.cancelled = self.why or why, True
+        r = self._response
+        if r is not None:
+            try:
+                r.shutdown()
+            except Exception:  # noqa: BLE001 - the response may be closing on its own
+                pass
+
+    def _check_aborted(self) -> None:
+        if self.cancelled:
+            raise self.why or UpdateError("interrupted", "the update was cancelled (the agent is stopping)")
+
+    def _read(self, r, limit: int):
+        """The response's bytes as they come (read1: a server that drips bytes is seen dripping), at most `limit`."""
+        self._response = r
+        try:
+            left = limit
+            while left > 0:
+                self._check_aborted()
+                block = r.read1(min(CHUNK, left))
+                if not block:
+                    break
+                self.received += len(block)
+                left -= len(block)
+                yield block
+            self._check_aborted()
+        finally:
+            self._response = None
 
     def _check_url(self, url: str) -> None:
         if not (url.startswith("https://") or (self.allow_http and url.startswith("http://"))):
@@ -155,11 +192,11 @@ class Fetcher:
         u3 = self.urllib3
         delay = 0.5
         for attempt in range(1, self.attempts + 1):
-            if self.cancelled:
-                raise UpdateError("interrupted", "the update was cancelled (the agent is stopping)")
+            self._check_aborted()
             try:
                 return fn()
             except (u3.exceptions.HTTPError, OSError) as e:
+                self._check_aborted()  # a read cut by abort() is the abort's failure, not the network's
                 if attempt == self.attempts:
                     raise UpdateError("download", f"{what}: {type(e).__name__}: {str(e)[:160]} (after {attempt} "
                                                   "tries)") from None
@@ -172,7 +209,7 @@ class Fetcher:
         def once() -> bytes:
             r = self._request(url)
             try:
-                data = r.read(limit + 1)
+                data = b"".join(self._read(r, limit + 1))
             finally:
                 r.release_conn()
             if len(data) > limit:
@@ -207,7 +244,7 @@ class Fetcher:
                 else:  # the whole file (a server that ignores Range, or a fresh start)
                     have, mode = 0, "wb"
                 with partial.open(mode) as f:
-                    for block in r.stream(CHUNK):
+                    for block in self._read(r, size - have + 1):
                         if have + len(block) > size:
                             raise UpdateError("size", f"{dest.name}: the server sends more than the {size} bytes "
                                                       "the manifest states")
@@ -215,8 +252,6 @@ class Fetcher:
                         have += len(block)
                         if self.progress is not None:
                             self.progress(len(block))
-                        if self.cancelled:
-                            raise UpdateError("interrupted", "the update was cancelled (the agent is stopping)")
                     f.flush()
                     os.fsync(f.fileno())
             finally:
@@ -260,6 +295,7 @@ class Updater:
         self.progress: dict | None = None  # the update in progress: step, version, bytes done and in all
         self.last: dict | None = None      # the last update's outcome
         self.steps: list[str] = []         # the events of the update in progress, or of the last one
+        self._stopping = False             # the agent is stopping (cancel): an update ends as interrupted
 
     @property
     def keys(self) -> list[str]:
@@ -424,7 +460,7 @@ class Updater:
 
     async def _update(self, url: str | None, folder: str | None) -> dict:
         loop = asyncio.get_running_loop()
-        version = None
+        version, watchdog = None, None
         try:
             if url:
                 try:
@@ -434,6 +470,7 @@ class Updater:
                 fetcher = Fetcher(ctx, self.cfg.timeout_s, self.cfg.attempts, self.cfg.allow_plain_http,
                                   self._progress)
                 self._fetcher = fetcher
+                watchdog = asyncio.ensure_future(self._watch(fetcher))
                 base = url.rstrip("/")
                 body = await loop.run_in_executor(None, fetcher.get, f"{base}/manifest.json", MAX_MANIFEST_BYTES)
                 try:
@@ -463,6 +500,8 @@ class Updater:
             (staging / "manifest.sig").write_bytes(sig)
             if url:
                 await loop.run_in_executor(None, self._download, fetcher, url.rstrip("/"), manifest, staging)
+                watchdog.cancel()
+                self._fetcher = None  # from here a cancel cancels the task
             else:
                 for name in manifest["files"]:
                     src_file = Path(folder) / name
@@ -500,18 +539,53 @@ class Updater:
             await self._fail(version, e)
             raise
         except asyncio.CancelledError:
-            await self._fail(version, UpdateError("interrupted", "the agent stopped during the update"))
+            why = UpdateError("interrupted", "the agent stopped during the update") if self._stopping else \
+                UpdateError("cancelled", "the update was cancelled by an operator")
+            await self._fail(version, why)
             raise
         except ModelError as e:
             err = UpdateError(_MODEL_REASONS.get(e.reason, "manifest"), str(e))
             await self._fail(version, err)
             raise err from None
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             self._fetcher = None
             self.progress = None
 
+    async def _watch(self, fetcher: Fetcher) -> None:
+        """The download's bounds, from the event loop: the whole of it within ota.deadline_s, and at least
+        ota.min_rate_bps averaged over each ota.rate_window_s; either broken aborts the transfer at once."""
+        cfg, start = self.cfg, time.monotonic()
+        mark, seen = start, 0
+        while True:
+            await asyncio.sleep(min(1.0, cfg.rate_window_s / 4))
+            now = time.monotonic()
+            if now - start > cfg.deadline_s:
+                fetcher.abort(UpdateError("deadline", f"the download did not finish within ota.deadline_s "
+                                                      f"({cfg.deadline_s:g} s)"))
+                return
+            if now - mark >= cfg.rate_window_s:
+                rate = (fetcher.received - seen) / (now - mark)
+                if rate < cfg.min_rate_bps:
+                    fetcher.abort(UpdateError("slow", f"the model server sent {rate:.0f} B/s over the last "
+                                                      f"{now - mark:.0f} s; ota.min_rate_bps is {cfg.min_rate_bps}"))
+                    return
+                mark, seen = now, fetcher.received
+
+    def abort(self) -> bool:
+        """Cancel the update in progress (model.cancel): its download stops at once, any later step is cancelled;
+        it fails with reason `cancelled`. False when none is in progress."""
+        if not self.busy():
+            return False
+        if self._fetcher is not None:
+            self._fetcher.abort(UpdateError("cancelled", "the update was cancelled by an operator"))
+        else:
+            self._busy.cancel()
+        return True
+
     async def _fail(self, version: str | None, e: UpdateError) -> None:
-        outcome = "refused" if e.reason not in ("download", "interrupted", "health", "disk") else "failed"
+        outcome = "failed" if e.reason in _FAILURES else "refused"
         if e.reason == "health" and version and version not in self.state.bad:
             self.state.bad[version] = e.message[:300]
             self.event("health_failed", version=version, reason=e.reason, error=e.message[:300])
@@ -608,7 +682,9 @@ class Updater:
                 "steps": list(self.steps)}
 
     def cancel(self) -> None:
+        """The agent is stopping: a download stops at once (reason interrupted)."""
+        self._stopping = True
         if self._fetcher is not None:
-            self._fetcher.cancelled = True
+            self._fetcher.abort(UpdateError("interrupted", "the update was cancelled (the agent is stopping)"))
         if self._good_timer is not None:
             self._good_timer.cancel()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from test_ota import signer  # noqa: F401  (the publisher's key, a fixture)
+
 from edge_agent.config import StoreConfig
 from edge_agent.metrics import Metrics
 from edge_agent.records import Reading
@@ -276,3 +278,79 @@ def test_concurrent_rule_adds_never_pass_the_command_rule_cap(local_broker, clou
     finally:
         cli.close()
     assert agent.stop() == 0
+
+
+def _slow_server(tmp_path, pki, rate: str):
+    from edge_agent.devkit.brokers import Nginx
+    root = tmp_path / "www"
+    root.mkdir()
+    cert, key = pki["ca"].issue("model-server", server=True)
+    return Nginx(tmp_path / "nginx", root, pki["ca"].cert_path, cert, key, rate=rate).start()
+
+
+def _ota_attack(tmp_path, pki, signer, rate: str, act, **ota):
+    """An update from a server that sends `rate` bytes a second; `act(rig, task)` does the rest. Returns the events
+    and the UpdateError it ended with."""
+    import pytest
+    from test_ota import Rig, _pub, pack
+
+    from edge_agent.ota import UpdateError
+    server = _slow_server(tmp_path, pki, rate)
+    path = pack(server.root, "9.7.0", signer[1])
+    out = {}
+
+    async def main():
+        async with Rig(tmp_path, pki, _pub(signer[0]), **ota) as rig:
+            t0 = time.monotonic()
+            task = asyncio.ensure_future(rig.updater.update(url=server.url + path, wait=True))
+            await act(rig, task)
+            with pytest.raises(UpdateError) as e:
+                await asyncio.wait_for(task, 30)
+            out["elapsed"] = time.monotonic() - t0
+            out["error"] = e.value
+            out["events"] = await rig.events()
+            out["busy"] = rig.updater.busy()
+            out["active"] = rig.updater.state.active
+            out["count"] = rig.count("failed", e.value.reason)
+            assert not (tmp_path / "state" / "models" / ".incoming").exists()
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+    return out
+
+
+async def _nothing(rig, task):
+    return None
+
+
+def test_a_drip_feeding_model_server_fails_the_update_as_slow(tmp_path, pki, signer):
+    """Attack (Uptane's slow retrieval): the model server drips bytes just inside the per-read timeout, which held
+    an update forever and answered every later update `busy`. Below ota.min_rate_bps over a window it fails (reason
+    slow) within a few seconds; the serving model is unchanged; the event says why."""
+    out = _ota_attack(tmp_path, pki, signer, "2k", _nothing, min_rate_bps=32768, rate_window_s=2, deadline_s=600)
+    assert out["error"].reason == "slow" and "ota.min_rate_bps" in out["error"].message
+    assert out["elapsed"] < 15 and not out["busy"] and out["active"] is None and out["count"] == 1
+    assert out["events"][-1]["event"] == "failed" and out["events"][-1]["reason"] == "slow"
+
+
+def test_an_update_that_outlasts_its_deadline_fails(tmp_path, pki, signer):
+    """Attack (endless data at an honest rate): the whole download must end within ota.deadline_s."""
+    out = _ota_attack(tmp_path, pki, signer, "64k", _nothing, min_rate_bps=0, deadline_s=2)
+    assert out["error"].reason == "deadline" and out["elapsed"] < 10 and out["active"] is None
+    assert out["events"][-1]["reason"] == "deadline" and out["count"] == 1
+
+
+def test_cancel_stops_a_stuck_download_at_once_and_the_next_update_is_not_busy(tmp_path, pki, signer):
+    """Attack: an update stuck on a slow server answered later updates `busy`, even after cancel. model.cancel
+    stops it at once (reason cancelled), and the updater takes the next update."""
+    async def cancel(rig, task):
+        await asyncio.sleep(1.5)
+        assert rig.updater.busy()
+        t = time.monotonic()
+        assert rig.updater.abort() is True
+        await asyncio.wait({task}, timeout=5)
+        assert task.done() and time.monotonic() - t < 3
+    out = _ota_attack(tmp_path, pki, signer, "1k", cancel, min_rate_bps=0, deadline_s=600)
+    assert out["error"].reason == "cancelled" and not out["busy"] and out["active"] is None
+    assert out["events"][-1]["event"] == "failed" and out["events"][-1]["reason"] == "cancelled"

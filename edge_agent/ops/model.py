@@ -1,5 +1,5 @@
 """The model's versions: model.update (a signed bundle from an HTTPS URL or a local folder), model.list,
-model.rollback. The work is ota.Updater's; these say who may start it and how it answers."""
+model.rollback, model.cancel. The work is ota.Updater's; these say who may start it and how it answers."""
 from __future__ import annotations
 
 from edge_agent.ops.base import CommandError, Field, Gateway, Operation, Request
@@ -46,6 +46,10 @@ async def _rollback(gw: Gateway, req: Request) -> dict:
         raise _error(e) from None
 
 
+async def _cancel(gw: Gateway, req: Request) -> dict:
+    return {"cancelled": _updater(gw).abort()}
+
+
 async def _keys(gw: Gateway, req: Request) -> dict:
     from edge_agent.ota import UpdateError
 
@@ -62,6 +66,8 @@ OPERATIONS = (
               "wait: reply with the outcome instead of on acceptance (steps are events on <prefix>/<gw>/ota)",
               {"url": Field((str,), False), "dir": Field((str,), False), "wait": Field((bool,), False)},
               changes=True, run=_update),
+    Operation("model.cancel", "stop the model update in progress (it fails with reason cancelled); cancelled: "
+              "false when none is", {}, changes=True, run=_cancel),
     Operation("model.list", "the model versions: serving, installed, good, bad (with why), on trial, the floor",
               {}, changes=False, run=_list),
     Operation("model.rollback", "serve the previous good model version again; the current one is marked bad", {},
