@@ -389,11 +389,18 @@ def _pack(args: argparse.Namespace) -> int:
         return _fail(f"version {manifest.get('version')!r} is not semver (--version X.Y.Z)")
     if args.min_agent:
         manifest["min_agent_version"] = args.min_agent
+    manifest.pop("rollback", None)
+    manifest.pop("rollback_from", None)
+    if args.rollback:  # a rollback permission: bound to the version it rolls back from, short-lived, used once
+        if not args.rollback_from:
+            return _fail("--rollback needs --rollback-from VERSION: the version (the gateway's floor) it rolls back "
+                         "from")
+        if not 0 < (args.expires_days or 1) <= 7:
+            return _fail("--rollback: --expires-days must be at most 7 (a rollback permission is short-lived)")
+        manifest["rollback"], manifest["rollback_from"] = True, args.rollback_from
+        args.expires_days = args.expires_days or 1
     if args.expires_days:
         manifest["expires"] = int(time.time() + args.expires_days * 86400)
-    manifest["rollback"] = bool(args.rollback)
-    if not manifest["rollback"]:
-        del manifest["rollback"]
     try:
         body = sign_folder(folder, manifest, key)
         _check_manifest(json.loads(body))
@@ -611,7 +618,10 @@ def parser() -> argparse.ArgumentParser:
     mo.add_argument("--min-agent", default="", help="pack: the oldest agent version that may run it")
     mo.add_argument("--expires-days", type=float, default=0, help="pack: the manifest expires after this many days "
                     "(0: never)")
-    mo.add_argument("--rollback", action="store_true", help="pack: allow installing below the highest version")
+    mo.add_argument("--rollback", action="store_true", help="pack: a rollback permission: allow installing below "
+                    "the highest version, once, on gateways whose floor is --rollback-from, for --expires-days (1 by "
+                    "default, 7 at most)")
+    mo.add_argument("--rollback-from", default="", help="pack --rollback: the version it rolls back from")
     mo.add_argument("--serial", type=int, default=0, help="keys: the rotation's serial (above the last one's)")
     mo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the agent")
     mo.add_argument("--config", default=DEFAULT_CONFIG, help="where the running agent's state directory is")

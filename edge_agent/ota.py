@@ -6,7 +6,8 @@ manifest lists (`edge-agent model pack` writes them). The flow, each step an eve
 (through the store, so events raised during an outage arrive after it):
 
   requested -> manifest verified (signature by a trusted key; name, version above every version ever installed
-  unless the manifest says `"rollback": true`; not expired; the agent new enough; plain file names; the bundle's
+  unless the manifest is a rollback permission — `"rollback": true`, `"rollback_from"` the floor, expiring within 7
+  days, used once; not expired; the agent new enough; plain file names; the bundle's
   size within ota.max_bundle_bytes and the disk's free space less ota.disk_reserve_bytes) -> downloading (HTTPS
   with the gateway's client certificate, each file to a `.partial` that resumes with `Range` after an
   interruption, never past its stated size, then its sha256) -> staged (the whole folder verified again as the
@@ -91,6 +92,7 @@ class OtaState:
     pending: dict | None = None    # an update in progress: {"version", "url", "step"}
     keys: list[str] | None = None  # the trusted key set after a rotation (None: model.public_key, ota.trusted_keys)
     keys_serial: int = 0           # a rotation's serial: each must be above the last (no replay of an old set)
+    rollbacks: list[str] = field(default_factory=list)  # sha256 of the rollback manifests used (never twice)
 
     @classmethod
     def of(cls, raw: Any) -> OtaState:
@@ -100,19 +102,40 @@ class OtaState:
         return cls(**known)
 
 
-def check_update(manifest: dict, state: OtaState, now: float, model_name: str | None) -> None:
-    """Refusals that need the manifest only (its signature already verified)."""
+MAX_ROLLBACK_S = 7 * 86400  # a rollback permission lives at most this long (its manifest's `expires`)
+MAX_ROLLBACKS_KEPT = 64      # the used rollback manifests remembered (oldest forgotten: long expired by then)
+
+
+def manifest_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def check_update(manifest: dict, state: OtaState, now: float, model_name: str | None, digest: str = "") -> None:
+    """Refusals that need the manifest only (its signature already verified). A rollback permission (a manifest
+    with "rollback": true, the only way below the floor) is bound: it names the version it rolls back from
+    (`rollback_from`, which must be the floor now), expires within MAX_ROLLBACK_S, and is used once (`digest`, the
+    manifest's sha256, is remembered)."""
     version = manifest["version"]
     if version in state.bad:
         raise UpdateError("health", f"version {version} was marked bad: {state.bad[version]}")
     if model_name and manifest["name"] != model_name:
         raise UpdateError("manifest", f"the bundle is model {manifest['name']!r}; this gateway runs {model_name!r}")
-    if state.highest and semver(version) <= semver(state.highest) and manifest.get("rollback") is not True:
-        raise UpdateError("downgrade", f"version {version} is not above {state.highest}, the highest ever installed "
-                                       "(a manifest signed with \"rollback\": true is the only way down)")
     expires = manifest.get("expires")
-    if expires is not None and (not isinstance(expires, (int, float)) or now > expires):
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float)) or now > expires):
         raise UpdateError("expired", f"the manifest expired at {expires} (unix time); now {int(now)}")
+    if state.highest and semver(version) <= semver(state.highest):
+        if manifest.get("rollback") is not True:
+            raise UpdateError("downgrade", f"version {version} is not above {state.highest}, the highest ever "
+                                           "installed (a manifest signed with \"rollback\": true is the only way down)")
+        if manifest.get("rollback_from") != state.highest:
+            raise UpdateError("downgrade", f"the rollback permission is from {manifest.get('rollback_from')!r}; this "
+                                           f"gateway's floor is {state.highest} (a rollback is bound to the version it "
+                                           "rolls back from)")
+        if expires is None or expires - now > MAX_ROLLBACK_S:
+            raise UpdateError("expired", f"a rollback permission must expire within {MAX_ROLLBACK_S // 86400} days "
+                                         "(edge-agent model pack --rollback writes one)")
+        if digest in state.rollbacks:
+            raise UpdateError("downgrade", "this rollback permission was used already (it is never replayed)")
     need = manifest.get("min_agent_version", "0.0.0")
     if not isinstance(need, str) or semver(need) > semver(__version__):
         raise UpdateError("agent_too_old", f"the model needs agent {need}; this is {__version__}")
@@ -526,6 +549,8 @@ class Updater:
             st.name, st.active, st.pending = manifest["name"], version, None
             if st.highest is None or semver(version) > semver(st.highest):
                 st.highest = version
+            elif manifest.get("rollback") is True:  # a rollback permission is used once
+                st.rollbacks = [*st.rollbacks, manifest_digest(body)][-MAX_ROLLBACKS_KEPT:]
             st.trial = {"version": version, "previous": previous, "swapped_at": self.clock(), "boots": 0}
             await self._save()  # from here a restart boots the new version (on trial)
             await self.agent.swap(engine)
@@ -611,7 +636,7 @@ class Updater:
             raise UpdateError(_MODEL_REASONS.get(e.reason, "manifest"), str(e)) from None
         if self.state.name is None:
             self.state.name = manifest["name"]
-        check_update(manifest, self.state, self.clock(), self.agent.model_name())
+        check_update(manifest, self.state, self.clock(), self.agent.model_name(), manifest_digest(body))
         total = sum(m["size"] for m in manifest["files"].values())
         if total > self.cfg.max_bundle_bytes:
             raise UpdateError("size", f"the bundle is {total} bytes; ota.max_bundle_bytes is "

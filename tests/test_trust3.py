@@ -354,3 +354,56 @@ def test_cancel_stops_a_stuck_download_at_once_and_the_next_update_is_not_busy(t
     out = _ota_attack(tmp_path, pki, signer, "1k", cancel, min_rate_bps=0, deadline_s=600)
     assert out["error"].reason == "cancelled" and not out["busy"] and out["active"] is None
     assert out["events"][-1]["event"] == "failed" and out["events"][-1]["reason"] == "cancelled"
+
+
+def test_a_rollback_permission_is_bound_short_lived_and_never_replayed():
+    """Attack: a signed `rollback: true` bundle with no expiry passed the anti-rollback floor forever: the same old
+    bundle was accepted again after two newer versions. A rollback permission now names the version it rolls back
+    from (the floor), expires within 7 days, and is used once. The check alone, no files, no network."""
+    import pytest
+
+    from edge_agent.ota import OtaState, UpdateError, check_update
+    now = 1_800_000_000.0
+    st = OtaState(name="m", active="1.5.0", highest="1.5.0")
+    base = {"name": "m", "version": "1.4.0", "rollback": True}
+    for manifest, reason, why in (
+            ({**base, "rollback": False}, "downgrade", "not above 1.5.0"),
+            ({**base, "expires": now + 3600}, "downgrade", "rollback permission is from None"),
+            ({**base, "rollback_from": "1.5.0"}, "expired", "must expire within 7 days"),
+            ({**base, "rollback_from": "1.5.0", "expires": now + 30 * 86400}, "expired", "must expire within"),
+            ({**base, "rollback_from": "1.5.0", "expires": now - 1}, "expired", "expired at")):
+        with pytest.raises(UpdateError) as e:
+            check_update(manifest, st, now, "m", "d1")
+        assert e.value.reason == reason and why in e.value.message, (manifest, e.value.message)
+    good = {**base, "rollback_from": "1.5.0", "expires": now + 86400}
+    check_update(good, st, now, "m", "d1")  # bound, short-lived, fresh: allowed
+    with pytest.raises(UpdateError, match="used already"):
+        check_update(good, OtaState(name="m", active="1.4.0", highest="1.5.0", rollbacks=["d1"]), now, "m", "d1")
+    with pytest.raises(UpdateError, match="floor is 1.7.0"):  # two newer versions later, the old permission is void
+        check_update(good, OtaState(name="m", active="1.7.0", highest="1.7.0"), now, "m", "d1")
+
+
+def test_a_used_rollback_bundle_is_refused_when_replayed(tmp_path, pki, signer):
+    """End to end against the model server: 9.1.0, then 9.2.0, then a rollback permission to 9.0.5 from 9.2.0
+    (packed by the CLI) serves; the same bundle sent again is refused and 9.0.5 keeps serving."""
+    import pytest
+    from test_ota import Rig, _pub, pack
+
+    from edge_agent.ota import UpdateError
+    server = _slow_server(tmp_path, pki, "0")
+    urls = [server.url + pack(server.root, v, signer[1]) for v in ("9.1.0", "9.2.0")]
+    back = server.url + pack(server.root, "9.0.5", signer[1], "--rollback", "--rollback-from", "9.2.0")
+
+    async def main():
+        async with Rig(tmp_path, pki, _pub(signer[0])) as rig:
+            for url in urls:
+                await rig.updater.update(url=url, wait=True)
+            assert (await rig.updater.update(url=back, wait=True))["version"] == "9.0.5"
+            with pytest.raises(UpdateError, match="used already") as e:
+                await rig.updater.update(url=back, wait=True)
+            assert e.value.reason == "downgrade" and rig.updater.state.active == "9.0.5"
+            assert rig.agent.model_name_version().endswith("@9.0.5")
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
