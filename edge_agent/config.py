@@ -263,6 +263,9 @@ class UplinkConfig:
     renew_timeout_s: float = opt(60.0, doc="the signer's answer must come within this", ge=1, le=3600)
     renew_retry_s: float = opt(300.0, doc="after a failed renewal, retry after this (doubling, up to a day)",
                                ge=1, le=86400)
+    renew_min_lifetime_s: float = opt(0.0, doc="a renewed certificate must not expire before the one it replaces; "
+                                      "where this is above 0, one valid at least this long is taken too (a fleet "
+                                      "moving to shorter certificates)", ge=0)
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
 
 

@@ -7,8 +7,9 @@ so a fleet issued together does not renew together), or on `certs.renew`:
    `<prefix>/<gateway>/certs/csr` as `{"id", "csr"}`;
 2. the cloud's signer answers on `<prefix>/<gateway>/certs/crt` with `{"id", "cert"}` (PEM; may carry its chain)
    within `uplink.renew_timeout_s`;
-3. the certificate is checked (its key is the new key, CN the gateway id, valid now, its chain holds) and written
-   to `<cert_file>.new`;
+3. the certificate is checked (its key is the new key, CN the gateway id, a leaf — not a CA —, valid now, its chain
+   holds, and it expires no sooner than the live one, or lives at least `uplink.renew_min_lifetime_s` where that
+   is set: a renewal never shortens the gateway's life) and written to `<cert_file>.new`;
 4. the uplink connects with the new pair; only when the broker accepts it are the files committed: `.new`
    renamed over the certificate, then over the key (the old key is gone). A refusal deletes the `.new` files and
    the old pair serves on; the renewal is retried after `uplink.renew_retry_s`, doubling.
@@ -86,8 +87,9 @@ class Files:
     def write_key(self, key_pem: bytes) -> None:
         write_synced(self.key_new, key_pem)
 
-    def accept(self, cert_pem: bytes, gateway: str, ca_file: str) -> tls.CertInfo:
-        """Check the signer's certificate against the new key and write it beside the live one."""
+    def accept(self, cert_pem: bytes, gateway: str, ca_file: str, min_lifetime_s: float = 0.0) -> tls.CertInfo:
+        """Check the signer's certificate against the new key and the live certificate, and write it beside the
+        live one."""
         if len(cert_pem) > MAX_CERT_BYTES:
             raise RenewalError("invalid", f"the signed certificate is larger than {MAX_CERT_BYTES} bytes")
         try:
@@ -103,6 +105,19 @@ class Files:
         cn = [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if cn != [gateway]:
             raise RenewalError("invalid", f"the signed certificate names {cn}, not {gateway!r}")
+        try:
+            basic = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            basic = None
+        if basic is not None and basic.ca:
+            raise RenewalError("invalid", "the signed certificate is a CA certificate (CA:TRUE), not a leaf")
+        live_until = _not_after(self.cert)
+        now = dt.datetime.now(dt.timezone.utc)
+        long_enough = min_lifetime_s > 0 and leaf.not_valid_after_utc - now >= dt.timedelta(seconds=min_lifetime_s)
+        if live_until is not None and leaf.not_valid_after_utc < live_until and not long_enough:
+            raise RenewalError("invalid", f"the signed certificate expires {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} "
+                                          f"UTC, before the live one ({live_until:%Y-%m-%d %H:%M} UTC): a renewal "
+                                          "never shortens the gateway's life (uplink.renew_min_lifetime_s)")
         write_synced(self.cert_new, cert_pem, 0o644)
         try:
             info = tls.load_cert(str(self.cert_new), "the renewed certificate")
@@ -124,6 +139,13 @@ class Files:
     def discard(self) -> None:
         for p in (self.cert_new, self.key_new):
             p.unlink(missing_ok=True)
+
+
+def _not_after(cert: Path) -> dt.datetime | None:
+    try:
+        return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+    except (OSError, ValueError):
+        return None
 
 
 def _matches(cert: Path, key: Path) -> bool:

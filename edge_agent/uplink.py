@@ -406,7 +406,7 @@ class Uplink:
                 await self._acked_publish(conn, self.csr_topic, renew.csr_message(rid, csr_pem))
                 log.info("uplink certificate renewal: CSR sent", extra={"id": rid})
                 cert_pem = await asyncio.wait_for(fut, cfg.renew_timeout_s)
-                info = self.files.accept(cert_pem, self.gateway, cfg.ca_file)
+                info = self.files.accept(cert_pem, self.gateway, cfg.ca_file, cfg.renew_min_lifetime_s)
                 ctx = tls.client_context(cfg.ca_file, str(self.files.cert_new), str(self.files.key_new),
                                          prefix="renewal.")
             except PublishError:

@@ -407,3 +407,43 @@ def test_a_used_rollback_bundle_is_refused_when_replayed(tmp_path, pki, signer):
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_a_renewal_never_shortens_the_gateways_life_nor_accepts_a_ca(tmp_path):
+    """Attack: the signer (or whoever answers on certs/crt) returns a certificate for the new key that expires
+    within hours, while the live one has months: renewal committed it, and when the signer went silent the gateway
+    was cut off. A CA:TRUE certificate was accepted too. Both are refused; the live pair stays."""
+    import datetime as dt
+
+    import pytest
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from edge_agent import renew
+    from edge_agent.devkit.certs import CA
+    ca = CA(tmp_path / "ca")
+    now = dt.datetime.now(dt.timezone.utc)
+    cert, key = ca.issue("gw-1", not_after=now + dt.timedelta(days=200))
+    files = renew.Files(str(cert), str(key))
+    key_pem, csr_pem = renew.make_key_and_csr("gw-1")
+    files.write_key(key_pem)
+    csr = x509.load_pem_x509_csr(csr_pem)
+
+    def signed(days: float, is_ca: bool = False) -> bytes:
+        c = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca.cert.subject)
+             .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=days))
+             .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+             .sign(ca.key, hashes.SHA256()))
+        return c.public_bytes(serialization.Encoding.PEM)
+
+    with pytest.raises(renew.RenewalError, match="before the live one"):
+        files.accept(signed(0.2), "gw-1", str(ca.cert_path))
+    with pytest.raises(renew.RenewalError, match="not a leaf"):
+        files.accept(signed(400, is_ca=True), "gw-1", str(ca.cert_path))
+    assert not files.cert_new.exists() and cert.read_bytes() == files.cert.read_bytes()
+    # a fleet moving to shorter certificates says so: a 90-day one is taken where the minimum is 60 days
+    with pytest.raises(renew.RenewalError, match="before the live one"):
+        files.accept(signed(90), "gw-1", str(ca.cert_path))
+    files.accept(signed(90), "gw-1", str(ca.cert_path), min_lifetime_s=60 * 86400)
+    files.accept(signed(400), "gw-1", str(ca.cert_path))  # a longer one, always
