@@ -52,7 +52,7 @@ class App:
         self.cfg = cfg
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
-        self.store = Store(cfg.store, cfg.gateway.state_dir, self.metrics)
+        self.store = Store(cfg.store, cfg.gateway.state_dir, self.metrics, cfg.configured_devices())
         self.components: list[Any] = []
         self.state: dict[str, str] = {}
         self.started = time.time()

@@ -100,6 +100,12 @@ class StoreConfig:
     new_devices_per_minute: int = opt(600, doc="new devices one source (mqtt, coap, opcua) may register per minute; "
                                       "beyond, refused (counted, dead-lettered) — one client cannot fill the "
                                       "registry in seconds", ge=1, le=1_000_000)
+    new_points_per_minute: int = opt(6000, doc="new series one source may register per minute; beyond, refused "
+                                     "(counted, dead-lettered): a flood of devices with many points each cannot fill "
+                                     "the registry in seconds", ge=1, le=10_000_000)
+    registry_reserve: float = opt(0.1, doc="share of max_devices and max_points that devices the config does not "
+                                  "name cannot take: kept for those it names (OPC UA servers, CoAP observations, "
+                                  "rules); known series always go on", ge=0.0, le=0.9)
     series_expiry_s: int = opt(30 * 86400, doc="a series silent this long leaves the registry (and a device with "
                                "none left); its readings stay in the window; 0 = never", ge=0)
 
@@ -430,6 +436,14 @@ class Config:
     ota: OtaConfig = opt(factory=OtaConfig, doc="model updates over the air")
     metrics: MetricsConfig = opt(factory=MetricsConfig, doc="Prometheus endpoint")
     supervisor: SupervisorConfig = opt(factory=SupervisorConfig, doc="component supervision")
+
+    def configured_devices(self) -> frozenset[str]:
+        """The devices the config names (OPC UA servers, CoAP observations, rules and their actions): the store
+        keeps room in its registry for them (store.registry_reserve)."""
+        sb = self.southbound
+        return frozenset([*(s.device for s in sb.opcua.servers), *(o.device for o in sb.coap.observe),
+                          *(r.device for r in self.rules.rule), *(r.action_device for r in self.rules.rule
+                                                                    if r.action_device)])
 
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -182,8 +182,10 @@ def encode_readings(first_seq: int, readings: list[Reading]) -> bytes:
 
 
 class Store:
-    def __init__(self, cfg: StoreConfig, state_dir: str | Path, metrics: Metrics) -> None:
+    def __init__(self, cfg: StoreConfig, state_dir: str | Path, metrics: Metrics,
+                 configured_devices: frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
+        self.configured_devices = configured_devices  # the config names them: they register into the reserve
         self.path = Path(state_dir) / "edge-agent.db"
         self._wal = str(self.path) + "-wal"
         self.metrics = metrics
@@ -212,6 +214,7 @@ class Store:
         self._known_devices: dict[str, str] = {}  # device -> the source that registered it (its owner)
         self._device_points: collections.Counter[str] = collections.Counter()  # device -> series it has
         self._new_devices: dict[str, collections.deque] = {}  # source -> when it registered its latest devices
+        self._new_points: dict[str, collections.deque] = {}   # source -> when it registered its latest series
         self._last_expiry = 0.0
         self._used = 0
         self._reusable = 0
@@ -704,6 +707,9 @@ class Store:
                    "new_device_rate": f"{n} reading(s) of a new device refused: source {source!r} registered "
                                       f"store.new_devices_per_minute = {self.cfg.new_devices_per_minute} devices in "
                                       "the last minute",
+                   "new_point_rate": f"{n} reading(s) of a new series refused: source {source!r} registered "
+                                     f"store.new_points_per_minute = {self.cfg.new_points_per_minute} series in the "
+                                     "last minute",
                    "source_mismatch": f"{n} reading(s) refused: device {device!r} belongs to source "
                                       f"{self._known_devices.get(device) or fresh[0].get(device)!r}, not "
                                       f"{source!r}"}[reason]
@@ -835,8 +841,9 @@ class Store:
         """The readings the registry takes (`fresh`: what this commit adds); the others are counted in `refused`
         by (reason, source, device, point). A device belongs to the source that registered it: readings for it from
         another source are refused (`source_mismatch`: one protocol cannot pose as a device of another). A new
-        device or series beyond the registry's bounds is refused (`registry_full`), a new point beyond a device's
-        bound (`device_points_full`), a new device beyond its source's rate (`new_device_rate`)."""
+        device or series beyond the registry's bounds is refused (`registry_full`; one of a device the config does not
+        name stops at store.registry_reserve short of them), a new point beyond a device's bound (`device_points_full`),
+        a new device or series beyond its source's rate (`new_device_rate`, `new_point_rate`)."""
         known_d, series = self._known_devices, self._series
         new_d, new_s, new_per_device = fresh
         pairs = {(r.device, r.source) for r in readings}
@@ -855,13 +862,17 @@ class Store:
                 out.append(r)
                 continue
             device_is_new = owner is None
-            if (device_is_new and len(known_d) + len(new_d) >= self.cfg.max_devices) or \
-                    len(series) + len(new_s) >= self.cfg.max_points:
+            # a new series of a device the config does not name stops short of the reserve (its known series go on)
+            share = 1.0 if r.device in self.configured_devices else 1.0 - self.cfg.registry_reserve
+            if (device_is_new and len(known_d) + len(new_d) >= self.cfg.max_devices * share) or \
+                    len(series) + len(new_s) >= self.cfg.max_points * share:
                 reason = "registry_full"
             elif self._device_points[r.device] + new_per_device[r.device] >= self.cfg.max_points_per_device:
                 reason = "device_points_full"
-            elif device_is_new and not self._may_register(r.source):
+            elif device_is_new and not self._may(self._new_devices, r.source, self.cfg.new_devices_per_minute):
                 reason = "new_device_rate"
+            elif not self._may(self._new_points, r.source, self.cfg.new_points_per_minute):
+                reason = "new_point_rate"
             else:
                 reason = ""
             if reason:
@@ -875,13 +886,14 @@ class Store:
             out.append(r)
         return out
 
-    def _may_register(self, source: str) -> bool:
-        """A source's new-device budget: store.new_devices_per_minute in any 60 s."""
-        q = self._new_devices.setdefault(source, collections.deque())
+    @staticmethod
+    def _may(budgets: dict[str, collections.deque], source: str, per_minute: int) -> bool:
+        """A source's registration budget (new devices, new series): `per_minute` in any 60 s."""
+        q = budgets.setdefault(source, collections.deque())
         now = time.monotonic()
         while q and q[0] <= now - 60:
             q.popleft()
-        if len(q) >= self.cfg.new_devices_per_minute:
+        if len(q) >= per_minute:
             return False
         q.append(now)
         return True

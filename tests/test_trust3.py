@@ -447,3 +447,37 @@ def test_a_renewal_never_shortens_the_gateways_life_nor_accepts_a_ca(tmp_path):
         files.accept(signed(90), "gw-1", str(ca.cert_path))
     files.accept(signed(90), "gw-1", str(ca.cert_path), min_lifetime_s=60 * 86400)
     files.accept(signed(400), "gw-1", str(ca.cert_path))  # a longer one, always
+
+
+def test_a_registry_flood_degrades_only_new_devices_of_its_own_source(tmp_path):
+    """Attack: many made-up devices with many points each filled the registry's total in under two seconds; new
+    legitimate devices were refused until the flood expired. Now a source registers at most
+    store.new_points_per_minute series a minute (`new_point_rate`), and new unconfigured devices stop at
+    store.registry_reserve short of the bounds: a device the config names still registers, and known series go on."""
+    async def main():
+        cfg = StoreConfig(max_points=1000, max_points_per_device=100, new_devices_per_minute=10_000,
+                          new_points_per_minute=300, registry_reserve=0.2)
+        s = Store(cfg, tmp_path, Metrics(), configured_devices=frozenset({"plc-1"}))
+        await s.open()
+        await s.write([Reading("known-1", "t", 1.0, None, time.time_ns(), "good", "mqtt")])
+        now = time.time_ns()
+        for d in range(50):  # the flood: 50 devices x 100 points, in a second
+            await s.write([Reading(f"fake-{d}", f"p{p}", 1.0, None, now, "good", "mqtt") for p in range(100)])
+        assert len(s._series) <= 1 + 300
+        refused = s.metrics.value("edge_agent_readings_refused_total", {"reason": "new_point_rate"}) or 0
+        assert refused >= 5000 - 300
+        # the budget is per source: a configured PLC over OPC UA registers all its points
+        await s.write([Reading("plc-1", f"n{p}", 1.0, None, now, "good", "opcua") for p in range(60)])
+        assert sum(1 for d, _ in s._series if d == "plc-1") == 60
+        # with the rate lifted, a flood stops at the reserve: 80 % of max_points
+        s.cfg = StoreConfig(**{**cfg.__dict__, "new_points_per_minute": 1_000_000})
+        for d in range(50, 70):
+            await s.write([Reading(f"fake-{d}", f"p{p}", 1.0, None, now, "good", "coap") for p in range(100)])
+        assert 790 <= len(s._series) <= 800
+        await s.write([Reading("plc-1", f"m{p}", 1.0, None, now, "good", "opcua") for p in range(30)])
+        assert sum(1 for d, _ in s._series if d == "plc-1") == 90  # the configured PLC: into the reserve
+        before = s.metrics.value("edge_agent_readings_committed_total") or 0
+        await s.write([Reading("known-1", "t", 2.0, None, now, "good", "mqtt")])  # a known series goes on
+        assert (s.metrics.value("edge_agent_readings_committed_total") or 0) == before + 1
+        await s.close()
+    asyncio.run(main())
