@@ -481,3 +481,22 @@ def test_a_registry_flood_degrades_only_new_devices_of_its_own_source(tmp_path):
         assert (s.metrics.value("edge_agent_readings_committed_total") or 0) == before + 1
         await s.close()
     asyncio.run(main())
+
+
+def test_a_gateway_whose_clock_is_wrong_keeps_the_devices_correct_timestamp():
+    """Attack (a bad day): the gateway lost its time at a power cut and reads 2020; a device with a good clock sends
+    its timestamp. It was replaced by the wrong receive time (ts_ahead). A gateway clock before this release's date
+    is known wrong: the device's timestamp is kept (quality good, counted gateway_clock_behind). With the gateway's
+    clock right, a device clock far ahead is still retimed."""
+    from edge_agent.config import PayloadConfig
+    from edge_agent.southbound.decode import CLOCK_FLOOR_NS, make_decoder
+
+    seen: list[str] = []
+    dec = make_decoder(PayloadConfig(ts_path="ts", ts_unit="ms"), "devices/{device}", "mqtt", retimed=seen.append)
+    device_ts_ms = CLOCK_FLOOR_NS // 1_000_000 + 30 * 86400 * 1000  # the device: a month after the floor
+    wrong_clock = 1_577_836_800 * 1_000_000_000  # the gateway: 2020-01-01
+    (r,) = dec("devices/pump-1", b'{"ts": %d, "values": {"t": 1}}' % device_ts_ms, wrong_clock)
+    assert r.ts_ns == device_ts_ms * 1_000_000 and r.quality == "good" and seen == ["gateway_clock_behind"]
+    right_clock = device_ts_ms * 1_000_000 - 5 * 86400 * 1_000_000_000  # the gateway right, the device 5 days ahead
+    (r,) = dec("devices/pump-1", b'{"ts": %d, "values": {"t": 1}}' % device_ts_ms, right_clock)
+    assert r.ts_ns == right_clock and r.quality == "ts_ahead"

@@ -4,9 +4,12 @@ Reasons are short metric labels: not_utf8, bad_json, bad_cbor, non_finite, bad_s
 bad_point, bad_timestamp, bad_device, topic_mismatch, too_large.
 
 A clock disagreement never loses a reading: a timestamp that is a number but before 2000 or more than a day ahead of
-the gateway's clock (a device without a real-time clock, or a gateway whose clock is behind) is replaced by the
-receive time and the reading's quality says why (`ts_before_2000`, `ts_ahead`), counted in
-`edge_agent_readings_retimed_total{source,quality}`. Only a timestamp that is not a finite number is refused.
+the gateway's clock (a device without a real-time clock) is replaced by the receive time and the reading's quality
+says why (`ts_before_2000`, `ts_ahead`), counted in `edge_agent_readings_retimed_total{source,quality}`. A gateway
+whose own clock reads before CLOCK_FLOOR_NS (this release's date: a gateway that lost its time at a power cut) knows
+its clock is wrong: there a device's timestamp from after the floor is kept as it is (quality `good`), and counted
+as `edge_agent_readings_retimed_total{quality="gateway_clock_behind"}`. Only a timestamp that is not a finite number
+is refused.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ MAX_STRING_VALUE = 1024
 _TS_SCALE = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
 _MIN_TS_NS = 946_684_800 * 1_000_000_000   # 2000-01-01
 _MAX_FUTURE_NS = 86400 * 1_000_000_000      # one day ahead of our clock at most
+CLOCK_FLOOR_NS = 1_793_491_200 * 1_000_000_000  # 2026-11-01: a gateway clock before this is known to be wrong
+_MAX_TRUSTED_NS = 4_102_444_800 * 1_000_000_000  # 2100-01-01: beyond, no device's clock is believed either
 
 
 def _reject_constant(name: str) -> Any:
@@ -142,6 +147,10 @@ def make_decoder(cfg: PayloadConfig, device_pattern: str, source: str, cbor: boo
             raise RejectedInput("bad_timestamp", f"timestamp {raw!r} is not finite")
         ts = int(raw * scale) if type(raw) is int else int(min(max(raw * scale, -1e30), 1e30))
         if _MIN_TS_NS <= ts <= recv_ns + _MAX_FUTURE_NS:
+            return ts, "good"
+        if recv_ns < CLOCK_FLOOR_NS <= ts < _MAX_TRUSTED_NS:  # our clock is the wrong one: the device's is kept
+            if retimed is not None:
+                retimed("gateway_clock_behind")
             return ts, "good"
         quality = "ts_before_2000" if ts < _MIN_TS_NS else "ts_ahead"
         if retimed is not None:
