@@ -500,3 +500,32 @@ def test_a_gateway_whose_clock_is_wrong_keeps_the_devices_correct_timestamp():
     right_clock = device_ts_ms * 1_000_000 - 5 * 86400 * 1_000_000_000  # the gateway right, the device 5 days ahead
     (r,) = dec("devices/pump-1", b'{"ts": %d, "values": {"t": 1}}' % device_ts_ms, right_clock)
     assert r.ts_ns == right_clock and r.quality == "ts_ahead"
+
+
+def test_a_tensorrt_engine_cache_file_nobody_checked_is_never_loaded(tmp_path):
+    """Attack: the TensorRT engine cache (code the GPU runs) was loaded as found. Each cache folder is sealed with its
+    files' sha256 after a session; before the next, a file changed or added since, or a link, is removed (TensorRT
+    builds it again); a cache folder others may write is refused. (No GPU here: the seal itself, as the runtime
+    calls it.)"""
+    import os
+
+    import pytest
+
+    from edge_agent.glm.runtime import check_cache, seal_cache
+    d = tmp_path / "trt-engines" / "abc"
+    d.mkdir(parents=True, mode=0o700)
+    (d / "model.engine").write_bytes(b"engine built here")
+    (d / "model.profile").write_bytes(b"profile")
+    assert check_cache(d) == ["model.engine", "model.profile"]  # never sealed: nothing in it is trusted
+    (d / "model.engine").write_bytes(b"engine built here")
+    (d / "model.profile").write_bytes(b"profile")
+    seal_cache(d)
+    assert check_cache(d) == []  # as sealed: kept
+    (d / "model.engine").write_bytes(b"engine with a payload")
+    (d / "extra.engine").write_bytes(b"planted")
+    os.symlink("/etc/passwd", d / "link.engine")
+    assert sorted(check_cache(d)) == ["extra.engine", "link.engine", "model.engine"]
+    assert sorted(p.name for p in d.iterdir()) == [".sealed.json", "model.profile"]
+    os.chmod(d, 0o770)
+    with pytest.raises(PermissionError, match="mode 0700"):
+        check_cache(d)

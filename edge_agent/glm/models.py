@@ -14,8 +14,8 @@ must be writable by root only (systemd's ReadOnlyPaths, or the package's install
 
 A file rewritten in place after it was hashed is caught: each graph's (and its external data's) inode, size, mtime
 and ctime are recorded as it is verified, and `VerifiedModel.check_unchanged` compares them once ONNX Runtime has
-read the graph; any write in between changes the ctime (which no user can set back), and the load is refused
-(`digest`). A model folder that is a symbolic link is refused (`path`).
+read the graph: a write moves the mtime, and its ctime, which no user can set back (where only the ctime moved — a
+rename or unlink of the path does that — the bytes are hashed again); the load is refused (`digest`). A model folder that is a symbolic link is refused (`path`).
 """
 from __future__ import annotations
 
@@ -64,9 +64,23 @@ class VerifiedModel:
                 st = os.fstat(self.fds[name]) if name in self.fds else os.stat(self.dir / name, follow_symlinks=False)
             except OSError:
                 st = None
-            if st is None or _stamp(st) != self.stamps.get(name):
+            was = self.stamps.get(name)
+            if st is None or was is None or _stamp(st)[:3] != was[:3] or (
+                    _stamp(st)[3] != was[3] and not self._same_bytes(name)):
                 raise ModelError(f"{name}: changed after it was verified (rewritten in place while loading?)",
                                  "digest")
+
+    def _same_bytes(self, name: str) -> bool:
+        """Only the inode's ctime moved (a rename or unlink of its path does that too): its bytes again."""
+        h = hashlib.sha256()
+        fd = self.fds.get(name)
+        if fd is None:
+            return False
+        pos = 0
+        while block := os.pread(fd, 1 << 22, pos):
+            h.update(block)
+            pos += len(block)
+        return h.hexdigest() == self.manifest["files"][name]["sha256"]
 
     def source(self, file: str) -> str:
         """What ONNX Runtime opens for a graph: the verified inode itself, or (external data) the folder's path."""

@@ -17,8 +17,11 @@ the KV cache's per-step arrays are reused from the heap rather than mapped and f
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +135,55 @@ class PassedOver(NamedTuple):
         return f"{self.provider}: {self.why}"
 
 
+SEAL = ".sealed.json"  # in a cache folder: each file's sha256 and size, as the agent last wrote or checked them
+
+
+def _sums(folder: Path) -> dict[str, list]:
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.name == SEAL:
+            continue
+        if p.is_symlink() or not p.is_file():
+            out[p.name] = None
+            continue
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        out[p.name] = [h.hexdigest(), p.stat().st_size]
+    return out
+
+
+def check_cache(folder: Path) -> list[str]:
+    """Before ONNX Runtime reads a TensorRT cache folder: a file the seal does not list as it is now (changed, added,
+    a link, or no seal at all) is removed, so TensorRT builds it again rather than running an engine nobody checked.
+    The folder must be the agent's own (mode 0700). Returns the names removed."""
+    st = folder.stat(follow_symlinks=False)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{folder}: the TensorRT cache must be the agent's own, mode 0700")
+    try:
+        sealed = json.loads((folder / SEAL).read_text())
+    except (OSError, ValueError):
+        sealed = {}
+    removed = []
+    for name, got in _sums(folder).items():
+        if got is None or sealed.get(name) != got:
+            p = folder / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(name)
+    if removed:
+        log.warning("TensorRT cache files not as sealed were removed (they are built again)",
+                    extra={"folder": str(folder), "removed": ",".join(removed)[:300]})
+    return removed
+
+
+def seal_cache(folder: Path) -> None:
+    """Record the cache folder's files as they are now (after a session built or checked them)."""
+    tmp = folder / (SEAL + ".tmp")
+    tmp.write_text(json.dumps(_sums(folder), sort_keys=True))
+    os.replace(tmp, folder / SEAL)
+
+
 @dataclass
 class Session:
     sess: Any  # onnxruntime.InferenceSession
@@ -158,11 +210,17 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
         chain = [(name, provider_options(kind, opts, model.arch, model.manifest["files"][file]["sha256"]))]
         if kind != "cpu":
             chain.append(("CPUExecutionProvider", {}))  # nodes the GPU provider declines still need a home
+        caches: tuple[Path, ...] = ()
         if kind == "tensorrt" and opts.cache_dir is not None:
-            for d in (opts.cache_dir / "trt-engines" / model.manifest["files"][file]["sha256"][:32],
-                      opts.cache_dir / "trt-timing"):
-                d.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.chmod(d, 0o700)  # engines are code the GPU runs: only the agent may write them
+            caches = (opts.cache_dir / "trt-engines" / model.manifest["files"][file]["sha256"][:32],
+                      opts.cache_dir / "trt-timing")
+            try:
+                for d in caches:
+                    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    check_cache(d)  # engines are code the GPU runs: only what this agent wrote and sealed is kept
+            except OSError as e:  # PermissionError: a cache folder others may write
+                reasons.append(PassedOver(kind, f"engine cache: {e}"))
+                continue
         try:
             source = model.source(file)  # the verified file itself (see glm/models.py)
             with large_blocks_mapped():
@@ -175,5 +233,7 @@ def open_session(model: VerifiedModel, opts: RuntimeOptions, available: list[str
             reasons.append(PassedOver(kind, f"onnxruntime fell back to {sess.get_providers()[0]}"))
             continue
         model.check_unchanged(file)  # what ONNX Runtime read is what was verified (raises ModelError)
+        for d in caches:
+            seal_cache(d)  # the engines TensorRT built (or found, checked) are recorded for the next load
         return Session(sess, kind, file, reasons)
     raise RuntimeError("no execution provider could serve the model: " + "; ".join(map(str, reasons)))
