@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import platform
 import signal
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from edge_agent.glm.points import PointTable
 from edge_agent.logs import RING, ShipHandler, new_trace
 from edge_agent import logs
 from edge_agent.metrics import Metrics
-from edge_agent.ota import Updater
+from edge_agent.ota import Target, Updater
 from edge_agent.records import WriteRefused
 from edge_agent.rules import RuleEngine
 from edge_agent.southbound.mqtt import MqttIngest
@@ -90,7 +91,7 @@ class App:
         self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics, points=self.points,
                            keys=[cfg.model.public_key, *cfg.ota.trusted_keys], smoke_max_ms=cfg.ota.smoke_max_ms)
         self.updater = Updater(cfg.ota, Path(cfg.gateway.state_dir), self.store, self.metrics, self.agent,
-                               self._ota_tls)
+                               self._ota_tls, target=Target(cfg.gateway.id, cfg.gateway.hardware or platform.machine()))
         self.agent.updater = self.updater
         self.components.append(self.agent)
         self.router = ops.Router(cfg.commands, ops.TABLE, ops.Gateway(

@@ -401,6 +401,10 @@ def _pack(args: argparse.Namespace) -> int:
         args.expires_days = args.expires_days or 1
     if args.expires_days:
         manifest["expires"] = int(time.time() + args.expires_days * 86400)
+    for field, given in (("gateways", args.for_gateway), ("hardware", args.hardware)):
+        manifest.pop(field, None)
+        if given:  # a bundle for these gateways / hardware kinds only
+            manifest[field] = sorted(set(given))
     try:
         body = sign_folder(folder, manifest, key)
         _check_manifest(json.loads(body))
@@ -622,6 +626,10 @@ def parser() -> argparse.ArgumentParser:
                     "the highest version, once, on gateways whose floor is --rollback-from, for --expires-days (1 by "
                     "default, 7 at most)")
     mo.add_argument("--rollback-from", default="", help="pack --rollback: the version it rolls back from")
+    mo.add_argument("--for-gateway", action="append", default=[], metavar="ID", help="pack: the bundle installs only "
+                    "on this gateway (repeat for several)")
+    mo.add_argument("--hardware", action="append", default=[], metavar="KIND", help="pack: the bundle installs only "
+                    "on this hardware kind, gateway.hardware (repeat for several)")
     mo.add_argument("--serial", type=int, default=0, help="keys: the rotation's serial (above the last one's)")
     mo.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the agent")
     mo.add_argument("--config", default=DEFAULT_CONFIG, help="where the running agent's state directory is")

@@ -42,6 +42,9 @@ def opt(default: Any = dataclasses.MISSING, *, doc: str = "", ge: float | None =
 class GatewayConfig:
     id: str = opt("gateway-1", doc="gateway id: the uplink client id and the topic segment")
     state_dir: str = opt("/var/lib/edge-agent", doc="where the SQLite store lives")
+    hardware: str = opt("", doc="this gateway's hardware kind, as model bundles name it (e.g. jetson-orin-nano); "
+                        "'' = the processor architecture (aarch64, x86_64). A bundle that names hardware kinds "
+                        "installs only on those")
 
 
 @dataclass

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # why an update did not happen: the label of edge_agent_model_updates_total{outcome="refused"|"failed"}
 REASONS = ("signature", "digest", "size", "path", "expired", "downgrade", "agent_too_old", "disk", "tls",
            "download", "manifest", "health", "busy", "interrupted", "disabled", "not_found", "slow", "deadline",
-           "cancelled")
+           "cancelled", "wrong_target")
 # the reasons that fail an update that was under way (the others refuse it): the label's outcome
 _FAILURES = frozenset({"download", "interrupted", "health", "disk", "slow", "deadline", "cancelled"})
 CHUNK = 1 << 16
@@ -110,12 +110,30 @@ def manifest_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def check_update(manifest: dict, state: OtaState, now: float, model_name: str | None, digest: str = "") -> None:
+@dataclass(frozen=True)
+class Target:
+    """What a bundle may be meant for: this gateway's id and its hardware kind."""
+    gateway: str = ""
+    hardware: str = ""
+
+
+def check_update(manifest: dict, state: OtaState, now: float, model_name: str | None, digest: str = "",
+                 target: Target = Target()) -> None:
     """Refusals that need the manifest only (its signature already verified). A rollback permission (a manifest
     with "rollback": true, the only way below the floor) is bound: it names the version it rolls back from
     (`rollback_from`, which must be the floor now), expires within MAX_ROLLBACK_S, and is used once (`digest`, the
-    manifest's sha256, is remembered)."""
+    manifest's sha256, is remembered). A manifest that names `gateways` or `hardware` (lists of ids and kinds)
+    installs only on a gateway it names, of a kind it names (Uptane's replay to another device, wrong hardware)."""
     version = manifest["version"]
+    for key, mine in (("gateways", target.gateway), ("hardware", target.hardware)):
+        meant = manifest.get(key)
+        if meant is None:
+            continue
+        if not isinstance(meant, list) or not all(isinstance(x, str) for x in meant):
+            raise UpdateError("manifest", f"the manifest's {key!r} must be a list of strings")
+        if mine not in meant:
+            raise UpdateError("wrong_target", f"the bundle is meant for {key} {', '.join(meant)[:200]}; this "
+                                              f"gateway is {mine!r}")
     if version in state.bad:
         raise UpdateError("health", f"version {version} was marked bad: {state.bad[version]}")
     if model_name and manifest["name"] != model_name:
@@ -305,8 +323,9 @@ class Updater:
     the state (meta) and the events; `metrics` counts the outcomes."""
 
     def __init__(self, cfg, state_dir: Path, store, metrics, agent, ssl_context: Callable[[], ssl.SSLContext | None],
-                 clock=time.time) -> None:
+                 clock=time.time, target: Target = Target()) -> None:
         self.cfg, self.store, self.metrics, self.agent = cfg, store, metrics, agent
+        self.target = target  # what a bundle that names its gateways or hardware must name
         self.root = Path(state_dir) / "models"
         self.incoming = self.root / ".incoming"
         self.ssl_context, self.clock = ssl_context, clock
@@ -636,7 +655,7 @@ class Updater:
             raise UpdateError(_MODEL_REASONS.get(e.reason, "manifest"), str(e)) from None
         if self.state.name is None:
             self.state.name = manifest["name"]
-        check_update(manifest, self.state, self.clock(), self.agent.model_name(), manifest_digest(body))
+        check_update(manifest, self.state, self.clock(), self.agent.model_name(), manifest_digest(body), self.target)
         total = sum(m["size"] for m in manifest["files"].values())
         if total > self.cfg.max_bundle_bytes:
             raise UpdateError("size", f"the bundle is {total} bytes; ota.max_bundle_bytes is "

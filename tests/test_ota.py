@@ -70,10 +70,10 @@ def pack(root: Path, version: str, key_path: Path, *extra: str, edit=None) -> st
 class Rig:
     """The real Updater with a real Store and Agent, in one event loop."""
 
-    def __init__(self, tmp: Path, pki, signer_pub: str, ctx=None, **ota) -> None:
+    def __init__(self, tmp: Path, pki, signer_pub: str, ctx=None, target=("gw-test", "x86_64"), **ota) -> None:
         from edge_agent import tls
         from edge_agent.agent import Agent
-        from edge_agent.ota import Updater
+        from edge_agent.ota import Target, Updater
         from edge_agent.store import Store
 
         self.metrics = Metrics()
@@ -83,7 +83,8 @@ class Rig:
         self.agent = Agent(mcfg, ops.TOOLSET, tmp / "state", self.metrics, keys=[mcfg.public_key, signer_pub])
         cert, key = pki["gateway"]
         self.ctx = ctx or (lambda: tls.client_context(str(pki["ca"].cert_path), str(cert), str(key)))
-        self.updater = Updater(self.ocfg, tmp / "state", self.store, self.metrics, self.agent, self.ctx)
+        self.updater = Updater(self.ocfg, tmp / "state", self.store, self.metrics, self.agent, self.ctx,
+                               target=Target(*target))
         self.agent.updater = self.updater
 
     async def __aenter__(self) -> "Rig":
