@@ -367,7 +367,7 @@ def _pack(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from edge_agent.glm.models import ModelError, _check_manifest, sign_folder
+    from edge_agent.glm.models import ModelError, check_manifest, sign_folder
     from edge_agent.ota import semver
 
     folder = Path(args.dir)
@@ -407,7 +407,7 @@ def _pack(args: argparse.Namespace) -> int:
             manifest[field] = sorted(set(given))
     try:
         body = sign_folder(folder, manifest, key)
-        _check_manifest(json.loads(body))
+        check_manifest(json.loads(body))
     except ModelError as e:
         return _fail(str(e))
     total = sum(f["size"] for f in manifest["files"].values())

@@ -74,3 +74,68 @@ def test_every_operation_is_declared_once_and_its_tool_too():
     assert "write" not in ops.allowed(ops.TABLE, ["read-only"]) and "alerts.list" in ops.allowed(ops.TABLE, ["read-only"])
     with pytest.raises(ConfigError, match=r"commands.allow: unknown operation 'reboot'"):
         ops.allowed(ops.TABLE, ["read-only", "reboot"])
+
+
+def _runtime_imports(path: Path) -> list[tuple[str, list[str], bool]]:
+    """(module, names, inside a function) of every import that runs (under `if TYPE_CHECKING:` does not)."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for n in ast.walk(node)}
+    local: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            local |= {id(n) for n in ast.walk(node) if n is not node}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], id(node) in local) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, [a.name for a in node.names], id(node) in local))
+    return out
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_at_run_time_function_local_imports_included():
+    names = {_module_name(p): p for p in MODULES}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        edges = set()
+        for mod, imported, _ in _runtime_imports(path):
+            for target in (mod, *(f"{mod}.{n}" for n in imported)):
+                if target in names and target != name and not name.startswith(target + "."):
+                    edges.add(target)  # (a package's own parent is not a dependency of its submodule)
+        graph[name] = edges
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                cycle = stack[stack.index(m):] + [m]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_no_function_local_import_of_a_private_name(path):
+    for mod, imported, local in _runtime_imports(path):
+        if local and mod.startswith("edge_agent"):
+            private = [n for n in imported if n.startswith("_")]
+            assert not private, f"{path.relative_to(PKG)}: imports {', '.join(private)} from {mod} inside a function"

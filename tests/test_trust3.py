@@ -463,19 +463,19 @@ def test_a_registry_flood_degrades_only_new_devices_of_its_own_source(tmp_path):
         now = time.time_ns()
         for d in range(50):  # the flood: 50 devices x 100 points, in a second
             await s.write([Reading(f"fake-{d}", f"p{p}", 1.0, None, now, "good", "mqtt") for p in range(100)])
-        assert len(s._series) <= 1 + 300
+        assert len(s.registry.series) <= 1 + 300
         refused = s.metrics.value("edge_agent_readings_refused_total", {"reason": "new_point_rate"}) or 0
         assert refused >= 5000 - 300
         # the budget is per source: a configured PLC over OPC UA registers all its points
         await s.write([Reading("plc-1", f"n{p}", 1.0, None, now, "good", "opcua") for p in range(60)])
-        assert sum(1 for d, _ in s._series if d == "plc-1") == 60
+        assert sum(1 for d, _ in s.registry.series if d == "plc-1") == 60
         # with the rate lifted, a flood stops at the reserve: 80 % of max_points
-        s.cfg = StoreConfig(**{**cfg.__dict__, "new_points_per_minute": 1_000_000})
+        s.registry.cfg = StoreConfig(**{**cfg.__dict__, "new_points_per_minute": 1_000_000})
         for d in range(50, 70):
             await s.write([Reading(f"fake-{d}", f"p{p}", 1.0, None, now, "good", "coap") for p in range(100)])
-        assert 790 <= len(s._series) <= 800
+        assert 790 <= len(s.registry.series) <= 800
         await s.write([Reading("plc-1", f"m{p}", 1.0, None, now, "good", "opcua") for p in range(30)])
-        assert sum(1 for d, _ in s._series if d == "plc-1") == 90  # the configured PLC: into the reserve
+        assert sum(1 for d, _ in s.registry.series if d == "plc-1") == 90  # the configured PLC: into the reserve
         before = s.metrics.value("edge_agent_readings_committed_total") or 0
         await s.write([Reading("known-1", "t", 2.0, None, now, "good", "mqtt")])  # a known series goes on
         assert (s.metrics.value("edge_agent_readings_committed_total") or 0) == before + 1

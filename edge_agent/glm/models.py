@@ -152,7 +152,7 @@ def read_bounded(path: Path, limit: int) -> bytes:
     return data
 
 
-def _check_manifest(m: Any) -> dict[str, Any]:
+def check_manifest(m: Any) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise ModelError("manifest.json: not a JSON object")
     for key, typ in (("name", str), ("version", str), ("files", dict), ("architecture", dict), ("providers", dict),
@@ -229,7 +229,7 @@ def verify_manifest(body: bytes, sig_text: bytes, keys: str | Sequence[str]) -> 
         raise ModelError("manifest signature does not verify with any trusted key (model.public_key, "
                          "ota.trusted_keys)", "signature")
     try:
-        return _check_manifest(json.loads(body))
+        return check_manifest(json.loads(body))
     except ValueError as e:
         raise ModelError(f"manifest.json: not JSON: {e}") from None
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from edge_agent.glm.words import one_edit
+
 # canonical point -> the words operators use for it. Phrases are matched on whole words; the first spelling is the
 # canonical name itself.
 POINT_WORDS: dict[str, tuple[str, ...]] = {
@@ -105,12 +107,10 @@ class PointTable:
         return list(dict.fromkeys(keep))
 
     def _fuzzy(self, word: str) -> str | None:
-        from edge_agent.glm.schema import _one_edit
-
         if word not in self._seen:
             if len(self._seen) >= 4096:  # operators repeat their words; bounded all the same
                 self._seen.clear()
-            self._seen[word] = next((p for k, p in self._single.items() if _one_edit(word, k)), None)
+            self._seen[word] = next((p for k, p in self._single.items() if one_edit(word, k)), None)
         return self._seen[word]
 
     def hint(self, text: str) -> str | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from edge_agent.glm.points import SHIPPED, PointTable
+from edge_agent.glm.words import LONG_UNITS, NUMBER_WORDS, PARTS, TABLES, TOKEN, UNIT_SECONDS, UNIT_WORDS, one_edit
 
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
@@ -126,37 +127,11 @@ def candidates(text: str) -> list[str]:
     return out[:64]
 
 
-_ONES = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen".split())}
-_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
-_SCALES = {"hundred": 100, "thousand": 1000}
-_NUMBER_WORDS = {**_ONES, **_TENS, **_SCALES}
-_TOKEN = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|[A-Za-z]+|[^\sA-Za-z0-9]")
-UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
-_UNIT_WORDS = {w: UNIT_SECONDS[u] for u, ws in {
-    "second": "s sec secs second seconds", "minute": "m min mins minute minutes", "hour": "h hr hrs hour hours",
-    "day": "d day days", "week": "w wk wks week weeks"}.items() for w in ws.split()}
-_LONG_UNITS = {k: v for k, v in _UNIT_WORDS.items() if len(k) >= 4 and k not in ("secs", "mins")}  # said alone
-_PARTS = {"half": 1800, "quarter": 900}  # of an hour
-_TABLES = {id(t): t for t in (_NUMBER_WORDS, _UNIT_WORDS, _LONG_UNITS, _PARTS)}
 CONVENTIONAL_WINDOWS = (60, 900, 1800, 3600, 86400, 604800)  # now, quarter hour, half hour, hour, day, week
 MAX_NUMBERS = 16
 
 
-def _one_edit(a: str, b: str) -> bool:
-    """a is b with one letter dropped, added, changed or two neighbours swapped (how fingers slip)."""
-    if abs(len(a) - len(b)) > 1 or a == b:
-        return False
-    if len(a) == len(b):
-        diff = [i for i in range(len(a)) if a[i] != b[i]]
-        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
-                                  and a[diff[1]] == b[diff[0]])
-    short, long_ = (a, b) if len(a) < len(b) else (b, a)
-    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
-
-
-def _lookup(word: str, table: dict[str, int], fuzzy_from: int = 5) -> int | None:
+def lookup(word: str, table: dict[str, int], fuzzy_from: int = 5) -> int | None:
     """table[word], forgiving one slipped letter in a word of `fuzzy_from` letters or more ("fivve", "huors"); short
     words collide ("hour" is one letter from "four", "says" from "days")."""
     if word in table:
@@ -166,15 +141,15 @@ def _lookup(word: str, table: dict[str, int], fuzzy_from: int = 5) -> int | None
 
 @functools.lru_cache(maxsize=4096)  # operators repeat their words; bounded all the same
 def _fuzzy(word: str, table_id: int) -> int | None:
-    table = _TABLES[table_id]
-    return next((v for w, v in table.items() if len(w) >= 4 and _one_edit(word, w)), None)
+    table = TABLES[table_id]
+    return next((v for w, v in table.items() if len(w) >= 4 and one_edit(word, w)), None)
 
 
-def _tokens(text: str) -> list[str | float]:
+def tokens(text: str) -> list[str | float]:
     """Words (lower case), punctuation and numbers written in digits ("-23", "67.44", "1,500", the 23 of "23m").
     Digits glued into a name ("pump-7", "line1_boiler2") are the name's, not a number: they are left out."""
     toks: list[str | float] = []
-    for m in _TOKEN.finditer(text):
+    for m in TOKEN.finditer(text):
         t, i = m.group(), m.start()
         if "0" <= t[0] <= "9":
             before = text[i - 1] if i else " "
@@ -199,14 +174,14 @@ def _is_minus(toks: list[str | float], i: int) -> bool:
     tok = toks[i]
     if tok in ("minus", "negative"):
         return True
-    if not isinstance(tok, str) or len(tok) < 4 or not (_one_edit(tok, "minus") or _one_edit(tok, "negative")):
+    if not isinstance(tok, str) or len(tok) < 4 or not (one_edit(tok, "minus") or one_edit(tok, "negative")):
         return False
     nxt = toks[i + 1] if i + 1 < len(toks) else "."
-    number_next = isinstance(nxt, float) or (isinstance(nxt, str) and _lookup(nxt, _NUMBER_WORDS) is not None)
+    number_next = isinstance(nxt, float) or (isinstance(nxt, str) and lookup(nxt, NUMBER_WORDS) is not None)
     return number_next and not (i and isinstance(toks[i - 1], float))
 
 
-def _quantities(toks: list[str | float]) -> list[tuple[float, str]]:
+def quantities(toks: list[str | float]) -> list[tuple[float, str]]:
     """(number, the word after it) for every number in the tokens, in digits or in English words ("forty-nine",
     "two hundred and forty", "sixty two point five", "minus twelve")."""
     toks = [*toks, "."]
@@ -225,7 +200,7 @@ def _quantities(toks: list[str | float]) -> list[tuple[float, str]]:
         total: float | None = None
         part, last = 0.0, ""  # the number being read: total so far, current group, the last word's kind
         while isinstance(toks[i], str):
-            v = _lookup(toks[i], _NUMBER_WORDS)
+            v = lookup(toks[i], NUMBER_WORDS)
             if v is None:
                 if toks[i] in ("and", "-") and total is not None:
                     i += 1
@@ -250,8 +225,8 @@ def _quantities(toks: list[str | float]) -> list[tuple[float, str]]:
         value = total + part
         if toks[i] == "point":  # decimals, one digit word each: "point two five"
             digits = ""
-            while isinstance(toks[i + 1], str) and (_lookup(toks[i + 1], _NUMBER_WORDS) or 10) < 10:
-                digits += str(_lookup(toks[i + 1], _NUMBER_WORDS))
+            while isinstance(toks[i + 1], str) and (lookup(toks[i + 1], NUMBER_WORDS) or 10) < 10:
+                digits += str(lookup(toks[i + 1], NUMBER_WORDS))
                 i += 1
             if digits:
                 value = float(f"{int(value)}.{digits}")
@@ -266,12 +241,12 @@ def _plain(v: float) -> int | float:
 
 
 def numbers(text: str) -> list[int | float]:
-    """The numbers an operator wrote (see _quantities), in order, without repeats."""
-    return _numbers(_quantities(_tokens(text)))
+    """The numbers an operator wrote (see quantities), in order, without repeats."""
+    return _numbers(quantities(tokens(text)))
 
 
-def _numbers(quantities: list[tuple[float, str]]) -> list[int | float]:
-    return list(dict.fromkeys(_plain(v) for v, _ in quantities if abs(v) <= 1e9))[:MAX_NUMBERS]
+def _numbers(said: list[tuple[float, str]]) -> list[int | float]:
+    return list(dict.fromkeys(_plain(v) for v, _ in said if abs(v) <= 1e9))[:MAX_NUMBERS]
 
 
 def windows(text: str) -> list[int]:
@@ -282,21 +257,21 @@ def _windows(text: str) -> tuple[list[int], bool]:
     """The time windows a question states, in seconds: a number with a unit ("19 days", "forty nine m", "23m"),
     a unit alone ("the last hour"), a quarter or half hour, today. None stated: the conventional windows and every
     number times every unit, for the model to choose from."""
-    toks = _tokens(text)
-    quantities = _quantities(toks)
+    toks = tokens(text)
+    said_quantities = quantities(toks)
     stated = []
-    for v, u in quantities:
-        unit = _lookup(u, _UNIT_WORDS)
+    for v, u in said_quantities:
+        unit = lookup(u, UNIT_WORDS)
         if v > 0 and unit and float(v * unit).is_integer():
             stated.append(int(v * unit))
     for i, w in enumerate(toks):
         if not isinstance(w, str):
             continue
         prev = next((t for t in reversed(toks[:i]) if t not in ("-", "an")), "")
-        if isinstance(prev, float) or _lookup(prev, _NUMBER_WORDS) is not None:
+        if isinstance(prev, float) or lookup(prev, NUMBER_WORDS) is not None:
             continue  # "19 days" was read above
-        unit = _lookup(w, _LONG_UNITS)
-        part = _lookup(prev, _PARTS, fuzzy_from=3) if unit == 3600 else None
+        unit = lookup(w, LONG_UNITS)
+        part = lookup(prev, PARTS, fuzzy_from=3) if unit == 3600 else None
         if w == "today":
             stated.append(86400)
         elif part:
@@ -306,7 +281,7 @@ def _windows(text: str) -> tuple[list[int], bool]:
     stated = [w for w in stated if 1 <= w <= MAX_WINDOW_S]
     if stated:
         return list(dict.fromkeys(stated)), True
-    said = [v for v in _numbers(quantities) if v > 0]
+    said = [v for v in _numbers(said_quantities) if v > 0]
     return sorted({*CONVENTIONAL_WINDOWS, *(int(n * u) for n in said for u in UNIT_SECONDS.values()
                                             if float(n * u).is_integer() and 1 <= n * u <= MAX_WINDOW_S)}), False
 
@@ -319,7 +294,7 @@ _AGG_WORDS = frozenset("max maximum min minimum avg average mean highest lowest 
 
 
 def is_yes_no_now(text: str) -> bool:
-    toks = [t for t in _tokens(text) if isinstance(t, str)]
+    toks = [t for t in tokens(text) if isinstance(t, str)]
     if not toks or toks[0] not in _YES_NO or any(t in _AGG_WORDS for t in toks):
         return False
     return not _windows(text)[1]

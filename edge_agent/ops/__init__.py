@@ -22,6 +22,18 @@ BY_TOOL: dict[str, Operation] = {op.tool.name: op for op in TABLE.values() if op
 # the GLM's tools: one per operation that has one, and `clarify` (runs nothing: ask answers with its reason)
 TOOLSET = Toolset([*(op.tool for op in TABLE.values() if op.tool is not None), CLARIFY])
 
+
+def reference_markdown() -> str:
+    """The operations as a Markdown table (docs/operations.md carries it; tests/test_docs.py checks it is current):
+    name, what it changes, its fields, what it does, the GLM tool that runs it."""
+    rows = ["| operation | kind | fields (`?`: optional) | what it does | GLM tool |", "|---|---|---|---|---|"]
+    for op in TABLE.values():
+        fields = ", ".join(f"`{k}{'' if f.required else '?'}`: {f.describe()}" for k, f in op.fields.items()) or "—"
+        kind = "changes" if op.changes else "read-only"
+        tool = f"`{op.tool.name}`" if op.tool else ""
+        rows.append(f"| `{op.name}` | {kind} | {fields} | {op.doc.replace('|', '/')} | {tool} |")
+    return "\n".join(rows) + "\n"
+
 __all__ = ["BY_TOOL", "READ_ONLY", "TABLE", "TOOLSET", "CommandError", "Gateway", "Operation", "PendingWrites",
-           "Router", "allowed",
+           "Router", "allowed", "reference_markdown",
            "reply_error", "reply_ok"]

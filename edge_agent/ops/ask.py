@@ -29,7 +29,7 @@ from edge_agent.config import AskConfig
 from edge_agent.glm.points import SHIPPED
 from edge_agent.glm.schema import CLARIFY
 from edge_agent.ops.base import CommandError, Field, Gateway, Operation, Request
-from edge_agent.ops.guard import check_write
+from edge_agent.ops.guard import Refusal, check_write
 
 audit = logging.getLogger("edge_agent.audit")
 
@@ -94,7 +94,7 @@ async def _registry(gw: Gateway) -> dict[str, list[str]]:
     return {d["device"]: [p["point"] for p in d["points"]] for d in await gw.devices()}
 
 
-def _known(devices: dict[str, list[str]], call: dict) -> tuple[str, str] | None:
+def _known(devices: dict[str, list[str]], call: dict) -> Refusal | None:
     """None when the call's device (and point) are in the registry; else a clarification with the closest names."""
     args = call["args"]
     device = args.get("device")
@@ -102,14 +102,14 @@ def _known(devices: dict[str, list[str]], call: dict) -> tuple[str, str] | None:
         return None
     if device not in devices:
         close = difflib.get_close_matches(device, list(devices), n=3, cutoff=0.6)
-        return "which_device", f"no device {device!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                           " is known to this gateway")
+        return Refusal("which_device", f"no device {device!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                  else " is known to this gateway"))
     point = args.get("point")
     points = devices[device]
     if isinstance(point, str) and points and point not in points:
         close = difflib.get_close_matches(point, points, n=3, cutoff=0.5)
-        return "nothing", f"{device} has no point {point!r}; " + (f"did you mean {', '.join(close)}?" if close else
-                                                                   f"it has {', '.join(points[:10])}")
+        return Refusal("nothing", f"{device} has no point {point!r}; " + (f"did you mean {', '.join(close)}?" if close
+                                                                           else f"it has {', '.join(points[:10])}"))
     return None
 
 
@@ -139,7 +139,7 @@ async def _ask(gw: Gateway, req: Request) -> dict:
                            call=call) from None
     why = (check_write(text, call["args"], gw.points or SHIPPED) if op.changes else None) or _known(devices, call)
     if why is not None:
-        reason, words = why
+        reason, words = why.code, why.why
         if op.changes:
             audit.warning("ask write not made: clarify", extra={"who": req.who, "text": text[:200],
                                                                 "call": json.dumps(call), "reason": words})

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import NamedTuple
 
 from edge_agent.glm.points import POINT_WORDS, SHIPPED, PointTable
-from edge_agent.glm.schema import FUNCTION_WORDS, OFF_WORDS, ON_WORDS, candidates, numbers
+from edge_agent.glm.schema import FUNCTION_WORDS, OFF_WORDS, ON_WORDS, candidates, lookup, numbers, quantities, tokens
+from edge_agent.glm.words import UNIT_WORDS, one_edit
 
 _WORD = re.compile(r"[a-z0-9_'-]+")
 _QUESTION_OPENERS = {"is", "are", "was", "were", "does", "do", "did", "has", "have", "had", "what", "why", "who",
@@ -46,18 +48,16 @@ _ORDER_WORDS = frozenset("should would could shall must be set make change updat
 
 
 def _like_order_word(word: str) -> bool:
-    from edge_agent.glm.schema import _one_edit
-    return word in _ORDER_WORDS or (len(word) >= 5 and any(_one_edit(word, w) for w in _ORDER_WORDS if len(w) >= 4))
+    return word in _ORDER_WORDS or (len(word) >= 5 and any(one_edit(word, w) for w in _ORDER_WORDS if len(w) >= 4))
 
 
 def _durations(text: str) -> set:
     """Numbers the question says with a unit of time after them in a window ("the last 56 minutes"): lengths of
     time, not values ("set the delay of timer-1 to 30 seconds" is a value)."""
-    from edge_agent.glm.schema import _UNIT_WORDS, _lookup, _quantities, _tokens
-    toks = _tokens(text)
+    toks = tokens(text)
     if not any(w in toks for w in ("last", "past", "previous", "within", "ago", "since")):
         return set()
-    return {v for v, unit in _quantities(toks) if _lookup(unit, _UNIT_WORDS) is not None}
+    return {v for v, unit in quantities(toks) if lookup(unit, UNIT_WORDS) is not None}
 
 
 _PRONOUNS = {"it", "this", "that", "them", "they", "these", "those", "one", "thing", "device", "the"}
@@ -95,84 +95,86 @@ def _unslipped(word: str) -> str:
     return next((g for g in _GUARD_WORDS if _slip(word, g)), word)
 
 
-def check_write(text: str, args: dict, points: PointTable = SHIPPED) -> tuple[str, str] | None:
-    """None when the question plainly asks for exactly this write; else (the clarify reason, why in words).
+class Refusal(NamedTuple):
+    """Why a write is not made: the clarify reason (a code, one of schema.CLARIFY_REASONS) and the same in words."""
+    code: str
+    why: str
+
+
+def check_write(text: str, args: dict, points: PointTable = SHIPPED) -> Refusal | None:
+    """None when the question plainly asks for exactly this write; else the Refusal that says why.
     `points`: the gateway's point table (the shipped one and its own words, ask.points)."""
-    why = _why_not(text, args, points)
-    if why is None:
-        return None
-    return (next((code for code, starts in _CODES if why.startswith(starts)), "nothing"), why)
-
-
-_CODES = (("which_device", "which device"), ("which_value", ("which value", "enabled takes", "the question's on/off")),
-          ("use_a_rule", ("to be alerted", "the order depends on a condition")))
-
-
-def _why_not(text: str, args: dict, points: PointTable) -> str | None:
     low = " " + " ".join(_words(text)) + " "
     words = low.split()
     if not words:
-        return "the question asks nothing the gateway can do"
+        return Refusal("nothing", "the question asks nothing the gateway can do")
     opener = next((w for w in words if w not in _POLITE), "")
     asked = text.rstrip().endswith("?") and (words[0] not in _REQUESTS or (len(words) > 1 and words[1] in _ASKING))
     if opener in _QUESTION_OPENERS or asked:
-        return "that reads as a question, not an order to write; say it as a command to change anything"
+        return Refusal("nothing", "that reads as a question, not an order to write; say it as a command to change "
+                                  "anything")
     if any(p in low for p in _HOWTO):
-        return "that asks how or what if, not for a write; say the change itself to make it"
+        return Refusal("nothing", "that asks how or what if, not for a write; say the change itself to make it")
     read = next((w for w in _READ_WORDS if f" {w} " in low), None)
     if read is not None:
-        return f"that asks about readings ({read!r}), not for a write; say the change itself to make it"
+        return Refusal("nothing", f"that asks about readings ({read!r}), not for a write; say the change itself to "
+                                  "make it")
     if any(p in low for p in _ALERTS):
-        return "to be alerted, add a rule (rules.add); nothing was written"
+        return Refusal("use_a_rule", "to be alerted, add a rule (rules.add); nothing was written")
     neg = next((w for w in words if w in _NEGATIONS or w.endswith("n't")), None)
     if neg is not None:
-        return f"the order is negated ({neg!r}); nothing was written — say plainly what to change"
+        return Refusal("nothing", f"the order is negated ({neg!r}); nothing was written — say plainly what to change")
     cond = next((c for c in _CONDITIONS if f" {c} " in low), None)
     if cond is not None:
-        return (f"the order depends on a condition ({cond!r}); the gateway writes only now and unconditionally — "
-                "a rule (rules.add) acts on conditions")
+        return Refusal("use_a_rule", f"the order depends on a condition ({cond!r}); the gateway writes only now and "
+                                     "unconditionally — a rule (rules.add) acts on conditions")
     when = next((c for c in _TIMES if f" {c} " in low), None) or (m.group() if (m := _CLOCK.search(low)) else None)
     if when is not None:
-        return f"the order is for another time ({when!r}); the gateway writes only now — send it when it is due"
+        return Refusal("nothing", f"the order is for another time ({when!r}); the gateway writes only now — send "
+                                  "it when it is due")
     device = str(args.get("device", ""))
     if device.lower() in _PRONOUNS or not re.search(r"[0-9]", device):
         named = [w for w in candidates(text) if re.search(r"[0-9]", w)]
-        return f"which device? {device!r} is not a device id" + (f" (the question names {named[0]!r})"
-                                                                 if named else "")
+        return Refusal("which_device", f"which device? {device!r} is not a device id"
+                       + (f" (the question names {named[0]!r})" if named else ""))
     point, value = str(args.get("point", "")), args.get("value")
     if point.lower() in FUNCTION_WORDS or point == device or _like_order_word(point.lower()):
-        return f"which point? {point!r} is not a point"
+        return Refusal("nothing", f"which point? {point!r} is not a point")
     if point in points.names and not (point == "enabled" and isinstance(value, bool)):
         if point not in points.named(text):
-            return f"which point? the question does not name {point}"
+            return Refusal("nothing", f"which point? the question does not name {point}")
     elif point not in points.names and point not in candidates(text):
-        return f"which point? {point!r} is not in the question"
+        return Refusal("nothing", f"which point? {point!r} is not in the question")
     if isinstance(value, bool):
         if point in _NUMERIC:
-            return f"which value? {point} takes a number and the question states none for it"
+            return Refusal("which_value", f"which value? {point} takes a number and the question states none for it")
         on = any(w in ON_WORDS for w in words)
         off = any(w in OFF_WORDS for w in words)
         if not on and not off:
-            return f"which value? the question says no on/off, start/stop or enable/disable for {point}"
+            return Refusal("which_value", "which value? the question says no on/off, start/stop or enable/disable "
+                                          f"for {point}")
         if on and off or (value and not on) or (not value and not off):
-            return f"the question's on/off words do not say {str(value).lower()} for {point} unambiguously"
+            return Refusal("which_value", f"the question's on/off words do not say {str(value).lower()} for {point} "
+                                          "unambiguously")
         return None
     if isinstance(value, (int, float)):
         if point in ("enabled",):
-            return "enabled takes on or off; say which"
+            return Refusal("which_value", "enabled takes on or off; say which")
         if value not in numbers(text):
-            return f"which value? {value!r} is not a number the question states"
+            return Refusal("which_value", f"which value? {value!r} is not a number the question states")
         if value in _durations(text):
-            return f"which value? {value!r} is a length of time in the question, not a value to write"
+            return Refusal("which_value", f"which value? {value!r} is a length of time in the question, not a value "
+                                          "to write")
         return None
     if isinstance(value, str):
         if point in _NUMERIC or re.fullmatch(r"[-+]?[0-9][0-9.,]*", value.strip()):
-            return f"which value? {point} takes a number, not the text {value!r}"  # "40" in place of -40
+            # "40" in place of -40
+            return Refusal("which_value", f"which value? {point} takes a number, not the text {value!r}")
         if value.lower() not in words and value not in text:
-            return f"which value? {value!r} is not in the question"
+            return Refusal("which_value", f"which value? {value!r} is not in the question")
         if value.lower() in FUNCTION_WORDS or value.lower() in _NOT_VALUES or SHIPPED.named(value):
-            return f"which value? {value!r} names no value to write"
+            return Refusal("which_value", f"which value? {value!r} names no value to write")
         if point == "enabled":
-            return "enabled takes on or off; say which"
+            return Refusal("which_value", "enabled takes on or off; say which")
         return None
-    return "which value? the question states none"
+    return Refusal("which_value", "which value? the question states none")
