@@ -8,6 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Awaitable, Callable
+
+from edge_agent.glm.models import ModelError
+from edge_agent.records import ModelHealthError
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +27,16 @@ class Agent:
     name = "glm"
 
     def __init__(self, cfg, tools, state_dir: Path, metrics, points=None, keys: list[str] | None = None,
-                 smoke_max_ms: float = 5000.0) -> None:
+                 smoke_max_ms: float = 5000.0, boot: Callable[[], Awaitable[Path | None]] | None = None,
+                 booted: Callable[[str | None], None] | None = None) -> None:
         self.cfg = cfg
         self.tools = tools
         self.points = points
         self.keys = keys or [cfg.public_key]  # the keys a model may be signed by (model.public_key, ota.trusted_keys)
         self.smoke_max_ms = smoke_max_ms
-        self.updater = None  # ota.Updater, where updates are on: picks the folder at start, counts boots
+        # where updates are on (handed in by the supervisor): which folder to load at start, and the version that
+        # then serves (the agent never holds the updater; the updater drives prepare and swap)
+        self.boot, self.booted = boot, booted
         self.engine = None
         self.error: str | None = None if cfg.enabled else "the model is disabled (model.enabled = false)"
         self._state_dir = state_dir
@@ -39,7 +46,7 @@ class Agent:
     async def run(self) -> None:
         self._stop.clear()
         if self.cfg.enabled and self.engine is None:
-            folder = await self.updater.boot() if self.updater is not None else None
+            folder = await self.boot() if self.boot is not None else None
             loop = asyncio.get_running_loop()
             engine = await loop.run_in_executor(None, self._load, folder)
             if engine is None and folder is not None:  # an installed version that does not load: the default
@@ -47,8 +54,8 @@ class Agent:
                 engine = await loop.run_in_executor(None, self._load, None)
             if engine is not None:
                 self.engine, self.error = engine, None
-                if self.updater is not None:
-                    self.updater.booted(engine.model.manifest["version"] if folder is not None else None)
+                if self.booted is not None:
+                    self.booted(engine.model.manifest["version"] if folder is not None else None)
         await self._stop.wait()
 
     def _engine(self):
@@ -71,15 +78,17 @@ class Agent:
     async def prepare(self, folder: Path | None):
         """A new engine on `folder` (None: the configured or shipped model), loaded beside the serving one and
         health-checked: its smoke set answers as the build's fp32 model did, each within the latency bound.
-        Raises records.ModelHealthError with the reason."""
-        from edge_agent.records import ModelHealthError
+        Raises records.ModelHealthError with the reason, or glm.models.ModelError where the folder fails the gate."""
 
         def build():
             engine = self._engine()
             try:
                 engine.load(folder)
                 wrong, slowest = engine.smoke()
-            except Exception as e:  # noqa: BLE001 - whatever fails here fails the health check
+            except ModelError:  # the folder fails the gate: not a health matter, its reason says what
+                engine.close()
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever else fails here fails the health check
                 engine.close()
                 raise ModelHealthError(f"the model does not load: {str(e)[:240]}") from None
             if wrong or slowest * 1e3 > self.smoke_max_ms:

@@ -92,7 +92,7 @@ class App:
                            keys=[cfg.model.public_key, *cfg.ota.trusted_keys], smoke_max_ms=cfg.ota.smoke_max_ms)
         self.updater = Updater(cfg.ota, Path(cfg.gateway.state_dir), self.store, self.metrics, self.agent,
                                self._ota_tls, target=Target(cfg.gateway.id, cfg.gateway.hardware or platform.machine()))
-        self.agent.updater = self.updater
+        self.agent.boot, self.agent.booted = self.updater.boot, self.updater.booted  # which folder; what serves
         self.components.append(self.agent)
         self.router = ops.Router(cfg.commands, ops.TABLE, ops.Gateway(
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,

@@ -85,7 +85,7 @@ class Rig:
         self.ctx = ctx or (lambda: tls.client_context(str(pki["ca"].cert_path), str(cert), str(key)))
         self.updater = Updater(self.ocfg, tmp / "state", self.store, self.metrics, self.agent, self.ctx,
                                target=Target(*target))
-        self.agent.updater = self.updater
+        self.agent.boot, self.agent.booted = self.updater.boot, self.updater.booted
 
     async def __aenter__(self) -> "Rig":
         await self.store.open()

@@ -212,22 +212,30 @@ def _external_data(name: str, fd: int) -> list[str]:
     return out
 
 
-def verify_manifest(body: bytes, sig_text: bytes, keys: str | Sequence[str]) -> dict[str, Any]:
-    """The manifest, once its signature verifies with one of the trusted keys and its content is well formed."""
+def verify_signed(message: bytes, sig_text: bytes | str, keys: str | Sequence[str]) -> None:
+    """The one check of an Ed25519 signature (base64) over `message` by any of the trusted keys: a model's manifest,
+    a key rotation. Raises ModelError (reason signature) when none verifies."""
     trusted = [parse_public_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
     try:
         sig = base64.b64decode(sig_text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ModelError("manifest.sig is not base64", "signature") from None
+        raise ModelError("the signature is not base64", "signature") from None
     for key in trusted:
         try:
-            key.verify(sig, body)
-            break
+            key.verify(sig, message)
+            return
         except InvalidSignature:
             continue
-    else:
-        raise ModelError("manifest signature does not verify with any trusted key (model.public_key, "
-                         "ota.trusted_keys)", "signature")
+    raise ModelError("the signature does not verify with any trusted key (model.public_key, ota.trusted_keys)",
+                     "signature")
+
+
+def verify_manifest(body: bytes, sig_text: bytes, keys: str | Sequence[str]) -> dict[str, Any]:
+    """The manifest, once its signature verifies with one of the trusted keys and its content is well formed."""
+    try:
+        verify_signed(body, sig_text, keys)
+    except ModelError as e:
+        raise ModelError(f"manifest.sig: {e}", "signature") from None
     try:
         return check_manifest(json.loads(body))
     except ValueError as e:
