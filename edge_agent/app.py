@@ -101,7 +101,7 @@ class App:
             rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan, log_level=self._log_level,
             renew_cert=self._renew_cert if cfg.uplink.enabled and cfg.uplink.renew else None,
             pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
-            models=self.updater),
+            models=self.updater, forget_device=self.store.forget_device),
             self.metrics,
             journal=self.store, gateway_id=cfg.gateway.id)
         self.store.requests_keep_s, self.store.requests_max = cfg.commands.dedup_window_s, cfg.commands.dedup_max

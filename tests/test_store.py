@@ -220,3 +220,27 @@ def test_the_uplink_reads_what_was_just_committed_from_memory_and_never_an_ackno
         assert [(r.first_seq, r.last_seq) for r in rows] == [(21, 25), (26, 26)]
         await s.close()
     asyncio.run(main())
+
+
+def test_a_forgotten_device_frees_its_room_at_once_and_registers_again_when_it_sends(tmp_path):
+    """The job kind ForgetDevice (devices.forget): one declaration in store/jobs.py and this test. The registry is
+    full; forgetting a device frees its room for a new one at once; the forgotten device registers again when it
+    sends; forgetting an unknown device says so (None)."""
+    async def main():
+        s = await _open(tmp_path, max_devices=2)
+        await s.write([R(1, "flood-1"), R(2, "pump-1")])
+        await s.write([R(3, "pump-2")])  # the registry is full: refused
+        assert set(s.registry.known_devices) == {"flood-1", "pump-1"}
+        assert await s.forget_device("flood-1") == 1
+        assert await s.forget_device("flood-1") is None
+        await s.write([R(4, "pump-2")])
+        assert set(s.registry.known_devices) == {"pump-1", "pump-2"}
+        devices = {d["device"] for d in await s.devices()}
+        assert devices == {"pump-1", "pump-2"}
+        await s.close()
+        s = await _open(tmp_path, max_devices=3)  # and after a restart the registry is what was committed
+        assert set(s.registry.known_devices) == {"pump-1", "pump-2"}
+        await s.write([R(5, "flood-1")])
+        assert "flood-1" in s.registry.known_devices
+        await s.close()
+    asyncio.run(main())

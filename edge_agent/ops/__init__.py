@@ -12,9 +12,9 @@ from edge_agent.ops.ask import PendingWrites
 from edge_agent.ops.base import CommandError, Gateway, Operation, reply_error, reply_ok
 from edge_agent.ops.router import READ_ONLY, Router, allowed
 
-_ORDER = ("ping", "status", "devices", "query", "write", "logs.tail", "logs.level", "ask", "config.get", "rules.list",
-          "rules.add", "rules.remove", "alerts.list", "confirm", "model.list", "model.update", "model.cancel", "model.rollback",
-          "model.keys", "certs.renew")
+_ORDER = ("ping", "status", "devices", "devices.forget", "query", "write", "logs.tail", "logs.level", "ask",
+          "config.get", "rules.list", "rules.add", "rules.remove", "alerts.list", "confirm", "model.list", "model.update",
+          "model.cancel", "model.rollback", "model.keys", "certs.renew")
 _ALL = {op.name: op for mod in (status, data, write, rules, ask, model) for op in mod.OPERATIONS}
 assert set(_ALL) == set(_ORDER), "list a new operation in _ORDER (the order `known:` messages and docs show)"
 TABLE: dict[str, Operation] = {name: _ALL[name] for name in _ORDER}

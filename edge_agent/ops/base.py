@@ -60,6 +60,7 @@ class Gateway:
     models: Any = None  # ota.Updater: model updates, rollback, the installed versions
     log_level: Callable[[str, float], dict] | None = None  # the shipped log level for a while (logs.level)
     renew_cert: Callable[[], dict] | None = None  # start an uplink certificate renewal (certs.renew)
+    forget_device: Callable[[str], Awaitable[int | None]] | None = None  # devices.forget (the store's registry)
 
 
 @dataclass

@@ -1,10 +1,13 @@
-"""What the gateway knows of its devices: devices, query, alerts.list."""
+"""What the gateway knows of its devices: devices, devices.forget, query, alerts.list."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from edge_agent.glm.schema import AGGS, MAX_WINDOW_S, Arg, ToolSpec
 from edge_agent.ops.base import CommandError, Field, Gateway, Operation, Request
+
+audit = logging.getLogger("edge_agent.audit")
 
 MAX_CLEARED = 100
 
@@ -76,6 +79,17 @@ def _alerts_answer(fields: dict, result: Any) -> str:
     return f"{len(firing)} alarm{'s' if len(firing) != 1 else ''} active{where}: {head}"
 
 
+async def _forget(gw: Gateway, req: Request) -> dict:
+    device = req.fields["device"]
+    if gw.forget_device is None:
+        raise CommandError("unavailable", "this gateway cannot forget devices")
+    n = await gw.forget_device(device)
+    if n is None:
+        raise CommandError("not_found", f"no device {device[:128]!r} in the registry")
+    audit.info("device forgotten", extra={"who": req.who, "device": device, "series": n})
+    return {"forgotten": device, "series": n}
+
+
 OPERATIONS = (
     Operation("devices", "the device registry (filter: a substring of the id)", {"filter": Field((str, type(None)), False)},
               changes=False, run=_devices, answer=_devices_answer,
@@ -87,6 +101,9 @@ OPERATIONS = (
                                             ("window_s", Arg.WINDOW)),
                             {"device": "pump-1", "point": "temperature", "agg": "avg", "window_s": 3600}),
               examples=("max temperature of pump-1 over the last hour",)),
+    Operation("devices.forget", "remove a device and its series from the registry (its room is free at once; its "
+              "readings stay in the window; it registers again when it sends)", {"device": Field((str,))},
+              changes=True, run=_forget),
     Operation("alerts.list", "the alerts firing now and the last `cleared` (default 10) cleared ones; device: only "
               "that device's", {"device": Field((str, type(None)), False), "cleared": Field((int,), False)},
               changes=False, run=_alerts, answer=_alerts_answer,

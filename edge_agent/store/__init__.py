@@ -287,6 +287,11 @@ class Store:
     def request_reply(self, name: str, rid: str, reply: bytes) -> None:
         self.put(jobs.RequestReply(name, rid, reply))
 
+    async def forget_device(self, device: str) -> int | None:
+        """Remove a device and its series from the registry (devices.forget): the number of series it had, or None
+        when it was not known."""
+        return await self._wait(jobs.ForgetDevice(device))
+
     # -- the writer's side: answers, log room -----------------------------------------------------
     def resolve(self, results: list, error: BaseException | None, notify: set[str] = frozenset(),
                 rows: list[OutboxRow] | None = None, acked: int = 0) -> None:

@@ -373,7 +373,28 @@ class OutboxAck(Job):
             store.outbox_bytes -= tx.state["acked"][1]
 
 
+@dataclass
+class ForgetDevice(Job):
+    """An operator forgets a device (devices.forget): its registry rows go and its room is free at once; its readings
+    stay in the window until retention, and a reading that comes again registers it anew. Resolves to the number of
+    series it had, or None when the registry did not know it."""
+    device: str
+
+    @classmethod
+    def apply(cls, store, conn, tx, jobs):
+        for job in jobs:
+            known = conn.execute("DELETE FROM devices WHERE device = ?", (job.device,)).rowcount
+            n = conn.execute("DELETE FROM points WHERE device = ?", (job.device,)).rowcount
+            tx.results.append((job.fut, n if known else None))
+            tx.state.setdefault("forgotten", []).append(job.device)
+
+    @classmethod
+    def committed(cls, store, tx, jobs):
+        for device in tx.state.get("forgotten", ()):
+            store.registry.forget(device)
+
+
 # The order in which the kinds apply their SQL inside a commit (LogAck before LogLine: acknowledged lines go before
 # the new ones are counted against their room).
 KINDS: tuple[type[Job], ...] = (WriteReadings, DeadLetter, AlertAck, TakeRequest, RequestReply, SaveRule, LogAck,
-                                LogLine, SetMeta, KeepAlert, OutboxAck)
+                                LogLine, SetMeta, KeepAlert, OutboxAck, ForgetDevice)

@@ -44,6 +44,15 @@ class Registry:
         self.series = {(d, p): i for i, d, p in conn.execute("SELECT id, device, point FROM points")}
         self.device_points = collections.Counter(d for d, _ in self.series)
 
+    def forget(self, device: str) -> None:
+        """(after its rows were deleted) The device and its series leave the registry's memory."""
+        self.known_devices.pop(device, None)
+        self.device_points.pop(device, None)
+        self._seen_devices.pop(device, None)
+        for key in [k for k in self.series if k[0] == device]:
+            del self.series[key]
+            self._seen_points.pop(key, None)
+
     def admit(self, readings: list[Reading], fresh: tuple[dict, set, collections.Counter],
               refused: dict[tuple[str, str, str, str], int]) -> list[Reading]:
         """The readings the registry takes (`fresh`: what this commit adds); the others are counted in `refused`
