@@ -46,6 +46,10 @@ class GatewayConfig:
                         "'' = the processor architecture (aarch64, x86_64). A bundle that names hardware kinds "
                         "installs only on those")
 
+    def check(self, key: str) -> None:
+        if not _ID_RE.match(self.id):
+            raise ConfigError(f"{key}.id: expected 1-128 characters of letters, digits, '_', '.', '-' "
+                              f"(it becomes an MQTT topic segment), got {self.id!r}")
 
 @dataclass
 class LogConfig:
@@ -129,6 +133,12 @@ class TopicConfig(PayloadConfig):
     filter: str = opt(doc="MQTT topic filter to subscribe to, e.g. devices/+/telemetry")
     device: str = opt("{device}", doc="topic pattern naming the device segment, e.g. devices/{device}/telemetry")
 
+    def check(self, key: str) -> None:
+        if not self.filter or "#" in self.filter[:-1] or any(len(s) > 1 and ("+" in s or "#" in s)
+                                                              for s in self.filter.split("/")):
+            raise ConfigError(f"{key}.filter: expected a valid MQTT topic filter, got {self.filter!r}")
+        if self.device.count("{device}") != 1:
+            raise ConfigError(f"{key}.device: expected a pattern with exactly one {{device}}, got {self.device!r}")
 
 @dataclass(kw_only=True)
 class CoapObserveConfig(PayloadConfig):
@@ -136,6 +146,11 @@ class CoapObserveConfig(PayloadConfig):
     device: str = opt(doc="device id its readings are stored under")
     max_age_margin_s: float = opt(5.0, doc="re-register when no notification came for Max-Age plus this", ge=0.1)
 
+    def check(self, key: str) -> None:
+        if not self.uri.startswith(("coap://", "coap+tcp://")):
+            raise ConfigError(f"{key}.uri: expected a coap:// URI, got {self.uri!r}")
+        if not _ID_RE.match(self.device):
+            raise ConfigError(f"{key}.device: expected a device id, got {self.device!r}")
 
 @dataclass
 class CoapConfig:
@@ -155,6 +170,12 @@ class CoapConfig:
     reconnect_max_s: float = opt(30.0, doc="re-registration delay cap", ge=0.1)
     observe: list[CoapObserveConfig] = opt(factory=list, doc="resources on devices to observe (RFC 7641)")
 
+    def check(self, key: str) -> None:
+        if self.require_oscore and not self.credentials_file:
+            raise ConfigError(f"{key}.require_oscore: needs {key}.credentials_file")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError(f"{key}: the minimum delay ({self.reconnect_min_s}) is above the maximum "
+                              f"({self.reconnect_max_s})")
 
 @dataclass
 class TlsClientConfig:
@@ -187,6 +208,15 @@ class MqttIngestConfig:
                                                                  device="devices/{device}/telemetry")],
                                     doc="topic filters and their decoders")
 
+    def check(self, key: str) -> None:
+        if self.enabled and not self.topics:
+            raise ConfigError(f"{key}.topics: at least one [[{key}.topics]] is needed when {key}.enabled = true")
+        if self.tls and not self.tls_files.ca_file:
+            raise ConfigError(f"{key}.tls_files.ca_file: required when {key}.tls = true (verification cannot be "
+                              "turned off)")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError(f"{key}: the minimum delay ({self.reconnect_min_s}) is above the maximum "
+                              f"({self.reconnect_max_s})")
 
 @dataclass
 class OpcuaNodeConfig:
@@ -201,6 +231,11 @@ class OpcuaNodeConfig:
     min: float = opt(-1e308, doc="writes below are refused")
     max: float = opt(1e308, doc="writes above are refused")
 
+    def check(self, key: str) -> None:
+        if bool(self.node_id) == bool(self.browse_path):
+            raise ConfigError(f"{key}: give exactly one of node_id and browse_path")
+        if self.min > self.max:
+            raise ConfigError(f"{key}: min ({self.min}) is above max ({self.max})")
 
 @dataclass
 class OpcuaServerConfig:
@@ -225,6 +260,23 @@ class OpcuaServerConfig:
                                           "subscriptions", ge=1, le=100_000)
     nodes: list[OpcuaNodeConfig] = opt(factory=list, doc="the nodes to monitor")
 
+    def check(self, key: str) -> None:
+        if not self.endpoint.startswith("opc.tcp://"):
+            raise ConfigError(f"{key}.endpoint: expected opc.tcp://host:port/..., got {self.endpoint!r}")
+        if not _ID_RE.match(self.device):
+            raise ConfigError(f"{key}.device: expected a device id, got {self.device!r}")
+        if self.security_policy != "None":
+            for k in ("client_cert_file", "client_key_file", "server_cert_file"):
+                if not getattr(self, k):
+                    raise ConfigError(f"{key}.{k}: required with security_policy = {self.security_policy!r} "
+                                      "(the server certificate is pinned, never fetched)")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError(f"{key}: the minimum delay ({self.reconnect_min_s}) is above the maximum "
+                              f"({self.reconnect_max_s})")
+        points = [n.point for n in self.nodes]
+        for j, point in enumerate(points):
+            if point in points[:j]:
+                raise ConfigError(f"{key}.nodes[{j}].point: {point!r} appears twice for device {self.device!r}")
 
 @dataclass
 class OpcuaConfig:
@@ -277,6 +329,18 @@ class UplinkConfig:
                                       "moving to shorter certificates)", ge=0)
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
 
+    def check(self, key: str) -> None:
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError(f"{key}: the minimum delay ({self.reconnect_min_s}) is above the maximum "
+                              f"({self.reconnect_max_s})")
+        if self.enabled:
+            for k in ("ca_file", "cert_file", "key_file"):
+                if not getattr(self, k):
+                    raise ConfigError(f"{key}.{k}: required when {key}.enabled = true "
+                                      "(the uplink is mutual TLS only; verification cannot be turned off)")
+            if "/" in self.topic_prefix or "+" in self.topic_prefix or "#" in self.topic_prefix or not self.topic_prefix:
+                raise ConfigError(f"{key}.topic_prefix: expected one topic segment without / + #, got "
+                                  f"{self.topic_prefix!r}")
 
 @dataclass
 class RuleConfig:
@@ -295,6 +359,8 @@ class RuleConfig:
     action_point: str = opt("", doc="the point to write on firing")
     action_value: str = opt("", doc="the value to write, as JSON: false, 0, 12.5, \"stop\"")
 
+    def check(self, key: str) -> None:
+        _check_rule(self, key)
 
 @dataclass
 class RulesConfig:
@@ -309,6 +375,11 @@ class RulesConfig:
                            "oldest go", ge=10, le=1_000_000)
     rule: list[RuleConfig] = opt(factory=list, doc="the rules ([[rules.rule]] tables)")
 
+    def check(self, key: str) -> None:
+        ids = [r.id for r in self.rule]
+        for i, rule_id in enumerate(ids):
+            if rule_id in ids[:i]:
+                raise ConfigError(f"{key}.rule[{i}].id: {rule_id!r} is used twice")
 
 SHIPPED_MODEL_PUBLIC_KEY = "uajP+EhvSIyBkPEyb0G+gTnRjOkhohSNmekAMnmCM/A="  # signs models/glm-edge-iot/*
 
@@ -340,6 +411,10 @@ class CommandsConfig:
                                     "<prefix>/<gateway>/res/ (always allowed); a request whose response topic is "
                                     "elsewhere is refused unrun and counted")
 
+    def check(self, key: str) -> None:
+        if self.operator_keys and self.signature_max_age_s > self.dedup_window_s:
+            raise ConfigError(f"{key}.signature_max_age_s: must not exceed {key}.dedup_window_s, or a signed "
+                              "request could be replayed after its id is forgotten")
 
 @dataclass
 class PointWordsConfig:
@@ -358,6 +433,8 @@ class AskConfig:
     points: list[PointWordsConfig] = opt(factory=list, doc="this gateway's own point names and operators' words for "
                                          "them, added to the shipped table (at most 64 points, 16 words each)")
 
+    def check(self, key: str) -> None:
+        _check_points(self.points, f"{key}.points")
 
 @dataclass
 class ModelConfig:
@@ -380,6 +457,12 @@ class ModelConfig:
     trt_int8: bool = opt(True, doc="TensorRT: allow int8 kernels (the QDQ file carries its scales)")
     trt_workspace_mb: int = opt(1024, doc="TensorRT: builder workspace", ge=64, le=65536)
 
+    def check(self, key: str) -> None:
+        for p in self.providers:
+            if p not in ("tensorrt", "cuda", "cpu"):
+                raise ConfigError(f"{key}.providers: unknown provider {p!r} (tensorrt, cuda, cpu)")
+        if not self.providers or len(set(self.providers)) != len(self.providers):
+            raise ConfigError(f"{key}.providers: name each of tensorrt, cuda, cpu at most once, at least one")
 
 @dataclass
 class OtaConfig:
@@ -424,6 +507,10 @@ class SupervisorConfig:
     restart_min_s: float = opt(0.5, doc="first restart delay of a crashed component", ge=0.01)
     restart_max_s: float = opt(60.0, doc="restart delay cap", ge=0.1)
 
+    def check(self, key: str) -> None:
+        if self.restart_min_s > self.restart_max_s:
+            raise ConfigError(f"{key}: the minimum delay ({self.restart_min_s}) is above the maximum "
+                              f"({self.restart_max_s})")
 
 @dataclass
 class Config:
@@ -545,11 +632,11 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
 MAX_EXTRA_POINTS, MAX_WORDS_PER_POINT, MAX_NAME_CHARS = 64, 16, 48  # ask.points (48: the grammar's name bound)
 
 
-def _check_points(points: list[PointWordsConfig]) -> None:
+def _check_points(points: list[PointWordsConfig], where: str) -> None:
     if len(points) > MAX_EXTRA_POINTS:
-        raise ConfigError(f"ask.points: at most {MAX_EXTRA_POINTS} points, got {len(points)}")
+        raise ConfigError(f"{where}: at most {MAX_EXTRA_POINTS} points, got {len(points)}")
     for i, p in enumerate(points):
-        key = f"ask.points[{i}]"
+        key = f"{where}[{i}]"
         if not 1 <= len(p.name) <= MAX_NAME_CHARS or not re.fullmatch(r"[A-Za-z0-9_.-]+", p.name):
             raise ConfigError(f"{key}.name: expected 1-{MAX_NAME_CHARS} letters, digits, '_', '.', '-', "
                               f"got {p.name!r}")
@@ -560,87 +647,20 @@ def _check_points(points: list[PointWordsConfig]) -> None:
                 raise ConfigError(f"{key}.words: expected words of 1-{MAX_NAME_CHARS} characters, got {w!r}")
 
 
-def _check(cfg: Config) -> None:
-    _check_points(cfg.ask.points)
-    if not _ID_RE.match(cfg.gateway.id):
-        raise ConfigError("gateway.id: expected 1-128 characters of letters, digits, '_', '.', '-' "
-                          f"(it becomes an MQTT topic segment), got {cfg.gateway.id!r}")
-    for name, lo, hi in (("southbound.mqtt", cfg.southbound.mqtt.reconnect_min_s, cfg.southbound.mqtt.reconnect_max_s),
-                         ("uplink", cfg.uplink.reconnect_min_s, cfg.uplink.reconnect_max_s),
-                         ("supervisor", cfg.supervisor.restart_min_s, cfg.supervisor.restart_max_s)):
-        if lo > hi:
-            raise ConfigError(f"{name}: the minimum delay ({lo}) is above the maximum ({hi})")
-    mq = cfg.southbound.mqtt
-    if mq.enabled and not mq.topics:
-        raise ConfigError("southbound.mqtt.topics: at least one [[southbound.mqtt.topics]] is needed "
-                          "when southbound.mqtt.enabled = true")
-    for i, t in enumerate(mq.topics):
-        key = f"southbound.mqtt.topics[{i}]"
-        if not t.filter or "#" in t.filter[:-1] or any(len(s) > 1 and ("+" in s or "#" in s)
-                                                        for s in t.filter.split("/")):
-            raise ConfigError(f"{key}.filter: expected a valid MQTT topic filter, got {t.filter!r}")
-        if t.device.count("{device}") != 1:
-            raise ConfigError(f"{key}.device: expected a pattern with exactly one {{device}}, got {t.device!r}")
-    if mq.tls and not mq.tls_files.ca_file:
-        raise ConfigError("southbound.mqtt.tls_files.ca_file: required when southbound.mqtt.tls = true "
-                          "(verification cannot be turned off)")
-    co = cfg.southbound.coap
-    for i, o in enumerate(co.observe):
-        if not o.uri.startswith(("coap://", "coap+tcp://")):
-            raise ConfigError(f"southbound.coap.observe[{i}].uri: expected a coap:// URI, got {o.uri!r}")
-        if not _ID_RE.match(o.device):
-            raise ConfigError(f"southbound.coap.observe[{i}].device: expected a device id, got {o.device!r}")
-    if co.require_oscore and not co.credentials_file:
-        raise ConfigError("southbound.coap.require_oscore: needs southbound.coap.credentials_file")
-    if co.reconnect_min_s > co.reconnect_max_s:
-        raise ConfigError(f"southbound.coap: the minimum delay ({co.reconnect_min_s}) is above the maximum "
-                          f"({co.reconnect_max_s})")
-    for i, srv in enumerate(cfg.southbound.opcua.servers):
-        key = f"southbound.opcua.servers[{i}]"
-        if not srv.endpoint.startswith("opc.tcp://"):
-            raise ConfigError(f"{key}.endpoint: expected opc.tcp://host:port/..., got {srv.endpoint!r}")
-        if not _ID_RE.match(srv.device):
-            raise ConfigError(f"{key}.device: expected a device id, got {srv.device!r}")
-        if srv.security_policy != "None":
-            for k in ("client_cert_file", "client_key_file", "server_cert_file"):
-                if not getattr(srv, k):
-                    raise ConfigError(f"{key}.{k}: required with security_policy = {srv.security_policy!r} "
-                                      "(the server certificate is pinned, never fetched)")
-        if srv.reconnect_min_s > srv.reconnect_max_s:
-            raise ConfigError(f"{key}: the minimum delay ({srv.reconnect_min_s}) is above the maximum "
-                              f"({srv.reconnect_max_s})")
-        points = set()
-        for j, n in enumerate(srv.nodes):
-            nk = f"{key}.nodes[{j}]"
-            if bool(n.node_id) == bool(n.browse_path):
-                raise ConfigError(f"{nk}: give exactly one of node_id and browse_path")
-            if n.point in points:
-                raise ConfigError(f"{nk}.point: {n.point!r} appears twice for device {srv.device!r}")
-            points.add(n.point)
-            if n.min > n.max:
-                raise ConfigError(f"{nk}: min ({n.min}) is above max ({n.max})")
-    ids = set()
-    for i, r in enumerate(cfg.rules.rule):
-        if r.id in ids:
-            raise ConfigError(f"rules.rule[{i}].id: {r.id!r} is used twice")
-        ids.add(r.id)
-        _check_rule(r, f"rules.rule[{i}]")
-    for p in cfg.model.providers:
-        if p not in ("tensorrt", "cuda", "cpu"):
-            raise ConfigError(f"model.providers: unknown provider {p!r} (tensorrt, cuda, cpu)")
-    if not cfg.model.providers or len(set(cfg.model.providers)) != len(cfg.model.providers):
-        raise ConfigError("model.providers: name each of tensorrt, cuda, cpu at most once, at least one")
-    if cfg.commands.operator_keys and cfg.commands.signature_max_age_s > cfg.commands.dedup_window_s:
-        raise ConfigError("commands.signature_max_age_s: must not exceed commands.dedup_window_s, or a signed "
-                          "request could be replayed after its id is forgotten")
-    up = cfg.uplink
-    if up.enabled:
-        for k in ("ca_file", "cert_file", "key_file"):
-            if not getattr(up, k):
-                raise ConfigError(f"uplink.{k}: required when uplink.enabled = true "
-                                  "(the uplink is mutual TLS only; verification cannot be turned off)")
-        if "/" in up.topic_prefix or "+" in up.topic_prefix or "#" in up.topic_prefix or not up.topic_prefix:
-            raise ConfigError(f"uplink.topic_prefix: expected one topic segment without / + #, got {up.topic_prefix!r}")
+def check_tree(obj: Any, key: str) -> None:
+    """Every section's own cross-field rules (its `check(key)`), deepest first, defaulted sections too; raises the
+    first ConfigError, which names the key."""
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            check_tree(item, f"{key}[{i}]")
+        return
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        check_tree(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(key)
 
 
 def _check_rule(rc: "RuleConfig", key: str) -> None:
@@ -669,13 +689,13 @@ def action_value(rc: "RuleConfig") -> object:
 def rule_from_dict(raw: object) -> RuleConfig:
     """A rule sent by command, checked like the config's [[rules.rule]] (ConfigError names the field)."""
     rc = _convert("rule", RuleConfig, raw)
-    _check_rule(rc, "rule")
+    check_tree(rc, "rule")
     return rc
 
 
 def from_dict(raw: dict) -> Config:
     cfg = _build(Config, raw, "")
-    _check(cfg)
+    check_tree(cfg, "")
     return cfg
 
 
