@@ -1,14 +1,14 @@
 """The supervisor: builds the components from config, starts them, restarts a crashed one with capped
 exponential backoff, stops them in reverse order within a bound, and talks to systemd.
 
-Start order: store, uplink, southbound adapters; stop order is the reverse, so an adapter's last
-batch is committed and acknowledged before the uplink stops draining and the store closes.
+Start order: the store (opened first, outside the supervision), then rules, the GLM agent, the control socket, the
+uplink and the southbound adapters; stop order is the reverse, so an adapter's last batch is committed and
+acknowledged before the uplink stops draining and the store closes. Components take their limits when they are
+made (constructor arguments); nothing is poked into them afterwards.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import platform
 import signal
@@ -20,10 +20,10 @@ from edge_agent import __version__
 from edge_agent import ops, tls
 from edge_agent.agent import Agent
 from edge_agent.backoff import Backoff
-from edge_agent.config import Config, ConfigError, action_value, rule_from_dict, to_dict
+from edge_agent.config import Config, to_dict
 from edge_agent.control import ControlServer
 from edge_agent.glm.points import PointTable
-from edge_agent.logs import RING, ShipHandler, new_trace
+from edge_agent.logs import RING, ShipHandler
 from edge_agent import logs
 from edge_agent.metrics import Metrics
 from edge_agent.ota import Target, Updater
@@ -53,7 +53,11 @@ class App:
         self.cfg = cfg
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
-        self.store = Store(cfg.store, cfg.gateway.state_dir, self.metrics, cfg.configured_devices())
+        ships = cfg.uplink.enabled and cfg.log.ship
+        self.store = Store(cfg.store, cfg.gateway.state_dir, self.metrics, cfg.configured_devices(),
+                           alerts_max=cfg.rules.max_pending_alerts, alert_history_max=cfg.rules.history_max,
+                           requests_keep_s=cfg.commands.dedup_window_s, requests_max=cfg.commands.dedup_max,
+                           log_quota=cfg.log.ship_quota_bytes if ships else 0)
         self.components: list[Any] = []
         self.state: dict[str, str] = {}
         self.started = time.time()
@@ -68,8 +72,6 @@ class App:
         self.agent: Agent | None = None
         self.updater: Updater | None = None
         self.shipper: ShipHandler | None = None
-        self._actions: set[asyncio.Task] = set()
-        self._rules_lock = asyncio.Lock()  # rules.add and rules.remove: the cap check and the change as one step
 
     async def sink(self, readings: list, since: float | None = None) -> int:
         """Where adapters hand readings: committed first, then seen by the rules (which never raise: a committed
@@ -82,10 +84,10 @@ class App:
     def build(self) -> None:
         """Make the components; raises TlsConfigError/ConfigError for what the user must fix."""
         cfg = self.cfg
-        self.store.alerts_max = cfg.rules.max_pending_alerts
-        self.store.alert_history_max = cfg.rules.history_max
         if cfg.rules.enabled:
-            self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, act=self._rule_action)
+            self.rules = RuleEngine(cfg.rules, cfg.gateway.id, self.store.alert, self.metrics, store=self.store,
+                                    write=self.write_point, publish_local=self._publish_local,
+                                    may_write=lambda: self.router is not None and "write" in self.router.allow)
             self.components.append(self.rules)
         self.points = PointTable({p.name: p.words for p in cfg.ask.points})
         self.agent = Agent(cfg.model, ops.TOOLSET, Path(cfg.gateway.state_dir), self.metrics, points=self.points,
@@ -97,26 +99,26 @@ class App:
         self.router = ops.Router(cfg.commands, ops.TABLE, ops.Gateway(
             status=self.status, devices=self.store.devices, query_stats=self.store.query_stats,
             write_point=self.write_point, config=lambda: to_dict(self.cfg), log_lines=lambda: list(RING.lines),
-            rules_list=lambda: self.rules.list() if self.rules else [], rules_add=self.rules_add,
-            rules_remove=self.rules_remove, alerts=self.alerts, ask=self.agent.plan, log_level=self._log_level,
+            rules_list=self.rules.list if self.rules else list,
+            rules_add=self.rules.add_by_command if self.rules else _rules_disabled,
+            rules_remove=self.rules.remove_by_command if self.rules else _no_rule,
+            alerts=self.rules.alerts if self.rules else _no_alerts, ask=self.agent.plan, log_level=self._log_level,
             renew_cert=self._renew_cert if cfg.uplink.enabled and cfg.uplink.renew else None,
             pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
             models=self.updater, forget_device=self.store.forget_device),
             self.metrics,
             journal=self.store, gateway_id=cfg.gateway.id)
-        self.store.requests_keep_s, self.store.requests_max = cfg.commands.dedup_window_s, cfg.commands.dedup_max
         self.control = ControlServer(Path(cfg.gateway.state_dir), self.router.handle)
         self.components.append(self.control)
         if cfg.uplink.enabled:
             on_command = self.router.handle if cfg.commands.enabled else None
             self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
                                  cfg.commands.concurrency, tuple(cfg.commands.reply_prefixes),
-                                 cfg.commands.session_expiry_s)
+                                 cfg.commands.session_expiry_s,
+                                 log_batch_bytes=cfg.log.ship_batch_bytes if cfg.log.ship else 0)
             self.components.append(self.uplink)
             if cfg.log.ship:
                 lc = cfg.log
-                self.store.log_quota = lc.ship_quota_bytes
-                self.uplink.log_batch_bytes = lc.ship_batch_bytes
                 self.shipper = ShipHandler(self.store.log_line, lc.ship_level, lc.ship_library_level,
                                            lc.ship_max_line_chars)
         if cfg.southbound.coap.enabled:
@@ -133,92 +135,8 @@ class App:
                                      batch_rows=cfg.store.batch_max_rows)
             self.components.append(self.ingest)
 
-    def _rule_action(self, rc, state: str, payload: bytes) -> None:
-        """A rule's actions (called by the engine on the loop): local publish, and a write on firing."""
-        if rc.local_topic:
-            if self.ingest is None or not self.ingest.publish_local(rc.local_topic, payload):
-                self.metrics.alerts.labels("local_unavailable").inc()
-                log.warning("alert not published locally: no local broker connection", extra={"rule": rc.id})
-        if state == "firing" and rc.action_device:
-            t = asyncio.ensure_future(self._rule_write(rc))
-            self._actions.add(t)
-            t.add_done_callback(self._actions.discard)
-
-    async def _rule_write(self, rc) -> None:
-        new_trace("rule")  # this task's lines (the write, its audit) carry the firing's own trace id
-        value = action_value(rc)
-        what = {"rule": rc.id, "device": rc.action_device, "point": rc.action_point, "value": value}
-        try:
-            await self.write_point(rc.action_device, rc.action_point, value)
-        except WriteRefused as e:
-            audit.warning("rule action write refused", extra={**what, "reason": str(e)})
-            self.metrics.alerts.labels("action_refused").inc()
-            return
-        audit.info("rule action write done", extra=what)
-        self.metrics.alerts.labels("action_done").inc()
-
-    async def rules_add(self, doc: dict) -> dict:
-        if self.rules is None:
-            raise PermissionError("rules are disabled on this gateway (rules.enabled = false)")
-        try:
-            rc = rule_from_dict(doc)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
-        if rc.id in self.rules.from_config:
-            raise PermissionError(f"rule {rc.id!r} comes from the config file; change it there")
-        async with self._rules_lock:  # check and add as one step: concurrent adds cannot pass the cap together
-            self.check_command_rule(rc)
-            await self.store.save_rule(rc.id, json.dumps(dataclasses.asdict(rc)))
-            self.rules.add(rc)
-        return dataclasses.asdict(rc)
-
-    def check_command_rule(self, rc) -> None:
-        """What a rule added by command may do: no more than the operations allowed to the sender would."""
-        cfg = self.cfg.rules
-        if rc.action_device and (self.router is None or "write" not in self.router.allow):
-            raise PermissionError("a rule with a write action needs the write operation allowed on this gateway "
-                                  "(commands.allow)")
-        if rc.local_topic and not rc.local_topic.startswith(cfg.command_topic_prefix):
-            raise PermissionError(f"local_topic must start with {cfg.command_topic_prefix!r} "
-                                  "(rules.command_topic_prefix)")
-        added = [r for r in self.rules.rules if r.cfg.id not in self.rules.from_config and r.cfg.id != rc.id] \
-            if self.rules else []
-        if len(added) >= cfg.max_command_rules:
-            raise PermissionError(f"{len(added)} rules were added by command, the most rules.max_command_rules "
-                                  "allows; remove one first")
-
-    async def rules_remove(self, rule_id: str) -> bool:
-        if self.rules is None:
-            return False
-        if rule_id in self.rules.from_config:
-            raise PermissionError(f"rule {rule_id!r} comes from the config file; remove it there")
-        async with self._rules_lock:
-            await self.store.save_rule(rule_id, None)
-            return self.rules.remove(rule_id)
-
-    async def _load_rules(self) -> None:
-        if self.rules is None:
-            return
-        for doc in await self.store.load_rules():
-            try:
-                rc = rule_from_dict(json.loads(doc))
-            except (ConfigError, ValueError) as e:
-                log.error("stored rule unusable; skipped", extra={"error": str(e)})
-                continue
-            if rc.id not in self.rules.from_config:
-                self.rules.add(rc)
-
-    async def alerts(self, device: str | None, cleared: int) -> dict:
-        """The alerts firing now (the rule engine's state, each with its latest firing alert from the store's log)
-        and the last `cleared` cleared ones."""
-        firing_rules = [r for r in (self.rules.list() if self.rules else [])
-                        if r["firing"] and (device is None or r["device"] == device)]
-        firing, done = await self.store.alert_history([r["id"] for r in firing_rules], device, cleared)
-        docs = {d["rule"]: d for d in map(json.loads, firing)}
-        now = [docs.get(r["id"]) or {"rule": r["id"], "kind": r["kind"], "state": "firing", "device": r["device"],
-                                     "point": r["point"], "text": f"{r['device']}/{r['point']}: rule {r['id']} fires "
-                                     "(its alert was held back by the cooldown)"} for r in firing_rules]
-        return {"firing": now, "cleared": [json.loads(p) for p in done]}
+    def _publish_local(self, topic: str, payload: bytes) -> bool:
+        return self.ingest is not None and self.ingest.publish_local(topic, payload)
 
     async def write_point(self, device: str, point: str, value: object) -> None:
         """Route an allow-listed point write to the adapter that owns the device."""
@@ -261,7 +179,8 @@ class App:
             self._metrics_server, _ = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         await self.store.open()
         logs.ship(self.shipper)
-        await self._load_rules()
+        if self.rules is not None:
+            await self.rules.load()
         for comp in self.components:
             self.state[comp.name] = "starting"
             self._tasks[comp.name] = asyncio.create_task(self._supervise(comp), name=comp.name)
@@ -380,3 +299,15 @@ class App:
                 f"committed={int(m.value('edge_agent_readings_committed_total'))} "
                 f"acked={int(m.value('edge_agent_uplink_readings_acked_total'))} "
                 f"outbox={self.store.outbox_readings} uplink={up}")
+
+
+async def _rules_disabled(_arg: object) -> object:
+    raise PermissionError("rules are disabled on this gateway (rules.enabled = false)")
+
+
+async def _no_rule(_rule_id: str) -> bool:
+    return False
+
+
+async def _no_alerts(_device: str | None, _cleared: int) -> dict:
+    return {"firing": [], "cleared": []}

@@ -51,6 +51,7 @@ class GatewayConfig:
             raise ConfigError(f"{key}.id: expected 1-128 characters of letters, digits, '_', '.', '-' "
                               f"(it becomes an MQTT topic segment), got {self.id!r}")
 
+
 @dataclass
 class LogConfig:
     level: str = opt("info", doc="debug|info|warning|error", choices=("debug", "info", "warning", "error"))
@@ -140,6 +141,7 @@ class TopicConfig(PayloadConfig):
         if self.device.count("{device}") != 1:
             raise ConfigError(f"{key}.device: expected a pattern with exactly one {{device}}, got {self.device!r}")
 
+
 @dataclass(kw_only=True)
 class CoapObserveConfig(PayloadConfig):
     uri: str = opt(doc="resource to observe, e.g. coap://192.0.2.7/sensors/temp")
@@ -151,6 +153,7 @@ class CoapObserveConfig(PayloadConfig):
             raise ConfigError(f"{key}.uri: expected a coap:// URI, got {self.uri!r}")
         if not _ID_RE.match(self.device):
             raise ConfigError(f"{key}.device: expected a device id, got {self.device!r}")
+
 
 @dataclass
 class CoapConfig:
@@ -176,6 +179,7 @@ class CoapConfig:
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ConfigError(f"{key}: the minimum delay ({self.reconnect_min_s}) is above the maximum "
                               f"({self.reconnect_max_s})")
+
 
 @dataclass
 class TlsClientConfig:
@@ -218,6 +222,7 @@ class MqttIngestConfig:
             raise ConfigError(f"{key}: the minimum delay ({self.reconnect_min_s}) is above the maximum "
                               f"({self.reconnect_max_s})")
 
+
 @dataclass
 class OpcuaNodeConfig:
     point: str = opt(doc="point name the readings are stored under")
@@ -236,6 +241,7 @@ class OpcuaNodeConfig:
             raise ConfigError(f"{key}: give exactly one of node_id and browse_path")
         if self.min > self.max:
             raise ConfigError(f"{key}: min ({self.min}) is above max ({self.max})")
+
 
 @dataclass
 class OpcuaServerConfig:
@@ -277,6 +283,7 @@ class OpcuaServerConfig:
         for j, point in enumerate(points):
             if point in points[:j]:
                 raise ConfigError(f"{key}.nodes[{j}].point: {point!r} appears twice for device {self.device!r}")
+
 
 @dataclass
 class OpcuaConfig:
@@ -342,6 +349,7 @@ class UplinkConfig:
                 raise ConfigError(f"{key}.topic_prefix: expected one topic segment without / + #, got "
                                   f"{self.topic_prefix!r}")
 
+
 @dataclass
 class RuleConfig:
     id: str = opt(doc="rule id (letters, digits, _ . -)")
@@ -362,6 +370,7 @@ class RuleConfig:
     def check(self, key: str) -> None:
         _check_rule(self, key)
 
+
 @dataclass
 class RulesConfig:
     enabled: bool = opt(True, doc="evaluate rules on the ingest path; alerts go through the store to the cloud")
@@ -380,6 +389,7 @@ class RulesConfig:
         for i, rule_id in enumerate(ids):
             if rule_id in ids[:i]:
                 raise ConfigError(f"{key}.rule[{i}].id: {rule_id!r} is used twice")
+
 
 SHIPPED_MODEL_PUBLIC_KEY = "uajP+EhvSIyBkPEyb0G+gTnRjOkhohSNmekAMnmCM/A="  # signs models/glm-edge-iot/*
 
@@ -416,6 +426,7 @@ class CommandsConfig:
             raise ConfigError(f"{key}.signature_max_age_s: must not exceed {key}.dedup_window_s, or a signed "
                               "request could be replayed after its id is forgotten")
 
+
 @dataclass
 class PointWordsConfig:
     name: str = opt(doc="a point name of this gateway's devices (or a shipped one: temperature, level, ...)")
@@ -435,6 +446,7 @@ class AskConfig:
 
     def check(self, key: str) -> None:
         _check_points(self.points, f"{key}.points")
+
 
 @dataclass
 class ModelConfig:
@@ -463,6 +475,7 @@ class ModelConfig:
                 raise ConfigError(f"{key}.providers: unknown provider {p!r} (tensorrt, cuda, cpu)")
         if not self.providers or len(set(self.providers)) != len(self.providers):
             raise ConfigError(f"{key}.providers: name each of tensorrt, cuda, cpu at most once, at least one")
+
 
 @dataclass
 class OtaConfig:
@@ -511,6 +524,7 @@ class SupervisorConfig:
         if self.restart_min_s > self.restart_max_s:
             raise ConfigError(f"{key}: the minimum delay ({self.restart_min_s}) is above the maximum "
                               f"({self.restart_max_s})")
+
 
 @dataclass
 class Config:

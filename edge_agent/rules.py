@@ -21,21 +21,27 @@ clears), through the same allow-listed, typed, ranged path as the `write` comman
 
 Evaluation runs on the ingest path after the commit: a dict lookup per reading, and work only for
 the readings a rule watches.
+
+The engine owns its rules whole: evaluation, the rules added by command (`add_by_command`, `remove_by_command`:
+checked like the config, no more than the sender's operations allow, at most `rules.max_command_rules`, stored so
+they survive restarts), the alert listing (`alerts`), and the actions, which write and publish through callables the
+supervisor hands in (as operations do).
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import math
 import time
-from typing import Callable
+from typing import Any, Awaitable, Callable, Protocol
 
-from edge_agent.config import RuleConfig, RulesConfig
-from edge_agent.logs import RateLimited
+from edge_agent.config import ConfigError, RuleConfig, RulesConfig, action_value, rule_from_dict
+from edge_agent.logs import RateLimited, new_trace
 from edge_agent.metrics import Metrics
-from edge_agent.records import Reading
+from edge_agent.records import Reading, WriteRefused
 
 log = logging.getLogger(__name__)
 Emit = Callable[[bytes, str, str, str], None]  # (payload, rule id, device, state)
@@ -104,14 +110,34 @@ class _Rule:
         self.e.alert(self, "firing" if fire else "cleared", value, stats, ts_ns)
 
 
+class RuleStore(Protocol):
+    """Where rules added by command are kept and the alert log is read (the store)."""
+    async def save_rule(self, rule_id: str, doc: str | None) -> None: ...
+
+    async def load_rules(self) -> list[str]: ...
+
+    async def alert_history(self, rules: list[str], device: str | None,
+                            cleared: int) -> tuple[list[bytes], list[bytes]]: ...
+
+
+audit = logging.getLogger("edge_agent.audit")
+
+
 class RuleEngine:
     name = "rules"
 
     def __init__(self, cfg: RulesConfig, gateway: str, emit: Emit, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic,
-                 act: Callable[[RuleConfig, str, bytes], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, store: RuleStore | None = None,
+                 write: Callable[[str, str, Any], Awaitable[None]] | None = None,
+                 publish_local: Callable[[str, bytes], bool] | None = None,
+                 may_write: Callable[[], bool] = lambda: False) -> None:
+        """`write` (device, point, value): an allow-listed write, raising WriteRefused; `publish_local` (topic,
+        payload) -> whether it went; `may_write`: whether the write operation is allowed on this gateway (a rule
+        added by command may do no more than its sender)."""
         self.cfg, self.gateway, self.emit, self.metrics, self.clock = cfg, gateway, emit, metrics, clock
-        self.act = act
+        self.store, self.write, self.publish_local, self.may_write = store, write, publish_local, may_write
+        self._lock = asyncio.Lock()  # rules added or removed by command: the cap's check and the change as one step
+        self._actions: set[asyncio.Task] = set()
         self.rules: list[_Rule] = []
         self._by_series: dict[tuple[str, str], list[_Rule]] = {}
         self.from_config = {r.id for r in cfg.rule}
@@ -141,7 +167,6 @@ class RuleEngine:
         return False
 
     def list(self) -> list[dict]:
-        import dataclasses
         return [{**dataclasses.asdict(r.cfg), "origin": "config" if r.cfg.id in self.from_config else "command",
                  "firing": r.firing} for r in self.rules]
 
@@ -178,8 +203,95 @@ class RuleEngine:
                                     "value": value, "text": text})
         payload = json.dumps(doc, separators=(",", ":"), default=str).encode()
         self.emit(payload, c.id, c.device, state)
-        if self.act is not None and (c.local_topic or (state == "firing" and c.action_device)):
-            self.act(c, state, payload)
+        self._act(c, state, payload)
+
+    # -- actions -------------------------------------------------------------------------------
+    def _act(self, rc: RuleConfig, state: str, payload: bytes) -> None:
+        """A rule's actions: local publish (firing and cleared), and a write on firing."""
+        if rc.local_topic:
+            if self.publish_local is None or not self.publish_local(rc.local_topic, payload):
+                self.metrics.alerts.labels("local_unavailable").inc()
+                log.warning("alert not published locally: no local broker connection", extra={"rule": rc.id})
+        if state == "firing" and rc.action_device and self.write is not None:
+            t = asyncio.ensure_future(self._write(rc))
+            self._actions.add(t)
+            t.add_done_callback(self._actions.discard)
+
+    async def _write(self, rc: RuleConfig) -> None:
+        assert self.write is not None
+        new_trace("rule")  # this task's lines (the write, its audit) carry the firing's own trace id
+        value = action_value(rc)
+        what = {"rule": rc.id, "device": rc.action_device, "point": rc.action_point, "value": value}
+        try:
+            await self.write(rc.action_device, rc.action_point, value)
+        except WriteRefused as e:
+            audit.warning("rule action write refused", extra={**what, "reason": str(e)})
+            self.metrics.alerts.labels("action_refused").inc()
+            return
+        audit.info("rule action write done", extra=what)
+        self.metrics.alerts.labels("action_done").inc()
+
+    # -- rules added by command, kept in the store ------------------------------------------------
+    async def load(self) -> None:
+        """The rules added by command before a restart (a stored rule that no longer checks is skipped, logged)."""
+        assert self.store is not None
+        for doc in await self.store.load_rules():
+            try:
+                rc = rule_from_dict(json.loads(doc))
+            except (ConfigError, ValueError) as e:
+                log.error("stored rule unusable; skipped", extra={"error": str(e)})
+                continue
+            if rc.id not in self.from_config:
+                self.add(rc)
+
+    async def add_by_command(self, doc: dict) -> dict:
+        """rules.add: raises ValueError (not a rule) or PermissionError (not allowed here)."""
+        assert self.store is not None
+        try:
+            rc = rule_from_dict(doc)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if rc.id in self.from_config:
+            raise PermissionError(f"rule {rc.id!r} comes from the config file; change it there")
+        async with self._lock:  # check and add as one step: concurrent adds cannot pass the cap together
+            self._may_add(rc)
+            await self.store.save_rule(rc.id, json.dumps(dataclasses.asdict(rc)))
+            self.add(rc)
+        return dataclasses.asdict(rc)
+
+    def _may_add(self, rc: RuleConfig) -> None:
+        """What a rule added by command may do: no more than the operations allowed to the sender would."""
+        if rc.action_device and not self.may_write():
+            raise PermissionError("a rule with a write action needs the write operation allowed on this gateway "
+                                  "(commands.allow)")
+        if rc.local_topic and not rc.local_topic.startswith(self.cfg.command_topic_prefix):
+            raise PermissionError(f"local_topic must start with {self.cfg.command_topic_prefix!r} "
+                                  "(rules.command_topic_prefix)")
+        added = [r for r in self.rules if r.cfg.id not in self.from_config and r.cfg.id != rc.id]
+        if len(added) >= self.cfg.max_command_rules:
+            raise PermissionError(f"{len(added)} rules were added by command, the most rules.max_command_rules "
+                                  "allows; remove one first")
+
+    async def remove_by_command(self, rule_id: str) -> bool:
+        """rules.remove: raises PermissionError for a rule of the config file."""
+        assert self.store is not None
+        if rule_id in self.from_config:
+            raise PermissionError(f"rule {rule_id!r} comes from the config file; remove it there")
+        async with self._lock:
+            await self.store.save_rule(rule_id, None)
+            return self.remove(rule_id)
+
+    async def alerts(self, device: str | None, cleared: int) -> dict:
+        """The alerts firing now (each rule's state, with its latest firing alert from the store's log) and the last
+        `cleared` cleared ones."""
+        assert self.store is not None
+        firing_rules = [r for r in self.list() if r["firing"] and (device is None or r["device"] == device)]
+        firing, done = await self.store.alert_history([r["id"] for r in firing_rules], device, cleared)
+        docs = {d["rule"]: d for d in map(json.loads, firing)}
+        now = [docs.get(r["id"]) or {"rule": r["id"], "kind": r["kind"], "state": "firing", "device": r["device"],
+                                     "point": r["point"], "text": f"{r['device']}/{r['point']}: rule {r['id']} fires "
+                                     "(its alert was held back by the cooldown)"} for r in firing_rules]
+        return {"firing": now, "cleared": [json.loads(p) for p in done]}
 
     async def run(self) -> None:
         """The clock for `nodata` rules (once a second, only while there is one: an idle gateway is not woken for

@@ -47,9 +47,9 @@ class Uplink:
 
     def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics,
                  on_command: CommandHandler | None = None, max_commands: int = 8,
-                 reply_prefixes: tuple[str, ...] = (), session_expiry_s: int = 3600) -> None:
+                 reply_prefixes: tuple[str, ...] = (), session_expiry_s: int = 3600, log_batch_bytes: int = 0) -> None:
         self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
-        self.log_batch_bytes = 0  # > 0: ship the store's log lines (log.ship_batch_bytes a batch)
+        self.log_batch_bytes = log_batch_bytes  # > 0: ship the store's log lines (log.ship_batch_bytes a batch)
         self._refusal_log = RateLimited(log, interval_s=60, burst=3)  # commands refused unrun: a flood logs little
         self._sent_seq = 0  # readings published up to here (logs wait while readings wait to be sent)
         self._log_failures: dict[int, int] = {}  # a log batch's first id -> failed tries

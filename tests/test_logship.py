@@ -68,6 +68,9 @@ def test_logs_wait_out_an_outage_within_their_quota_and_arrive_in_order(tmp_path
             r = call(state, "logs.level", {"level": "info", "for_s": 60 + k})
             assert r["ok"], r
             traces.append(r["trace"])
+        # log lines ride along lazily (store.lazy_max_delay_ms, 1 s by default): let them reach the store while the
+        # cloud is still away, or the race with the reconnect decides whether the outage outgrew the quota
+        time.sleep(1.5)
         cloud_broker.start()
         wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 30, what="the cloud back")
         dropped = lambda: agent.metric("edge_agent_logs_dropped_total", 'reason="quota"')  # noqa: E731

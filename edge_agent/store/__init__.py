@@ -90,7 +90,11 @@ LOG_QUEUE_MAX = 20_000  # jobs waiting for the writer beyond which log lines are
 
 class Store:
     def __init__(self, cfg: StoreConfig, state_dir: str | Path, metrics: Metrics,
-                 configured_devices: frozenset[str] = frozenset()) -> None:
+                 configured_devices: frozenset[str] = frozenset(), *, alerts_max: int = 10_000,
+                 alert_history_max: int = 1000, requests_keep_s: float = 600.0, requests_max: int = 1000,
+                 log_quota: int = 16 << 20) -> None:
+        """The limits that come from other sections: rules.max_pending_alerts and history_max, commands.dedup_window_s
+        and dedup_max (how long a changing request's id is kept), log.ship_quota_bytes (0: no log lines kept)."""
         self.cfg = cfg
         self.path = Path(state_dir) / "edge-agent.db"
         self.wal = str(self.path) + "-wal"
@@ -104,14 +108,12 @@ class Store:
         self.new_data: asyncio.Event | None = None
         self.new_alert: asyncio.Event | None = None
         self.new_log: asyncio.Event | None = None
-        self.alerts_max = 10_000
-        self.alert_history_max = 1000
-        self.requests_keep_s = 600.0
-        self.requests_max = 1000
+        self.alerts_max, self.alert_history_max = alerts_max, alert_history_max
+        self.requests_keep_s, self.requests_max = requests_keep_s, requests_max
         self.next_alert_id = 1
         self.next_log_id = 1
         self.log_bytes = 0                # bytes of log lines kept for the cloud
-        self.log_quota = 16 << 20         # log.ship_quota_bytes (within log_room())
+        self.log_quota = log_quota        # log.ship_quota_bytes (within log_room())
         self.log_acked = 0                # the cloud acknowledged log lines up to here (kept in meta)
         self.next_seq = 1
         self.outbox_readings = 0
