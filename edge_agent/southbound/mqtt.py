@@ -269,7 +269,7 @@ class MqttIngest:
                 await prev  # PUBACKs leave in arrival order
             except Exception:  # noqa: BLE001 - the earlier batch logged its own failure
                 pass
-        wait, piece = 0.1, len(batch)
+        held, piece = Backoff(0.1, 5.0, self.metrics.backoff_waits.labels("mqtt_store_full")), len(batch)
         while batch:
             piece = max(1, min(piece, len(batch)))
             end = batch[piece][2] if piece < len(batch) else len(readings)
@@ -286,12 +286,12 @@ class MqttIngest:
                     raise
                 self._rl.warning("held", "store at its quota: holding messages until room frees",
                                  messages=len(batch))
-                await asyncio.sleep(wait)
-                wait, piece = min(wait * 2, 5.0), len(batch)
+                await held.wait()
+                piece = len(batch)
                 continue
             self._ack(conn, batch[:piece])
             batch = batch[piece:]
-            wait = 0.1
+            held.reset()
 
     async def _commit_one_by_one(self, batch: list[tuple[int, int, int, bytes]], readings: list[Reading],
                                  error: StoreError) -> None:
