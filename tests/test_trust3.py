@@ -529,3 +529,32 @@ def test_a_tensorrt_engine_cache_file_nobody_checked_is_never_loaded(tmp_path):
     os.chmod(d, 0o770)
     with pytest.raises(PermissionError, match="mode 0700"):
         check_cache(d)
+
+
+def test_a_flood_of_refused_reply_topics_logs_a_few_lines_not_one_each(local_broker, cloud_broker, make_agent, pki):
+    """Attack: every command with a reply topic outside the allowed prefixes logged a warning, without a rate limit
+    (each one a log line shipped to the cloud and kept in the store: it fed the log storm of finding 2). 200 of them
+    are all refused and counted, and logged at most a few times."""
+    import uuid
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from test_commands import CommandClient
+
+    from conftest import wait_for
+    agent = make_agent(local_broker, cloud_broker, model={"enabled": False}).start()
+    agent.wait_ready()
+    wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+    cli = CommandClient(cloud_broker, pki, "5")
+    try:
+        for _ in range(200):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "cloud/anything"
+            props.CorrelationData = uuid.uuid4().bytes
+            cli.c.publish("edge/gw-test/cmd/ping", b"{}", qos=1, properties=props)
+        wait_for(lambda: agent.metric("edge_agent_commands_total", 'command="unknown",outcome="bad_reply_topic"')
+                 == 200, 20, what="all refused")
+    finally:
+        cli.close()
+    assert agent.log().count("response topic is outside the allowed prefixes") <= 4
+    assert agent.stop() == 0
