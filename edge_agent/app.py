@@ -26,6 +26,7 @@ from edge_agent.glm.points import PointTable
 from edge_agent.logs import RING, ShipHandler
 from edge_agent import logs
 from edge_agent.metrics import Metrics
+from edge_agent.certs import GatewayCert
 from edge_agent.ota import Target, Updater
 from edge_agent.records import WriteRefused
 from edge_agent.rules import RuleEngine
@@ -65,6 +66,7 @@ class App:
         self._tasks: dict[str, asyncio.Task] = {}
         self._metrics_server = None
         self.uplink: Uplink | None = None
+        self.certs: GatewayCert | None = None
         self.ingest: MqttIngest | None = None
         self.router: ops.Router | None = None
         self.control: ControlServer | None = None
@@ -112,7 +114,8 @@ class App:
         self.components.append(self.control)
         if cfg.uplink.enabled:
             on_command = self.router.handle if cfg.commands.enabled else None
-            self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, on_command,
+            self.certs = GatewayCert(cfg.uplink, cfg.gateway.id, self.metrics)
+            self.uplink = Uplink(cfg.uplink, cfg.gateway.id, self.store, self.metrics, self.certs, on_command,
                                  cfg.commands.concurrency, tuple(cfg.commands.reply_prefixes),
                                  cfg.commands.session_expiry_s,
                                  log_batch_bytes=cfg.log.ship_batch_bytes if cfg.log.ship else 0)
@@ -152,10 +155,8 @@ class App:
                 "components": dict(self.state), "outbox_readings": self.store.outbox_readings,
                 "outbox_bytes": self.store.outbox_bytes, "acked_seq": self.store.acked_seq,
                 "next_seq": self.store.next_seq, "uplink_connected": bool(self.uplink and self.uplink.connected),
-                "cert_days_left": round(self.uplink.cert.days_left(), 1) if self.uplink and self.uplink.cert else None,
-                "uplink_error": self.uplink.tls_error if self.uplink else None,
-                "cert_reload": self.uplink.last_reload if self.uplink else None,
-                "cert_renewal": self.uplink.last_renewal if self.uplink else None,
+                **(self.certs.status() if self.certs else {"cert_days_left": None, "uplink_error": None,
+                                                           "cert_reload": None, "cert_renewal": None}),
                 "model": self.agent.info() if self.agent else None,
                 "models": self.updater.list() if self.updater else None}
 
@@ -170,7 +171,7 @@ class App:
             except (NotImplementedError, RuntimeError):  # not the main thread (tests, demo)
                 pass
         try:  # SIGHUP: look at the uplink's certificate files now (systemctl reload edge-agent)
-            loop.add_signal_handler(signal.SIGHUP, lambda: self.uplink.reload.set() if self.uplink else None)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.certs.reload.set() if self.certs else None)
         except (NotImplementedError, RuntimeError):
             pass
         if not self.components:
@@ -206,9 +207,8 @@ class App:
             self.notifier.close()
 
     def _renew_cert(self) -> dict:
-        assert self.uplink is not None
-        self.uplink.renew_now.set()
-        return {"started": True, "last": self.uplink.last_renewal}
+        assert self.certs is not None
+        return self.certs.renew()
 
     def _log_level(self, level: str, for_s: float) -> dict:
         if self.shipper is None:

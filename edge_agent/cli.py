@@ -473,7 +473,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     (CN = the gateway id). Send the CSR to your CA; install the certificate as uplink.cert_file."""
     import os
 
-    from edge_agent.renew import make_key_and_csr
+    from edge_agent.certs import make_key_and_csr
 
     if not config._ID_RE.match(args.gateway):
         return _fail(f"--gateway {args.gateway!r}: letters, digits, '_', '.', '-' (it becomes the certificate's CN "

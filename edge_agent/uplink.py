@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as dt
 import gzip
 import json
 import logging
-import os
-import ssl
 import time
 from typing import Awaitable, Callable
 
-from edge_agent import __version__, renew, tls
+from edge_agent import __version__
 from edge_agent.backoff import Backoff
+from edge_agent.certs import GatewayCert
 from edge_agent.config import UplinkConfig
 from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
@@ -36,7 +34,6 @@ from edge_agent.store import Store
 CommandHandler = Callable[[str, bytes, str, bool], Awaitable[tuple[bytes, "str | None"]]]  # name, body, who, at least once
 
 log = logging.getLogger(__name__)
-CERT_CHECK_INTERVAL_S = 3600
 
 
 LOG_TRIES = 3  # a log batch that failed this often is set aside
@@ -45,20 +42,17 @@ LOG_TRIES = 3  # a log batch that failed this often is set aside
 class Uplink:
     name = "uplink"
 
-    def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics,
+    def __init__(self, cfg: UplinkConfig, gateway_id: str, store: Store, metrics: Metrics, certs: GatewayCert,
                  on_command: CommandHandler | None = None, max_commands: int = 8,
                  reply_prefixes: tuple[str, ...] = (), session_expiry_s: int = 3600, log_batch_bytes: int = 0) -> None:
-        self.cfg, self.gateway, self.store, self.metrics = cfg, gateway_id, store, metrics
+        """`certs`: the gateway's certificate (certs.py), which says what to connect with."""
+        self.cfg, self.gateway, self.store, self.metrics, self.certs = cfg, gateway_id, store, metrics, certs
         self.log_batch_bytes = log_batch_bytes  # > 0: ship the store's log lines (log.ship_batch_bytes a batch)
         self._refusal_log = RateLimited(log, interval_s=60, burst=3)  # commands refused unrun: a flood logs little
         self._sent_seq = 0  # readings published up to here (logs wait while readings wait to be sent)
         self._log_failures: dict[int, int] = {}  # a log batch's first id -> failed tries
         self.on_command = on_command
         self.max_commands = max_commands
-        self.ssl_context: ssl.SSLContext | None = None
-        self.cert: tls.CertInfo | None = None
-        self.tls_error: str | None = None  # why the uplink cannot connect with its certificate files, if it cannot
-        self._tls_files: tuple | None = None
         base = f"{cfg.topic_prefix}/{gateway_id}"
         self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
         self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
@@ -69,122 +63,25 @@ class Uplink:
         self._stopping = asyncio.Event()
         self._conn: MqttConnection | None = None
         self._acked = 0
-        self._last_cert_check = 0.0
         self.connected = False
-        # new certificate files: (context, cert, file signature) while they wait for the broker's acceptance, and
-        # the signature of files that were refused (by the checks or the broker): not tried again until they change
-        self._candidate: tuple | None = None
-        self._refused: tuple | None = None
-        self.reload = asyncio.Event()  # set on SIGHUP: look at the certificate files now
-        self.last_reload: str | None = None  # the last switch's outcome, for status
-        # renewal on the device (renew.py): the live pair and its successor, a manual trigger, the signer's answers
-        self.files = renew.Files(cfg.cert_file, cfg.key_file)
-        self.renew_now = asyncio.Event()
-        self.last_renewal: str | None = None
-        self._renewing = False  # the candidate is a renewal's .new pair: committed when the broker takes it
-        self._renew_after = 0.0  # monotonic: no renewal before (after a failure)
-        self._renew_wait = cfg.renew_retry_s
-        self._crt: dict[str, asyncio.Future] = {}
-        self.crt_topic, self.csr_topic = f"{base}/certs/crt", f"{base}/certs/csr"
-        done = self.files.recover()
-        if done:
-            log.warning("uplink certificate files: " + done)
-        self._load_tls()
-
-    def _load_tls(self) -> bool:
-        """(Re)build the TLS context when the certificate files changed or the last try failed. A problem with them
-        (unreadable, a key readable by others, expired, not matching) disables only the uplink: counted, said in
-        status, retried with backoff — the rest of the agent keeps storing data. True when a context is ready."""
-        cfg = self.cfg
-        sig = tuple(_stat(p) for p in (cfg.ca_file, cfg.cert_file, cfg.key_file))
-        if self.ssl_context is not None and sig == self._tls_files:
-            return True
-        try:
-            ctx = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, prefix="uplink.")
-            cert = tls.load_cert(cfg.cert_file, "uplink.cert_file")
-        except tls.TlsConfigError as e:
-            self.ssl_context, self._tls_files = None, None
-            if str(e) != self.tls_error:
-                log.error("uplink disabled until its certificate files are fixed; data keeps being stored",
-                          extra={"error": str(e)})
-            self.tls_error = str(e)
-            self.metrics.uplink_errors.labels("tls_config").inc()
-            return False
-        if self.tls_error is not None or self._tls_files is not None:
-            log.info("uplink certificate files loaded", extra={"cert": cfg.cert_file, "subject": cert.subject})
-        self.ssl_context, self.cert, self._tls_files, self.tls_error = ctx, cert, sig, None
-        self.check_certificate()
-        return True
-
-    def _new_files(self) -> bool:
-        """While a context serves: whether the certificate files changed into a valid new set (then it waits in
-        _candidate for the broker's acceptance). An invalid set is refused, said once, counted; the serving
-        context stays."""
-        cfg = self.cfg
-        sig = tuple(_stat(p) for p in (cfg.ca_file, cfg.cert_file, cfg.key_file))
-        if self._candidate is not None or sig in (self._tls_files, self._refused):
-            return self._candidate is not None
-        try:
-            ctx = tls.client_context(cfg.ca_file, cfg.cert_file, cfg.key_file, prefix="uplink.")
-            cert = tls.load_cert(cfg.cert_file, "uplink.cert_file")
-            tls.check_chain(cfg.cert_file, cfg.ca_file, "uplink.cert_file")
-        except tls.TlsConfigError as e:
-            self._refused = sig
-            self.last_reload = f"refused: {e}"[:300]
-            self.metrics.cert_reloads.labels("invalid").inc()
-            log.error("new uplink certificate files refused; the connection keeps the old ones",
-                      extra={"error": str(e)})
-            return False
-        self._candidate = (ctx, cert, sig)
-        log.info("uplink certificate files changed; switching the connection to them",
-                 extra={"subject": cert.subject, "not_after": cert.not_after.isoformat()})
-        return True
-
-    async def _watch_files(self, conn: MqttConnection) -> None:
-        """Every uplink.cert_watch_s, and on SIGHUP: new valid certificate files end this connection cleanly (no
-        will) so that the next one tries them."""
-        while not conn.disconnected.done():
-            try:
-                await asyncio.wait_for(self.reload.wait(), self.cfg.cert_watch_s)
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
-            self.reload.clear()
-            if self._new_files():
-                await conn.disconnect()
-                return
+        self.crt_topic, self.csr_topic = f"{base}/certs/crt", f"{base}/certs/csr"  # the renewal's exchange
 
     def _status(self, state: str) -> bytes:
         return json.dumps({"state": state, "gateway": self.gateway, "version": __version__,
                            "ts": time.time_ns()}).encode()
 
-    def check_certificate(self) -> None:
-        self._last_cert_check = time.monotonic()
-        if self.cert is None:
-            return
-        days = self.cert.days_left()
-        self.metrics.cert_days_left.labels("uplink").set(round(days, 2))
-        expiring = days < self.cfg.cert_warn_days
-        self.metrics.cert_expiring.labels("uplink").set(1 if expiring else 0)
-        if expiring:
-            log.warning("uplink client certificate expires soon", extra={
-                "cert": self.cert.path, "days_left": round(days, 1),
-                "not_after": self.cert.not_after.astimezone(dt.timezone.utc).isoformat()})
-
     async def run(self) -> None:
         backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self.metrics.backoff_waits.labels("uplink"))
+        certs = self.certs
         while not self._stopping.is_set():
-            if time.monotonic() - self._last_cert_check > CERT_CHECK_INTERVAL_S:
-                self.check_certificate()
-            if self.ssl_context is None:
-                if not self._load_tls():
-                    await backoff.wait(self._stopping)
-                    continue
-            else:
-                self._new_files()  # changed files wait as a candidate; the serving context stays until one is taken
-            trying = self._candidate
+            certs.check_expiry()
+            ctx = certs.context()  # a candidate's (new files, a renewed pair) while one waits, else the live pair's
+            if ctx is None:  # the files cannot serve: said by certs, retried
+                await backoff.wait(self._stopping)
+                continue
             conn = self._conn = MqttConnection(
                 client_id=self.gateway, host=self.cfg.host, port=self.cfg.port, protocol=self.cfg.protocol,
-                keepalive=self.cfg.keepalive_s, ssl_context=trying[0] if trying else self.ssl_context,
+                keepalive=self.cfg.keepalive_s, ssl_context=ctx,
                 # the command subscription and the commands sent while the agent is down outlive a restart
                 clean_start=self.on_command is None, session_expiry_s=self.session_expiry_s,
                 will=Will(self.status_topic, self._status("offline")), max_inflight=self.cfg.max_inflight,
@@ -200,17 +97,7 @@ class Uplink:
             except (ConnectError, PublishError, asyncio.TimeoutError) as e:
                 conn.close()
                 reason = str(e)
-                if trying is not None and self._renewing:
-                    self._renewing, self._candidate = False, None
-                    self.files.discard()
-                    self._failed_renewal("refused", f"the cloud broker refused the renewed certificate: {reason}")
-                    continue
-                if trying is not None:  # the broker did not take the new certificate: back to the old one, now
-                    self._candidate, self._refused = None, trying[2]
-                    self.last_reload = f"refused by the cloud broker: {reason}"[:300]
-                    self.metrics.cert_reloads.labels("refused").inc()
-                    log.error("the cloud broker refused the new uplink certificate; back to the old one",
-                              extra={"error": reason, "subject": trying[1].subject})
+                if certs.refused(reason):  # the broker did not take the new certificate: back to the old one, now
                     continue
                 self.metrics.uplink_errors.labels(e.kind if isinstance(e, ConnectError) else
                                                   "publish" if isinstance(e, PublishError) else "timed_out").inc()
@@ -220,22 +107,7 @@ class Uplink:
                 await backoff.wait(self._stopping, wait)
                 continue
             backoff.reset()
-            if trying is not None:
-                self.ssl_context, self.cert, self._tls_files = trying
-                self._candidate = None
-                if self._renewing:  # the broker took the renewed pair: now it becomes the live one
-                    self._renewing = False
-                    self.files.commit()
-                    self._tls_files = tuple(_stat(p) for p in (self.cfg.ca_file, self.cfg.cert_file,
-                                                                self.cfg.key_file))
-                    self._renew_wait = self.cfg.renew_retry_s
-                    self.last_renewal = f"renewed: valid until {trying[1].not_after.isoformat()}"
-                    self.metrics.cert_renewals.labels("ok").inc()
-                    log.info("uplink certificate renewed and committed", extra={"not_after": trying[1].not_after.isoformat()})
-                self.last_reload = f"switched to {trying[1].subject}, valid until {trying[1].not_after.isoformat()}"
-                self.metrics.cert_reloads.labels("switched").inc()
-                log.info("uplink switched to the new certificate", extra={"subject": trying[1].subject})
-                self.check_certificate()
+            certs.accepted()
             self.connected = True
             self.metrics.uplink_connected.set(1)
             self.metrics.uplink_connects.inc()
@@ -254,7 +126,7 @@ class Uplink:
                 await asyncio.gather(*helpers, return_exceptions=True)
                 self.connected = False
                 self.metrics.uplink_connected.set(0)
-            if self._candidate is not None and not self._stopping.is_set():
+            if certs.trying and not self._stopping.is_set():
                 continue  # a planned switch to new certificate files: reconnect at once
             if not self._stopping.is_set():
                 reason = conn.disconnected.result() if conn.disconnected.done() else "unknown"
@@ -370,63 +242,36 @@ class Uplink:
                 if topic == "alerts":
                     self.metrics.alerts.labels("sent").inc()
 
-    def _failed_renewal(self, outcome: str, why: str) -> None:
-        self.last_renewal = f"{outcome}: {why}"[:300]
-        self.metrics.cert_renewals.labels(outcome).inc()
-        self._renew_after = time.monotonic() + self._renew_wait
-        log.error("uplink certificate renewal failed; the old pair serves on", extra={
-            "outcome": outcome, "error": why[:300], "retry_s": round(self._renew_wait)})
-        self._renew_wait = min(self._renew_wait * 2, 86400.0)
+    async def _watch_files(self, conn: MqttConnection) -> None:
+        """New valid certificate files end this connection cleanly (no will) so that the next one tries them."""
+        if await self.certs.watch(conn.disconnected):
+            await conn.disconnect()
 
     async def _renewal(self, conn: MqttConnection) -> None:
-        """While connected: when the certificate is due (or certs.renew asks), a new key and a CSR; the signed
-        certificate checked; then this connection ends so that the next one tries the new pair (see run())."""
-        import uuid
-
-        cfg = self.cfg
+        """While connected: when the certificate is due (or certs.renew asks), the CSR goes to the signer; once its
+        answer is checked (certs.py), this connection ends so that the next one tries the new pair (see run())."""
+        certs = self.certs
         while not conn.disconnected.done():
             try:
-                due = renew.due_at(cfg.cert_file, cfg.renew_fraction)
+                wait = certs.due_in()
             except (OSError, ValueError) as e:
-                self._failed_renewal("invalid", f"the live certificate cannot be read: {e}")
+                certs.renewal_failed("invalid", f"the live certificate cannot be read: {e}")
                 return
-            wait = max((due - dt.datetime.now(dt.timezone.utc)).total_seconds(),
-                       self._renew_after - time.monotonic(), 0.0)
-            if wait > 0 and not self.renew_now.is_set():
+            if wait > 0 and not certs.renew_now.is_set():
                 try:
-                    await asyncio.wait_for(self.renew_now.wait(), min(wait, 3600.0))
+                    await asyncio.wait_for(certs.renew_now.wait(), min(wait, 3600.0))
                 except (asyncio.TimeoutError, TimeoutError):
                     continue
-            self.renew_now.clear()
-            rid = uuid.uuid4().hex[:16]
-            key_pem, csr_pem = renew.make_key_and_csr(self.gateway)
-            self.files.write_key(key_pem)
-            fut = self._crt[rid] = asyncio.get_running_loop().create_future()
+            rid, csr = certs.begin_renewal()
             try:
-                await self._acked_publish(conn, self.csr_topic, renew.csr_message(rid, csr_pem))
-                log.info("uplink certificate renewal: CSR sent", extra={"id": rid})
-                cert_pem = await asyncio.wait_for(fut, cfg.renew_timeout_s)
-                info = self.files.accept(cert_pem, self.gateway, cfg.ca_file, cfg.renew_min_lifetime_s)
-                ctx = tls.client_context(cfg.ca_file, str(self.files.cert_new), str(self.files.key_new),
-                                         prefix="renewal.")
+                await self._acked_publish(conn, self.csr_topic, csr)
             except PublishError:
-                self.files.discard()
+                certs.abandon(rid)
                 return  # the link went; the next connection tries again
-            except (asyncio.TimeoutError, TimeoutError):
-                self.files.discard()
-                self._failed_renewal("timeout", f"no signed certificate within {cfg.renew_timeout_s:g} s")
-                continue
-            except (renew.RenewalError, tls.TlsConfigError) as e:
-                self.files.discard()
-                self._failed_renewal(getattr(e, "outcome", "invalid"), str(e))
-                continue
-            finally:
-                self._crt.pop(rid, None)
-            self._candidate, self._renewing = (ctx, info, None), True
-            log.info("uplink certificate renewal: signed certificate checked; switching to it",
-                     extra={"not_after": info.not_after.isoformat()})
-            await conn.disconnect()
-            return
+            log.info("uplink certificate renewal: CSR sent", extra={"id": rid})
+            if await certs.finish_renewal(rid):
+                await conn.disconnect()
+                return
 
     async def _log_pump(self, conn: MqttConnection) -> None:
         """Log lines leave the store oldest first, in gzip'd JSON batches ({gateway, first_id, last_id, lines}), one
@@ -473,13 +318,7 @@ class Uplink:
     def _on_command_message(self, conn: MqttConnection, msg) -> None:
         if msg.topic == self.crt_topic:  # the signer's answer to a renewal's CSR
             conn.ack(msg.mid, msg.qos)
-            try:
-                doc = json.loads(msg.payload[:renew.MAX_CERT_BYTES + 4096])
-                fut = self._crt.get(str(doc.get("id")))
-                if fut is not None and not fut.done():
-                    fut.set_result(str(doc.get("cert", "")).encode())
-            except (ValueError, AttributeError):
-                self.metrics.cert_renewals.labels("invalid").inc()
+            self.certs.answer(msg.payload)
             return
         if self.on_command is None or not msg.topic.startswith(self.cmd_prefix):
             conn.ack(msg.mid, msg.qos)
@@ -544,11 +383,3 @@ class Uplink:
             except (PublishError, asyncio.TimeoutError, TimeoutError):
                 pass
             await conn.disconnect()
-
-
-def _stat(path: str) -> tuple:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (path, None)
-    return (path, st.st_mtime_ns, st.st_size, st.st_ino)

@@ -197,7 +197,7 @@ def test_renewal_on_the_device_end_to_end_with_a_refusal_and_a_kill9(tmp_path, p
                  what="the renewal after the restart")
         wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 30, what="connected with the new pair")
         assert _serial(live_cert) != first
-        from edge_agent.renew import _matches
+        from edge_agent.certs import _matches
         assert _matches(live_cert, live_key) and not Path(str(live_key) + ".new").exists()
         assert oct(live_key.stat().st_mode & 0o777) == "0o600"
         for p in (live_key,):  # the new key was made here: the CSRs carried only public keys

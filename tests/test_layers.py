@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "edge_agent"
 # lower number = lower layer; a module may import its own layer's package or any lower layer
 RANK = {"records": 0, "config": 0, "metrics": 0, "logs": 0, "tls": 0, "backoff": 0, "systemd": 0, "mqttio": 0,
         "files": 0,
-        "glm": 1, "store": 1, "southbound": 1, "rules": 1, "agent": 2, "ota": 2, "renew": 1, "ops": 3, "uplink": 3, "control": 3,
+        "glm": 1, "store": 1, "southbound": 1, "rules": 1, "agent": 2, "ota": 2, "certs": 1, "ops": 3, "uplink": 3, "control": 3,
         "app": 4, "devkit": 5, "cli": 6, "__main__": 7, "__init__": 0}
 PROTOCOLS = {"paho": ("mqttio", "southbound/mqtt.py"), "aiocoap": ("southbound/coap.py",),
              "asyncua": ("southbound/opcua.py",)}

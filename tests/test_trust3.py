@@ -419,13 +419,13 @@ def test_a_renewal_never_shortens_the_gateways_life_nor_accepts_a_ca(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
 
-    from edge_agent import renew
+    from edge_agent import certs
     from edge_agent.devkit.certs import CA
     ca = CA(tmp_path / "ca")
     now = dt.datetime.now(dt.timezone.utc)
     cert, key = ca.issue("gw-1", not_after=now + dt.timedelta(days=200))
-    files = renew.Files(str(cert), str(key))
-    key_pem, csr_pem = renew.make_key_and_csr("gw-1")
+    files = certs.Files(str(cert), str(key))
+    key_pem, csr_pem = certs.make_key_and_csr("gw-1")
     files.write_key(key_pem)
     csr = x509.load_pem_x509_csr(csr_pem)
 
@@ -437,13 +437,13 @@ def test_a_renewal_never_shortens_the_gateways_life_nor_accepts_a_ca(tmp_path):
              .sign(ca.key, hashes.SHA256()))
         return c.public_bytes(serialization.Encoding.PEM)
 
-    with pytest.raises(renew.RenewalError, match="before the live one"):
+    with pytest.raises(certs.RenewalError, match="before the live one"):
         files.accept(signed(0.2), "gw-1", str(ca.cert_path))
-    with pytest.raises(renew.RenewalError, match="not a leaf"):
+    with pytest.raises(certs.RenewalError, match="not a leaf"):
         files.accept(signed(400, is_ca=True), "gw-1", str(ca.cert_path))
     assert not files.cert_new.exists() and cert.read_bytes() == files.cert.read_bytes()
     # a fleet moving to shorter certificates says so: a 90-day one is taken where the minimum is 60 days
-    with pytest.raises(renew.RenewalError, match="before the live one"):
+    with pytest.raises(certs.RenewalError, match="before the live one"):
         files.accept(signed(90), "gw-1", str(ca.cert_path))
     files.accept(signed(90), "gw-1", str(ca.cert_path), min_lifetime_s=60 * 86400)
     files.accept(signed(400), "gw-1", str(ca.cert_path))  # a longer one, always
