@@ -31,9 +31,86 @@ def test_the_operations_reference_is_generated_from_the_table():
     text = (ROOT / "docs" / "operations.md").read_text()
     m = MARK.search(text)
     assert m, "docs/operations.md lost its generated block"
-    assert m[2] == ops.reference_markdown(), "regenerate docs/operations.md (its block from edge_agent.ops.reference_markdown())"
+    assert m[2] == ops.reference_markdown(), \
+        "regenerate docs/operations.md (its block from edge_agent.ops.reference_markdown())"
     for name in ops.TABLE:
         assert f"`{name}`" in m[2]
+
+
+# Every command line the docs show, and who runs it: "here" (the test below), a test file that runs it or its
+# operation (and must still name it), or "gateway" (it installs on or changes a real gateway or a server: not run on a
+# test machine; the files it installs are checked by tests/test_systemd.py).
+WHO_RUNS = (
+    ("edge-agent ask --dry-run", "here"),
+    ("openssl genpkey", "here"),
+    ("edge-agent model pack", "here"),
+    ("--min-agent 0.1.0 --expires-days 30", "here"),
+    ("edge-agent ask \"list all pumps\"", "test_commands.py"),
+    ("edge-agent ask \"which alarms are active?\"", "test_commands.py"),
+    ("edge-agent op ", "test_commands.py"),
+    ("coap-client-notls", "test_coap.py"),
+    ("edge-agent model install", "test_ota.py"),
+    ("edge-agent model list", "test_ota.py"),
+    ("edge-agent model rollback", "test_ota.py"),
+    ("edge-agent model cancel", "test_trust3.py"),
+    ("pip install -e '.[recipe]'", ".ci/run"),
+    ("python3 models/recipe/build.py", "test_recipe.py"),
+    ("mosquitto_pub", "test_commands.py"),
+    ("-t edge/gw-1/cmd/query", "test_commands.py"),
+    ("sudo ", "gateway"),
+    ("journalctl", "gateway"),
+    ("rsync", "gateway"),
+)
+_TEST_NAMES = {"test_commands.py": "cmd/", "test_coap.py": "coap-client-notls", "test_trust3.py": "abort()",
+               "test_ota.py": "edge_agent\", \"model\"", "test_recipe.py": "build.py", ".ci/run": "[test,recipe,bench]"}
+
+
+def _doc_commands() -> list[tuple[str, str]]:
+    out = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for block in re.findall(r"```(?:sh|bash)\n(.*?)```", page.read_text(), re.S):
+            for line in block.splitlines():
+                line = line.strip()
+                if line and not line.startswith(("#", "{")):
+                    out.append((page.name, line))
+    return out
+
+
+def test_every_command_the_docs_show_is_run_by_a_test_or_marked_for_a_gateway():
+    for page, line in _doc_commands():
+        who = next((w for prefix, w in WHO_RUNS if prefix in line), None)
+        assert who is not None, f"{page}: {line!r} is run by no test; run it in one, or say who runs it (WHO_RUNS)"
+        if who not in ("here", "gateway"):
+            where = ROOT / ".ci" / "run" if who == ".ci/run" else ROOT / "tests" / who
+            assert _TEST_NAMES[who] in where.read_text(), f"{who} no longer runs {line!r}"
+
+
+def test_the_docs_commands_marked_here_run_as_shown(tmp_path):
+    """glm.md's dry run prints the call the page shows; ota.md's key and pack make a signed bundle."""
+    import shutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    glm = (ROOT / "docs" / "glm.md").read_text()
+    shown = re.search(r'edge-agent ask --dry-run "([^"]+)"\n(\{.*\})\n', glm)
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--dry-run", shown[1]], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == shown[2], (r.stdout, shown[2])
+    from edge_agent.glm.engine import shipped_model_dir
+    folder = tmp_path / "models" / "glm-edge-iot" / "1.4.0"
+    shutil.copytree(shipped_model_dir(), folder)
+    if shutil.which("openssl"):
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", "publisher.pem"], cwd=tmp_path,
+                       check=True, capture_output=True, timeout=60)
+    else:  # the same key, made as the docs' openssl would
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        (tmp_path / "publisher.pem").write_bytes(Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "model", "pack", "models/glm-edge-iot/1.4.0", "--key",
+                        "publisher.pem", "--version", "1.4.0", "--min-agent", "0.1.0", "--expires-days", "30"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "packed glm-edge-iot 1.4.0" in r.stdout, r.stderr
+    assert (folder / "manifest.sig").exists()
 
 
 def test_the_commands_the_readme_shows_run(tmp_path):
