@@ -157,17 +157,18 @@ class Uplink:
 
     async def _pump(self, conn: MqttConnection) -> None:
         store, cfg = self.store, self.cfg
-        assert store.new_data is not None
         sent = self._sent_seq = max(self._acked, store.acked_seq)
         inflight: collections.deque[tuple[int, int, asyncio.Future, float]] = collections.deque()
         loop = asyncio.get_running_loop()
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
+                seen = sent  # nothing to send up to here: what is committed after it wakes the wait below
                 while len(inflight) < cfg.max_inflight and not self._stopping.is_set():
-                    store.new_data.clear()
+                    head = store.head("readings")
                     rows = await store.read_outbox(sent, cfg.batch_max_readings, cfg.batch_max_bytes)
                     if not rows:
+                        seen = max(sent, head)  # (rows the quota evicted are never waited for)
                         break
                     first, last = rows[0].first_seq, rows[-1].last_seq
                     count = sum(r.count for r in rows)
@@ -185,7 +186,7 @@ class Uplink:
                 if not self._stopping.is_set():
                     waits.append(stop)
                     if len(inflight) < cfg.max_inflight:
-                        new = asyncio.ensure_future(store.new_data.wait())
+                        new = asyncio.ensure_future(store.committed_after("readings", max(seen, sent)))
                         waits.append(new)
                 timeout = None
                 if inflight:  # the oldest batch's PUBACK has a deadline
@@ -224,13 +225,12 @@ class Uplink:
     async def _alert_pump(self, conn: MqttConnection) -> None:
         """Alerts leave the store one by one, each after the cloud's PUBACK, oldest first."""
         store = self.store
-        assert store.new_alert is not None
         sent = 0
         while not conn.disconnected.done():
-            store.new_alert.clear()
+            head = store.head("alerts")  # before the read: anything committed after it wakes the wait below
             rows = await store.read_alerts(sent)
             if not rows:
-                await store.new_alert.wait()
+                await store.committed_after("alerts", head)
                 continue
             for aid, topic, payload in rows:
                 try:
@@ -278,16 +278,15 @@ class Uplink:
         at a time, each deleted after the cloud's PUBACK, and only while no reading waits to be sent. A batch that
         fails LOG_TRIES times (on any connections) is set aside: deleted and counted, never blocking the rest."""
         store = self.store
-        assert store.new_log is not None
         sent = store.log_acked
         while not conn.disconnected.done():
-            store.new_log.clear()
-            if self._sent_seq < store.next_seq - 1:  # readings first
+            if self._sent_seq < store.head("readings"):  # readings first
                 await asyncio.sleep(0.05)
                 continue
+            head = store.head("logs")  # before the read: anything committed after it wakes the wait below
             rows = await store.read_logs(sent, self.log_batch_bytes)
             if not rows:
-                await store.new_log.wait()
+                await store.committed_after("logs", head)
                 continue
             first, last = rows[0][0], rows[-1][0]
             if first > sent + 1:  # ids are consecutive: the ones between never left, the quota took them

@@ -294,6 +294,21 @@ class Store:
         when it was not known."""
         return await self._wait(jobs.ForgetDevice(device))
 
+    # -- what the uplink awaits ---------------------------------------------------------------------
+    def head(self, kind: str) -> int:
+        """The newest committed id of `kind`: readings (seq), alerts (alerts and events), logs."""
+        return {"readings": self.next_seq, "alerts": self.next_alert_id, "logs": self.next_log_id}[kind] - 1
+
+    async def committed_after(self, kind: str, after: int) -> None:
+        """Returns once something of `kind` newer than `after` is committed (at once if it already is)."""
+        event = {"readings": self.new_data, "alerts": self.new_alert, "logs": self.new_log}[kind]
+        assert event is not None
+        while self.head(kind) <= after:
+            event.clear()
+            if self.head(kind) > after:
+                return
+            await event.wait()
+
     # -- the writer's side: answers, log room -----------------------------------------------------
     def resolve(self, results: list, error: BaseException | None, notify: set[str] = frozenset(),
                 rows: list[OutboxRow] | None = None, acked: int = 0) -> None:
