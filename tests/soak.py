@@ -81,19 +81,7 @@ def run_soak(work: Path, seconds: float, rate: int, seed: int = 1, log=print) ->
             log(f"  {now - t0:6.1f} s  {what}")
             next_fault = time.monotonic() + rng.uniform(4, 10)
     sent_s = time.monotonic() - t0
-    queued = [(m, info) for m, info in pub.sent if info.rc == 0]  # refused at once while the broker was down: not sent
-    wait_for(lambda: all(info.is_published() for _, info in queued), 60,
-             what="the local broker acknowledging every message sent")
-    acked_values = {m for m, _ in queued if m >= 0}
-    wait_for(lambda: acked_values <= {r["value"] for r in viewer.readings() if r["point"] == "n"}, 120,
-             what="every acknowledged reading at the cloud")
-    readings = viewer.readings()
-    by_seq: dict[int, tuple] = {}
-    for r in readings:
-        key = (r["device"], r["point"], r["value"])
-        assert by_seq.setdefault(r["seq"], key) == key, f"seq {r['seq']} carried two readings"
-    seqs = sorted(by_seq)
-    assert seqs == list(range(1, len(seqs) + 1)), "seqs at the cloud are not contiguous"
+    acked_values, by_seq, readings = audit_cloud(pub, viewer, 120)
     arrivals = sorted(viewer.arrivals)
     stall = 0.0
     for a, b in zip(arrivals, arrivals[1:]):
@@ -111,18 +99,39 @@ def run_soak(work: Path, seconds: float, rate: int, seed: int = 1, log=print) ->
     return result
 
 
-def main() -> int:
+def audit_cloud(pub: Publisher, viewer: CloudSubscriber, timeout: float) -> tuple[set, dict, list]:
+    """Once the load stopped: every message the local broker acknowledged is at the cloud (within `timeout`), each
+    seq carries one reading (a duplicate is only a resend of the same seq), the seqs are contiguous. Returns (the
+    acknowledged values of point n, seq -> reading, every reading received)."""
+    queued = [(m, info) for m, info in pub.sent if info.rc == 0]  # refused at once while the broker was down: not sent
+    wait_for(lambda: all(info.is_published() for _, info in queued), 120,
+             what="the local broker acknowledging every message sent")
+    acked = {m for m, _ in queued if m >= 0}
+    wait_for(lambda: acked <= {r["value"] for r in viewer.readings() if r["point"] == "n"}, timeout,
+             what="every acknowledged reading at the cloud")
+    readings = viewer.readings()
+    by_seq: dict[int, tuple] = {}
+    for r in readings:
+        key = (r["device"], r["point"], r["value"])
+        assert by_seq.setdefault(r["seq"], key) == key, f"seq {r['seq']} carried two readings"
+    seqs = sorted(by_seq)
+    assert seqs == list(range(1, len(seqs) + 1)), "seqs at the cloud are not contiguous"
+    return acked, by_seq, readings
+
+
+def cli(run, doc: str, rate: int) -> int:
+    """The command line of a soak (--minutes, --rate, --seed); prints its figures as JSON."""
     import argparse
     import tempfile
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--rate", type=int, default=5000, help="points/s offered")
+    ap.add_argument("--rate", type=int, default=rate, help="points/s offered")
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        print(json.dumps(run_soak(Path(d), a.minutes * 60, a.rate, a.seed), indent=2))
+        print(json.dumps(run(Path(d), a.minutes * 60, a.rate, a.seed), indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(run_soak, __doc__, 5000))

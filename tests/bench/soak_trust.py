@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from conftest import Agent, CloudSubscriber, Publisher, agent_config, wait_for, write_config  # noqa: E402
+from conftest import Agent, CloudSubscriber, Publisher, agent_config, write_config  # noqa: E402
+from soak import audit_cloud, cli  # noqa: E402
 
 from edge_agent.devkit.brokers import Mosquitto, Nginx  # noqa: E402
 from edge_agent.devkit.certs import CA  # noqa: E402
@@ -147,19 +147,8 @@ def run(work: Path, seconds: float, rate: int, seed: int = 1, log=print) -> dict
     sent_s = time.monotonic() - t0
     for _, body in pending:
         op.c.publish("edge/gw-test/cmd/rules.add", body, qos=1)
-    queued = [(m, info) for m, info in pub.sent if info.rc == 0]
-    wait_for(lambda: all(info.is_published() for _, info in queued), 120, what="the local broker acknowledging")
-    acked = {m for m, _ in queued if m >= 0}
-    wait_for(lambda: acked <= {r["value"] for r in viewer.readings() if r["point"] == "n"}, 300,
-             what="every acknowledged reading at the cloud")
+    acked, by_seq, readings = audit_cloud(pub, viewer, 300)
     time.sleep(5)  # the last commands
-    readings = viewer.readings()
-    by_seq: dict[int, tuple] = {}
-    for r in readings:
-        key = (r["device"], r["point"], r["value"])
-        assert by_seq.setdefault(r["seq"], key) == key, f"seq {r['seq']} carried two readings"
-    seqs = sorted(by_seq)
-    assert seqs == list(range(1, len(seqs) + 1)), "seqs at the cloud are not contiguous"
     text = (work / "agent.log").read_text(errors="replace")
     added = re.findall(r'msg="rule added" .*?rule=(flood-\d+)', text)
     twice = sorted({r for r in added if added.count(r) > 1})
@@ -181,17 +170,5 @@ def run(work: Path, seconds: float, rate: int, seed: int = 1, log=print) -> dict
     return result
 
 
-def main() -> int:
-    import argparse
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--rate", type=int, default=2000, help="points/s offered")
-    ap.add_argument("--seed", type=int, default=1)
-    a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        print(json.dumps(run(Path(d), a.minutes * 60, a.rate, a.seed), indent=2))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(run, __doc__, 2000))
