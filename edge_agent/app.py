@@ -58,7 +58,8 @@ class App:
         self.store = Store(cfg.store, cfg.gateway.state_dir, self.metrics, cfg.configured_devices(),
                            alerts_max=cfg.rules.max_pending_alerts, alert_history_max=cfg.rules.history_max,
                            requests_keep_s=cfg.commands.dedup_window_s, requests_max=cfg.commands.dedup_max,
-                           log_quota=cfg.log.ship_quota_bytes if ships else 0)
+                           log_quota=cfg.log.ship_quota_bytes if ships else 0, forward_rules=cfg.forward.rule,
+                           encoding=cfg.uplink.encoding)
         self.components: list[Any] = []
         self.state: dict[str, str] = {}
         self.started = time.time()
@@ -107,7 +108,9 @@ class App:
             alerts=self.rules.alerts if self.rules else _no_alerts, ask=self.agent.plan, log_level=self._log_level,
             renew_cert=self._renew_cert if cfg.uplink.enabled and cfg.uplink.renew else None,
             pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
-            models=self.updater, forget_device=self.store.forget_device),
+            models=self.updater, forget_device=self.store.forget_device, forward_list=self.store.forward_rules,
+            forward_set=lambda rc: self.store.forward_set(rc, cfg.forward.max_command_rules),
+            forward_remove=self.store.forward_remove),
             self.metrics,
             journal=self.store, gateway_id=cfg.gateway.id)
         self.control = ControlServer(Path(cfg.gateway.state_dir), self.router.handle)

@@ -335,8 +335,24 @@ class UplinkConfig:
                                       "where this is above 0, one valid at least this long is taken too (a fleet "
                                       "moving to shorter certificates)", ge=0)
     cert_warn_days: int = opt(30, doc="warn when the client certificate expires within this many days", ge=0)
+    encoding: str = opt("json", doc="telemetry encoding: json (a JSON object per reading, on <prefix>/<gateway>/"
+                        "telemetry) | columns (columnar, compressed, a few bytes a reading, on .../telemetry/"
+                        "columns.<compression>; docs/forwarding.md has the format and `edge-agent decode` reads it)",
+                        choices=("json", "columns"))
+    compression: str = opt("zstd", doc="columns: zstd (the zstandard wheel) | gzip (the standard library)",
+                           choices=("zstd", "gzip"))
+    linger_s: float = opt(0.0, doc="a telemetry message with fewer than batch_max_readings readings waits up to this "
+                          "long for more (fewer, larger messages: with columns, names are sent once a message); "
+                          "0 = at once. A message of filtered ranges only (forwarding rules) waits at least 5 s",
+                          ge=0, le=600)
 
     def check(self, key: str) -> None:
+        if self.encoding == "columns" and self.compression == "zstd":
+            try:
+                import zstandard  # noqa: F401
+            except ImportError:
+                raise ConfigError(f"{key}.compression: zstd needs the zstandard package (pip install zstandard), "
+                                  "or set compression = \"gzip\"") from None
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ConfigError(f"{key}: the minimum delay ({self.reconnect_min_s}) is above the maximum "
                               f"({self.reconnect_max_s})")
@@ -389,6 +405,66 @@ class RulesConfig:
         for i, rule_id in enumerate(ids):
             if rule_id in ids[:i]:
                 raise ConfigError(f"{key}.rule[{i}].id: {rule_id!r} is used twice")
+
+
+@dataclass
+class ForwardRuleConfig:
+    id: str = opt(doc="rule id (letters, digits, _ . -)")
+    device: str = opt("*", doc="devices it applies to: a name or a pattern (* ? [..])")
+    point: str = opt("*", doc="points it applies to: a name or a pattern")
+    deadband: float = opt(0.0, doc="report by exception: a reading goes north only when it moved more than this "
+                          "from the last value sent (absolute); 0 with no other setting = on any change", ge=0)
+    deadband_pct: float = opt(0.0, doc="as deadband, in percent of the last value sent", ge=0, le=1000)
+    max_silence_s: float = opt(0.0, doc="heartbeat: the current value goes north at least this often even when it "
+                               "did not move (0 = no heartbeat)", ge=0, le=7 * 86400)
+    min_interval_s: float = opt(0.0, doc="at most one value a series per interval (aligned to the clock): the "
+                                "aggregate (mode) of the readings in it, with their count and the interval", ge=0,
+                                le=7 * 86400)
+    mode: str = opt("last", doc="min_interval_s: last | avg | min | max", choices=("last", "avg", "min", "max"))
+    drop: bool = opt(False, doc="kept on the gateway, never forwarded")
+
+    def check(self, key: str) -> None:
+        if not _ID_RE.match(self.id):
+            raise ConfigError(f"{key}.id: expected 1-128 characters of letters, digits, '_', '.', '-', got "
+                              f"{self.id!r}")
+        for k in ("device", "point"):
+            v = getattr(self, k)
+            if not v or len(v) > 256:
+                raise ConfigError(f"{key}.{k}: expected a name or pattern of 1-256 characters, got {v!r}")
+        if self.deadband and self.deadband_pct:
+            raise ConfigError(f"{key}.deadband_pct: set deadband or deadband_pct, not both")
+        if self.drop and (self.deadband or self.deadband_pct or self.max_silence_s or self.min_interval_s):
+            raise ConfigError(f"{key}.drop: a dropping rule takes no deadband, max_silence_s or min_interval_s")
+        if self.min_interval_s:
+            if self.min_interval_s < 0.001:
+                raise ConfigError(f"{key}.min_interval_s: expected 0 or at least 0.001 s, got {self.min_interval_s}")
+            if self.deadband or self.deadband_pct or self.max_silence_s:
+                raise ConfigError(f"{key}.min_interval_s: an interval rule sends one value an interval; it takes no "
+                                  "deadband or max_silence_s (make two rules for two series sets)")
+        elif self.mode != "last":
+            raise ConfigError(f"{key}.mode: {self.mode!r} needs min_interval_s")
+
+
+@dataclass
+class ForwardConfig:
+    max_command_rules: int = opt(100, doc="rules that forward.set may hold at once (besides the config's); beyond, "
+                                 "refused", ge=0, le=10_000)
+    rule: list[ForwardRuleConfig] = opt(factory=list, doc="what of the readings goes to the cloud ([[forward.rule]] "
+                                        "tables): the first rule that matches a series decides; a series no rule "
+                                        "matches is forwarded whole. Every reading stays in the gateway's store")
+
+    def check(self, key: str) -> None:
+        ids = [r.id for r in self.rule]
+        for i, rule_id in enumerate(ids):
+            if rule_id in ids[:i]:
+                raise ConfigError(f"{key}.rule[{i}].id: {rule_id!r} is used twice")
+
+
+def forward_rule_from_dict(raw: object) -> ForwardRuleConfig:
+    """A forwarding rule sent by command, checked like the config's [[forward.rule]] (ConfigError names the field)."""
+    rc = _convert("rule", ForwardRuleConfig, raw)
+    check_tree(rc, "rule")
+    return rc
 
 
 SHIPPED_MODEL_PUBLIC_KEY = "uajP+EhvSIyBkPEyb0G+gTnRjOkhohSNmekAMnmCM/A="  # signs models/glm-edge-iot/*
@@ -535,6 +611,7 @@ class Config:
     uplink: UplinkConfig = opt(factory=UplinkConfig, doc="mutual-TLS link to the cloud")
     commands: CommandsConfig = opt(factory=CommandsConfig, doc="the command channel over the uplink")
     rules: RulesConfig = opt(factory=RulesConfig, doc="rules and alerts (edge autonomy)")
+    forward: ForwardConfig = opt(factory=ForwardConfig, doc="what goes to the cloud (forwarding rules)")
     model: ModelConfig = opt(factory=ModelConfig, doc="the GLM on the gateway (ask)")
     ask: AskConfig = opt(factory=AskConfig, doc="what ask may do with the model's calls")
     ota: OtaConfig = opt(factory=OtaConfig, doc="model updates over the air")

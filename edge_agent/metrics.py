@@ -14,6 +14,11 @@ class Metrics:
         p = "edge_agent_"
         self.readings_received = Counter(p + "readings_received", "Readings decoded from devices", ["source"], registry=r)
         self.readings_committed = Counter(p + "readings_committed", "Readings committed to the store", registry=r)
+        self.telemetry_bytes = Counter(p + "uplink_telemetry_bytes", "Payload bytes of the telemetry messages sent "
+                                       "(each attempt)", registry=r)
+        self.forward_readings = Counter(p + "forward_readings", "Readings a forwarding rule decided on: sent, filtered "
+                                        "(within the deadband), dropped (drop = true), aggregated (into an interval's "
+                                        "aggregate)", ["outcome"], registry=r)
         self.messages_rejected = Counter(p + "messages_rejected", "Device messages rejected, by reason",
                                          ["source", "reason"], registry=r)
         self.ingest_paused = Counter(p + "ingest_paused", "Times ingest stopped reading from a broker at its "

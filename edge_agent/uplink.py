@@ -4,7 +4,10 @@ Topics (`P` = uplink.topic_prefix, `G` = gateway.id):
 - `P/G/status`: retained JSON `{"state": "online"|"offline", "gateway", "version", "ts"}`; the
   broker publishes the offline one (the will) when the link dies without a DISCONNECT.
 - `P/G/telemetry`: JSON batches `{"gateway", "first_seq", "last_seq", "count", "readings": [...]}`
-  at QoS 1; every reading carries its `seq`.
+  at QoS 1; every reading carries its `seq`. With uplink.encoding = columns, `P/G/telemetry/columns.zstd` (or
+  `.gzip`): the same batch, columnar and compressed (store/encoding.py documents the format and decodes it).
+  Batches cover consecutive seq ranges, first_seq to last_seq, one after the other: a seq inside a range that no
+  record carries was filtered on purpose (a forwarding rule); a range never received is loss.
 
 Delivery: at most `max_inflight` batches await PUBACK at once; a batch leaves the outbox only after
 the cloud's PUBACK, and the acknowledgement is applied in seq order. After a disconnect or a
@@ -19,6 +22,7 @@ import collections
 import gzip
 import json
 import logging
+import math
 import time
 from typing import Awaitable, Callable
 
@@ -30,6 +34,7 @@ from edge_agent.logs import RateLimited
 from edge_agent.metrics import Metrics
 from edge_agent.mqttio import ConnectError, MqttConnection, PublishError, Will
 from edge_agent.store import Store
+from edge_agent.store.encoding import batch_columns, batch_json
 
 CommandHandler = Callable[[str, bytes, str, bool], Awaitable[tuple[bytes, "str | None"]]]  # name, body, who, at least once
 
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 LOG_TRIES = 3  # a log batch that failed this often is set aside
+EMPTY_LINGER_S = 5.0  # a batch of filtered ranges only (no record) waits at least this long for records to ride with
 
 
 class Uplink:
@@ -55,6 +61,8 @@ class Uplink:
         self.max_commands = max_commands
         base = f"{cfg.topic_prefix}/{gateway_id}"
         self.status_topic, self.telemetry_topic = f"{base}/status", f"{base}/telemetry"
+        # the encoding is announced by the topic (and the payload's first bytes): a consumer never guesses
+        self.topic_suffix = f"/columns.{cfg.compression}" if cfg.encoding == "columns" else ""
         self.cmd_prefix, self.res_prefix = f"{base}/cmd/", f"{base}/res/"
         self.reply_prefixes = (self.res_prefix, *reply_prefixes)
         self.session_expiry_s = session_expiry_s
@@ -162,8 +170,10 @@ class Uplink:
         loop = asyncio.get_running_loop()
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
+            held: tuple[int, float] | None = None  # (sent, since when) while a batch lingers for more
             while True:
                 seen = sent  # nothing to send up to here: what is committed after it wakes the wait below
+                linger = None
                 while len(inflight) < cfg.max_inflight and not self._stopping.is_set():
                     head = store.head("readings")
                     rows = await store.read_outbox(sent, cfg.batch_max_readings, cfg.batch_max_bytes)
@@ -172,9 +182,25 @@ class Uplink:
                         break
                     first, last = rows[0].first_seq, rows[-1].last_seq
                     count = sum(r.count for r in rows)
-                    payload = (f'{{"gateway":"{self.gateway}","first_seq":{first},"last_seq":{last},'
-                               f'"count":{count},"readings":[').encode() + b",".join(r.payload for r in rows) + b"]}"
-                    inflight.append((last, count, conn.publish(self.telemetry_topic, payload, qos=1), loop.time()))
+                    hold = max(cfg.linger_s, EMPTY_LINGER_S) if not count else cfg.linger_s
+                    if hold and not self._stopping.is_set() and count < cfg.batch_max_readings \
+                            and last >= store.head("readings"):  # a batch that could take more waits a while
+                        if held is None or held[0] != sent:
+                            held = (sent, loop.time())
+                        left = held[1] + hold - loop.time()
+                        if left > 0:
+                            seen, linger = last, left
+                            break
+                    held = None
+                    payloads = [r.payload for r in rows]
+                    if cfg.encoding == "columns":
+                        payload = await asyncio.to_thread(batch_columns, self.gateway, first, last, count, payloads,
+                                                          cfg.compression)
+                    else:
+                        payload = batch_json(self.gateway, first, last, count, payloads)
+                    self.metrics.telemetry_bytes.inc(len(payload))
+                    inflight.append((last, count, conn.publish(self.telemetry_topic + self.topic_suffix, payload,
+                                                               qos=1), loop.time()))
                     self.metrics.batches_sent.inc()
                     sent = self._sent_seq = last
                 if self._stopping.is_set() and not inflight:
@@ -188,9 +214,10 @@ class Uplink:
                     if len(inflight) < cfg.max_inflight:
                         new = asyncio.ensure_future(store.committed_after("readings", max(seen, sent)))
                         waits.append(new)
-                timeout = None
+                timeout = linger
                 if inflight:  # the oldest batch's PUBACK has a deadline
-                    timeout = max(0.0, inflight[0][3] + cfg.publish_timeout_s - loop.time())
+                    timeout = min(timeout if timeout is not None else math.inf,
+                                  max(0.0, inflight[0][3] + cfg.publish_timeout_s - loop.time()))
                 await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if new is not None:
                     new.cancel()

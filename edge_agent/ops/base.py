@@ -61,6 +61,9 @@ class Gateway:
     log_level: Callable[[str, float], dict] | None = None  # the shipped log level for a while (logs.level)
     renew_cert: Callable[[], dict] | None = None  # start an uplink certificate renewal (certs.renew)
     forget_device: Callable[[str], Awaitable[int | None]] | None = None  # devices.forget (the store's registry)
+    forward_list: Callable[[], list[dict]] = list                  # the forwarding rules, in match order
+    forward_set: Callable[[Any], Awaitable[dict]] | None = None   # a ForwardRuleConfig; raises PermissionError
+    forward_remove: Callable[[str], Awaitable[bool]] | None = None  # raises PermissionError (a config rule)
 
 
 @dataclass

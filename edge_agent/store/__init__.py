@@ -1,7 +1,8 @@
 """The durable store: SQLite in WAL mode, one writer thread, batched commits — behind this one facade.
 
 Rooms: `writer.py` the writer thread and its batching; `jobs.py` every kind of job, declared once (fields, SQL,
-result, lazy or not); `registry.py` the device registry and what it admits; `space.py` the quota, the reserve file,
+result, lazy or not); `registry.py` the device registry and what it admits; `forward.py` what of the readings
+goes to the outbox (the forwarding rules); `space.py` the quota, the reserve file,
 backpressure or eviction, retention; `encoding.py` the wire encoding of readings for the cloud.
 
 Tables
@@ -19,6 +20,8 @@ Tables
   uplink's cursor can never skip one); `alert_log`: the last `rules.history_max` alerts, for `alerts.list`.
 - `rules`: the rules added by command; `logs`: log lines for the cloud, within their room (a quarter of the quota at
   most, given up first at the quota).
+- `forward_state`: per series, what the forwarding rules need (the last value sent, the open interval; forward.py),
+  written in the same transaction as the readings that changed it; bounded by the registry.
 - `meta`: the next seq and the like; `seq_marks`: (time, seq) marks that make age-based retention a primary-key
   range delete.
 
@@ -46,11 +49,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent.config import StoreConfig
+from edge_agent.config import ForwardRuleConfig, StoreConfig
 from edge_agent.metrics import Metrics
 from edge_agent.records import Reading, StoreError
 from edge_agent.store import jobs
 from edge_agent.store.jobs import Alert, OutboxRow
+from edge_agent.store.forward import Forwarder, Rule
 from edge_agent.store.registry import Registry
 from edge_agent.store.space import Space
 from edge_agent.store.writer import STOP, Writer
@@ -80,6 +84,8 @@ CREATE TABLE IF NOT EXISTS alert_log (
     id INTEGER PRIMARY KEY, rule TEXT NOT NULL, device TEXT NOT NULL, state TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (id TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS logs (id INTEGER PRIMARY KEY, line BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS forward_state (
+    device TEXT NOT NULL, point TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (device, point)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
     name TEXT NOT NULL, rid TEXT NOT NULL, ts_ns INTEGER NOT NULL, reply BLOB, PRIMARY KEY (name, rid)) WITHOUT ROWID;
 """
@@ -92,9 +98,10 @@ class Store:
     def __init__(self, cfg: StoreConfig, state_dir: str | Path, metrics: Metrics,
                  configured_devices: frozenset[str] = frozenset(), *, alerts_max: int = 10_000,
                  alert_history_max: int = 1000, requests_keep_s: float = 600.0, requests_max: int = 1000,
-                 log_quota: int = 16 << 20) -> None:
+                 log_quota: int = 16 << 20, forward_rules: list | None = None, encoding: str = "json") -> None:
         """The limits that come from other sections: rules.max_pending_alerts and history_max, commands.dedup_window_s
-        and dedup_max (how long a changing request's id is kept), log.ship_quota_bytes (0: no log lines kept)."""
+        and dedup_max (how long a changing request's id is kept), log.ship_quota_bytes (0: no log lines kept),
+        forward.rule (the config's forwarding rules), uplink.encoding (the outbox rows' form: json or columns)."""
         self.cfg = cfg
         self.path = Path(state_dir) / "edge-agent.db"
         self.wal = str(self.path) + "-wal"
@@ -120,6 +127,9 @@ class Store:
         self.outbox_bytes = 0
         self.acked_seq = 0
         self.registry = Registry(cfg, metrics, configured_devices)
+        self.forward = Forwarder(forward_rules or [], metrics, cfg.max_points)
+        self.encoding = encoding
+        self._forward_lock = asyncio.Lock()  # forward.set/remove: one change of the list at a time
         self.space = Space(self)
         self.writer = Writer(self)
         # the newest committed outbox rows, consecutive (loop thread only): the uplink reads these without a trip
@@ -184,6 +194,7 @@ class Store:
         n, b = conn.execute("SELECT coalesce(sum(count),0), coalesce(sum(length(payload)),0) FROM outbox").fetchone()
         self.outbox_readings, self.outbox_bytes = n, b
         self.registry.load(conn)
+        self.forward.load(conn)
         self.publish_gauges(conn)
 
     def _open_reader(self) -> None:
@@ -293,6 +304,42 @@ class Store:
         """Remove a device and its series from the registry (devices.forget): the number of series it had, or None
         when it was not known."""
         return await self._wait(jobs.ForgetDevice(device))
+
+    # -- forwarding rules ---------------------------------------------------------------------------
+    def forward_rules(self) -> list[dict]:
+        """The forwarding rules in the order they match: the command ones (forward.set), then the config's."""
+        return [{**{k: v for k, v in r.__dict__.items() if k not in ("silence_ns", "interval_ns", "pct")},
+                 "deadband_pct": r.pct, "max_silence_s": r.silence_ns / 1e9, "min_interval_s": r.interval_ns / 1e9}
+                for r in self.forward.rules]
+
+    async def forward_set(self, rc: ForwardRuleConfig, max_rules: int) -> dict:
+        """Add or replace (same id, same place) a forwarding rule sent by command; it decides from the next commit on.
+        PermissionError: the id is a config rule's, or forward.max_command_rules are held."""
+        async with self._forward_lock:
+            if any(r.id == rc.id for r in self.forward.config_rules):
+                raise PermissionError(f"rule {rc.id!r} is in the config file: change it there")
+            rules = list(self.forward.command_rules)
+            rule = Rule.of(rc, "command")
+            at = next((i for i, r in enumerate(rules) if r.id == rc.id), None)
+            if at is None:
+                if len(rules) >= max_rules:
+                    raise PermissionError(f"forward.max_command_rules ({max_rules}) rules are held; remove one first")
+                rules.append(rule)
+            else:
+                rules[at] = rule
+            await self._wait(jobs.SetForwardRules(tuple(rules)))
+        return next(r for r in self.forward_rules() if r["id"] == rc.id)
+
+    async def forward_remove(self, rule_id: str) -> bool:
+        """Remove a forwarding rule sent by command (False: none by that id). PermissionError: a config rule."""
+        async with self._forward_lock:
+            if any(r.id == rule_id for r in self.forward.config_rules):
+                raise PermissionError(f"rule {rule_id!r} is in the config file: change it there")
+            rules = [r for r in self.forward.command_rules if r.id != rule_id]
+            if len(rules) == len(self.forward.command_rules):
+                return False
+            await self._wait(jobs.SetForwardRules(tuple(rules)))
+        return True
 
     # -- what the uplink awaits ---------------------------------------------------------------------
     def head(self, kind: str) -> int:
@@ -417,10 +464,10 @@ class Store:
         out: list[OutboxRow] = []
         n = size = 0
         for row in tail:
-            if out and (n + row.count > max_readings or size + len(row.payload) > max_bytes):
+            if out and (n + max(row.count, 1) > max_readings or size + len(row.payload) > max_bytes):
                 break
             out.append(row)
-            n += row.count
+            n += max(row.count, 1)  # a row of filtered readings only counts as one
             size += len(row.payload)
         return out
 
@@ -449,10 +496,10 @@ class Store:
         cur = self._rconn.execute("SELECT first_seq, last_seq, count, payload FROM outbox WHERE first_seq > ? "
                                   "ORDER BY first_seq LIMIT 1000", (after_seq,))
         for first, last, count, payload in cur:
-            if out and (n + count > max_readings or size + len(payload) > max_bytes):
+            if out and (n + max(count, 1) > max_readings or size + len(payload) > max_bytes):
                 break
             out.append(OutboxRow(first, last, count, payload))
-            n += count
+            n += max(count, 1)
             size += len(payload)
         cur.close()
         return out

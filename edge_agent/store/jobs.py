@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from edge_agent.records import Reading
-from edge_agent.store.encoding import encode_readings
+from edge_agent.store.encoding import encode_json, encode_rows
 
 if TYPE_CHECKING:
     from edge_agent.store import Store
@@ -114,40 +114,61 @@ class WriteReadings(Job):
 
     @classmethod
     def apply(cls, store, conn, tx, jobs):
-        writes = tx.state.get("writes")
-        if not writes:
+        """(every commit) The readings into the window; what the forwarding rules let through (and the aggregates of
+        the intervals that ended) into the outbox, in rows that cover every seq of the commit: a seq missing inside
+        a row's range was filtered on purpose."""
+        writes = tx.state.get("writes") or []
+        fwd = store.forward
+        aggs: list = []
+        if not fwd.idle:
+            fwd.due(tx.now_ns, aggs)  # intervals the clock closed, before this commit's readings
+        if not writes and not aggs:
             return
         new_devices: list[tuple[str, str]] = []
-        series = store.registry.register(conn, writes, tx.now_ns, new_devices)
-        conn.executemany("INSERT INTO readings VALUES (?,?,?,?,?)",
-                         [(first + i, series[(r.device, r.point)], r.ts_ns, r.value, r.quality)
-                          for first, rs in writes for i, r in enumerate(rs)])
+        if writes:
+            series = store.registry.register(conn, writes, tx.now_ns, new_devices)
+            conn.executemany("INSERT INTO readings VALUES (?,?,?,?,?)",
+                             [(first + i, series[(r.device, r.point)], r.ts_ns, r.value, r.quality)
+                              for first, rs in writes for i, r in enumerate(rs)])
         chunk = store.cfg.outbox_chunk_readings
+        encode = encode_rows if store.encoding == "columns" else encode_json
         out_rows: list[tuple] = []
-        pending: list[Reading] = []
-        start = writes[0][0]
-        for _first, rs in writes:  # chunks of consecutive seqs, at most `chunk` readings each
+        seqs: list[int] = []
+        recs: list = []
+        start = store.next_seq
+        decide = None if fwd.idle else fwd.decide
+        for first, rs in writes:  # rows of at most `chunk` records, covering consecutive seq ranges
+            seq = first
             for r in rs:
-                pending.append(r)
-                if len(pending) == chunk:
-                    out_rows.append((start, start + chunk - 1, chunk, encode_readings(start, pending)))
-                    start += chunk
-                    pending = []
-        if pending:
-            out_rows.append((start, start + len(pending) - 1, len(pending), encode_readings(start, pending)))
+                if decide is None or decide(r, aggs):
+                    seqs.append(seq)
+                    recs.append(r)
+                    if len(recs) == chunk:
+                        out_rows.append((start, seq, chunk, encode(seqs, recs)))
+                        start, seqs, recs = seq + 1, [], []
+                seq += 1
+        for a in aggs:  # aggregates: seqs of their own, after the readings'
+            seqs.append(tx.seq)
+            recs.append(a)
+            tx.seq += 1
+            if len(recs) == chunk:
+                out_rows.append((start, tx.seq - 1, chunk, encode(seqs, recs)))
+                start, seqs, recs = tx.seq, [], []
+        if start < tx.seq:
+            out_rows.append((start, tx.seq - 1, len(recs), encode(seqs, recs) if recs else b""))
         conn.executemany("INSERT INTO outbox VALUES (?,?,?,?)", out_rows)
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (tx.seq,))
         tx.state["out_rows"], tx.state["new_devices"] = out_rows, new_devices
+        tx.state["n_readings"] = sum(len(rs) for _, rs in writes)
 
     @classmethod
     def committed(cls, store, tx, jobs):
-        n_rows = tx.seq - store.next_seq
         store.next_seq = tx.seq
-        if n_rows:
-            out_rows = tx.state["out_rows"]
-            store.outbox_readings += n_rows
+        out_rows = tx.state.get("out_rows")
+        if out_rows:
+            store.outbox_readings += sum(o[2] for o in out_rows)
             store.outbox_bytes += sum(len(o[3]) for o in out_rows)
-            store.metrics.readings_committed.inc(n_rows)
+            store.metrics.readings_committed.inc(tx.state["n_readings"])
             tx.rows = [OutboxRow(*o) for o in out_rows]
             tx.notify.add("data")
             for d, src in tx.state["new_devices"]:
@@ -394,7 +415,46 @@ class ForgetDevice(Job):
             store.registry.forget(device)
 
 
+@dataclass
+class SetForwardRules(Job):
+    """The forwarding rules sent by command (forward.set/remove) change: the whole list, in order. They decide from
+    this commit on; they are kept in `meta` (and the open intervals whose rule changed leave in this commit).
+    Resolves to 0."""
+    rules: tuple
+
+    @classmethod
+    def apply(cls, store, conn, tx, jobs):
+        for job in jobs:
+            store.forward.set_rules(job.rules)
+            tx.results.append((job.fut, 0))
+
+
+@dataclass
+class ForwardState(Job):
+    """(every commit) The forwarding state the commit changed (last value sent, open intervals), in the same
+    transaction as the readings that changed it. A job of this kind carries nothing: handed over by the maintenance
+    pass when an interval of a silent series is due, it makes a commit that sends it."""
+
+    @classmethod
+    def apply(cls, store, conn, tx, jobs):
+        store.forward.save(conn)
+        for job in jobs:
+            tx.results.append((job.fut, 0))
+
+    @classmethod
+    def maintain(cls, store, conn):
+        fwd = store.forward
+        if fwd.has_due(time.time_ns()):
+            store.put(ForwardState())
+        if len(fwd.states) > len(store.registry.series):  # series left the registry: their states go
+            conn.execute("BEGIN IMMEDIATE")
+            fwd.forget(conn, store.registry.series)
+            conn.execute("COMMIT")
+
+
 # The order in which the kinds apply their SQL inside a commit (LogAck before LogLine: acknowledged lines go before
 # the new ones are counted against their room).
-KINDS: tuple[type[Job], ...] = (WriteReadings, DeadLetter, AlertAck, TakeRequest, RequestReply, SaveRule, LogAck,
-                                LogLine, SetMeta, KeepAlert, OutboxAck, ForgetDevice)
+# SetForwardRules before WriteReadings (the readings of the commit meet the new rules), ForwardState after it (it
+# keeps what WriteReadings decided).
+KINDS: tuple[type[Job], ...] = (SetForwardRules, WriteReadings, ForwardState, DeadLetter, AlertAck, TakeRequest,
+                                RequestReply, SaveRule, LogAck, LogLine, SetMeta, KeepAlert, OutboxAck, ForgetDevice)

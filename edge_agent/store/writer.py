@@ -111,6 +111,7 @@ class Writer:
             except sqlite3.Error:
                 pass
             self.store.registry.load(conn)
+            self.store.forward.abort()
             self.store.resolve([(j.fut, 0) for j in jobs if j.fut is not None],
                                StoreError(f"commit crashed: {type(e).__name__}: {e}"[:300],
                                           data=isinstance(e, (UnicodeError, OverflowError, TypeError, ValueError))))
@@ -122,6 +123,7 @@ class Writer:
         for job in jobs:
             by_kind[type(job)].append(job)  # a kind not in KINDS is a bug: KeyError, the commit fails
         tx = Tx(now_ns=time.time_ns(), seq=store.next_seq)
+        store.forward.begin()
         for kind in KINDS:
             kind.gather(store, conn, tx, by_kind[kind])
         try:
@@ -135,6 +137,7 @@ class Writer:
             except sqlite3.Error:
                 pass
             store.registry.load(conn)
+            store.forward.abort()
             store.resolve([(f, 0) for f in tx.waiting], StoreError(store.space.full_reason(), full=True))
             if store.space.disk_full(conn):
                 # acks and alerts have no one to redeliver them: kept for the next maintenance pass (once a second,
@@ -149,6 +152,7 @@ class Writer:
             store.resolve(tx.results, StoreError(f"commit failed: {e}",
                                                  data=isinstance(e, (sqlite3.InterfaceError, sqlite3.DataError))))
             return
+        store.forward.committed()
         for kind in KINDS:
             kind.committed(store, tx, by_kind[kind])
         store.metrics.store_commits.inc()
