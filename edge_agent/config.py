@@ -519,6 +519,10 @@ class AskConfig:
                            ge=1, le=10_000)
     points: list[PointWordsConfig] = opt(factory=list, doc="this gateway's own point names and operators' words for "
                                          "them, added to the shipped table (at most 64 points, 16 words each)")
+    memory_ttl_s: float = opt(300.0, doc="a requester's conversation memory (the last resolved call or plan, the "
+                              "writes it ran) is forgotten after this much silence", ge=5, le=86400)
+    max_requesters: int = opt(256, doc="requesters whose conversation memory is kept at once; beyond, the least "
+                              "recently seen is forgotten (counted)", ge=1, le=100_000)
 
     def check(self, key: str) -> None:
         _check_points(self.points, f"{key}.points")

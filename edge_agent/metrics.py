@@ -64,6 +64,13 @@ class Metrics:
                                     "question did not plainly ask it, or names what the gateway does not know), "
                                     "confirm (a write awaits its token), confirmed, dropped (a pending write "
                                     "pushed out at ask.max_pending)", ["outcome"], registry=r)
+        self.agent_events = Counter(p + "agent_events", "The orchestrator and the conversation memory, by event: "
+                                    "plan_refused (a plan failed validation or its dry-run: nothing ran), "
+                                    "plan_proposed, plan_nothing_to_do, plan_done, plan_partial (stopped at a failed "
+                                    "write), recheck_failed (a condition no longer held at confirmation: that write "
+                                    "not run), rule_proposed, followup, answered (a yes/no), memory_evicted "
+                                    "(ask.max_requesters), memory_expired (ask.memory_ttl_s), frame_too_large (over "
+                                    "4 KB: not kept)", ["event"], registry=r)
         self.registry_expired = Counter(p + "registry_expired", "Series and devices that left the registry after "
                                         "store.series_expiry_s of silence", ["kind"], registry=r)
         self.store_full = Gauge(p + "store_full", "1 while the store is at its quota and holds new readings back "
