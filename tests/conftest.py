@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.devkit.brokers import Mosquitto, free_port
 from edge_agent.devkit.certs import CA
 from edge_agent.config import to_toml
+from edge_agent.store.encoding import decode
 
 
 def wait_for(pred, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
@@ -168,6 +169,8 @@ class CloudSubscriber:
         cert, key = pki["viewer"]
         self.batches: list[dict] = []
         self.arrivals: list[float] = []  # monotonic time of each telemetry batch
+        self.payload_bytes = 0  # of the telemetry messages received
+        self.topics: set[str] = set()
         self.status: list[dict] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
@@ -183,13 +186,16 @@ class CloudSubscriber:
 
     def _on_connect(self, client, _u, _f, reason, _p):
         if not reason.is_failure:
-            client.subscribe([("edge/+/telemetry", 1), ("edge/+/status", 1)])
+            client.subscribe([("edge/+/telemetry", 1), ("edge/+/telemetry/+", 1), ("edge/+/status", 1)])
             time.sleep(0.05)
             self.connected.set()
 
     def _on_message(self, _c, _u, msg):
-        doc = json.loads(msg.payload)
+        doc = json.loads(msg.payload) if msg.topic.endswith("/status") else decode(msg.payload)
         with self.lock:
+            if not msg.topic.endswith("/status"):
+                self.payload_bytes += len(msg.payload)
+                self.topics.add(msg.topic)
             (self.status if msg.topic.endswith("/status") else self.batches).append(doc)
             if not msg.topic.endswith("/status"):
                 self.arrivals.append(time.monotonic())

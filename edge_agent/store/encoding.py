@@ -181,11 +181,14 @@ def _decimals(vals: np.ndarray) -> int | None:
         return 0
     if np.any((vals == 0) & np.signbit(vals)):
         return None  # -0.0 would come back as 0.0
-    for d in range(10):
-        scale = 10.0 ** d
-        sc = np.rint(vals * scale)
-        if np.all(np.abs(sc) < MAX_EXACT) and np.array_equal(sc / scale, vals):
-            return d
+    if np.abs(vals).max() >= MAX_EXACT:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        for d in range(10):
+            scale = 10.0 ** d
+            sc = np.rint(vals * scale)
+            if np.all(np.abs(sc) < MAX_EXACT) and np.array_equal(sc / scale, vals):
+                return d
     return None
 
 
