@@ -26,6 +26,7 @@ from edge_agent.glm.points import PointTable
 from edge_agent.logs import RING, ShipHandler
 from edge_agent import logs
 from edge_agent.metrics import Metrics
+from edge_agent.ops.memory import Memory
 from edge_agent.certs import GatewayCert
 from edge_agent.ota import Target, Updater
 from edge_agent.records import WriteRefused
@@ -108,6 +109,8 @@ class App:
             alerts=self.rules.alerts if self.rules else _no_alerts, ask=self.agent.plan, log_level=self._log_level,
             renew_cert=self._renew_cert if cfg.uplink.enabled and cfg.uplink.renew else None,
             pending=ops.PendingWrites(cfg.ask, self.metrics.ask_outcomes.labels("dropped")), points=self.points,
+            memory=Memory(cfg.ask.memory_ttl_s, cfg.ask.max_requesters,
+                          lambda event: self.metrics.agent_events.labels(event).inc()),
             models=self.updater, forget_device=self.store.forget_device, forward_list=self.store.forward_rules,
             forward_set=lambda rc: self.store.forward_set(rc, cfg.forward.max_command_rules),
             forward_remove=self.store.forward_remove),

@@ -56,6 +56,7 @@ class Gateway:
     # the agent's plan(text, registry: device -> points); raises agent.AskError
     ask: Callable[[str, dict], Awaitable[dict]] | None = None
     pending: Any = None  # ops.ask.PendingWrites: writes ask proposed, awaiting confirmation
+    memory: Any = None  # ops.memory.Memory: each requester's conversation frame (None: no follow-ups)
     points: Any = None  # glm.points.PointTable: the shipped point words and the gateway's own (ask.points)
     models: Any = None  # ota.Updater: model updates, rollback, the installed versions
     log_level: Callable[[str, float], dict] | None = None  # the shipped log level for a while (logs.level)

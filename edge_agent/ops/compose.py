@@ -1,0 +1,592 @@
+"""From a request's words (and the requester's frame) to the resolved output: one call, a plan, a rule proposal, an
+answer to a pending confirmation, or `clarify` — as `ask --dry-run` prints it (docs/agent-conventions.md).
+
+Code carries the frame; the model emits short grammar-bound objects. The request is cut into clauses by code
+(conditions now, standing conditions, "compare", fan-out over "all pumps", several orders joined by "and"/"then");
+each clause that needs the model is put to the single-call engine as a sentence of its own (a pronoun replaced by
+the one device it refers to), and code assembles the plan. Follow-ups ("and pump-4?", "what about the last hour?",
+"the minimum?", "and the pressure?", "set it back", "yes") are applied by code to the requester's frame.
+
+Nothing here runs anything: `ops.ask` validates and dry-runs what comes out (`ops.plans`), through the same checks
+as any call. Every clause a step comes from is kept beside it (`Resolved.texts`): the write guard reads the words
+that asked for each write.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from edge_agent.glm.points import SHIPPED, PointTable
+from edge_agent.glm.schema import MAX_WINDOW_S, _windows, numbers
+from edge_agent.ops.memory import Frame
+from edge_agent.ops.plans import MAX_STEPS
+
+AskFn = Callable[[str, Any], Awaitable[dict]]  # (text, registry or None) -> {"call": ..., model, provider, timings}
+
+YES = {"yes", "y", "yeah", "yep", "yup", "ok", "okay", "sure", "confirm", "confirmed", "go ahead", "do it",
+       "yes please", "please do", "go", "proceed", "affirmative", "yes do it", "ok do it", "ok go ahead",
+       "yes go ahead", "go for it", "sounds good", "correct", "right", "please", "yes confirm", "confirm it"}
+NO = {"no", "n", "nope", "nah", "cancel", "never mind", "nevermind", "forget it", "abort", "don't", "dont",
+      "do not", "no thanks", "no thank you", "cancel that", "cancel it", "stop that", "negative", "no don't",
+      "no cancel", "scrap that", "not now", "don't do it", "no dont"}
+_UNDO = re.compile(r"^(?:please |ok |okay |now |and |then )*(?:undo(?: that| it| this| the last(?: write| change)?)?"
+                   r"|(?:set|put|change|switch|turn|bring) (?:it|that|them|those|this|everything|things)"
+                   r" back(?: (?:to )?(?:what|how|where) (?:it|they) (?:was|were))?(?: again)?"
+                   r"|revert(?: that| it| this| the last(?: write| change)?)?|roll (?:it |that )?back"
+                   r"|restore (?:it|that|them)|put back(?: the old value)?)(?: please| pls)?$")
+_STANDING = ("whenever", "every time", "each time", "alert me", "notify me", "warn me", "let me know", "tell me when",
+             "tell me if", "from now on", "ping me", "message me", "email me", "page me", "send me an alert",
+             "raise an alarm", "raise an alert", "any time", "anytime", "as soon as", "once")
+_SCHEDULE = re.compile(r"\bevery (?:\d+ |few |other )?(?:sec|second|min|minute|hour|hr|day|night|morning|evening|"
+                       r"week|shift)s?\b|\beach (?:minute|hour|day|morning|night)\b|\bfor the next\b|\bkeep\b.*\b(?:at|"
+                       r"below|above|under|over|between)\b|\bat \d{1,2}(?::\d\d)? ?(?:am|pm)\b|\b\d{1,2} ?(?:am|pm)\b|"
+                       r"\bevery\b.*\bthen\b|\bloop\b|\brepeat(?:edly)?\b|\buntil\b")
+_HYPOTHETICAL = ("what if", "what would happen", "suppose", "imagine", "hypothetically", "how do i", "how can i",
+                 "how to", "would it", "could it", "should i", "what happens if")
+# comparisons: the longest phrases first
+_CMP = [("greater than or equal to", ">="), ("less than or equal to", "<="), ("at least", ">="), ("at most", "<="),
+        ("no less than", ">="), ("no more than", "<="), ("not below", ">="), ("not above", "<="),
+        ("more than", ">"), ("greater than", ">"), ("higher than", ">"), ("bigger than", ">"), ("larger than", ">"),
+        ("over", ">"), ("above", ">"), ("exceeds", ">"), ("exceeding", ">"), ("exceed", ">"), ("tops", ">"),
+        ("beyond", ">"), ("hotter than", ">"), ("warmer than", ">"), ("faster than", ">"),
+        ("less than", "<"), ("lower than", "<"), ("smaller than", "<"), ("fewer than", "<"), ("below", "<"),
+        ("under", "<"), ("beneath", "<"), ("colder than", "<"), ("cooler than", "<"), ("slower than", "<"),
+        ("isn't", "!="), ("is not", "!="), ("isnt", "!="), ("not equal to", "!="), ("doesn't equal", "!="),
+        ("equals", "=="), ("equal to", "=="), ("reads", "=="), ("is exactly", "=="), ("is at", "=="),
+        (">=", ">="), ("<=", "<="), ("!=", "!="), ("==", "=="), (">", ">"), ("<", "<"), ("=", "==")]
+_RATE = re.compile(r"\b(?:rate|per (?:second|minute|hour)|faster than .* per|rises by|drops by|jumps|changes by|"
+                   r"increases by|decreases by)\b")
+_OPENER = re.compile(r"^(?:and|what about|how about|same for|same with|same thing for|and for|and what about|also|"
+                     r"ok and|okay and|now|then|and now|and also|what of|and how about|and the|the same for)\b")
+_AGG = [("minimum", "min"), ("min", "min"), ("lowest", "min"), ("coldest", "min"), ("smallest", "min"),
+        ("least", "min"), ("maximum", "max"), ("max", "max"), ("highest", "max"), ("peak", "max"), ("hottest", "max"),
+        ("top", "max"), ("largest", "max"), ("biggest", "max"), ("average", "avg"), ("avg", "avg"), ("mean", "avg"),
+        ("typical", "avg"), ("how many", "count"), ("count", "count"), ("number of readings", "count"),
+        ("latest", "last"), ("current", "last"), ("right now", "last"), ("now", "last"), ("last value", "last")]
+_PRONOUN = re.compile(r"\b(?:that|this|the same|the) (?:one|device|pump|fan|valve|tank|motor|machine|unit|sensor|"
+                      r"boiler|heater|compressor|mixer|chiller|press|plc|line)\b|\b(?:its|it|it's|them|their|they)\b")
+_FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|each(?: of the)?|both)\s+([a-z][a-z_]*?)(?:es|s)?\b(?!-)")
+_NEG = re.compile(r"\b(?:don't|dont|do not|never|not|no|without|avoid|nor)\b")
+_SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s+|\s+but\s+|\s+and also\s+|"
+                    r"\s+as well as\s+|\s+and\s+|,\s+)\s*")
+_DEVICE = re.compile(r"^[a-z][a-z0-9_.:/-]*[0-9][a-z0-9_.:/-]*$|^[0-9]+[a-z_-][a-z0-9_.:/-]*$", re.I)
+_STRIP = ",.;:!?()[]{}\"'`"
+
+
+@dataclass
+class Resolved:
+    """The request resolved: `doc` as ask --dry-run prints it; `texts` the words each step (or the call) came from,
+    for the write guard (None: derived by code from recorded facts, e.g. an undo); `meta` the engine's last answer's
+    model, provider and timings; `followup` whether the frame was used."""
+    doc: dict
+    texts: list[str | None] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    followup: bool = False
+
+    @property
+    def kind(self) -> str:
+        if "plan" in self.doc:
+            return "plan"
+        if "confirm" in self.doc:
+            return "answer"
+        return {"clarify": "clarify", "add_rule": "rule"}.get(self.doc["tool"], "call")
+
+
+def clarify(reason: str) -> Resolved:
+    return Resolved({"tool": "clarify", "args": {"reason": reason}})
+
+
+def _norm(text: str) -> str:
+    t = text.lower().replace("\u2019", "'").strip()
+    t = re.sub(r"[!?.]+$", "", t).strip()
+    return re.sub(r"\s+", " ", t)
+
+
+def devices_in(text: str, known: dict | None) -> list[str]:
+    """The device ids a text names, in order: registry names (any case), else words with a digit."""
+    out: list[str] = []
+    names = {d.lower(): d for d in (known or {})}
+    for word in text.split():
+        w = word.strip(_STRIP)
+        if w.lower().endswith("'s"):
+            w = w[:-2]
+        if not w:
+            continue
+        hit = names.get(w.lower())
+        if hit is None and _DEVICE.match(w) and not re.fullmatch(r"[0-9.:,/-]+(?:am|pm|s|m|h|d|st|nd|rd|th|%)?", w,
+                                                                 re.I):
+            hit = w
+        if hit is not None and hit not in out:
+            out.append(hit)
+    return out
+
+
+def _has(words: str, phrases) -> str | None:
+    low = f" {words} "
+    return next((p for p in phrases if f" {p} " in low), None)
+
+
+class Composer:
+    def __init__(self, ask: AskFn, known: dict | None, points: PointTable | None = None) -> None:
+        self.ask, self.known, self.points = ask, known, points or SHIPPED
+        self.meta: dict = {}
+
+    async def call(self, text: str) -> dict:
+        """The single-call engine's call for one clause."""
+        plan = await self.ask(text, self.known)
+        self.meta = {k: v for k, v in plan.items() if k != "call"}
+        return plan["call"]
+
+    # ---- the entry point ----
+    async def resolve(self, text: str, frame: Frame | None = None) -> Resolved:
+        frame = frame or Frame()
+        low = _norm(text)
+        if low in YES or low in NO:
+            if frame.pending is None:
+                return clarify("nothing")
+            return Resolved({"confirm": low in YES}, followup=True)
+        if _UNDO.match(low):
+            return self._undo(frame)
+        named = devices_in(text, self.known)
+        if frame.last is not None and not named and _PRONOUN.search(low) is None:
+            f = await self._followup(text, low, frame, named)
+            if f is not None:
+                return f
+        if frame.last is not None and named and _OPENER.match(low):
+            f = await self._followup(text, low, frame, named)
+            if f is not None:
+                return f
+        if not named and _PRONOUN.search(low):
+            devices = frame.devices()
+            if frame.last is None:
+                pass  # no memory: the request as it stands (the model's own answer, then the guard and the registry)
+            elif len(devices) != 1:
+                if self._needs_device(low):
+                    return clarify("which_device")
+            else:
+                text = self._substitute(text, devices[0])
+                low = _norm(text)
+                r = await self._fresh(text, low)
+                r.followup = True
+                return r
+        return await self._fresh(text, low)
+
+    def _needs_device(self, low: str) -> bool:
+        """A pronoun that stands for a device ("stop it", "its temperature"), not "is it cold in here"."""
+        return bool(re.search(r"\b(?:it|its|them|their|that one|this one|the same one|that pump|this pump|that "
+                              r"device|this device)\b", low))
+
+    @staticmethod
+    def _substitute(text: str, device: str) -> str:
+        t = re.sub(r"\b(?:that|this|the same|the) (?:one|device|pump|fan|valve|tank|motor|machine|unit|sensor|"
+                   r"boiler|heater|compressor|mixer|chiller|press|plc|line)\b", device, text, flags=re.I)
+        t = re.sub(r"\bits\b", f"{device}'s", t, flags=re.I)
+        t = re.sub(r"\bit's\b", f"{device} is", t, flags=re.I)
+        return re.sub(r"\b(?:it|them|they)\b", device, t, flags=re.I)
+
+    # ---- a request of its own ----
+    async def _fresh(self, text: str, low: str) -> Resolved:
+        if _has(low, _HYPOTHETICAL) is not None:
+            return await self._single(text)
+        if _SCHEDULE.search(low):
+            return clarify("too_complex")
+        if _has(low, _STANDING) is not None:
+            return await self._standing(text, low)
+        if re.search(r"\bif\b|\bprovided\b|\bin case\b", low):
+            return await self._condition_now(text, low)
+        if re.search(r"\bwhen\b", low) and re.search(r"\bwhen (?:was|were|did|is|does)\b", low) is None \
+                and any(f" {p} " in f" {low} " for p, _ in _CMP[:-6]):
+            return await self._standing(text, low)  # "close valve-3 when tank-4 is above 95": standing
+        if re.search(r"\bcompare\b|\bvs\.?\b|\bversus\b", low):
+            return await self._compare(text, low)
+        return await self._compound(text, low)
+
+    async def _single(self, text: str) -> Resolved:
+        call = await self.call(text)
+        return Resolved(call, [text], self.meta)
+
+    # ---- compound: several clauses, each a call ----
+    def _clauses(self, text: str) -> list[str]:
+        parts = [p for p in _SPLIT.split(text.strip().rstrip("?.!")) if p.strip()]
+        out: list[str] = []
+        for p in parts:
+            # numbers said in words ("two hundred and forty") are one number, not two clauses
+            if out and (re.fullmatch(r"(?:[a-z]+ ?)*", p.split()[0] if p.split() else "")
+                        and numbers(p.split()[0]) and numbers(out[-1].split()[-1])):
+                out[-1] = f"{out[-1]} and {p}"
+            else:
+                out.append(p.strip())
+        return out
+
+    async def _compound(self, text: str, low: str) -> Resolved:
+        clauses = self._clauses(text)
+        if len(clauses) < 2 or not self._is_compound(clauses):
+            return await self._clause_single(text, low)
+        if len(clauses) > MAX_STEPS:
+            return clarify("too_complex")
+        steps: list[dict] = []
+        texts: list[str | None] = []
+        prev_text: str | None = None
+        prev_devices: list[str] = []
+        for c in clauses:
+            c_low = _norm(c)
+            if _NEG.search(c_low):
+                continue  # a negation voids the step it governs
+            ds = devices_in(c, self.known)
+            if not ds and prev_text is not None and not self._has_verb(c_low) and not self.points.named(c):
+                continue
+            if ds and prev_text is not None and self._bare(c, ds):
+                # "stop pump-1 and pump-2": the bare device takes the previous clause's words
+                c = self._swap(prev_text, prev_devices, ds[0]) if prev_devices else c
+            elif not ds and prev_devices and _PRONOUN.search(c_low):
+                c = self._substitute(c, prev_devices[0])
+            elif not ds and prev_devices and self.points.named(c) and not self._has_verb(c_low):
+                c = f"{c} of {prev_devices[0]}"
+            r = await self._clause(c, _norm(c))
+            if r.kind == "clarify":
+                return r
+            if r.kind == "plan":
+                base = len(steps)
+                for s, t in zip(r.doc["plan"], r.texts):
+                    steps.append(_shift(s, base))
+                    texts.append(t)
+            elif r.kind == "call":
+                steps.append(r.doc)
+                texts.append(r.texts[0] if r.texts else c)
+            else:
+                return clarify("too_complex")
+            prev_text = c
+            prev_devices = devices_in(c, self.known) or prev_devices
+        if not steps:
+            return clarify("nothing")
+        if len(steps) > MAX_STEPS:
+            return clarify("too_complex")
+        if len(steps) == 1:
+            return Resolved(steps[0], texts, self.meta)
+        return Resolved({"plan": steps}, texts, self.meta)
+
+    def _is_compound(self, clauses: list[str]) -> bool:
+        """At least two clauses that each ask something: a device, a verb, a point of their own."""
+        asks = 0
+        for c in clauses:
+            c_low = _norm(c)
+            if devices_in(c, self.known) or self._has_verb(c_low) or _FANOUT.search(c_low):
+                asks += 1
+        return asks >= 2
+
+    @staticmethod
+    def _has_verb(low: str) -> bool:
+        return bool(re.search(r"\b(?:set|stop|start|turn|switch|shut|close|open|put|make|change|enable|disable|"
+                              r"list|show|check|read|get|give|tell|what|what's|whats|how|which|is|are|any|restart|"
+                              r"power|raise|lower|increase|decrease|adjust|halt|kill|activate|deactivate|run|pause|"
+                              r"resume|fill|bump|report|status|alarms?|alerts?)\b", low))
+
+    @staticmethod
+    def _bare(clause: str, ds: list[str]) -> bool:
+        rest = _norm(clause)
+        for d in ds:
+            rest = rest.replace(d.lower(), " ")
+        return not re.sub(r"\b(?:the|also|too|as well|both|and|please|pls|then|one|ones|device|devices)\b|[^a-z]",
+                          " ", rest).strip()
+
+    @staticmethod
+    def _swap(prev: str, prev_devices: list[str], device: str) -> str:
+        return re.sub(re.escape(prev_devices[0]), device, prev, count=1, flags=re.I)
+
+    async def _clause(self, c: str, c_low: str) -> Resolved:
+        if _has(c_low, _HYPOTHETICAL) is not None:
+            return await self._single(c)
+        if _has(c_low, _STANDING) is not None or re.search(r"\bif\b", c_low):
+            return clarify("too_complex")  # a condition inside one clause of several: beyond the grammar
+        if re.search(r"\bcompare\b", c_low):
+            return await self._compare(c, c_low)
+        return await self._clause_single(c, c_low)
+
+    async def _clause_single(self, c: str, c_low: str) -> Resolved:
+        m = _FANOUT.search(c_low)
+        if m and devices_in(c, self.known) == [] and self._writes(c_low):
+            return await self._fanout(c, m)
+        return await self._single(c)
+
+    @staticmethod
+    def _writes(low: str) -> bool:
+        return bool(re.search(r"\b(?:set|stop|start|turn|switch|shut|close|open|put|make|change|enable|disable|"
+                              r"restart|power (?:up|down|on|off)|halt|kill|activate|deactivate|pause|resume|run)\b",
+                              low))
+
+    async def _fanout(self, c: str, m: re.Match) -> Resolved:
+        """"stop all pumps" -> list_devices {filter: pump}, then the write over each device it finds."""
+        word = m.group(1)
+        stand_in = "zz-0"
+        sentence = c[:m.start()] + stand_in + c[m.end():]
+        call = await self.call(sentence)
+        if call["tool"] != "write_point" or call["args"].get("device") != stand_in:
+            return clarify(call["args"]["reason"]) if call["tool"] == "clarify" else clarify("which_device")
+        args = {"device": {"each": 1}, "point": call["args"]["point"], "value": call["args"]["value"]}
+        steps = [{"tool": "list_devices", "args": {"filter": word}}, {"tool": "write_point", "args": args}]
+        return Resolved({"plan": steps}, [c, sentence.replace(stand_in, "{each}")], self.meta)
+
+    # ---- compare ----
+    async def _compare(self, text: str, low: str) -> Resolved:
+        ds = devices_in(text, self.known)
+        pts = self.points.named(text)
+        if len(ds) < 2:
+            return clarify("which_device") if not ds else await self._single(text)
+        if not pts:
+            return clarify("which_value")
+        windows, stated = _windows(text)
+        window = windows[0] if stated and windows else 3600
+        agg = next((a for w, a in _AGG if f" {w} " in f" {low} " and a not in ("last",)), "avg")
+        steps = [{"tool": "query_stats", "args": {"device": d, "point": p, "agg": agg, "window_s": window}}
+                 for p in pts for d in ds]
+        if len(steps) > MAX_STEPS:
+            return clarify("too_complex")
+        return Resolved({"plan": steps}, [text] * len(steps), self.meta)
+
+    # ---- conditions ----
+    def _condition(self, cond: str) -> tuple[str, str, str, float] | Resolved:
+        """(device, point, op, value) of a condition's words, or the clarify it needs."""
+        low = _norm(cond)
+        if _RATE.search(low):
+            return clarify("too_complex")
+        hits = []
+        for phrase, op in _CMP:
+            for m in re.finditer(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])", low):
+                if not any(s <= m.start() < e for s, e, _ in hits):
+                    hits.append((m.start(), m.end(), op))
+        if not hits:
+            hits = [(m.start(), m.end(), "==") for m in re.finditer(r"\b(?:is|at|reads|hits|reaches)\b", low)][:1]
+        if len(hits) > 1 and len({h[2] for h in hits}) > 1 or re.search(r"\b(?:and|or)\b.*\b(?:above|below|over|"
+                                                                         r"under|than)\b", low[hits[0][1]:] if hits
+                                                                         else ""):
+            return clarify("too_complex")
+        if not hits:
+            return clarify("which_value")
+        start, end, op = hits[0]
+        vals = numbers(cond[end - 0:] if False else low[end:])
+        if not vals:
+            return clarify("which_value")
+        ds = devices_in(cond, self.known)
+        if len(ds) > 1:
+            return clarify("too_complex")
+        device = ds[0] if ds else ""
+        pts = self.points.named(low[:start]) or self.points.named(low)
+        if not pts and device and self.known and len(self.known.get(device, [])) == 1:
+            pts = list(self.known[device])
+        if not pts:
+            extra = [p for p in (self.known or {}).get(device, []) if re.search(rf"\b{re.escape(p.lower())}\b", low)]
+            pts = extra
+        if len(pts) != 1:
+            return clarify("which_value")
+        return device, pts[0], op, vals[0]
+
+    def _split_condition(self, text: str, low: str, words: str) -> tuple[str, str] | None:
+        """(condition, action) around a condition word ("if", "whenever", ...)."""
+        m = re.search(rf"\b{words}\b", text, re.I)
+        if m is None:
+            return None
+        before, after = text[:m.start()].strip(" ,"), text[m.end():].strip(" ,")
+        if before and not re.fullmatch(r"(?:please|pls|ok|okay|hey|now|and|so|then|right now)?", before.lower()):
+            return after, before  # "stop pump-3 if its temperature is above 80"
+        parts = re.split(r",\s*(?:then\s+)?|\s+then\s+", after, maxsplit=1)
+        if len(parts) == 2:
+            return parts[0], parts[1]
+        # no comma: the condition ends after its number ("if pump-3 is above 80 stop it")
+        m2 = re.search(r"(-?[0-9][0-9.,]*|[a-z]+ty(?:[- ][a-z]+)?|hundred)\s*(?:%|°c|°f|c|f|degrees|percent|bar|psi|"
+                       r"rpm|kw|a|v)?(?:\s+(?:now|right now|currently|at the moment))?\s+", after, re.I)
+        if m2 is None:
+            return after, ""
+        return after[:m2.end()].strip(), after[m2.end():].strip()
+
+    async def _condition_now(self, text: str, low: str) -> Resolved:
+        split = self._split_condition(text, low, r"(?:if|provided(?: that)?|in case)")
+        if split is None:
+            return await self._single(text)
+        cond, action = split
+        if not action:
+            return await self._single(text)  # "is pump-3 above 80?" read as a question: the engine's
+        c = self._condition(cond)
+        if isinstance(c, Resolved):
+            return c
+        device, point, op, value = c
+        acts = self._clauses(action)
+        if not device:
+            ds = devices_in(action, self.known)
+            if len(ds) != 1:
+                return clarify("which_device")
+            device = ds[0]
+        read = {"tool": "query_stats", "args": {"device": device, "point": point, "agg": "last", "window_s": 60}}
+        steps: list[dict] = [read]
+        texts: list[str | None] = [cond]
+        prev: list[str] = [device]
+        for a in acts:
+            a_low = _norm(a)
+            if _NEG.search(a_low):
+                continue
+            ds = devices_in(a, self.known)
+            if not ds:
+                a = self._substitute(a, prev[0]) if _PRONOUN.search(a_low) else f"{a} {prev[0]}"
+            elif self._bare(a, ds) and len(steps) > 1:
+                a = self._swap(texts[-1] or "", prev, ds[0])
+            r = await self._clause_single(a, _norm(a))
+            if r.kind == "clarify":
+                return r
+            for s, t in (zip(r.doc["plan"], r.texts) if r.kind == "plan" else [(r.doc, r.texts[0])]):
+                s = _shift(s, len(steps) - 0) if r.kind == "plan" else dict(s)
+                if s["tool"] == "write_point" or r.kind == "call":
+                    s["when"] = {"step": 1, "op": op, "value": value}
+                steps.append(s)
+                texts.append(t)
+            prev = devices_in(a, self.known) or prev
+        if len(steps) < 2:
+            return clarify("nothing")
+        if len(steps) > MAX_STEPS:
+            return clarify("too_complex")
+        return Resolved({"plan": steps}, texts, self.meta)
+
+    async def _standing(self, text: str, low: str) -> Resolved:
+        """A standing condition -> a rule proposal (add_rule): one device's point against one threshold, or silence."""
+        word = next(p for p in (*_STANDING, "when") if f" {p} " in f" {low} ")
+        if word in ("alert me", "notify me", "warn me", "let me know", "ping me", "message me", "email me",
+                    "page me", "send me an alert", "raise an alarm", "raise an alert"):
+            m = re.search(r"\b(?:when(?:ever)?|if|once|as soon as|in case|each time|every time|any ?time)\b", text,
+                          re.I)
+            if m is None:
+                return clarify("which_value")
+            cond, action = text[m.end():].strip(" ,?.!"), ""
+            lead = text[:m.start()]
+            if re.search(r"\band\b", lead, re.I) and self._writes(_norm(lead)):
+                action = re.sub(r"\s*(?:and\s+)?(?:alert|notify|warn|let|ping|message|email|page|send|raise)\b.*$",
+                                "", lead, flags=re.I).strip(" ,")
+        else:
+            split = self._split_condition(text, low, r"(?:whenever|every time|each time|from now on,? if|from now "
+                                                     r"on|any ?time|as soon as|once|when|tell me (?:when|if))")
+            if split is None:
+                return clarify("too_complex")
+            cond, action = split
+        cond = re.sub(r"^(?:if|when(?:ever)?)\s+", "", cond.strip(" ,?.!"), flags=re.I)
+        action = re.sub(r"\s*,?\s*(?:and\s+)?(?:alert|notify|warn|tell|let) (?:me|us)\b.*$", "", action,
+                        flags=re.I).strip(" ,")
+        c_low = _norm(cond)
+        silent = re.search(r"\b(?:silent|quiet|stops? (?:reporting|sending)|goes? offline|no data|nothing|dead|"
+                           r"doesn't report|does not report|stops talking)\b", c_low)
+        if silent:
+            ds = devices_in(cond, self.known)
+            if len(ds) != 1:
+                return clarify("which_device")
+            device = ds[0]
+            wins, stated = _windows(cond)
+            if not stated:
+                return clarify("which_value")
+            pts = self.points.named(cond)
+            if not pts and self.known and len(self.known.get(device, [])) == 1:
+                pts = list(self.known[device])
+            if len(pts) != 1:
+                return clarify("which_value")
+            args: dict[str, Any] = {"kind": "nodata", "device": device, "point": pts[0], "seconds": wins[0]}
+        else:
+            c = self._condition(cond)
+            if isinstance(c, Resolved):
+                return c
+            device, point, op, value = c
+            if not device:
+                return clarify("which_device")
+            if op not in (">", ">=", "<", "<="):
+                return clarify("too_complex")
+            args = {"kind": "above" if op in (">", ">=") else "below", "device": device, "point": point,
+                    "threshold": value}
+        texts: list[str | None] = [cond]
+        if action and not re.fullmatch(r"(?:please|pls|ok|okay|hey|and)?", action.strip().lower()):
+            a_low = _norm(action)
+            if _NEG.search(a_low):
+                return clarify("nothing")
+            if not devices_in(action, self.known):
+                action = self._substitute(action, device) if _PRONOUN.search(a_low) else f"{action} {device}"
+            call = await self.call(action)
+            if call["tool"] == "clarify":
+                return clarify(call["args"]["reason"])
+            if call["tool"] != "write_point":
+                return clarify("too_complex")
+            a = call["args"]
+            args.update(action_device=a["device"], action_point=a["point"], action_value=json.dumps(a["value"]))
+            texts.append(action)
+        return Resolved({"tool": "add_rule", "args": args}, texts, self.meta)
+
+    # ---- follow-ups on the frame ----
+    async def _followup(self, text: str, low: str, frame: Frame, named: list[str]) -> Resolved | None:
+        """The frame's last call or plan with only what the follow-up names changed, or None (not a follow-up)."""
+        last = frame.last
+        assert last is not None
+        rest = _OPENER.sub("", low).strip()
+        pts = self.points.named(rest)
+        windows, stated = _windows(rest)
+        agg = next((a for w, a in _AGG if re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", rest)), None)
+        opener = _OPENER.match(low) is not None
+        if not (named or pts or stated or agg):
+            return None
+        words = len(rest.split())
+        if not opener and words > 6:
+            return None
+        if not opener and named:
+            return None
+        if not opener and self._writes(rest) and not (pts or stated or agg):
+            return None
+        steps = [dict(s, args=dict(s["args"])) for s in (last.get("plan") or [last])]
+        old_devices = frame.devices()
+        texts = list(frame.texts) if frame.texts else [None] * len(steps)
+        if named:
+            if len(old_devices) != 1:
+                return clarify("which_device")
+            if len(named) > 1:
+                if len(steps) != 1 or len(named) > MAX_STEPS:
+                    return clarify("too_complex")
+                base, t0 = steps[0], texts[0] if texts else None
+                steps = [dict(base, args=dict(base["args"], device=d)) for d in named]
+                texts = [(t0 or "").replace(old_devices[0], d) if t0 else None for d in named]
+            else:
+                for s in steps:
+                    if s["args"].get("device") == old_devices[0]:
+                        s["args"]["device"] = named[0]
+                texts = [t.replace(old_devices[0], named[0]) if isinstance(t, str) else t for t in texts]
+        changed = bool(named)
+        for s in steps:
+            if s["tool"] != "query_stats":
+                continue
+            if len(pts) == 1:
+                s["args"]["point"], changed = pts[0], True
+            if agg is not None:
+                s["args"]["agg"], changed = agg, True
+                if agg == "last" and not stated:
+                    s["args"]["window_s"] = 60
+            if stated and windows and 1 <= windows[0] <= MAX_WINDOW_S:
+                s["args"]["window_s"], changed = windows[0], True
+                if s["args"]["agg"] == "last" and agg is None:
+                    s["args"]["agg"] = "avg"
+        if not changed:
+            return None
+        doc = steps[0] if len(steps) == 1 else {"plan": steps}
+        return Resolved(doc, texts, {}, followup=True)
+
+    def _undo(self, frame: Frame) -> Resolved:
+        if not frame.writes:
+            return clarify("nothing")
+        steps = [{"tool": "write_point", "args": {"device": w["device"], "point": w["point"], "value": w["old"]}}
+                 for w in frame.writes if w.get("old") is not None]
+        if not steps:
+            return clarify("nothing")
+        if len(steps) > MAX_STEPS:
+            return clarify("too_complex")
+        doc = steps[0] if len(steps) == 1 else {"plan": steps}
+        return Resolved(doc, [None] * len(steps), followup=True)
+
+
+def _shift(step: dict, base: int) -> dict:
+    """A step of a sub-plan moved `base` places later (its references with it)."""
+    s = json.loads(json.dumps(step))
+    if isinstance(s["args"].get("device"), dict):
+        s["args"]["device"]["each"] += base
+    if "when" in s:
+        s["when"]["step"] += base
+    return s
