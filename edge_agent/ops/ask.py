@@ -222,7 +222,7 @@ async def _plan(gw: Gateway, req: Request, r: Any, devices: dict, key: tuple, fr
         req.router.metrics.ask_outcomes.labels("done").inc()
         answer = plans.nothing_to_do(dr) if dr.write_steps else plans.report(dr)
         return {**base, "outcome": "done", "result": {"reads": [{"tool": t, "args": a, "result": res}
-                                                                for t, a, res in dr.reads], "writes": []},
+                                                                for t, a, res, _ in dr.reads], "writes": []},
                 "answer": answer}
     mode = gw.pending.cfg.writes if gw.pending is not None else "direct"
     if mode == "never":

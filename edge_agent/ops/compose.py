@@ -65,9 +65,17 @@ _AGG = [("minimum", "min"), ("min", "min"), ("lowest", "min"), ("coldest", "min"
         ("top", "max"), ("largest", "max"), ("biggest", "max"), ("average", "avg"), ("avg", "avg"), ("mean", "avg"),
         ("typical", "avg"), ("how many", "count"), ("count", "count"), ("number of readings", "count"),
         ("latest", "last"), ("current", "last"), ("right now", "last"), ("now", "last"), ("last value", "last")]
+# the words that say an aggregate plainly (superlatives are aggregates: docs/agent-conventions.md)
+_SAID_AGG = [("hottest", "max"), ("highest", "max"), ("peak", "max"), ("maximum", "max"), ("max", "max"),
+             ("warmest", "max"), ("coldest", "min"), ("lowest", "min"), ("minimum", "min"), ("min", "min"),
+             ("coolest", "min"), ("average", "avg"), ("avg", "avg"), ("mean", "avg")]
 _PRONOUN = re.compile(r"\b(?:that|this|the same|the) (?:one|device|pump|fan|valve|tank|motor|machine|unit|sensor|"
                       r"boiler|heater|compressor|mixer|chiller|press|plc|line)\b|\b(?:its|it|it's|them|their|they)\b")
 _FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|each(?: of the)?|both)\s+([a-z][a-z_]*?)(?:es|s)?\b(?!-)")
+# "the devices whose name contains pump", "pumps with 'line2' in the name": a filter on the ids
+_NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name|id)s? (?:contains?|includes?|has|"
+                         r"have)|with (?:names?|ids?) (?:containing|including)|(?:named|called) like|matching|"
+                         r"containing)\s+[\"']?([a-z0-9_-]+)[\"']?(?:\s+in (?:the|their|its) (?:name|id)s?)?")
 _NEG = re.compile(r"\b(?:don't|dont|do not|never|not|no|without|avoid|nor)\b")
 _SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s+|\s+but\s+|\s+and also\s+|"
                     r"\s+as well as\s+|\s+and\s+|,\s+)\s*")
@@ -205,6 +213,11 @@ class Composer:
 
     async def _single(self, text: str) -> Resolved:
         call = await self.call(text)
+        if call["tool"] == "query_stats":
+            said = {a for w, a in _SAID_AGG if re.search(rf"(?<![a-z]){w}(?![a-z])", text.lower())}
+            if len(said) == 1 and call["args"]["agg"] not in said:
+                # the operator's own word for the aggregate ("hottest" is max) wins over the model's choice
+                call = {"tool": "query_stats", "args": {**call["args"], "agg": said.pop()}}
         return Resolved(call, [text], self.meta)
 
     # ---- compound: several clauses, each a call ----
@@ -230,6 +243,7 @@ class Composer:
         texts: list[str | None] = []
         prev_text: str | None = None
         prev_devices: list[str] = []
+        clauses = self._borrow(clauses)
         for c in clauses:
             c_low = _norm(c)
             if _NEG.search(c_low):
@@ -266,6 +280,22 @@ class Composer:
         if len(steps) == 1:
             return Resolved(steps[0], texts, self.meta)
         return Resolved({"plan": steps}, texts, self.meta)
+
+    def _borrow(self, clauses: list[str]) -> list[str]:
+        """A clause that names a point but no device ("what's the temperature and pressure of pump-3") reads the
+        device of the next clause that names exactly one (else of the previous one)."""
+        named = [devices_in(c, self.known) for c in clauses]
+        out = list(clauses)
+        for i, c in enumerate(clauses):
+            low = _norm(c)
+            if named[i] or not self.points.named(c) or _PRONOUN.search(low) or _NEG.search(low):
+                continue
+            later = next((n for n in named[i + 1:] if n), None)
+            earlier = next((n for n in reversed(named[:i]) if n), None)
+            src = later if later is not None and len(later) == 1 else earlier
+            if src is not None and len(src) == 1:
+                out[i] = f"{c} of {src[0]}"
+        return out
 
     def _is_compound(self, clauses: list[str]) -> bool:
         """At least two clauses that each ask something: a device, a verb, a point of their own."""
@@ -305,6 +335,11 @@ class Composer:
         return await self._clause_single(c, c_low)
 
     async def _clause_single(self, c: str, c_low: str) -> Resolved:
+        named = _NAMED_LIKE.search(c_low)
+        if named is not None and not devices_in(c, self.known):
+            if self._writes(c_low[:named.start()]):
+                return await self._fanout(c, named)
+            return Resolved({"tool": "list_devices", "args": {"filter": named.group(1)}}, [c], self.meta)
         m = _FANOUT.search(c_low)
         if m and devices_in(c, self.known) == [] and self._writes(c_low):
             return await self._fanout(c, m)
@@ -320,6 +355,8 @@ class Composer:
         """"stop all pumps" -> list_devices {filter: pump}, then the write over each device it finds."""
         word = m.group(1)
         stand_in = "zz-0"
+        if word in ("device", "devic", "machine", "unit", "thing", "one"):
+            word = None  # "stop all devices": every device (the cap decides)
         sentence = c[:m.start()] + stand_in + c[m.end():]
         call = await self.call(sentence)
         if call["tool"] != "write_point" or call["args"].get("device") != stand_in:
@@ -394,8 +431,10 @@ class Composer:
         if len(parts) == 2:
             return parts[0], parts[1]
         # no comma: the condition ends after its number ("if pump-3 is above 80 stop it")
-        m2 = re.search(r"(-?[0-9][0-9.,]*|[a-z]+ty(?:[- ][a-z]+)?|hundred)\s*(?:%|°c|°f|c|f|degrees|percent|bar|psi|"
-                       r"rpm|kw|a|v)?(?:\s+(?:now|right now|currently|at the moment))?\s+", after, re.I)
+        m2 = re.search(r"(?<![\w-])(-?[0-9][0-9.,]*|(?:twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)"
+                       r"(?:[- ][a-z]+)?|hundred|ten|eleven|twelve|fifteen)\s*(?:%|°c|°f|c|f|degrees|percent|bar|psi|"
+                       r"rpm|kw|a|v)?(?:\s+(?:now|right now|currently|at the moment))?\s+(?!(?:sec|min|hour|hr|day|"
+                       r"week|for|in|over|during|and|or)\w*\b)", after, re.I)
         if m2 is None:
             return after, ""
         return after[:m2.end()].strip(), after[m2.end():].strip()
@@ -450,7 +489,7 @@ class Composer:
         """A standing condition -> a rule proposal (add_rule): one device's point against one threshold, or silence."""
         word = next(p for p in (*_STANDING, "when") if f" {p} " in f" {low} ")
         if word in ("alert me", "notify me", "warn me", "let me know", "ping me", "message me", "email me",
-                    "page me", "send me an alert", "raise an alarm", "raise an alert"):
+                    "page me", "send me an alert", "raise an alarm", "raise an alert", "tell me when", "tell me if"):
             m = re.search(r"\b(?:when(?:ever)?|if|once|as soon as|in case|each time|every time|any ?time)\b", text,
                           re.I)
             if m is None:

@@ -60,7 +60,7 @@ def _router(world: World, engine: Engine) -> ops.Router:
                      config=dict, log_lines=list, rules_list=list, rules_add=nope, rules_remove=nope,
                      alerts=no_alerts, ask=ask,
                      pending=ops.PendingWrites(AskConfig(writes="confirm"), m.ask_outcomes.labels("dropped")))
-    return ops.Router(CommandsConfig(allow=["read-only", "write", "confirm"]), ops.TABLE, gw, m, gateway_id="eval")
+    return ops.Router(CommandsConfig(allow=["read-only", "write", "confirm", "rules.add"]), ops.TABLE, gw, m, gateway_id="eval")
 
 
 async def resolve(router: ops.Router, text: str) -> dict:
