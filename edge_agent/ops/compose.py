@@ -75,7 +75,8 @@ _FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|each(?: of the)?|both)\s+
 # "the devices whose name contains pump", "pumps with 'line2' in the name": a filter on the ids
 _NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name|id)s? (?:contains?|includes?|has|"
                          r"have)|with (?:names?|ids?) (?:containing|including)|(?:named|called) like|matching|"
-                         r"containing)\s+[\"']?([a-z0-9_-]+)[\"']?(?:\s+in (?:the|their|its) (?:name|id)s?)?")
+                         r"containing)\s+[\"']?([a-z0-9_-]+)[\"']?(?:\s+in (?:the|their|its) (?:name|id)s?)?|"
+                         r"\b(?:have|has|with)\s+[\"']?([a-z0-9_-]+)[\"']?\s+in (?:the|their|its) (?:name|id)s?")
 _NEG = re.compile(r"\b(?:don't|dont|do not|never|not|no|without|avoid|nor)\b")
 _SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s+|\s+but\s+|\s+and also\s+|"
                     r"\s+as well as\s+|\s+and\s+|,\s+)\s*")
@@ -339,7 +340,8 @@ class Composer:
         if named is not None and not devices_in(c, self.known):
             if self._writes(c_low[:named.start()]):
                 return await self._fanout(c, named)
-            return Resolved({"tool": "list_devices", "args": {"filter": named.group(1)}}, [c], self.meta)
+            return Resolved({"tool": "list_devices", "args": {"filter": named.group(1) or named.group(2)}}, [c],
+                            self.meta)
         m = _FANOUT.search(c_low)
         if m and devices_in(c, self.known) == [] and self._writes(c_low):
             return await self._fanout(c, m)
@@ -353,7 +355,7 @@ class Composer:
 
     async def _fanout(self, c: str, m: re.Match) -> Resolved:
         """"stop all pumps" -> list_devices {filter: pump}, then the write over each device it finds."""
-        word = m.group(1)
+        word = next(g for g in m.groups() if g)
         stand_in = "zz-0"
         if word in ("device", "devic", "machine", "unit", "thing", "one"):
             word = None  # "stop all devices": every device (the cap decides)

@@ -1,0 +1,308 @@
+"""The task orchestrator: plans are validated strictly, dry-run whole before anything runs, confirmed once, re-checked
+at confirmation, run in order and stopped at the first failure; standing conditions become rule proposals run as
+rules.add. The model is replaced by a fixed table (clause -> call), so each test says exactly what the engine
+proposed; the composer, the checks and the execution are the real ones."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from edge_agent import ops
+from edge_agent.config import AskConfig, CommandsConfig
+from edge_agent.metrics import Metrics
+from edge_agent.ops import plans
+from edge_agent.ops.memory import Memory
+from edge_agent.records import WriteRefused
+
+Q = lambda d, p, agg="last", w=60: {"tool": "query_stats", "args": {"device": d, "point": p, "agg": agg, "window_s": w}}  # noqa: E731
+W = lambda d, p, v: {"tool": "write_point", "args": {"device": d, "point": p, "value": v}}  # noqa: E731
+
+
+class World:
+    """Devices, their points and values; reads answer the value now; a write to a device in `refuse` fails as the
+    adapter's allow-list would; `calls` is what the engine was asked (clause -> the call it answers)."""
+
+    def __init__(self, values: dict, calls: dict | None = None, refuse=()) -> None:
+        self.values = {d: dict(p) for d, p in values.items()}
+        self.calls = calls or {}
+        self.refuse = set(refuse)
+        self.writes: list[tuple] = []
+        self.rules: list[dict] = []
+        self.asked: list[str] = []
+
+    async def devices(self):
+        return [{"device": d, "points": [{"point": p} for p in ps]} for d, ps in self.values.items()]
+
+    async def query(self, device, point, agg, window_s, max_rows):
+        if point not in self.values.get(device, {}):
+            raise LookupError(f"no point {point!r} on device {device!r}")
+        return {"device": device, "point": point, "agg": agg, "window_s": window_s, "value": self.values[device][point]}
+
+    async def write(self, device, point, value):
+        if device in self.refuse:
+            raise WriteRefused(f"{device} is not writable here")
+        self.writes.append((device, point, value))
+        self.values[device][point] = value
+
+    async def rules_add(self, doc):
+        self.rules.append(doc)
+        return {**doc, "hysteresis": 0.0}
+
+    async def ask(self, text, known):
+        self.asked.append(text)
+        if text not in self.calls:
+            return {"call": {"tool": "clarify", "args": {"reason": "nothing"}}, "model": "table"}
+        return {"call": self.calls[text], "model": "table", "provider": "none", "timings": {}}
+
+
+def router(world: World, writes="confirm", allow=("read-only", "write", "confirm", "rules.add"), clock=None):
+    m = Metrics()
+
+    async def alerts(device, n):
+        return {"firing": [], "cleared": []}
+    pending = ops.PendingWrites(AskConfig(writes=writes, confirm_ttl_s=30), m.ask_outcomes.labels("dropped"))
+    memory = Memory(300, 8, lambda e: m.agent_events.labels(e).inc())
+    if clock is not None:
+        pending.clock = memory.clock = clock
+    gw = ops.Gateway(status=dict, devices=world.devices, query_stats=world.query, write_point=world.write,
+                     config=dict, log_lines=list, rules_list=list, rules_add=world.rules_add, rules_remove=None,
+                     alerts=alerts, ask=world.ask, pending=pending, memory=memory)
+    return ops.Router(CommandsConfig(allow=list(allow)), ops.TABLE, gw, m, gateway_id="gw-test")
+
+
+async def call(r: ops.Router, name: str, body: dict, who="mqtt") -> dict:
+    return json.loads((await r.handle(name, json.dumps(body).encode(), who))[0])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ---- validation: any plan, from anywhere ----
+
+def _steps(n):
+    return {"plan": [Q("pump-1", "temperature")] * n}
+
+
+@pytest.mark.parametrize("doc,reason,words", [
+    (_steps(5), "too_complex", "5 steps"),
+    (_steps(1), "nothing", "at least 2"),
+    ({"plan": [Q("pump-1", "temperature"), {**W("pump-1", "enabled", False), "when": {"step": 2, "op": ">", "value": 1}}]},
+     "nothing", "backwards"),                                                                    # a reference to itself
+    ({"plan": [{**W("pump-1", "enabled", False), "when": {"step": 2, "op": ">", "value": 1}}, Q("pump-1", "temperature")]},
+     "nothing", "backwards"),                                                                    # forward
+    ({"plan": [Q("pump-1", "temperature"), {**W("pump-1", "enabled", False), "when": {"step": 0, "op": ">", "value": 1}}]},
+     "nothing", "backwards"),
+    ({"plan": [Q("pump-1", "temperature"), {**W("pump-1", "enabled", False), "when": {"step": True, "op": ">", "value": 1}}]},
+     "nothing", "backwards"),                                                                    # a bool is no index
+    ({"plan": [Q("pump-1", "temperature"), {"tool": "rules.remove", "args": {"rule_id": "x"}}]}, "nothing",
+     "not a tool a plan may use"),
+    ({"plan": [Q("pump-1", "temperature"), {"tool": "clarify", "args": {"reason": "nothing"}}]}, "nothing",
+     "not a tool"),
+    ({"plan": [Q("pump-1", "temperature"), {**W("pump-1", "enabled", False), "when": {"step": 1, "op": "~", "value": 1}}]},
+     "nothing", "op is one of"),
+    ({"plan": [Q("pump-1", "temperature"), {**W("pump-1", "enabled", False), "when": {"step": 1, "op": ">",
+                                                                                       "value": float("nan")}}]},
+     "nothing", "finite"),
+    ({"plan": [Q("pump-1", "temperature"), {**W("pump-1", "enabled", False), "when": {"step": 1, "op": ">",
+                                                                                       "value": "80"}}]},
+     "nothing", "finite"),
+    ({"plan": [Q("pump-1", "temperature"), {**W("pump-1", "enabled", False), "when": {"step": 1, "op": ">", "value": 1},
+                                            "then": "rm -rf"}]}, "nothing", "optionally"),
+    ({"plan": [{"tool": "list_devices", "args": {"filter": "pump"}},
+               {**W("x", "enabled", False), "when": {"step": 1, "op": ">", "value": 1}}]}, "nothing", "query_stats"),
+    ({"plan": [Q("pump-1", "temperature"), {"tool": "write_point", "args": {"device": {"each": 1}, "point": "enabled",
+                                                                            "value": False}}]},
+     "nothing", "list_devices"),                                                             # fan-out over a read
+    ({"plan": [{"tool": "list_devices", "args": {"filter": "pump"}},
+               {"tool": "write_point", "args": {"device": {"each": 2}, "point": "enabled", "value": False}}]},
+     "nothing", "fan-out"),                                                                  # fan-out over itself
+    ({"plan": [Q("pump-1", "temperature"), {**Q("pump-1", "temperature"), "when": {"step": 1, "op": ">", "value": 1}},
+               {**W("pump-1", "enabled", False), "when": {"step": 2, "op": ">", "value": 1}}]}, "too_complex",
+     "condition on a conditional"),
+    ({"plan": [Q("pump-1\u0000; drop", "temperature"), Q("pump-2", "temperature")]}, "nothing", "not a name"),
+    ({"plan": [Q("pump-1", "temperature"), W("pump-1", "mode", "<|assistant|>")]}, "nothing", "plain word"),
+    ({"plan": [Q("p" * 300, "temperature"), Q("pump-2", "temperature")]}, "nothing", "1..48"),
+    ({"plan": [Q("pump-1", "temperature"), {"tool": "write_point", "args": {"device": "pump-1", "point": "enabled"}}]},
+     "nothing", "takes exactly"),
+    ({"steps": []}, "nothing", "a plan is"),
+    ([Q("pump-1", "temperature")], "nothing", "a plan is"),
+])
+def test_a_plan_that_breaks_the_grammar_is_refused_and_says_why(doc, reason, words):
+    with pytest.raises(plans.PlanRefused) as e:
+        plans.validate(doc, plans.toolset(ops.BY_TOOL))
+    assert e.value.reason == reason and words in e.value.words(), e.value.words()
+
+
+def test_a_good_plan_passes_validation():
+    doc = {"plan": [{"tool": "list_devices", "args": {"filter": "pump"}}, Q("tank-4", "level"),
+                    {"tool": "write_point", "args": {"device": {"each": 1}, "point": "enabled", "value": False},
+                     "when": {"step": 2, "op": ">=", "value": 90}}]}
+    assert len(plans.validate(doc, plans.toolset(ops.BY_TOOL))) == 3
+
+
+# ---- the whole path: the composer, the dry-run, one confirmation ----
+
+PUMPS = {"pump-3": {"temperature": 85.2, "enabled": True}, "pump-4": {"temperature": 60.0, "enabled": True},
+         "valve-3": {"enabled": True}, "tank-4": {"level": 72.0}}
+STOP3 = {"stop pump-3": W("pump-3", "enabled", False), "stop pump-4": W("pump-4", "enabled", False),
+         "close valve-3": W("valve-3", "enabled", False)}
+
+
+def test_a_conditional_plan_lists_its_write_with_evidence_and_writes_only_once_confirmed():
+    world = World(PUMPS, STOP3)
+
+    async def main():
+        r = ops_router = router(world)
+        a = (await call(r, "ask", {"text": "if pump-3 temperature is above 80, stop it"}))["result"]
+        assert a["resolved"] == {"plan": [Q("pump-3", "temperature"), {**W("pump-3", "enabled", False),
+                                                                       "when": {"step": 1, "op": ">", "value": 80}}]}
+        assert a["outcome"] == "confirm" and world.writes == []
+        assert "pump-3.enabled on → off (pump-3 temperature 85.2 > 80)" in a["answer"]
+        assert world.asked == ["stop pump-3"]  # the model saw the action clause, the pronoun resolved
+        done = (await call(ops_router, "confirm", {"token": a["confirm"]["token"]}))["result"]
+        assert done["outcome"] == "done" and world.writes == [("pump-3", "enabled", False)]
+        assert done["result"]["ran"] == [{"device": "pump-3", "point": "enabled", "value": False, "old": True}]
+    run(main())
+
+
+def test_a_condition_that_does_not_hold_is_nothing_to_do_with_the_evidence():
+    world = World(PUMPS, STOP3)
+    r = run(call(router(world), "ask", {"text": "if pump-4 temperature is above 80, stop it"}))["result"]
+    assert r["outcome"] == "done" and world.writes == []
+    assert "nothing to do" in r["answer"] and "pump-4 temperature 60 > 80 does not hold" in r["answer"]
+
+
+def test_at_confirmation_the_condition_is_read_again_and_a_flipped_one_writes_nothing():
+    world = World(PUMPS, STOP3)
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "if pump-3 temperature is above 80, stop pump-3 and close valve-3"}))
+        a = a["result"]
+        assert a["outcome"] == "confirm" and len(a["confirm"]["writes"]) == 2
+        world.values["pump-3"]["temperature"] = 75.0  # it cooled down meanwhile
+        done = (await call(r, "confirm", {"token": a["confirm"]["token"]}))["result"]
+        assert world.writes == [] and done["result"]["ran"] == []
+        assert "pump-3 temperature 75 > 80 no longer holds" in done["answer"]
+        assert r.metrics.value("edge_agent_agent_events_total", {"event": "recheck_failed"}) == 2
+    run(main())
+
+
+def test_writes_stop_at_the_first_failure_and_the_reply_says_partial():
+    world = World({"pump-3": {"enabled": True}, "pump-4": {"enabled": True}, "valve-3": {"enabled": True}},
+                  {**STOP3, "stop valve-3": W("valve-3", "enabled", False)}, refuse={"pump-4"})
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "stop pump-3, pump-4 and valve-3"}))["result"]
+        assert [w["device"] for w in a["confirm"]["writes"]] == ["pump-3", "pump-4", "valve-3"]
+        done = (await call(r, "confirm", {"token": a["confirm"]["token"]}))["result"]
+        assert done["outcome"] == "partial" and world.writes == [("pump-3", "enabled", False)]
+        assert "stopped: pump-4.enabled failed" in done["answer"] and "1 later write not run" in done["answer"]
+        assert world.values["valve-3"]["enabled"] is True
+    run(main())
+
+
+def test_a_failed_dry_run_runs_nothing_and_names_the_step():
+    world = World(PUMPS, {"stop pump-3": W("pump-3", "enabled", False), "stop pump-9": W("pump-9", "enabled", False)})
+    r = run(call(router(world, writes="direct"), "ask", {"text": "stop pump-3 and pump-9"}))["result"]
+    assert r["outcome"] == "clarify" and r["reason"] == "which_device" and r["answer"].startswith("step 2: no device")
+    assert world.writes == []  # pump-3's write, step 1, did not run either
+
+
+def test_the_guard_reads_each_steps_own_words():
+    """"read pump-3's temperature and don't stop it": the negated step is void; a write the model slips in for a
+    clause that asks none is refused by the guard on that clause's words."""
+    world = World(PUMPS, {"read pump-3's temperature": Q("pump-3", "temperature"),
+                          "what is pump-4's temperature": W("pump-4", "enabled", False)})
+
+    async def main():
+        r = router(world, writes="direct")
+        a = (await call(r, "ask", {"text": "read pump-3's temperature but don't stop it"}))["result"]
+        assert a["resolved"] == Q("pump-3", "temperature") and a["outcome"] == "done"
+        b = (await call(r, "ask", {"text": "read pump-3's temperature and what is pump-4's temperature"}))["result"]
+        assert b["outcome"] == "clarify" and b["answer"].startswith("step 2:")
+        assert world.writes == []
+    run(main())
+
+
+def test_a_fan_out_over_the_cap_is_too_complex_and_under_it_lists_every_write():
+    many = {f"pump-{i}": {"enabled": True} for i in range(1, 10)}
+    world = World(many, {"stop zz-0": W("zz-0", "enabled", False)})
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "stop all pumps"}))["result"]
+        assert a["outcome"] == "clarify" and a["reason"] == "too_complex" and "9 devices" in a["answer"]
+        del world.values["pump-9"]
+        b = (await call(r, "ask", {"text": "stop all pumps"}))["result"]
+        assert b["resolved"]["plan"][1]["args"]["device"] == {"each": 1}
+        assert len(b["confirm"]["writes"]) == 8 and world.writes == []
+        await call(r, "confirm", {"token": b["confirm"]["token"]})
+        assert len(world.writes) == 8
+    run(main())
+
+
+def test_a_comparison_is_written_by_code():
+    world = World({"pump-1": {"temperature": 70.5}, "pump-2": {"temperature": 64.0}})
+    r = run(call(router(world), "ask", {"text": "compare the temperature of pump-1 and pump-2 over the last hour"}))
+    r = r["result"]
+    assert r["resolved"]["plan"] == [Q("pump-1", "temperature", "avg", 3600), Q("pump-2", "temperature", "avg", 3600)]
+    assert r["answer"] == "temperature (avg): pump-1 70.5 is higher than pump-2 64 by 6.5" and world.asked == []
+
+
+def test_beyond_the_grammar_is_too_complex():
+    world = World(PUMPS, STOP3)
+    for text in ("stop pump-3 every minute", "stop pump-3, pump-4, valve-3, tank-4 and pump-5"):
+        r = run(call(router(world), "ask", {"text": text}))["result"]
+        assert r["outcome"] == "clarify" and r["reason"] == "too_complex", (text, r)
+    assert world.writes == []
+
+
+def test_a_plan_is_audited_with_its_id_hash_who_and_confirmation(caplog):
+    world = World(PUMPS, STOP3)
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "if pump-3 temperature is above 80, stop it"}))["result"]
+        await call(r, "confirm", {"token": a["confirm"]["token"]})
+        return a
+    with caplog.at_level(logging.INFO, logger="edge_agent.audit"):
+        a = run(main())
+    recs = [x for x in caplog.records if x.name == "edge_agent.audit" and x.getMessage().startswith("ask plan")]
+    assert [x.getMessage() for x in recs] == ["ask plan proposed", "ask plan run"]
+    assert {x.plan for x in recs} == {a["plan_id"]} and {x.sha256 for x in recs} == {a["sha256"]}
+    assert a["sha256"] == plans.plan_hash(a["resolved"]) and recs[1].confirmed is True and recs[0].who == "mqtt"
+
+
+# ---- standing conditions: rule proposals ----
+
+def test_a_standing_condition_becomes_a_rule_that_runs_only_once_confirmed_as_rules_add():
+    world = World(PUMPS, STOP3)
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "close valve-3 whenever tank-4 level is above 95"}))["result"]
+        assert a["resolved"] == {"tool": "add_rule", "args": {
+            "kind": "above", "device": "tank-4", "point": "level", "threshold": 95, "action_device": "valve-3",
+            "action_point": "enabled", "action_value": "false"}}
+        assert a["outcome"] == "confirm" and world.rules == []
+        done = (await call(r, "confirm", {"token": a["confirm"]["token"]}))
+        assert done["ok"] and world.rules == [{**a["resolved"]["args"], "id": "ask-tank-4-level-above"}]
+        alert = (await call(r, "ask", {"text": "alert me when tank-4 level goes above 90"}))["result"]
+        assert alert["resolved"]["args"] == {"kind": "above", "device": "tank-4", "point": "level", "threshold": 90}
+        # a rule needs what rules.add needs: not allowed here -> refused, nothing added
+        strict = router(world, allow=("read-only", "write", "confirm"))
+        no = await call(strict, "ask", {"text": "alert me when tank-4 level goes above 90"})
+        assert no["error"]["code"] == "forbidden" and len(world.rules) == 1
+    run(main())
+
+
+def test_a_rule_whose_action_the_words_do_not_state_is_asked_back():
+    world = World(PUMPS, {"set valve-3 pump-3": W("valve-3", "enabled", True)})
+    r = run(call(router(world), "ask", {"text": "whenever pump-3 temperature is above 80, set valve-3"}))["result"]
+    assert r["outcome"] == "clarify" and world.rules == []
