@@ -1,0 +1,177 @@
+"""The memory engine: per requester (channel, operator key, conversation), bounded, expiring, ≤ 4 KB a frame;
+follow-ups change only what they name; pronouns resolve to one device or are asked back; "set it back" proposes the
+recorded old value; "yes"/"no" answer the same requester's pending confirmation and nothing else."""
+from __future__ import annotations
+
+import asyncio
+
+from edge_agent.ops.memory import MAX_FRAME_BYTES, Frame, Memory, size
+
+from test_plans import Q, W, World, call, router
+
+WORLD = {"pump-3": {"temperature": 85.2, "enabled": True, "pressure": 4.0},
+         "pump-4": {"temperature": 60.0, "enabled": True, "pressure": 2.0},
+         "pump-5": {"temperature": 55.0, "enabled": False}}
+CALLS = {"max temperature of pump-3 today": Q("pump-3", "temperature", "max", 86400),
+         "stop pump-3": W("pump-3", "enabled", False), "stop pump-4": W("pump-4", "enabled", False),
+         "set pump-3 speed to 40": W("pump-3", "speed", 40),
+         "what is the pressure of pump-4": Q("pump-4", "pressure")}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_dialogue_of_follow_ups_changes_only_what_each_turn_names():
+    world = World(WORLD, CALLS)
+
+    async def main():
+        r = router(world)
+        turns = [("max temperature of pump-3 today", Q("pump-3", "temperature", "max", 86400)),
+                 ("and pump-4?", Q("pump-4", "temperature", "max", 86400)),
+                 ("what about the last hour?", Q("pump-4", "temperature", "max", 3600)),
+                 ("the minimum?", Q("pump-4", "temperature", "min", 3600)),
+                 ("and the pressure?", Q("pump-4", "pressure", "min", 3600))]
+        for text, want in turns:
+            got = (await call(r, "ask", {"text": text}))["result"]
+            assert got["resolved"] == want, (text, got)
+            assert got["outcome"] == "done"
+        assert world.asked == ["max temperature of pump-3 today"]  # the follow-ups needed no model
+    asyncio.run(main())
+
+
+def test_two_requesters_never_share_a_frame_nor_a_confirmation():
+    world = World(WORLD, CALLS)
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "max temperature of pump-3 today"}, who="mqtt op-a")
+        other = (await call(r, "ask", {"text": "and pump-4?"}, who="mqtt op-b"))["result"]
+        assert other["outcome"] == "clarify" and other["resolved"]["tool"] == "clarify"  # op-b said nothing before
+        mine = (await call(r, "ask", {"text": "and pump-4?"}, who="mqtt op-a"))["result"]
+        assert mine["resolved"] == Q("pump-4", "temperature", "max", 86400)
+        # the same channel, another conversation id: another frame
+        conv = (await call(r, "ask", {"text": "and pump-4?", "conversation": "c2"}, who="mqtt op-a"))["result"]
+        assert conv["outcome"] == "clarify"
+        p = (await call(r, "ask", {"text": "stop pump-3"}, who="mqtt op-a"))["result"]
+        assert p["outcome"] == "confirm"
+        b = (await call(r, "ask", {"text": "yes"}, who="mqtt op-b"))["result"]
+        assert b["resolved"] == {"tool": "clarify", "args": {"reason": "nothing"}} and world.writes == []
+        a = (await call(r, "ask", {"text": "yes"}, who="mqtt op-a"))["result"]
+        assert a["resolved"] == {"confirm": True} and world.writes == [("pump-3", "enabled", False)]
+    asyncio.run(main())
+
+
+def test_yes_with_nothing_pending_and_no_declines():
+    world = World(WORLD, CALLS)
+
+    async def main():
+        r = router(world)
+        y = (await call(r, "ask", {"text": "yes"}))["result"]
+        assert y["resolved"] == {"tool": "clarify", "args": {"reason": "nothing"}}
+        await call(r, "ask", {"text": "stop pump-3"})
+        n = (await call(r, "ask", {"text": "no"}))["result"]
+        assert n["resolved"] == {"confirm": False} and n["outcome"] == "declined"
+        again = (await call(r, "ask", {"text": "yes"}))["result"]  # already answered: nothing pending
+        assert again["resolved"]["tool"] == "clarify" and world.writes == []
+    asyncio.run(main())
+
+
+def test_a_yes_after_the_confirmation_expired_runs_nothing():
+    world = World(WORLD, CALLS)
+    clock = Clock()
+
+    async def main():
+        r = router(world, clock=clock)
+        await call(r, "ask", {"text": "stop pump-3"})
+        clock.t += 31  # past ask.confirm_ttl_s (30 here), within the memory's ttl
+        late = (await call(r, "ask", {"text": "yes"}))["result"]
+        assert late["resolved"] == {"tool": "clarify", "args": {"reason": "nothing"}} and world.writes == []
+    asyncio.run(main())
+
+
+def test_the_frame_expires_after_the_ttl():
+    world = World(WORLD, CALLS)
+    clock = Clock()
+
+    async def main():
+        r = router(world, clock=clock)
+        await call(r, "ask", {"text": "max temperature of pump-3 today"})
+        clock.t += 299
+        assert (await call(r, "ask", {"text": "and pump-4?"}))["result"]["outcome"] == "done"
+        clock.t += 301  # past ask.memory_ttl_s (300) of silence
+        gone = (await call(r, "ask", {"text": "and pump-5?"}))["result"]
+        assert gone["outcome"] == "clarify"
+        assert r.metrics.value("edge_agent_agent_events_total", {"event": "memory_expired"}) == 1
+    asyncio.run(main())
+
+
+def test_pronouns_resolve_to_the_one_device_or_are_asked_back():
+    world = World(WORLD, CALLS)
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "max temperature of pump-3 today"})
+        it = (await call(r, "ask", {"text": "stop it"}))["result"]
+        assert it["resolved"] == W("pump-3", "enabled", False) and it["outcome"] == "confirm"
+        assert world.asked[-1] == "stop pump-3"
+        r2 = router(world)
+        await call(r2, "ask", {"text": "compare the temperature of pump-3 and pump-4"})
+        two = (await call(r2, "ask", {"text": "stop it"}))["result"]
+        assert two["resolved"] == {"tool": "clarify", "args": {"reason": "which_device"}}
+        assert world.writes == []
+    asyncio.run(main())
+
+
+def test_set_it_back_proposes_the_recorded_old_value_and_nothing_to_undo_is_asked_back():
+    world = World(WORLD, CALLS)
+
+    async def main():
+        r = router(world)
+        nothing = (await call(r, "ask", {"text": "set it back"}))["result"]
+        assert nothing["resolved"] == {"tool": "clarify", "args": {"reason": "nothing"}}
+        await call(r, "ask", {"text": "stop pump-3"})
+        await call(r, "ask", {"text": "yes"})
+        assert world.values["pump-3"]["enabled"] is False
+        back = (await call(r, "ask", {"text": "set it back"}))["result"]
+        assert back["resolved"] == W("pump-3", "enabled", True) and back["outcome"] == "confirm"
+        assert world.values["pump-3"]["enabled"] is False  # confirmed like any write
+        await call(r, "confirm", {"token": back["confirm"]["token"]})
+        assert world.values["pump-3"]["enabled"] is True
+    asyncio.run(main())
+
+
+def test_a_new_topic_inherits_nothing():
+    world = World(WORLD, CALLS)
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "max temperature of pump-3 today"})
+        new = (await call(r, "ask", {"text": "what is the pressure of pump-4"}))["result"]
+        assert new["resolved"] == Q("pump-4", "pressure")
+    asyncio.run(main())
+
+
+def test_the_memory_is_bounded_lru_and_counted():
+    events: list[str] = []
+    clock = Clock()
+    m = Memory(300, 2, events.append, clock=clock)
+    for who in ("a", "b", "c"):
+        m.put((who,), Frame(last=Q(f"pump-{who}", "temperature")))
+    assert len(m) == 2 and events == ["memory_evicted"]
+    assert m.get(("a",)).last is None and m.get(("c",)).last == Q("pump-c", "temperature")
+
+
+def test_a_frame_over_4_kb_is_not_kept_and_counted():
+    events: list[str] = []
+    m = Memory(300, 8, events.append)
+    big = Frame(last={"plan": [W(f"pump-{i}", "mode", "x" * 40) for i in range(4)]},
+                writes=[{"device": "d" * 48, "point": "p" * 48, "value": "v" * 48, "old": "o" * 48}] * 20)
+    assert size(big) > MAX_FRAME_BYTES
+    assert m.put(("a",), big) is False and events == ["frame_too_large"] and m.get(("a",)).last is None
+    small = Frame(last=Q("pump-3", "temperature"))
+    assert size(small) <= MAX_FRAME_BYTES and m.put(("a",), small) is True
