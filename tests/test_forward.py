@@ -109,21 +109,24 @@ def test_interval_aggregates_once_each_with_count_and_interval(tmp_path):
     async def main():
         s = await _open(tmp_path, rules({"point": "avg", "min_interval_s": 10, "mode": "avg"},
                                         {"point": "max", "min_interval_s": 10, "mode": "max"}))
-        await s.write([R(float(i), i, point="avg") for i in range(25)] +
-                      [R(float(i % 7), i, point="max") for i in range(25)])
+        await s.write([R(float(i), i, point="avg") for i in range(29)] +
+                      [R(float(i % 7), i, point="max") for i in range(29)])
         rows, recs = await _outbox(s)
         aggs = [(r["point"], r["value"], r["count"], (r["ts"] - T0) // S, (r["end"] - T0) // S, r["agg"])
                 for r in recs[:4]]
         assert aggs == [("avg", 4.5, 10, 0, 10, "avg"), ("avg", 14.5, 10, 10, 20, "avg"),
                         ("max", 6.0, 10, 0, 10, "max"), ("max", 6.0, 10, 10, 20, "max")]
-        assert [r["seq"] for r in recs[:4]] == [51, 52, 53, 54]  # seqs of their own, after the readings'
+        assert [r["seq"] for r in recs[:4]] == [59, 60, 61, 62]  # seqs of their own, after the readings'
         _tiles(rows, rows[-1].last_seq)
-        # the third intervals [20, 30) are open; the clock passed their end long ago: the maintenance pass sends them
-        deadline = time.monotonic() + 10
+        # the third intervals [20, 30) are open; the series fall silent: ~6 s after the last reading arrived (its
+        # interval's end 1 s after it, as the gateway's clock saw it, and 5 s of grace) the maintenance pass sends them
+        t_last = time.monotonic()
+        deadline = t_last + 15
         while len((await _outbox(s))[1]) < 6 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         _, recs = await _outbox(s)
-        assert [(r["point"], r["value"], r["count"]) for r in recs[4:]] == [("avg", 22.0, 5), ("max", 6.0, 5)]
+        assert [(r["point"], r["value"], r["count"]) for r in recs[4:]] == [("avg", 24.0, 9), ("max", 6.0, 9)]
+        assert 5 <= time.monotonic() - t_last < 9
         # a late reading of a sent interval counts in the next one: no interval is sent twice
         await s.write([R(100.0, 5, point="avg"), R(1.0, 31, point="avg"), R(2.0, 45, point="avg")])
         _, recs = await _outbox(s)

@@ -12,8 +12,9 @@ rules sent by `forward.set` first, then the config's `[[forward.rule]]`); a seri
   go on change.
 - `min_interval_s` with `mode`: the numeric readings of good quality of an interval (aligned to the clock, by the
   readings' timestamps) become one aggregate (last, avg, min or max) with their count and the interval; it leaves
-  when a reading of a later interval arrives, or at the latest when the gateway's clock passes the interval's end
-  by min(interval, 5 s) (a silent series). Late readings (of an interval already sent) count in the next one, so an
+  when a reading of a later interval arrives, or, for a series that falls silent, min(interval, 5 s) after the
+  interval's end as the gateway's clock saw it when the last reading arrived (a device clock that is off, or a
+  backlog replayed hours later, neither splits an interval nor holds it). Late readings (of an interval already sent) count in the next one, so an
   interval is sent once. An aggregate is a record of its own with a seq of its own (after the commit's readings);
   other readings of the series (strings, booleans, bad quality) go on change.
 
@@ -82,8 +83,9 @@ class Rule:
 
 # a series' state: the last value sent, its ts and quality; the open interval (start 0: none), its size and mode,
 # its count, sum, min, max and last value; where the last closed interval ended; the unit and source of its last
-# reading
-SENT, SENT_TS, SENT_Q, START, SIZE, MODE, N, SUM, MIN, MAX, LAST, CLOSED, UNIT, SOURCE = range(14)
+# reading, how far the gateway's clock was ahead of its timestamp when it arrived, and when the interval is queued to
+# be looked at again (the heap holds the earliest)
+SENT, SENT_TS, SENT_Q, START, SIZE, MODE, N, SUM, MIN, MAX, LAST, CLOSED, UNIT, SOURCE, OFFSET, QUEUED = range(16)
 
 
 def _numeric(v: object) -> bool:
@@ -94,8 +96,8 @@ def _numeric(v: object) -> bool:
 class Tx:
     """One commit's view: the series states it changed (copies), intervals it opened or closed, rules it set."""
 
-    def __init__(self, fwd: "Forwarder") -> None:
-        self.fwd = fwd
+    def __init__(self, fwd: "Forwarder", now_ns: int) -> None:
+        self.fwd, self.now_ns = fwd, now_ns
         self.dirty: dict[tuple[str, str], list] = {}
         self.pushed: list[tuple[int, tuple[str, str]]] = []
         self.popped: list[tuple[int, tuple[str, str]]] = []
@@ -107,7 +109,7 @@ class Tx:
         if st is None:
             old = self.fwd.states.get(key)
             st = self.dirty[key] = (list(old) if old is not None else
-                                    [None, 0, None, 0, 0, "", 0, 0.0, 0.0, 0.0, None, 0, None, ""])
+                                    [None, 0, None, 0, 0, "", 0, 0.0, 0.0, 0.0, None, 0, None, "", 0, 0])
         return st
 
 
@@ -120,7 +122,7 @@ class Forwarder:
         self.max_series = max_series
         self.states: dict[tuple[str, str], list] = {}
         self._match: dict[tuple[str, str], Rule | None] = {}
-        self._heap: list[tuple[int, tuple[str, str]]] = []   # (an open interval's end, its series): the silent ones
+        self._heap: list[tuple[int, tuple[str, str]]] = []   # (when an open interval is due, its series)
         self._reconcile = True  # open intervals are checked against the rules at the next commit
         self.tx: Tx | None = None
 
@@ -137,13 +139,13 @@ class Forwarder:
         self.rules = self.command_rules + self.config_rules
         self.states = {(d, p): json.loads(s) for d, p, s in
                        conn.execute("SELECT device, point, state FROM forward_state")}
-        self._heap = [(st[START] + st[SIZE], key) for key, st in self.states.items() if st[START]]
+        self._heap = [(_due(st), key) for key, st in self.states.items() if st[START]]
         heapq.heapify(self._heap)
         self._match.clear()
         self._reconcile = bool(self._heap)
 
-    def begin(self) -> Tx:
-        self.tx = Tx(self)
+    def begin(self, now_ns: int) -> Tx:
+        self.tx = Tx(self, now_ns)
         return self.tx
 
     def save(self, conn: sqlite3.Connection) -> None:
@@ -229,8 +231,8 @@ class Forwarder:
             return False
         key = (r.device, r.point)
         st = tx.state(key)
-        st[UNIT], st[SOURCE] = r.unit, r.source
         v, ts = r.value, r.ts_ns
+        st[UNIT], st[SOURCE], st[OFFSET] = r.unit, r.source, tx.now_ns - ts
         numeric = _numeric(v)
         if rule.interval_ns and numeric and r.quality == "good":
             size = rule.interval_ns
@@ -244,7 +246,11 @@ class Forwarder:
                     out.append(self._close(st, key))
             if not st[START]:
                 st[START], st[SIZE], st[MODE], st[N], st[SUM], st[MIN], st[MAX] = start, size, rule.mode, 0, 0.0, v, v
-                tx.pushed.append((start + size, key))
+                st[QUEUED] = 0
+            due = _due(st)
+            if not st[QUEUED] or due < st[QUEUED]:  # the heap holds the earliest time to look at it again
+                st[QUEUED] = due
+                tx.pushed.append((due, key))
             st[N] += 1
             st[SUM] += v
             if v < st[MIN]:
@@ -278,18 +284,12 @@ class Forwarder:
         return Aggregate(key[0], key[1], value, st[UNIT], start, "good", st[SOURCE], n, start + size, mode)
 
     def has_due(self, now_ns: int) -> bool:
-        """(maintenance) Whether an open interval is due (its series fell silent) or the rules changed."""
-        if self._reconcile:
-            return True
-        if not self._heap:
-            return False
-        end, key = self._heap[0]
-        st = self.states.get(key)
-        return st is None or not st[START] or end + min(st[SIZE], GRACE_NS) <= now_ns
+        """(maintenance) Whether an open interval may be due (its series fell silent) or the rules changed."""
+        return self._reconcile or bool(self._heap) and self._heap[0][0] <= now_ns
 
     def due(self, now_ns: int, out: list) -> None:
-        """(every commit) Open intervals whose end the clock passed by their grace leave now; after a rules change or
-        a restart, those whose rule is no longer the one they were opened under leave too."""
+        """(every commit) Open intervals whose series fell silent past their end leave now; after a rules change or a
+        restart, those whose rule is no longer the one they were opened under leave too."""
         tx = self.tx
         assert tx is not None
         if self._reconcile:
@@ -301,12 +301,22 @@ class Forwarder:
                 if st[START] and (rule is None or rule.interval_ns != st[SIZE] or rule.mode != st[MODE]):
                     out.append(self._close(st, key))
         heap = self._heap
-        while heap:
-            end, key = heap[0]
+        while heap and heap[0][0] <= now_ns:
+            item = heapq.heappop(heap)
+            tx.popped.append(item)
+            key = item[1]
             st = tx.dirty.get(key) or self.states.get(key)
-            live = st is not None and st[START] and st[START] + st[SIZE] == end
-            if live and end + min(st[SIZE], GRACE_NS) > now_ns:
-                break
-            tx.popped.append(heapq.heappop(heap))
-            if live:
-                out.append(self._close(tx.state(key), key))
+            if st is None or not st[START]:
+                continue  # closed already (a later reading), or forgotten
+            if _due(st) > now_ns:  # readings came since: due later
+                st = tx.state(key)
+                st[QUEUED] = _due(st)
+                tx.pushed.append((st[QUEUED], key))
+                continue
+            out.append(self._close(tx.state(key), key))
+
+
+def _due(st: list) -> int:
+    """When an open interval leaves by the clock: its end, on the gateway's clock as its last reading arrived (so a
+    device's clock off, or a backlog replayed, changes nothing), plus min(interval, GRACE_NS)."""
+    return st[START] + st[SIZE] + st[OFFSET] + min(st[SIZE], GRACE_NS)

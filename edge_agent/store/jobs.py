@@ -444,7 +444,7 @@ class ForwardState(Job):
     @classmethod
     def maintain(cls, store, conn):
         fwd = store.forward
-        if fwd.has_due(time.time_ns()):
+        if fwd.has_due(time.time_ns()):  # a silent series' interval: a commit sends it
             store.put(ForwardState())
         if len(fwd.states) > len(store.registry.series):  # series left the registry: their states go
             conn.execute("BEGIN IMMEDIATE")

@@ -123,7 +123,7 @@ class Writer:
         for job in jobs:
             by_kind[type(job)].append(job)  # a kind not in KINDS is a bug: KeyError, the commit fails
         tx = Tx(now_ns=time.time_ns(), seq=store.next_seq)
-        store.forward.begin()
+        store.forward.begin(tx.now_ns)
         for kind in KINDS:
             kind.gather(store, conn, tx, by_kind[kind])
         try:
