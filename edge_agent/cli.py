@@ -248,25 +248,88 @@ def _call_daemon(args: argparse.Namespace, name: str, request: dict) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     if not args.dry_run:
         return _call_daemon(args, "ask", {"text": args.text})
+    return _plan_locally(args, [args.text])
+
+
+def _plan_locally(args: argparse.Namespace, lines) -> int:
+    """Plan here with the model and the orchestrator's composer (no daemon, no registry, nothing runs): one JSON
+    line per request, the resolved call, plan, rule proposal, yes/no or clarify; a conversation's follow-ups are
+    applied to its frame as the daemon would (a proposal is taken as pending until a yes or no answers it)."""
+    import asyncio
+
     from edge_agent import ops
     from edge_agent.glm.engine import Engine
     from edge_agent.glm.models import ModelError
+    from edge_agent.glm.points import PointTable
     from edge_agent.glm.tokenizer import PromptError
+    from edge_agent.ops.compose import Composer
+    from edge_agent.ops.memory import Frame
 
     logs.setup("warning", "text")
     try:
-        _cfg, mcfg = _model_config(args)
-        engine = Engine(mcfg, ops.TOOLSET)
+        cfg, mcfg = _model_config(args)
+        points = PointTable({p.name: p.words for p in cfg.ask.points})
+        engine = Engine(mcfg, ops.TOOLSET, points=points)
         engine.load()
     except (config.ConfigError, ModelError, RuntimeError) as e:
         return _fail(str(e))
+
+    async def ask(text: str, known) -> dict:
+        return {"call": (await engine.ask(text, known=known)).call}
+
+    async def conversation() -> int:
+        composer, frame = Composer(ask, None, points), Frame()
+        for line in lines:
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                r = await composer.resolve(text, frame)
+            except PromptError as e:
+                print(f"edge-agent: {e}", file=sys.stderr)
+                _print_json({"tool": "clarify", "args": {"reason": "nothing"}})
+                continue
+            _print_json(r.doc)
+            if r.kind in ("call", "plan"):
+                frame.last, frame.texts = r.doc, list(r.texts)
+            writes = r.kind == "rule" or any(s.get("tool") == "write_point" for s in r.doc.get("plan", [r.doc]))
+            if r.kind == "answer":
+                frame.pending = None
+            elif r.kind != "clarify":
+                frame.pending = "proposed" if writes else None
+        return 0
     try:
-        plan = engine.plan(args.text)
-    except PromptError as e:
-        return _fail(str(e))
+        return asyncio.run(conversation())
     finally:
         engine.close()
-    _print_json(plan.call)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """One conversation: a line in, the reply out. With the daemon (its memory keeps the conversation, one id for
+    this session), or --dry-run: planned here, one JSON line per request."""
+    if args.dry_run:
+        return _plan_locally(args, sys.stdin)
+    import secrets
+
+    from edge_agent.control import NoDaemon, call
+    conversation = "chat-" + secrets.token_hex(6)
+    try:
+        state = _state_dir(args)
+    except config.ConfigError as e:
+        return _fail(str(e))
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            reply = call(state, "ask", {"text": text, "conversation": conversation}, timeout=args.timeout)
+        except NoDaemon as e:
+            print(f"edge-agent: {e}", file=sys.stderr)
+            return EXIT_NO_DAEMON
+        if reply.get("ok"):
+            print(reply["result"].get("answer") or json.dumps(reply["result"].get("resolved")), flush=True)
+        else:
+            print(f"error {reply['error']['code']}: {reply['error']['message']}", flush=True)
     return 0
 
 
@@ -594,6 +657,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent's reply")
     model_args(a)
     a.set_defaults(fn=cmd_ask)
+    c = sub.add_parser("chat", help="a conversation with the running agent: a line in, its reply out (follow-ups, "
+                       "yes/no to its proposals)")
+    c.add_argument("--dry-run", action="store_true", help="plan here, one request per stdin line, and print each "
+                   "resolved call or plan as one JSON line; needs no running agent, executes nothing")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply")
+    model_args(c)
+    c.set_defaults(fn=cmd_chat)
     o = sub.add_parser("op", help="run one operation on the running agent (edge-agent ops lists them)")
     o.add_argument("name", help="e.g. status, alerts.list, query")
     o.add_argument("fields", nargs="*", metavar="NAME=VALUE", help="the request's fields; values are JSON where "
