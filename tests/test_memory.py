@@ -175,3 +175,26 @@ def test_a_frame_over_4_kb_is_not_kept_and_counted():
     assert m.put(("a",), big) is False and events == ["frame_too_large"] and m.get(("a",)).last is None
     small = Frame(last=Q("pump-3", "temperature"))
     assert size(small) <= MAX_FRAME_BYTES and m.put(("a",), small) is True
+
+
+def test_chat_dry_run_prints_each_resolved_request_with_the_shipped_model():
+    """`edge-agent chat --dry-run`: one request per stdin line, the resolved call or plan per line, the follow-up
+    applied; `ask --dry-run` prints a plan as one JSON line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "chat", "--dry-run"], input="max temperature of pump-3 "
+                       "today\nand pump-4?\nstop it\nyes\nyes\n", capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in r.stdout.splitlines()] == [
+        Q("pump-3", "temperature", "max", 86400), Q("pump-4", "temperature", "max", 86400),
+        W("pump-4", "enabled", False), {"confirm": True}, {"tool": "clarify", "args": {"reason": "nothing"}}]
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--dry-run", "if pump-3 temperature is above 80, "
+                        "stop it"], capture_output=True, text=True, timeout=120, env=env)
+    assert json.loads(r.stdout) == {"plan": [Q("pump-3", "temperature"), {**W("pump-3", "enabled", False),
+                                                                           "when": {"step": 1, "op": ">", "value": 80}}]}
