@@ -36,9 +36,12 @@ _UNDO = re.compile(r"^(?:please |ok |okay |now |and |then )*(?:undo(?: that| it|
                    r" back(?: (?:to )?(?:what|how|where) (?:it|they) (?:was|were))?(?: again)?"
                    r"|revert(?: that| it| this| the last(?: write| change)?)?|roll (?:it |that )?back"
                    r"|restore (?:it|that|them)|put back(?: the old value)?)(?: please| pls)?$")
-_STANDING = ("whenever", "every time", "each time", "alert me", "notify me", "warn me", "let me know", "tell me when",
-             "tell me if", "from now on", "ping me", "message me", "email me", "page me", "send me an alert",
-             "raise an alarm", "raise an alert", "any time", "anytime", "as soon as", "once")
+_ALERT_WORDS = ("alert me", "notify me", "warn me", "let me know", "ping me", "message me", "email me", "page me",
+                "send me an alert", "send an alert", "raise an alarm", "raise an alert", "tell me when", "tell me if",
+                "want an alarm", "want an alert", "want a warning", "sound an alarm", "alarm me", "text me", "alert us",
+                "notify us", "warn us", "give me a heads up", "heads up")
+_STANDING = ("whenever", "every time", "each time", *_ALERT_WORDS, "from now on", "any time", "anytime",
+             "as soon as", "once")
 _SCHEDULE = re.compile(r"\bevery (?:\d+ |few |other )?(?:sec|second|min|minute|hour|hr|day|night|morning|evening|"
                        r"week|shift)s?\b|\beach (?:minute|hour|day|morning|night)\b|\bfor the next\b|\bkeep\b.*\b(?:at|"
                        r"below|above|under|over|between)\b|\bat \d{1,2}(?::\d\d)? ?(?:am|pm)\b|\b\d{1,2} ?(?:am|pm)\b|"
@@ -54,8 +57,18 @@ _CMP = [("greater than or equal to", ">="), ("less than or equal to", "<="), ("a
         ("less than", "<"), ("lower than", "<"), ("smaller than", "<"), ("fewer than", "<"), ("below", "<"),
         ("under", "<"), ("beneath", "<"), ("colder than", "<"), ("cooler than", "<"), ("slower than", "<"),
         ("isn't", "!="), ("is not", "!="), ("isnt", "!="), ("not equal to", "!="), ("doesn't equal", "!="),
+        ("hits", ">="), ("reaches", ">="), ("gets to", ">="), ("climbs to", ">="), ("rises to", ">="),
+        ("falls to", "<="), ("drops to", "<="), ("gets warmer than", ">"), ("gets colder than", "<"),
         ("equals", "=="), ("equal to", "=="), ("reads", "=="), ("is exactly", "=="), ("is at", "=="),
         (">=", ">="), ("<=", "<="), ("!=", "!="), ("==", "=="), (">", ">"), ("<", "<"), ("=", "==")]
+# a comparison's own words, or the unit after its number, name the point where the operator names none
+_IMPLIED = [(r"\b(?:warmer|hotter|colder|cooler|overheats?|freez\w*|degrees?|°c|°f|deg|celsius)\b", "temperature"),
+            (r"\b(?:amps?|amperes?)\b", "current"), (r"\b(?:psi|bar|kpa)\b", "pressure"), (r"\brpm\b", "rpm"),
+            (r"\b(?:kw|kilowatts?|watts?)\b", "power"), (r"\bvolts?\b", "voltage"), (r"\b(?:faster|slower)\b", "speed"),
+            (r"\b(?:fuller|emptier)\b", "level"), (r"\bppm\b", "co2")]
+# words that make an order depend on something the clause cutter does not parse: never cut such a request
+_DEPENDS = re.compile(r"\b(?:unless|until|while|whilst|once|after|before|provided|assuming|in case|as soon as|when|"
+                      r"whenever|if|otherwise|else|then only|only if)\b")
 _RATE = re.compile(r"\b(?:rate|per (?:second|minute|hour)|faster than .* per|rises by|drops by|jumps|changes by|"
                    r"increases by|decreases by)\b")
 _OPENER = re.compile(r"^(?:and|what about|how about|same for|same with|same thing for|and for|and what about|also|"
@@ -77,6 +90,8 @@ _NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name
                          r"have)|with (?:names?|ids?) (?:containing|including)|(?:named|called) like|matching|"
                          r"containing)\s+[\"']?([a-z0-9_-]+)[\"']?(?:\s+in (?:the|their|its) (?:name|id)s?)?|"
                          r"\b(?:have|has|with)\s+[\"']?([a-z0-9_-]+)[\"']?\s+in (?:the|their|its) (?:name|id)s?")
+_NOT_KINDS = frozenset("off on of up down in out the a an my our it them these those at to for with by you right "
+                       "together now day time way".split())
 _NEG = re.compile(r"\b(?:don't|dont|do not|never|not|no|without|avoid|nor)\b")
 _SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s+|\s+but\s+|\s+and also\s+|"
                     r"\s+as well as\s+|\s+and\s+|,\s+)\s*")
@@ -124,7 +139,7 @@ def devices_in(text: str, known: dict | None) -> list[str]:
         if not w:
             continue
         hit = names.get(w.lower())
-        if hit is None and _DEVICE.match(w) and not re.fullmatch(r"[0-9.:,/-]+(?:am|pm|s|m|h|d|st|nd|rd|th|%)?", w,
+        if hit is None and _DEVICE.match(w) and not SHIPPED.named(w) and not re.fullmatch(r"[0-9.:,/-]+(?:am|pm|s|m|h|d|st|nd|rd|th|%)?", w,
                                                                  re.I):
             hit = w
         if hit is not None and hit not in out:
@@ -238,6 +253,10 @@ class Composer:
         clauses = self._clauses(text)
         if len(clauses) < 2 or not self._is_compound(clauses):
             return await self._clause_single(text, low)
+        if _DEPENDS.search(low):
+            # a condition or a time this cutter does not parse ("unless", "until", "once"): cut, it would leave a
+            # write without the words that govern it; whole, the model and the guard answer as before
+            return await self._single(text)
         if len(clauses) > MAX_STEPS:
             return clarify("too_complex")
         steps: list[dict] = []
@@ -356,6 +375,8 @@ class Composer:
     async def _fanout(self, c: str, m: re.Match) -> Resolved:
         """"stop all pumps" -> list_devices {filter: pump}, then the write over each device it finds."""
         word = next(g for g in m.groups() if g)
+        if word in _NOT_KINDS:
+            return await self._single(c)
         stand_in = "zz-0"
         if word in ("device", "devic", "machine", "unit", "thing", "one"):
             word = None  # "stop all devices": every device (the cap decides)
@@ -412,6 +433,9 @@ class Composer:
             return clarify("too_complex")
         device = ds[0] if ds else ""
         pts = self.points.named(low[:start]) or self.points.named(low)
+        if not pts:
+            pts = [p for rx, p in _IMPLIED if re.search(rx, low)][:1]
+            pts = pts if not self.known or not device or pts and pts[0] in self.known.get(device, pts) else []
         if not pts and device and self.known and len(self.known.get(device, [])) == 1:
             pts = list(self.known[device])
         if not pts:
@@ -464,6 +488,8 @@ class Composer:
         prev: list[str] = [device]
         for a in acts:
             a_low = _norm(a)
+            if _DEPENDS.search(a_low) or _has(a_low, _STANDING) is not None:
+                return clarify("too_complex")  # a condition on a condition
             if _NEG.search(a_low):
                 continue
             ds = devices_in(a, self.known)
@@ -490,8 +516,7 @@ class Composer:
     async def _standing(self, text: str, low: str) -> Resolved:
         """A standing condition -> a rule proposal (add_rule): one device's point against one threshold, or silence."""
         word = next(p for p in (*_STANDING, "when") if f" {p} " in f" {low} ")
-        if word in ("alert me", "notify me", "warn me", "let me know", "ping me", "message me", "email me",
-                    "page me", "send me an alert", "raise an alarm", "raise an alert", "tell me when", "tell me if"):
+        if word in _ALERT_WORDS:
             m = re.search(r"\b(?:when(?:ever)?|if|once|as soon as|in case|each time|every time|any ?time)\b", text,
                           re.I)
             if m is None:
@@ -532,6 +557,14 @@ class Composer:
             if isinstance(c, Resolved):
                 return c
             device, point, op, value = c
+            if not device and re.search(r"\b(?:its|it|it's)\b", c_low):
+                ds = devices_in(action, self.known)  # "stop drive-5 whenever its current is over 40"
+                device = ds[0] if len(ds) == 1 else ""
+                if device:
+                    c = self._condition(self._substitute(cond, device))
+                    if isinstance(c, Resolved):
+                        return c
+                    device, point, op, value = c
             if not device:
                 return clarify("which_device")
             if op not in (">", ">=", "<", "<="):
@@ -543,6 +576,8 @@ class Composer:
             a_low = _norm(action)
             if _NEG.search(a_low):
                 return clarify("nothing")
+            if _DEPENDS.search(a_low) or _has(a_low, _STANDING) is not None:
+                return clarify("too_complex")
             if not devices_in(action, self.known):
                 action = self._substitute(action, device) if _PRONOUN.search(a_low) else f"{action} {device}"
             call = await self.call(action)
