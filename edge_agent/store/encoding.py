@@ -38,7 +38,7 @@ import gzip
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -103,11 +103,13 @@ def encode_json(seqs: list[int], records: list) -> bytes:
 
 
 def encode_rows(seqs: list[int], records: list) -> bytes:
-    """A row's records as compact JSON columns (the columns encoding's outbox form): {"k": [[device, point, unit,
-    source], ...], "i": key index, "s": seqs, "t": ts, "v": values, "q": [[position, quality], ...] where not good,
-    "a": [[position, count, end, mode], ...] for aggregates}."""
+    """A row's records as compact JSON columns (the columns encoding's outbox form), which the uplink merges without a
+    loop per record: {"k": ["device\\0point\\0unit\\0source", ...], "i": key index, "s": seqs, "t": ts, "c": the kinds
+    (one digit a record, as the message's `kind` column), "v": the numbers (kinds 0 and 1), "o": the texts (kinds 4
+    and 6), "q": [[position, quality], ...] where not good, "a": [[position, count, end, mode], ...] for aggregates}.
+    A unit of None is written as "\\1"."""
     keys: dict[tuple, int] = {}
-    idx, ts, vals, bad, aggs = [], [], [], [], []
+    idx, ts, kinds, nums, texts, bad, aggs = [], [], [], [], [], [], []
     for pos, r in enumerate(records):
         key = (r.device, r.point, r.unit, r.source)
         k = keys.get(key)
@@ -116,20 +118,58 @@ def encode_rows(seqs: list[int], records: list) -> bytes:
         idx.append(k)
         ts.append(r.ts_ns)
         v = r.value
-        if type(v) is float and not math.isfinite(v):
-            v = None
-            bad.append([pos, "bad"])
-        elif r.quality != "good":
+        t = type(v)
+        if t is float:
+            if math.isfinite(v):
+                kinds.append("0")
+                nums.append(v)
+            else:  # adapters reject them; this is the last guard
+                kinds.append("5")
+                bad.append([pos, "bad"])
+        elif t is int:
+            if -MAX_EXACT < v < MAX_EXACT:
+                kinds.append("1")
+                nums.append(v)
+            else:
+                kinds.append("6")
+                texts.append(str(v))
+        elif t is bool:
+            kinds.append("3" if v else "2")
+        else:
+            kinds.append("4")
+            texts.append(str(v))
+        if r.quality != "good" and not (bad and bad[-1][0] == pos):
             bad.append([pos, r.quality])
-        vals.append(v)
         if len(r) > 7:
             aggs.append([pos, r.count, r.end_ns, r.mode])
-    doc = {"k": list(keys), "i": idx, "s": list(seqs), "t": ts, "v": vals}
+    doc = {"k": ["\0".join((d, p, "\1" if u is None else u, src)) for d, p, u, src in keys], "i": idx, "s": list(seqs),
+           "t": ts, "c": "".join(kinds), "v": nums, "o": texts}
     if bad:
         doc["q"] = bad
     if aggs:
         doc["a"] = aggs
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _key(k: str) -> list:
+    device, point, unit, source = k.split("\0")
+    return [device, point, None if unit == "\1" else unit, source]
+
+
+def _value(kind: int, nums: Iterator, texts: Iterator) -> Any:
+    if kind == KIND_FLOAT:
+        return float(next(nums))
+    if kind == KIND_INT:
+        return int(next(nums))
+    if kind in (KIND_FALSE, KIND_TRUE):
+        return kind == KIND_TRUE
+    if kind == KIND_NULL:
+        return None
+    if kind == KIND_STR:
+        return next(texts)
+    if kind == KIND_BIGINT:
+        return int(next(texts))
+    raise DecodeError(f"unknown kind {kind}")
 
 
 def _records(payload: bytes) -> list[dict]:
@@ -141,10 +181,12 @@ def _records(payload: bytes) -> list[dict]:
         out = []
         q = dict((p, v) for p, v in doc.get("q", ()))
         a = {x[0]: x[1:] for x in doc.get("a", ())}
-        for pos, (k, seq, ts, v) in enumerate(zip(doc["i"], doc["s"], doc["t"], doc["v"])):
-            device, point, unit, source = doc["k"][k]
-            rec = {"seq": seq, "device": device, "point": point, "value": v, "unit": unit, "ts": ts,
-                   "quality": q.get(pos, "good"), "source": source}
+        keys = [_key(k) for k in doc["k"]]
+        nums, texts = iter(doc["v"]), iter(doc["o"])
+        for pos, (k, seq, ts, c) in enumerate(zip(doc["i"], doc["s"], doc["t"], doc["c"])):
+            device, point, unit, source = keys[k]
+            rec = {"seq": seq, "device": device, "point": point, "value": _value(int(c), nums, texts), "unit": unit,
+                   "ts": ts, "quality": q.get(pos, "good"), "source": source}
             if pos in a:
                 rec["count"], rec["end"], rec["agg"] = a[pos]
             out.append(rec)
@@ -195,66 +237,31 @@ def _decimals(vals: np.ndarray) -> int | None:
 def batch_columns(gateway: str, first: int, last: int, count: int, payloads: list[bytes], compression: str,
                   level: int = 3) -> bytes:
     """The columns telemetry message (see the module's doc) of outbox rows (their payloads in order)."""
-    series: dict[tuple, int] = {}
+    series: dict[str, int] = {}
     sidx: list[np.ndarray] = []
-    seqs, ts, vals, quals, aggs = [], [], [], [], []
+    kinds_parts: list[str] = []
+    seqs, ts, nums, texts, quals, aggs = [], [], [], [], [], []
     n = 0
     for p in payloads:
         if not p:
             continue
-        if p.startswith(b'{"k"'):
-            doc = json.loads(p)
-        else:  # written under the json encoding
-            recs = _records(p)
-            doc = {"k": [], "i": [], "s": [], "t": [], "v": [], "q": [], "a": []}
-            keys: dict[tuple, int] = {}
-            for pos, r in enumerate(recs):
-                key = (r["device"], r["point"], r["unit"], r["source"])
-                doc["i"].append(keys.setdefault(key, len(keys)))
-                doc["s"].append(r["seq"])
-                doc["t"].append(r["ts"])
-                doc["v"].append(r["value"])
-                if r["quality"] != "good":
-                    doc["q"].append([pos, r["quality"]])
-                if "count" in r:
-                    doc["a"].append([pos, r["count"], r["end"], r["agg"]])
-            doc["k"] = [list(k) for k in keys]
-        remap = np.array([series.setdefault(tuple(k), len(series)) for k in doc["k"]], dtype=np.int64)
+        if not p.startswith(b'{"k"'):  # written under the json encoding
+            p = encode_rows([r["seq"] for r in _records(p)], [_Rec(r) for r in _records(p)])
+        doc = json.loads(p)
+        remap = np.array([series.setdefault(k, len(series)) for k in doc["k"]], dtype=np.int64)
         sidx.append(remap[np.asarray(doc["i"], dtype=np.int64)] if doc["i"] else np.zeros(0, np.int64))
         seqs.extend(doc["s"])
         ts.extend(doc["t"])
-        vals.extend(doc["v"])
+        kinds_parts.append(doc["c"])
+        nums.extend(doc["v"])
+        texts.extend(doc["o"])
         quals.extend((n + pos, q) for pos, q in doc.get("q", ()))
         aggs.extend([n + a[0], *a[1:]] for a in doc.get("a", ()))
         n += len(doc["i"])
     s_arr = np.concatenate(sidx) if sidx else np.zeros(0, np.int64)
     seq_arr = np.asarray(seqs, dtype=np.int64)
     ts_arr = np.asarray(ts, dtype=np.int64)
-    kinds = np.zeros(n, np.uint8)
-    nums: list[float] = []
-    strings: dict[str, int] = {}
-    str_idx: list[int] = []
-    num_pos: list[int] = []
-    for pos, v in enumerate(vals):
-        t = type(v)
-        if t is float:
-            nums.append(v)
-            num_pos.append(pos)
-        elif t is int:
-            if -MAX_EXACT < v < MAX_EXACT:
-                kinds[pos] = KIND_INT
-                nums.append(v)
-                num_pos.append(pos)
-            else:
-                kinds[pos] = KIND_BIGINT
-                str_idx.append(strings.setdefault(str(v), len(strings)))
-        elif t is bool:
-            kinds[pos] = KIND_TRUE if v else KIND_FALSE
-        elif v is None:
-            kinds[pos] = KIND_NULL
-        else:
-            kinds[pos] = KIND_STR
-            str_idx.append(strings.setdefault(str(v), len(strings)))
+    kinds = np.frombuffer("".join(kinds_parts).encode("ascii"), np.uint8) - ord("0")
     num_arr = np.asarray(nums, dtype=np.float64)
     decimals = _decimals(num_arr)
     if decimals is None:
@@ -262,7 +269,7 @@ def batch_columns(gateway: str, first: int, last: int, count: int, payloads: lis
         num_dtype = "<f8"
     else:
         sc = np.rint(num_arr * 10.0 ** decimals).astype(np.int64)
-        g = s_arr[np.asarray(num_pos, dtype=np.int64)] if num_pos else np.zeros(0, np.int64)
+        g = s_arr[(kinds == KIND_FLOAT) | (kinds == KIND_INT)]
         order = np.argsort(g, kind="stable")
         ss, gs = sc[order], g[order]
         num_col = np.empty_like(ss)
@@ -287,8 +294,10 @@ def batch_columns(gateway: str, first: int, last: int, count: int, payloads: lis
     if kinds.any():
         cols.append(("kind", "<u1", kinds.tobytes()))
     cols.append(("num", num_dtype, _shuffle(num_col)))
-    if str_idx:
-        cols.append(("str", "<u4", np.asarray(str_idx, dtype="<u4").tobytes()))
+    strings: dict[str, int] = {}
+    if texts:
+        cols.append(("str", "<u4", np.asarray([strings.setdefault(t, len(strings)) for t in texts],
+                                              dtype="<u4").tobytes()))
     qualities: dict[str, int] = {"good": 0}
     if quals:
         qcol = np.zeros(n, np.uint8)
@@ -299,11 +308,27 @@ def batch_columns(gateway: str, first: int, last: int, count: int, payloads: lis
                 qcol[pos] = qualities.setdefault("other", len(qualities))
         cols.append(("quality", "<u1", qcol.tobytes()))
     header = {"gateway": gateway, "first_seq": first, "last_seq": last, "count": count,
-              "series": [list(k) for k in series], "qualities": list(qualities), "strings": list(strings),
+              "series": [_key(k) for k in series], "qualities": list(qualities), "strings": list(strings),
               "decimals": decimals, "agg": aggs, "cols": [[name, dt, len(b)] for name, dt, b in cols]}
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     body = b"".join([struct.pack("<I", len(head)), head, *(b for _, _, b in cols)])
     return MAGIC + CODECS[compression] + compress(body, compression, level)
+
+
+class _Rec:
+    """A record decoded from a JSON row, as encode_rows reads it."""
+    __slots__ = ("device", "point", "value", "unit", "ts_ns", "quality", "source", "count", "end_ns", "mode", "_n")
+
+    def __init__(self, r: dict) -> None:
+        self.device, self.point, self.value, self.unit = r["device"], r["point"], r["value"], r["unit"]
+        self.ts_ns, self.quality, self.source = r["ts"], r["quality"], r["source"]
+        self.value = r["value"] if r["value"] is not None else math.nan
+        self._n = 7
+        if "count" in r:
+            self.count, self.end_ns, self.mode, self._n = r["count"], r["end"], r["agg"], 10
+
+    def __len__(self) -> int:
+        return self._n
 
 
 def compress(body: bytes, compression: str, level: int = 3) -> bytes:
@@ -412,27 +437,16 @@ def decode(payload: bytes) -> dict:
         strs = col("str", "<u4") if "str" in cols else np.zeros(0, np.uint32)
         series, strings, qualities = h["series"], h["strings"], h["qualities"]
         aggs = {a[0]: a[1:] for a in h["agg"]}
+        if scaled is not None:
+            ints = iter(int(x) // 10 ** d for x in scaled[kinds[num_pos] == KIND_INT])
+        else:
+            ints = iter(int(x) for x in num[kinds[num_pos] == KIND_INT])
+        floats = iter(num[kinds[num_pos] == KIND_FLOAT].tolist())
+        texts = iter(strings[int(i)] for i in strs)
         out = []
-        ni = si = 0
         for pos in range(n):
             k = int(kinds[pos])
-            if k == KIND_FLOAT:
-                v: Any = float(num[ni])
-                ni += 1
-            elif k == KIND_INT:
-                v = int(scaled[ni]) // 10 ** d if scaled is not None else int(num[ni])
-                ni += 1
-            elif k in (KIND_FALSE, KIND_TRUE):
-                v = k == KIND_TRUE
-            elif k == KIND_NULL:
-                v = None
-            elif k in (KIND_STR, KIND_BIGINT):
-                v = strings[int(strs[si])]
-                si += 1
-                if k == KIND_BIGINT:
-                    v = int(v)
-            else:
-                raise DecodeError(f"unknown kind {k}")
+            v = _value(k, ints if k == KIND_INT else floats, texts)
             device, point, unit, source = series[int(s_arr[pos])]
             rec = {"seq": int(seq[pos]), "device": device, "point": point, "value": v, "unit": unit,
                    "ts": int(ts[pos]), "quality": qualities[int(qual[pos])], "source": source}
@@ -441,7 +455,7 @@ def decode(payload: bytes) -> dict:
             out.append(rec)
     except DecodeError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, struct.error) as e:
+    except (KeyError, IndexError, TypeError, ValueError, StopIteration, struct.error) as e:
         raise DecodeError(f"a malformed columns message: {type(e).__name__}: {e}") from None
     return {"gateway": h["gateway"], "first_seq": h["first_seq"], "last_seq": h["last_seq"], "count": n,
             "readings": out}

@@ -68,23 +68,35 @@ CLOUD_SUB = r"""
 import json, re, ssl, sys, threading, time
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from edge_agent.store.encoding import decode
 port, ca, cert, key, out = sys.argv[1:6]
 expected, timeout = int(sys.argv[6]), float(sys.argv[7]) if len(sys.argv) > 7 else 600.0
 ts_re = re.compile(rb'"ts":(\d+)')
-lat, total, last, done = [], [0], [0], threading.Event()
+lat, total, last, done, nbytes, records = [], [0], [0], threading.Event(), [0], [0]
 def on_message(c, u, m):
     now = time.time_ns()
-    head = m.payload[:400]
-    total[0] += int(re.search(rb'"count":(\d+)', head).group(1))
+    nbytes[0] += len(m.payload)
+    if m.payload[:4] == b"EAC1":  # the columns encoding: decoded (the cloud's cost, not the agent's)
+        doc = decode(m.payload)
+        total[0] += doc["last_seq"] - doc["first_seq"] + 1
+        records[0] += doc["count"]
+        ts = min((r["ts"] for r in doc["readings"]), default=None)
+    else:
+        head = m.payload[:400]
+        n = int(re.search(rb'"count":(\d+)', head).group(1))
+        f, l = (int(x) for x in re.search(rb'"first_seq":(\d+),"last_seq":(\d+)', head).groups())
+        total[0] += l - f + 1
+        records[0] += n
+        t = ts_re.search(head)
+        ts = int(t.group(1)) if t else None
     last[0] = now
-    t = ts_re.search(head)
-    if t: lat.append((now - int(t.group(1))) / 1e6)
+    if ts is not None: lat.append((now - ts) / 1e6)
     if total[0] >= expected:
         done.set()
 c = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-cloud")
 c.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
 subscribed = threading.Event()
-c.on_connect = lambda c, u, f, r, p: c.subscribe("edge/+/telemetry", 1)
+c.on_connect = lambda c, u, f, r, p: c.subscribe([("edge/+/telemetry", 1), ("edge/+/telemetry/+", 1)])
 c.on_subscribe = lambda *a: subscribed.set()
 c.on_message = on_message
 c.connect("localhost", int(port), 30)
@@ -93,7 +105,8 @@ subscribed.wait(30)
 print("ready", flush=True)
 done.wait(timeout)
 c.disconnect(); c.loop_stop()
-json.dump({"latencies_ms": lat, "readings": total[0], "last_ns": last[0]}, open(out, "w"))
+json.dump({"latencies_ms": lat, "readings": total[0], "records": records[0], "bytes": nbytes[0],
+           "last_ns": last[0]}, open(out, "w"))
 """
 
 
@@ -156,7 +169,8 @@ class Rig:
     """Two Mosquittos (local plain, cloud mutual TLS) and the agent between them (its own process)."""
 
     def __init__(self, work: Path, devices: int, receive_maximum: int = 0, synchronous: str = "full",
-                 rules: int = 0, ship: bool = True, delay_ms: float | None = None) -> None:
+                 rules: int = 0, ship: bool = True, delay_ms: float | None = None, extra: dict | None = None) -> None:
+        """`extra`: config sections merged in (uplink encoding, forwarding rules)."""
         self.work = work
         self.ca = CA(work / "pki")
         server = self.ca.issue("cloud", server=True)
@@ -181,6 +195,8 @@ class Rig:
                                    "device": f"dev-{i % devices:03d}",
                                    "point": ("temperature", "pressure", "flow")[i % 3],
                                    "threshold": (1e9, -1e9, 1e9, 1e9)[i % 4]} for i in range(rules)]}}
+        for section, values in (extra or {}).items():
+            cfg.setdefault(section, {}).update(values)
         (work / "agent.toml").write_text(to_toml(cfg))
         self.cmd = [sys.executable, "-m", "edge_agent", "run", "--config", str(work / "agent.toml")]
         self.agent: subprocess.Popen | None = None
@@ -202,7 +218,7 @@ class Rig:
         out = self.work / f"cloud-{time.monotonic_ns()}.json"
         sub = subprocess.Popen([sys.executable, "-c", CLOUD_SUB, str(self.cloud.port), str(self.ca.cert_path),
                                 str(self.viewer[0]), str(self.viewer[1]), str(out), str(expected), str(timeout)],
-                               stdout=subprocess.PIPE)
+                               stdout=subprocess.PIPE, cwd=ROOT)
         sub.stdout.readline()
         return sub, out
 
@@ -263,13 +279,13 @@ PUBLISHER_RATE = 2500  # messages/s one Python publisher process offers on a slo
 
 
 def paced(work: Path, rates: list[float], seconds: float, devices: int, synchronous: str,
-          delay_ms: float | None, out=print) -> list[dict]:
+          delay_ms: float | None, out=print, extra: dict | None = None) -> list[dict]:
     """Offers each rate for `seconds` through one running agent; per rate: the agent's CPU (utime+stime from the
     first publish until the cloud has every reading, or the drain deadline), publish->cloud p50/p99 (per uplink
     batch, from its oldest reading's device timestamp), readings lost (published, never at the cloud within
     `seconds` + 20 s) and whether the rate was sustained: offered within 5 % of the rate, nothing lost, and the
     cloud had the last reading within 2 s of the last publish."""
-    rig = Rig(work, devices, synchronous=synchronous, delay_ms=delay_ms)
+    rig = Rig(work, devices, synchronous=synchronous, delay_ms=delay_ms, extra=extra)
     rows = []
     try:
         rig.start()
@@ -308,14 +324,16 @@ def paced(work: Path, rates: list[float], seconds: float, devices: int, synchron
                    "p99_ms": lat[int(len(lat) * 0.99)], "lost": lost, "drain_s": drain,
                    "commits": metric(mport, "edge_agent_store_commits_total") - commits0,
                    "batches": metric(mport, "edge_agent_uplink_batches_sent_total") - batches0,
-                   "bytes_per_reading": (w1 - w0) / (5 * n)}
+                   "bytes_per_reading": (w1 - w0) / (5 * n),
+                   "wire_bytes_per_reading": r["bytes"] / max(r["records"], 1)}
             row["sustained"] = offered >= 0.95 * rate and lost <= 0 and drain <= 2.0
             rows.append(row)
             out(f"{rate:7.0f} msg/s ({5 * rate:7.0f} points/s) offered {offered:7.0f} by {pubs}: CPU "
                 f"{row['cpu_cores']:.3f} cores, p50 {row['p50_ms']:5.0f} ms, p99 {row['p99_ms']:5.0f} ms, lost "
                 f"{lost}, last reading at the cloud {drain:+.2f} s after the last publish, {row['commits']:.0f} "
                 f"commits and {row['batches']:.0f} uplink batches for {n} messages, "
-                f"{row['bytes_per_reading']:.0f} bytes written per reading"
+                f"{row['bytes_per_reading']:.0f} bytes written per reading, "
+                f"{row['wire_bytes_per_reading']:.1f} payload bytes a reading at the cloud"
                 f"{'' if row['sustained'] else '  NOT SUSTAINED'}", flush=True)
             time.sleep(1.0)
         best = max((r["rate"] for r in rows if r["sustained"]), default=0)
@@ -323,6 +341,30 @@ def paced(work: Path, rates: list[float], seconds: float, devices: int, synchron
         return rows
     finally:
         rig.close()
+
+
+def compare_encodings(a: argparse.Namespace) -> None:
+    """json against columns (zstd, gzip) at one paced rate, interleaved (the machine drifts): the agent's CPU from
+    the first publish until the cloud has every reading, and the payload bytes a reading at the cloud."""
+    kinds = {"json": {"encoding": "json"}, "columns+zstd": {"encoding": "columns", "compression": "zstd"},
+             "columns+gzip": {"encoding": "columns", "compression": "gzip"}}
+    linger = {} if a.linger_s is None else {"linger_s": a.linger_s}
+    got: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(2):
+        for name, up in kinds.items():
+            with tempfile.TemporaryDirectory() as d:
+                row = paced(Path(d), [a.compare_encodings], a.seconds, a.devices, a.synchronous, a.delay_ms,
+                            out=lambda *_a, **_k: None, extra={"uplink": {**up, **linger}})[0]
+            got[name].append(row)
+            print(f"{name:13s} {5 * a.compare_encodings:7.0f} points/s: CPU {row['cpu_cores']:.3f} cores, "
+                  f"{row['wire_bytes_per_reading']:6.1f} payload bytes a reading at the cloud, lost {row['lost']}, "
+                  f"p99 {row['p99_ms']:.0f} ms", flush=True)
+    base = sum(r["cpu_cores"] for r in got["json"]) / 2
+    for name, rows in got.items():
+        cpu = sum(r["cpu_cores"] for r in rows) / 2
+        wire = sum(r["wire_bytes_per_reading"] for r in rows) / 2
+        print(f"{name:13s}: CPU {cpu:.3f} cores ({cpu / base:.2f} of json), {wire:.1f} bytes a reading, lost "
+              f"{sum(r['lost'] for r in rows)}")
 
 
 def main() -> None:
@@ -338,10 +380,25 @@ def main() -> None:
                     help="log shipping (log.ship); both: run twice and compare")
     ap.add_argument("--paced", default="", help="paced mode: messages/s to offer in turn, e.g. 10,100,1000,5000")
     ap.add_argument("--seconds", type=float, default=10.0, help="paced mode: seconds per rate")
+    ap.add_argument("--encoding", choices=("json", "columns"), default="json", help="uplink.encoding")
+    ap.add_argument("--compression", choices=("zstd", "gzip"), default="zstd", help="uplink.compression (columns)")
+    ap.add_argument("--linger-s", type=float, default=None, help="uplink.linger_s (default: the config's)")
+    ap.add_argument("--compare-encodings", type=float, default=0, metavar="RATE",
+                    help="messages/s: the agent's CPU and the bytes a reading at the cloud, json against columns "
+                    "(zstd, gzip), each paced at RATE for --seconds, interleaved twice")
     a = ap.parse_args()
+    if a.compare_encodings:
+        compare_encodings(a)
+        return
+    if a.encoding != "json" or a.linger_s is not None:
+        extra = {"uplink": {"encoding": a.encoding, "compression": a.compression,
+                            **({"linger_s": a.linger_s} if a.linger_s is not None else {})}}
+    else:
+        extra = None
     if a.paced:
         with tempfile.TemporaryDirectory() as d:
-            paced(Path(d), [float(x) for x in a.paced.split(",")], a.seconds, a.devices, a.synchronous, a.delay_ms)
+            paced(Path(d), [float(x) for x in a.paced.split(",")], a.seconds, a.devices, a.synchronous, a.delay_ms,
+                  extra=extra)
         return
     if a.ship == "both":
         rows = {}
