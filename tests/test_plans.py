@@ -306,3 +306,15 @@ def test_a_rule_whose_action_the_words_do_not_state_is_asked_back():
     world = World(PUMPS, {"set valve-3 pump-3": W("valve-3", "enabled", True)})
     r = run(call(router(world), "ask", {"text": "whenever pump-3 temperature is above 80, set valve-3"}))["result"]
     assert r["outcome"] == "clarify" and world.rules == []
+
+
+def test_a_request_whose_order_depends_on_words_the_cutter_does_not_parse_is_never_cut():
+    """"unless chiller-1 is running, turn off compressor-5": cut at the comma, the write would lose the words that
+    govern it. Such a request goes whole to the model and the guard (here: the model proposes the write; the
+    guard refuses it on the whole text)."""
+    world = World({"chiller-1": {"enabled": True}, "compressor-5": {"enabled": True}},
+                  {"unless chiller-1 is running, turn off compressor-5": W("compressor-5", "enabled", False),
+                   "turn off compressor-5": W("compressor-5", "enabled", False)})
+    r = run(call(router(world, writes="direct"), "ask", {"text": "unless chiller-1 is running, turn off compressor-5"}))
+    assert r["result"]["outcome"] == "clarify" and world.writes == []
+    assert world.asked == ["unless chiller-1 is running, turn off compressor-5"]
