@@ -619,6 +619,22 @@ def _scale_model(layout: str, mcfg):
     return dataclasses.replace(mcfg, dir=str(out), public_key=key)
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    """A captured telemetry payload (either encoding) as the JSON message: what the cloud side runs."""
+    from edge_agent.store.encoding import DecodeError, decode
+    try:
+        raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        doc = decode(raw)
+    except (OSError, DecodeError) as e:
+        return _fail(f"cannot decode {args.file}: {e}")
+    if args.readings:
+        for r in doc["readings"]:
+            print(json.dumps(r, ensure_ascii=False, separators=(",", ":")))
+    else:
+        print(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"edge-agent {__version__}")
     return 0
@@ -725,6 +741,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default="", help="also write the figures to this file")
     model_args(b)
     b.set_defaults(fn=cmd_bench)
+    de = sub.add_parser("decode", help="print a captured telemetry payload (json or columns, zstd or gzip) as the "
+                        "JSON message")
+    de.add_argument("file", help="the payload's bytes as received (- = stdin)")
+    de.add_argument("--readings", action="store_true", help="one JSON line a reading instead of the whole message")
+    de.set_defaults(fn=cmd_decode)
     v = sub.add_parser("version", help="print the version")
     v.set_defaults(fn=cmd_version)
     return p

@@ -301,3 +301,16 @@ def test_hostile_payloads_are_decode_errors():
         with pytest.raises(DecodeError):
             decode(raw)
     assert compress(body, "gzip")[:2] == b"\x1f\x8b"
+
+
+def test_edge_agent_decode_prints_a_captured_payload(tmp_path, capsys):
+    from edge_agent import cli
+    recs = [R(21.37, 0), R(True, 1, point="run"), R("auto", 2, point="mode")]
+    p = tmp_path / "capture.bin"
+    p.write_bytes(batch_columns("gw-7", 1, 3, 3, [encode_rows([1, 2, 3], recs)], "gzip"))
+    assert cli.main(["decode", str(p), "--readings"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(r["seq"], r["point"], r["value"]) for r in lines] == [(1, "p", 21.37), (2, "run", True), (3, "mode", "auto")]
+    p.write_bytes(b"EAC1z" + b"\x00" * 20)
+    assert cli.main(["decode", str(p)]) != 0
+    assert "cannot decode" in capsys.readouterr().err
