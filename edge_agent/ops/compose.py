@@ -84,7 +84,7 @@ _SAID_AGG = [("hottest", "max"), ("highest", "max"), ("peak", "max"), ("maximum"
              ("coolest", "min"), ("average", "avg"), ("avg", "avg"), ("mean", "avg")]
 _PRONOUN = re.compile(r"\b(?:that|this|the same|the) (?:one|device|pump|fan|valve|tank|motor|machine|unit|sensor|"
                       r"boiler|heater|compressor|mixer|chiller|press|plc|line)\b|\b(?:its|it|it's|them|their|they)\b")
-_FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|each(?: of the)?|both)\s+([a-z][a-z_]*?)(?:es|s)?\b(?!-)")
+_FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|each(?: of the)?|both)\s+([a-z][a-z_]*)\b(?!-)")
 # "the devices whose name contains pump", "pumps with 'line2' in the name": a filter on the ids
 _NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name|id)s? (?:contains?|includes?|has|"
                          r"have)|with (?:names?|ids?) (?:containing|including)|(?:named|called) like|matching|"
@@ -271,7 +271,8 @@ class Composer:
             ds = devices_in(c, self.known)
             if not ds and prev_text is not None and not self._has_verb(c_low) and not self.points.named(c):
                 continue
-            if ds and prev_text is not None and self._bare(c, ds):
+            if ds and prev_text is not None and (self._bare(c, ds) or not (self._has_verb(c_low) or
+                                                                          self.points.named(c))):
                 # "stop pump-1 and pump-2": the bare device takes the previous clause's words
                 c = self._swap(prev_text, prev_devices, ds[0]) if prev_devices else c
             elif not ds and prev_devices and _PRONOUN.search(c_low):
@@ -374,7 +375,7 @@ class Composer:
 
     async def _fanout(self, c: str, m: re.Match) -> Resolved:
         """"stop all pumps" -> list_devices {filter: pump}, then the write over each device it finds."""
-        word = next(g for g in m.groups() if g)
+        word = _singular(next(g for g in m.groups() if g))
         if word in _NOT_KINDS:
             return await self._single(c)
         stand_in = "zz-0"
@@ -408,7 +409,7 @@ class Composer:
     # ---- conditions ----
     def _condition(self, cond: str) -> tuple[str, str, str, float] | Resolved:
         """(device, point, op, value) of a condition's words, or the clarify it needs."""
-        low = _norm(cond)
+        low = _unslip(_norm(cond))
         if _RATE.search(low):
             return clarify("too_complex")
         hits = []
@@ -466,6 +467,46 @@ class Composer:
         return after[:m2.end()].strip(), after[m2.end():].strip()
 
     async def _condition_now(self, text: str, low: str) -> Resolved:
+        m = re.search(r"^(.*?)(?:,\s*(?:and\s+)?|\s+and\s+)(?:then\s+)?(if\b.*)$", text, re.I | re.S)
+        if m is not None and m.group(1).strip() and not re.search(r"\bif\b", m.group(1), re.I):
+            # "read pump-1 pressure and if it is above 3 stop pump-1": the lead clauses, then the condition
+            lead = await self._compound(m.group(1), _norm(m.group(1)))
+            if lead.kind == "clarify":
+                return lead
+            if lead.kind not in ("call", "plan"):
+                return clarify("too_complex")
+            lead_steps = lead.doc["plan"] if lead.kind == "plan" else [lead.doc]
+            rest_text = m.group(2)
+            ds = Frame(last=lead.doc).devices()
+            reads = [s for s in lead_steps if s["tool"] == "query_stats"]
+            cond_words = (self._split_condition(rest_text, _norm(rest_text), r"if") or ("", ""))[0]
+            if len(ds) == 1 and not devices_in(cond_words, self.known):
+                if len(reads) == 1 and not self.points.named(cond_words):
+                    # "read pump-1 pressure and if it is above 3 ...": "it" is the value just read
+                    rest_text = re.sub(r"\b(?:it|its value|the value|that)\b",
+                                       f"{ds[0]} {reads[0]['args']['point']}", rest_text, count=1, flags=re.I)
+                rest_text = self._substitute(rest_text, ds[0])
+            rest = await self._condition_now(rest_text, _norm(rest_text))
+            if rest.kind != "plan":
+                return rest
+            first, tail = rest.doc["plan"][0], rest.doc["plan"][1:]
+            same = next((i for i, s in enumerate(lead_steps, 1) if s["tool"] == "query_stats"
+                         and s["args"]["device"] == first["args"]["device"]
+                         and s["args"]["point"] == first["args"]["point"]), None)
+            if same is not None:  # the condition is on a read the lead already makes: no second read
+                tail = [dict(json.loads(json.dumps(s)), when={**s["when"], "step": same}) if "when" in s else s
+                        for s in tail]
+                steps = lead_steps + [_shift(s, len(lead_steps) - 1) if "when" not in s else
+                                      {**_shift({k: v for k, v in s.items() if k != "when"}, len(lead_steps) - 1),
+                                       "when": s["when"]} for s in tail]
+                texts = list(lead.texts) + list(rest.texts[1:])
+                if len(steps) > MAX_STEPS:
+                    return clarify("too_complex")
+                return Resolved({"plan": steps}, texts, self.meta)
+            steps = lead_steps + [_shift(s, len(lead_steps)) for s in rest.doc["plan"]]
+            if len(steps) > MAX_STEPS:
+                return clarify("too_complex")
+            return Resolved({"plan": steps}, list(lead.texts) + list(rest.texts), self.meta)
         split = self._split_condition(text, low, r"(?:if|provided(?: that)?|in case)")
         if split is None:
             return await self._single(text)
@@ -656,6 +697,31 @@ class Composer:
             return clarify("too_complex")
         doc = steps[0] if len(steps) == 1 else {"plan": steps}
         return Resolved(doc, [None] * len(steps), followup=True)
+
+
+def _singular(word: str) -> str:
+    """"pumps" -> "pump", "valves" -> "valve", "buses" -> "bus", "switches" -> "switch"; "press" stays."""
+    if word.endswith(("ses", "xes", "zes", "ches", "shes")) and len(word) > 4:
+        return word[:-2]
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        return word[:-1]
+    return word
+
+
+_CMP_WORDS = ("above", "below", "under", "over", "exceeds", "greater", "higher", "lower", "less", "more", "least",
+              "most", "beneath", "hotter", "colder", "warmer", "cooler")
+
+
+def _unslip(low: str) -> str:
+    """A comparison word with one slipped letter ("abve", "bellow", "udner") read as the word."""
+    from edge_agent.glm.words import one_edit
+
+    out = []
+    for w in low.split():
+        if len(w) >= 4 and w not in _CMP_WORDS and not re.search(r"[0-9]", w):
+            w = next((c for c in _CMP_WORDS if one_edit(w, c)), w)
+        out.append(w)
+    return " ".join(out)
 
 
 def _shift(step: dict, base: int) -> dict:
