@@ -198,3 +198,18 @@ def test_chat_dry_run_prints_each_resolved_request_with_the_shipped_model():
                         "stop it"], capture_output=True, text=True, timeout=120, env=env)
     assert json.loads(r.stdout) == {"plan": [Q("pump-3", "temperature"), {**W("pump-3", "enabled", False),
                                                                            "when": {"step": 1, "op": ">", "value": 80}}]}
+
+
+def test_a_correction_before_confirming_replaces_the_proposal():
+    world = World(WORLD, CALLS)
+
+    async def main():
+        r = router(world)
+        first = (await call(r, "ask", {"text": "stop pump-3"}))["result"]
+        fixed = (await call(r, "ask", {"text": "no, pump-4"}))["result"]
+        assert fixed["resolved"] == W("pump-4", "enabled", False) and fixed["outcome"] == "confirm"
+        old = await call(r, "confirm", {"token": first["confirm"]["token"]})
+        assert old["error"]["code"] == "refused" and world.writes == []  # the replaced proposal is gone
+        yes = (await call(r, "ask", {"text": "yes"}))["result"]
+        assert yes["resolved"] == {"confirm": True} and world.writes == [("pump-4", "enabled", False)]
+    asyncio.run(main())

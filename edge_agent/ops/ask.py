@@ -187,6 +187,7 @@ async def _one(gw: Gateway, req: Request, r: Any, devices: dict, key: tuple, fra
                                             "write operation itself", call=call)
         if mode == "confirm":
             assert gw.pending is not None
+            _replace_pending(gw, req, frame)
             token, ttl = gw.pending.offer(call, req.who, req.signer, memory=key)
             frame.pending = token
             audit.info("ask write proposed", extra={"who": req.who, "text": str(text)[:200],
@@ -230,6 +231,7 @@ async def _plan(gw: Gateway, req: Request, r: Any, devices: dict, key: tuple, fr
     pending = {"plan": doc, "id": plan_id, "writes": [w.doc() for w in dr.writes]}
     if mode == "confirm":
         assert gw.pending is not None
+        _replace_pending(gw, req, frame)
         token, ttl = gw.pending.offer(pending, req.who, req.signer, memory=key)
         frame.pending = token
         plans.audit_plan("ask plan proposed", plan_id, doc, req.who, writes=len(dr.writes))
@@ -296,6 +298,7 @@ async def _rule(gw: Gateway, req: Request, r: Any, devices: dict, key: tuple, fr
                            call=r.doc)
     if mode != "direct":
         assert gw.pending is not None
+        _replace_pending(gw, req, frame)
         token, ttl = gw.pending.offer({"tool": "add_rule", "rule": doc}, req.who, req.signer, memory=key)
         frame.pending = token
         audit.info("ask rule proposed", extra={"who": req.who, "rule": doc["id"], "sha256": plans.plan_hash(doc)})
@@ -306,6 +309,14 @@ async def _rule(gw: Gateway, req: Request, r: Any, devices: dict, key: tuple, fr
     done = await _run(req, op, {"tool": "add_rule", "args": {"rule": doc}}, f"{req.who} via ask")
     req.router.metrics.ask_outcomes.labels("done").inc()
     return {**base, **done, "answer": f"added {plans.rule_words(doc)}"}
+
+
+def _replace_pending(gw: Gateway, req: Request, frame: Frame) -> None:
+    """A new proposal replaces this requester's pending one in its conversation: "yes" answers only the latest."""
+    if frame.pending is not None and gw.pending.live(frame.pending, req.who, req.signer):
+        gw.pending.take(frame.pending, req.who, req.signer)
+        audit.info("ask proposal replaced", extra={"who": req.who})
+    frame.pending = None
 
 
 def _op_named(req: Request, name: str) -> Operation:

@@ -71,6 +71,10 @@ _DEPENDS = re.compile(r"\b(?:unless|until|while|whilst|once|after|before|provide
                       r"whenever|if|otherwise|else|then only|only if)\b")
 _RATE = re.compile(r"\b(?:rate|per (?:second|minute|hour)|faster than .* per|rises by|drops by|jumps|changes by|"
                    r"increases by|decreases by)\b")
+_CORRECTION = re.compile(r"^(?:no|nope|sorry|oops|wait|actually|correction)?[, ]*(?:i meant|i mean|make (?:that|it)|"
+                         r"not that one|rather|instead)?[, ]*(?=\S)(?:(?<=no, )|(?<=no )|(?<=sorry, )|(?<=meant )|"
+                         r"(?<=mean )|(?<=that )|(?<=rather )|(?<=actually, )|(?<=actually )|(?<=wait, )|"
+                         r"(?<=instead ))")
 _OPENER = re.compile(r"^(?:and|what about|how about|same for|same with|same thing for|and for|and what about|also|"
                      r"ok and|okay and|now|then|and now|and also|what of|and how about|and the|the same for)\b")
 _AGG = [("minimum", "min"), ("min", "min"), ("lowest", "min"), ("coldest", "min"), ("smallest", "min"),
@@ -173,12 +177,20 @@ class Composer:
             return Resolved({"confirm": low in YES}, followup=True)
         if _UNDO.match(low):
             return self._undo(frame)
+        fix = _CORRECTION.match(low)
+        if fix is not None and frame.last is not None and low[fix.end():].strip():
+            # "no, pump-4" / "I meant pump-4": the last request with that changed (a new proposal replaces it)
+            text = text.strip()[fix.end():].strip(" ,")
+            low = _norm(text)
+            r = await self._followup(text, low, frame, devices_in(text, self.known), force=True)
+            if r is not None:
+                return r
         named = devices_in(text, self.known)
         if frame.last is not None and not named and _PRONOUN.search(low) is None:
             f = await self._followup(text, low, frame, named)
             if f is not None:
                 return f
-        if frame.last is not None and named and _OPENER.match(low):
+        if frame.last is not None and _OPENER.match(low):
             f = await self._followup(text, low, frame, named)
             if f is not None:
                 return f
@@ -632,7 +644,8 @@ class Composer:
         return Resolved({"tool": "add_rule", "args": args}, texts, self.meta)
 
     # ---- follow-ups on the frame ----
-    async def _followup(self, text: str, low: str, frame: Frame, named: list[str]) -> Resolved | None:
+    async def _followup(self, text: str, low: str, frame: Frame, named: list[str],
+                        force: bool = False) -> Resolved | None:
         """The frame's last call or plan with only what the follow-up names changed, or None (not a follow-up)."""
         last = frame.last
         assert last is not None
@@ -640,8 +653,8 @@ class Composer:
         pts = self.points.named(rest)
         windows, stated = _windows(rest)
         agg = next((a for w, a in _AGG if re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", rest)), None)
-        opener = _OPENER.match(low) is not None
-        if not (named or pts or stated or agg):
+        opener = _OPENER.match(low) is not None or force
+        if not (named or pts or stated or agg or (force and numbers(rest))):
             return None
         words = len(rest.split())
         if not opener and words > 6:
@@ -649,6 +662,8 @@ class Composer:
         if not opener and named:
             return None
         if not opener and self._writes(rest) and not (pts or stated or agg):
+            return None
+        if not (named or pts or stated or agg) and not (force and numbers(rest)):
             return None
         steps = [dict(s, args=dict(s["args"])) for s in (last.get("plan") or [last])]
         old_devices = frame.devices()
@@ -668,6 +683,15 @@ class Composer:
                         s["args"]["device"] = named[0]
                 texts = [t.replace(old_devices[0], named[0]) if isinstance(t, str) else t for t in texts]
         changed = bool(named)
+        said = numbers(rest)
+        if force and len(steps) == 1 and steps[0]["tool"] == "write_point" and len(said) == 1 and not stated \
+                and isinstance(steps[0]["args"]["value"], (int, float)) \
+                and not isinstance(steps[0]["args"]["value"], bool):
+            # "make that 45": the write's value, in the words the guard reads
+            old = steps[0]["args"]["value"]
+            steps[0]["args"]["value"], changed = said[0], True
+            texts = [re.sub(rf"(?<![\w.-]){re.escape(_num(old))}(?![\w.])", _num(said[0]), t) if isinstance(t, str)
+                     else t for t in texts]
         for s in steps:
             if s["tool"] != "query_stats":
                 continue
@@ -697,6 +721,10 @@ class Composer:
             return clarify("too_complex")
         doc = steps[0] if len(steps) == 1 else {"plan": steps}
         return Resolved(doc, [None] * len(steps), followup=True)
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 def _singular(word: str) -> str:
