@@ -71,6 +71,9 @@ _DEPENDS = re.compile(r"\b(?:unless|until|while|whilst|once|after|before|provide
                       r"whenever|if|otherwise|else|then only|only if)\b")
 _RATE = re.compile(r"\b(?:rate|per (?:second|minute|hour)|faster than .* per|rises by|drops by|jumps|changes by|"
                    r"increases by|decreases by)\b")
+_BACKLOG = re.compile(r"\b(?:backlog|backlogged|queue[ds]?|outbox|waiting to (?:be )?(?:sent|go|upload)|not (?:yet )?"
+                      r"(?:been )?sent|unsent|pending (?:upload|send)|buffered|still to send|left to send|to the cloud|"
+                      r"behind on (?:sending|uploads?))\b")
 _CORRECTION = re.compile(r"^(?:no|nope|sorry|oops|wait|actually|correction)?[, ]*(?:i meant|i mean|make (?:that|it)|"
                          r"not that one|rather|instead)?[, ]*(?=\S)(?:(?<=no, )|(?<=no )|(?<=sorry, )|(?<=meant )|"
                          r"(?<=mean )|(?<=that )|(?<=rather )|(?<=actually, )|(?<=actually )|(?<=wait, )|"
@@ -241,6 +244,9 @@ class Composer:
 
     async def _single(self, text: str) -> Resolved:
         call = await self.call(text)
+        if call["tool"] not in ("status", "write_point") and _BACKLOG.search(text.lower()) \
+                and not devices_in(text, self.known):
+            return Resolved({"tool": "status", "args": {}}, [text], self.meta)  # the queue to the cloud is status
         if call["tool"] == "query_stats":
             said = {a for w, a in _SAID_AGG if re.search(rf"(?<![a-z]){w}(?![a-z])", text.lower())}
             if len(said) == 1 and call["args"]["agg"] not in said:

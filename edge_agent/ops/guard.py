@@ -139,12 +139,12 @@ def check_write(text: str, args: dict, points: PointTable = SHIPPED) -> Refusal 
                        + (f" (the question names {named[0]!r})" if named else ""))
     point, value = str(args.get("point", "")), args.get("value")
     if point.lower() in FUNCTION_WORDS or point == device or _like_order_word(point.lower()):
-        return Refusal("nothing", f"which point? {point!r} is not a point")
+        return Refusal("which_value", f"which point? {point!r} is not a point")
     if point in points.names and not (point == "enabled" and isinstance(value, bool)):
         if point not in points.named(text):
-            return Refusal("nothing", f"which point? the question does not name {point}")
+            return Refusal("which_value", f"which point? the question does not name {point}")
     elif point not in points.names and point not in candidates(text):
-        return Refusal("nothing", f"which point? {point!r} is not in the question")
+        return Refusal("which_value", f"which point? {point!r} is not in the question")
     if isinstance(value, bool):
         if point in _NUMERIC:
             return Refusal("which_value", f"which value? {point} takes a number and the question states none for it")
