@@ -47,7 +47,8 @@ _SCHEDULE = re.compile(r"\bevery (?:\d+ |few |other )?(?:sec|second|min|minute|h
                        r"below|above|under|over|between)\b|\bat \d{1,2}(?::\d\d)? ?(?:am|pm)\b|\b\d{1,2} ?(?:am|pm)\b|"
                        r"\bevery\b.*\bthen\b|\bloop\b|\brepeat(?:edly)?\b|\buntil\b")
 _HYPOTHETICAL = ("what if", "what would happen", "suppose", "imagine", "hypothetically", "how do i", "how can i",
-                 "how to", "would it", "could it", "should i", "what happens if")
+                 "how to", "would it", "could it", "should i", "what happens if", "i wonder", "wonder if", "wondering",
+                 "whether", "should we", "we should", "do you think", "would you", "is it safe", "is it ok")
 # comparisons: the longest phrases first
 _CMP = [("greater than or equal to", ">="), ("less than or equal to", "<="), ("at least", ">="), ("at most", "<="),
         ("no less than", ">="), ("no more than", "<="), ("not below", ">="), ("not above", "<="),
@@ -87,7 +88,7 @@ _AGG = [("minimum", "min"), ("min", "min"), ("lowest", "min"), ("coldest", "min"
         ("latest", "last"), ("current", "last"), ("right now", "last"), ("now", "last"), ("last value", "last")]
 # the words that say an aggregate plainly (superlatives are aggregates: docs/agent-conventions.md)
 _SAID_AGG = [("hottest", "max"), ("highest", "max"), ("peak", "max"), ("maximum", "max"), ("max", "max"),
-             ("warmest", "max"), ("coldest", "min"), ("lowest", "min"), ("minimum", "min"), ("min", "min"),
+             ("warmest", "max"), ("coldest", "min"), ("lowest", "min"), ("minimum", "min"),
              ("coolest", "min"), ("average", "avg"), ("avg", "avg"), ("mean", "avg")]
 _PRONOUN = re.compile(r"\b(?:that|this|the same|the) (?:one|device|pump|fan|valve|tank|motor|machine|unit|sensor|"
                       r"boiler|heater|compressor|mixer|chiller|press|plc|line)\b|\b(?:its|it|it's|them|their|they)\b")
@@ -268,7 +269,7 @@ class Composer:
         return out
 
     async def _compound(self, text: str, low: str) -> Resolved:
-        clauses = self._clauses(text)
+        clauses = self._topics(self._clauses(text))
         if len(clauses) < 2 or not self._is_compound(clauses):
             return await self._clause_single(text, low)
         if _DEPENDS.search(low):
@@ -334,6 +335,20 @@ class Composer:
             src = later if later is not None and len(later) == 1 else earlier
             if src is not None and len(src) == 1:
                 out[i] = f"{c} of {src[0]}"
+        return out
+
+    def _topics(self, clauses: list[str]) -> list[str]:
+        """A leading clause that only names a device ("for pump-3, max power today") is the topic of the next."""
+        out: list[str] = []
+        carry = ""
+        for i, c in enumerate(clauses):
+            c_low = _norm(c)
+            if i + 1 < len(clauses) and devices_in(c, self.known) and not self._has_verb(c_low) \
+                    and not self.points.named(c) and not _FANOUT.search(c_low):
+                carry = f"{carry}{c}, "
+                continue
+            out.append(carry + c)
+            carry = ""
         return out
 
     def _is_compound(self, clauses: list[str]) -> bool:
