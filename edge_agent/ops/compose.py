@@ -343,7 +343,7 @@ class Composer:
         carry = ""
         for i, c in enumerate(clauses):
             c_low = _norm(c)
-            if i + 1 < len(clauses) and devices_in(c, self.known) and not self._has_verb(c_low) \
+            if i == 0 and len(clauses) > 1 and devices_in(c, self.known) and not self._has_verb(c_low) \
                     and not self.points.named(c) and not _FANOUT.search(c_low):
                 carry = f"{carry}{c}, "
                 continue
