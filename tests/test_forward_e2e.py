@@ -21,12 +21,14 @@ RULES = [
     {"id": "flow", "point": "flow", "min_interval_s": 10, "mode": "avg"},
     {"id": "debug", "point": "debug", "drop": True},
     {"id": "running", "point": "running"},
+    {"id": "pressure", "point": "pressure", "deadband_pct": 1.0},
 ]
 
 
 def _signal(d: int, i: int) -> dict:
     return {"temperature": round(20 + d + 0.01 * i + (0.3 if i % 7 == 0 else 0.0) + (3.0 if i >= 120 else 0), 2),
-            "flow": 100 + (i * 7 + d) % 13, "running": (i // 50) % 2 == 0, "debug": i, "mode": "auto"}
+            "flow": 100 + (i * 7 + d) % 13, "running": (i // 50) % 2 == 0, "debug": i, "mode": "auto",
+            "pressure": round(2.0 + 0.001 * i + (0.01 if i % 5 == 0 else 0), 4)}
 
 
 def _stored(state_dir) -> list[tuple]:
@@ -64,14 +66,14 @@ def test_every_rule_kind_over_mqtt_and_the_cloud_reconstructs_the_store(local_br
             pub.publish(i * devices + d, f"dev-{d}",
                         payload=json.dumps({"ts": T0_MS + i * 1000, "values": _signal(d, i)}).encode())
     wait_for(lambda: len(pub.acked()) == n * devices, 30, what="the broker's acknowledgements")
-    wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == n * devices * 5, 30, what="commits")
+    wait_for(lambda: agent.metric("edge_agent_readings_committed_total") == n * devices * 6, 30, what="commits")
     # the last flow intervals leave ~6 s after their last reading (the series fell silent): their seqs are the last
     wait_for(lambda: len({r["seq"] for r in cloud.readings() if r["point"] == "flow"}) == devices * n // 10, 30,
              what="every flow interval at the cloud")
     assert agent.stop() == 0
     pub.close()
     stored = _stored(tmp_path / "state")
-    assert len(stored) == n * devices * 5  # every reading stays on the gateway
+    assert len(stored) == n * devices * 6  # every reading stays on the gateway
     with cloud.lock:
         batches = list(cloud.batches)
         topics, nbytes = set(cloud.topics), cloud.payload_bytes
@@ -100,6 +102,12 @@ def test_every_rule_kind_over_mqtt_and_the_cloud_reconstructs_the_store(local_br
             inside = [s[4] for s in mine if s[2] == "flow" and f["ts"] <= s[3] < f["end"]]
             assert f["count"] == len(inside) == 10 and f["agg"] == "avg"
             assert f["value"] == pytest.approx(sum(inside) / len(inside))
+        # pressure: within 1 % of the last value sent
+        press = by_series[(dev, "pressure")]
+        assert 3 <= len(press) < n // 4
+        for _, _, _, ts, v in (s for s in mine if s[2] == "pressure"):
+            held = [t["value"] for t in press if t["ts"] <= ts][-1]
+            assert abs(v - held) <= 0.01 * abs(held) + 1e-12, (dev, ts, v, held)
         # running: on change only; mode (no rule): every reading
         assert [r["value"] for r in by_series[(dev, "running")]] == [True, False, True, False]
         assert len(by_series[(dev, "mode")]) == n
