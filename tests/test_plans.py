@@ -318,3 +318,10 @@ def test_a_request_whose_order_depends_on_words_the_cutter_does_not_parse_is_nev
     r = run(call(router(world, writes="direct"), "ask", {"text": "unless chiller-1 is running, turn off compressor-5"}))
     assert r["result"]["outcome"] == "clarify" and world.writes == []
     assert world.asked == ["unless chiller-1 is running, turn off compressor-5"]
+
+
+def test_a_second_thing_not_named_by_its_id_is_asked_back_not_dropped():
+    """"stop pump-3 and the mixer": proposing pump-3 alone would do half of what was asked."""
+    world = World(PUMPS, STOP3)
+    r = run(call(router(world), "ask", {"text": "stop pump-3 and the mixer"}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": "which_device"}} and world.writes == []

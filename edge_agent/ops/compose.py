@@ -53,6 +53,7 @@ _HYPOTHETICAL = ("what if", "what would happen", "suppose", "imagine", "hypothet
 _CMP = [("greater than or equal to", ">="), ("less than or equal to", "<="), ("at least", ">="), ("at most", "<="),
         ("no less than", ">="), ("no more than", "<="), ("not below", ">="), ("not above", "<="),
         ("more than", ">"), ("greater than", ">"), ("higher than", ">"), ("bigger than", ">"), ("larger than", ">"),
+        ("climbs past", ">"), ("goes past", ">"), ("gets past", ">"), ("rises past", ">"), ("goes beyond", ">"),
         ("over", ">"), ("above", ">"), ("exceeds", ">"), ("exceeding", ">"), ("exceed", ">"), ("tops", ">"),
         ("beyond", ">"), ("hotter than", ">"), ("warmer than", ">"), ("faster than", ">"),
         ("less than", "<"), ("lower than", "<"), ("smaller than", "<"), ("fewer than", "<"), ("below", "<"),
@@ -271,6 +272,9 @@ class Composer:
     async def _compound(self, text: str, low: str) -> Resolved:
         clauses = self._topics(self._clauses(text))
         if len(clauses) < 2 or not self._is_compound(clauses):
+            if len(clauses) >= 2 and self._writes(_norm(clauses[0])) and not _DEPENDS.search(low) \
+                    and any(self._unnamed(c) for c in clauses[1:]):
+                return clarify("which_device")  # "stop pump-1 and the mixer": one more thing, not named by its id
             return await self._clause_single(text, low)
         if _DEPENDS.search(low):
             # a condition or a time this cutter does not parse ("unless", "until", "once"): cut, it would leave a
@@ -289,6 +293,8 @@ class Composer:
                 continue  # a negation voids the step it governs
             ds = devices_in(c, self.known)
             if not ds and prev_text is not None and not self._has_verb(c_low) and not self.points.named(c):
+                if self._unnamed(c):
+                    return clarify("which_device")  # "stop pump-1 and the mixer": a device not named by its id
                 continue
             if ds and prev_text is not None and (self._bare(c, ds) or not (self._has_verb(c_low) or
                                                                           self.points.named(c))):
@@ -336,6 +342,15 @@ class Composer:
             if src is not None and len(src) == 1:
                 out[i] = f"{c} of {src[0]}"
         return out
+
+    def _unnamed(self, clause: str) -> bool:
+        """A clause that names a thing but no device id, no verb and no point ("the mixer")."""
+        low = _norm(clause)
+        if devices_in(clause, self.known) or self._has_verb(low) or self.points.named(clause) or _NEG.search(low):
+            return False
+        rest = re.sub(r"\b(?:please|pls|thanks|thank you|now|too|also|as well|asap|ok|okay|right away|quickly|the|a|"
+                      r"an|then|again|immediately|at once|first|both)\b|[^a-z]", "", low)
+        return bool(rest)
 
     def _topics(self, clauses: list[str]) -> list[str]:
         """A leading clause that only names a device ("for pump-3, max power today") is the topic of the next."""
