@@ -17,6 +17,7 @@ import asyncio
 import collections
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,14 @@ from edge_agent.config import AskConfig, CommandsConfig, ModelConfig  # noqa: E4
 from edge_agent.glm.engine import Engine  # noqa: E402
 from edge_agent.metrics import Metrics  # noqa: E402
 from edge_agent.ops.memory import Memory  # noqa: E402
+
+
+LATENCY: list[float] = []  # seconds per ask, every request of a run
+
+
+def _p(q: float) -> float:
+    xs = sorted(LATENCY)
+    return round(1e3 * xs[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else 0.0
 
 
 class World:
@@ -94,7 +103,9 @@ def _router(world: World, engine: Engine, clock: Clock | None = None) -> ops.Rou
 async def turn(router: ops.Router, text: str, who: str = "eval") -> tuple[dict, dict]:
     """What the agent resolved the request to, as `ask --dry-run` prints it (a call, a plan, a rule proposal, a
     yes/no, or clarify with its reason), and its whole reply."""
+    t0 = time.perf_counter()
     reply = json.loads((await router.handle("ask", json.dumps({"text": text}).encode(), who))[0])
+    LATENCY.append(time.perf_counter() - t0)
     if not reply["ok"]:
         return {"error": reply["error"]["code"]}, reply
     r = reply["result"]
@@ -160,7 +171,9 @@ async def score_p(engine: Engine, items: list[dict]) -> dict:
             miss_by_tag.update(it.get("tags", []))
             misses.append(f"{it['id']}: {it['text']!r} -> {json.dumps(got)}")
     n = len(items)
-    return {"set": "P", "requests": n, "exact": f"{100 * exact / n:.1f} %",
+    lat = {"ask_ms_p50": _p(0.5), "ask_ms_p95": _p(0.95)}
+    LATENCY.clear()
+    return {"set": "P", "requests": n, "exact": f"{100 * exact / n:.1f} %", **lat,
             "resolved_as_expected": f"{100 * same_plan / n:.1f} %", "state_as_expected": f"{100 * same_state / n:.1f} %",
             "expected_reads_made": f"{100 * reads_ok / n:.1f} %",
             "clarify_when_needed": f"{clarify_got} of {clarify_need}",
@@ -198,7 +211,9 @@ async def score_f(engine: Engine, dialogues: list[dict]) -> dict:
         whole += all_ok
         if not all_ok:
             miss_by_tag.update(d.get("tags", []))
-    return {"set": "F", "dialogues": len(dialogues), "turns": turns,
+    lat = {"ask_ms_p50": _p(0.5), "ask_ms_p95": _p(0.95)}
+    LATENCY.clear()
+    return {"set": "F", "dialogues": len(dialogues), "turns": turns, **lat,
             "turns_exact": f"{100 * turns_ok / turns:.1f} %", "dialogues_exact": f"{100 * whole / len(dialogues):.1f} %",
             "writes_where_none_was_asked": unasked, "writes_run_without_confirmation": unconfirmed,
             "misses_by_tag": dict(miss_by_tag.most_common()), "misses": misses}
