@@ -325,3 +325,27 @@ def test_a_second_thing_not_named_by_its_id_is_asked_back_not_dropped():
     world = World(PUMPS, STOP3)
     r = run(call(router(world), "ask", {"text": "stop pump-3 and the mixer"}))["result"]
     assert r["resolved"] == {"tool": "clarify", "args": {"reason": "which_device"}} and world.writes == []
+
+
+HOSTILE = ["if", "if if if if", "whenever", "alert me when", "compare", "and", "and and and and and", ", , , ;;;",
+           "if pump-3 temperature is above", "if pump-3 temperature is above 80,", "if 80 > 70 then stop it",
+           "stop all", "stop all all all", "set it back set it back", "undo undo", "no, ", "make that",
+           "if pump-3 temperature is above 1e999, stop it", "if pump-3 temperature is above -0, stop pump-3",
+           "alert me when tank-4 level goes above 90 and below 10", "whenever tank-4 level rises by 5 stop pump-3",
+           "if pump-3 temperature is above 80 and pump-4 temperature is above 70, stop pump-3",
+           "stop pump-3 if if pump-4 temperature is above 3", "compare pump-3 and pump-4 and pump-5 and tank-4",
+           "what about", "and pump-99?", "the minimum?", "its", "it", "them", "(((((((", "\\d+*?", "ünïcödé pump-3 ☃",
+           "stop pump-3 " * 20, "if " + "pump-3 " * 30 + "is above 5 stop it"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_hostile_words_are_an_answer_never_an_internal_error_nor_a_write(text):
+    world = World(PUMPS, STOP3)
+
+    async def main():
+        r = router(world, writes="direct")
+        for t in (text, "yes", text):
+            reply = await call(r, "ask", {"text": t[:256]})
+            assert reply["ok"] or reply["error"]["code"] in ("bad_request", "forbidden"), (t, reply)
+    run(main())
+    assert set(world.writes) <= {("pump-3", "enabled", False)}  # only a stated "stop pump-3" may write
