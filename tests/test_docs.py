@@ -53,6 +53,7 @@ WHO_RUNS = (
     ("edge-agent model list", "test_ota.py"),
     ("edge-agent model rollback", "test_ota.py"),
     ("edge-agent model cancel", "test_trust3.py"),
+    ("edge-agent decode", "test_forward.py"),
     ("pip install -e '.[recipe]'", ".ci/run"),
     ("python3 models/recipe/build.py", "test_recipe.py"),
     ("mosquitto_pub", "test_commands.py"),
@@ -62,7 +63,7 @@ WHO_RUNS = (
     ("rsync", "gateway"),
 )
 _TEST_NAMES = {"test_commands.py": "cmd/", "test_coap.py": "coap-client-notls", "test_trust3.py": "abort()",
-               "test_ota.py": "edge_agent\", \"model\"", "test_recipe.py": "build.py", ".ci/run": "[test,recipe,bench]"}
+               "test_ota.py": "edge_agent\", \"model\"", "test_forward.py": "[\"decode\",", "test_recipe.py": "build.py", ".ci/run": "[test,recipe,bench]"}
 
 
 def _doc_commands() -> list[tuple[str, str]]:
