@@ -314,3 +314,26 @@ def test_edge_agent_decode_prints_a_captured_payload(tmp_path, capsys):
     p.write_bytes(b"EAC1z" + b"\x00" * 20)
     assert cli.main(["decode", str(p)]) != 0
     assert "cannot decode" in capsys.readouterr().err
+
+
+def test_a_failed_commit_leaves_the_forwarding_state_as_it_was():
+    from edge_agent.store.forward import Forwarder, Rule
+    f = Forwarder(rules({"point": "iv", "min_interval_s": 10, "mode": "avg"}, {"point": "db", "deadband": 1}),
+                  Metrics(), 1000)
+    out: list = []
+    f.begin(time.time_ns())
+    assert f.decide(R(1.0, 0, point="db"), out) and not f.decide(R(1.0, 0, point="iv"), out)
+    f.committed()
+    before = {k: list(v) for k, v in f.states.items()}
+    heap = list(f._heap)
+    f.begin(time.time_ns())
+    assert f.decide(R(5.0, 1, point="db"), out)             # would move the last value sent
+    assert not f.decide(R(2.0, 15, point="iv"), out) and out  # would close the interval
+    f.set_rules((Rule.of(forward_rule_from_dict({"id": "x", "drop": True}), "command"),))
+    f.due(time.time_ns(), out)
+    f.abort()                                                # the transaction rolled back
+    assert f.states == before and sorted(f._heap) == sorted(heap)
+    assert [r.id for r in f.rules] == ["r0", "r1"] and f.command_rules == ()
+    f.begin(time.time_ns())
+    assert not f.decide(R(1.5, 2, point="db"), [])           # still within the band of 1.0
+    f.committed()
