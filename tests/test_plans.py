@@ -349,3 +349,22 @@ def test_hostile_words_are_an_answer_never_an_internal_error_nor_a_write(text):
             assert reply["ok"] or reply["error"]["code"] in ("bad_request", "forbidden"), (t, reply)
     run(main())
     assert set(world.writes) <= {("pump-3", "enabled", False)}  # only a stated "stop pump-3" may write
+
+
+def test_a_question_that_governs_an_order_is_a_condition_never_an_unconditional_write():
+    """"pump-4 temperature equals 60? then stop pump-4" cut at its clauses was a read and an unconditional write."""
+    world = World(PUMPS, STOP3)
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "pump-4 temperature equals 61? then stop pump-4"}))["result"]
+        assert a["resolved"]["plan"][1]["when"] == {"step": 1, "op": "==", "value": 61}
+        assert a["outcome"] == "done" and "does not hold" in a["answer"] and world.writes == []
+    run(main())
+
+
+def test_one_write_for_words_that_name_two_devices_is_asked_back():
+    """The model wrote one device of "switch off pump-3 and pump-4" when the cutter did not see the order."""
+    world = World(PUMPS, {"switch off pump-3 & pump-4": W("pump-4", "enabled", False)})
+    r = run(call(router(world), "ask", {"text": "switch off pump-3 & pump-4"}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": "which_device"}} and world.writes == []
