@@ -256,8 +256,12 @@ class Composer:
 
     async def _single(self, text: str) -> Resolved:
         call = await self.call(text)
-        if call["tool"] == "write_point" and len(devices_in(text, self.known)) > 1:
-            return clarify("which_device")  # one write for words that name several devices: which one is meant?
+        if call["tool"] == "write_point":
+            a = call["args"]
+            points = {p for ps in (self.known or {}).values() for p in ps} | {a["point"]}
+            others = [d for d in devices_in(text, self.known) if d != a["device"] and d not in points]
+            if others:
+                return clarify("which_device")  # one write for words that name several devices: which one is meant?
         if call["tool"] not in ("status", "write_point") and _BACKLOG.search(text.lower()) \
                 and not devices_in(text, self.known):
             return Resolved({"tool": "status", "args": {}}, [text], self.meta)  # the queue to the cloud is status
