@@ -4,6 +4,10 @@ confirmed (by "yes" in the same conversation or by its token), and the condition
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import wait_for
 from edge_agent.devkit.brokers import free_port
@@ -11,6 +15,7 @@ from test_commands import CommandClient
 from test_opcua import FAST, NODES, Plc, _read
 
 SETPOINT = "2:PLC/2:Setpoint"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_confirmed_conditional_plan_writes_the_plc_only_where_its_condition_holds(local_broker, cloud_broker,
@@ -56,6 +61,13 @@ def test_a_confirmed_conditional_plan_writes_the_plc_only_where_its_condition_ho
             done = cli.call("confirm", {"token": r["confirm"]["token"]}, timeout=20)["result"]
             assert done["result"]["ran"] == [] and "no longer holds" in done["answer"], done
             assert setpoint() == 70
+            # edge-agent chat: one conversation through the control socket (a line in, the reply out)
+            chat = subprocess.run([sys.executable, "-m", "edge_agent", "chat", "--config", str(agent.config_path)],
+                                  input="what is the setpoint of plc-1 right now\nyes\n", capture_output=True,
+                                  text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            lines = chat.stdout.splitlines()
+            assert chat.returncode == 0 and lines[0] == "plc-1 setpoint is 70.0", chat
+            assert lines[1] == "nothing is waiting for your confirmation" and setpoint() == 70
         finally:
             cli.close()
         log = agent.log()

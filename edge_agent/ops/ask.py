@@ -127,7 +127,8 @@ async def _ask(gw: Gateway, req: Request) -> dict:
         req.router.metrics.agent_events.labels("followup").inc()
     kind = r.kind
     if kind == "clarify":
-        reply = _clarify(req, r.doc, r.doc["args"]["reason"], CLARIFY_ANSWERS[r.doc["args"]["reason"]], r.meta)
+        reply = _clarify(req, r.doc, r.doc["args"]["reason"], r.words or CLARIFY_ANSWERS[r.doc["args"]["reason"]],
+                         r.meta)
     elif kind == "answer":
         reply = await _answer(gw, req, frame, r.doc["confirm"])
     elif kind == "plan":

@@ -117,6 +117,7 @@ class Resolved:
     texts: list[str | None] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     followup: bool = False
+    words: str = ""  # a clarify's answer in words, where code knows better than the generic one
 
     @property
     def kind(self) -> str:
@@ -127,8 +128,8 @@ class Resolved:
         return {"clarify": "clarify", "add_rule": "rule"}.get(self.doc["tool"], "call")
 
 
-def clarify(reason: str) -> Resolved:
-    return Resolved({"tool": "clarify", "args": {"reason": reason}})
+def clarify(reason: str, words: str = "") -> Resolved:
+    return Resolved({"tool": "clarify", "args": {"reason": reason}}, words=words)
 
 
 def _norm(text: str) -> str:
@@ -178,7 +179,7 @@ class Composer:
         low = _norm(text)
         if low in YES or low in NO:
             if frame.pending is None:
-                return clarify("nothing")
+                return clarify("nothing", "nothing is waiting for your confirmation")
             return Resolved({"confirm": low in YES}, followup=True)
         if _UNDO.match(low):
             return self._undo(frame)
@@ -205,7 +206,8 @@ class Composer:
                 pass  # no memory: the request as it stands (the model's own answer, then the guard and the registry)
             elif len(devices) != 1:
                 if self._needs_device(low):
-                    return clarify("which_device")
+                    return clarify("which_device", "which device? the last request named "
+                                   + (", ".join(devices[:4]) if devices else "no device by its id"))
             else:
                 text = self._substitute(text, devices[0])
                 low = _norm(text)
@@ -766,7 +768,7 @@ class Composer:
 
     def _undo(self, frame: Frame) -> Resolved:
         if not frame.writes:
-            return clarify("nothing")
+            return clarify("nothing", "nothing was written in this conversation to set back")
         steps = [{"tool": "write_point", "args": {"device": w["device"], "point": w["point"], "value": w["old"]}}
                  for w in frame.writes if w.get("old") is not None]
         if not steps:
