@@ -578,6 +578,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     logs.setup("warning", "text")
     try:
         _cfg, mcfg = _model_config(args)
+        if args.agent:
+            from edge_agent import ops
+            from edge_agent.devkit.bench_agent import run_agent
+            from edge_agent.glm.engine import Engine
+            engine = Engine(mcfg, ops.TOOLSET)
+            engine.load()
+            try:
+                res = run_agent(engine, reps=min(args.reps, 3))
+            finally:
+                engine.close()
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=2, default=str)
+            return 0
         if args.scale:
             mcfg = _scale_model(args.scale, mcfg)
         evals = args.eval if not args.scale else None
@@ -738,6 +752,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--scale", choices=("tiny", "0.5b", "1.5b"), default=None,
                    help="a benchmark model of real shape (random weights at a GLM-Edge layout, built once by the "
                         "recipe, then cached): speed per pass against genai, the roofline, peak memory")
+    b.add_argument("--agent", action="store_true", help="the agent's speed instead: plan + static dry-run and end to "
+                   "end with the reads from a real store over the plan set P, a requester's memory over F")
     b.add_argument("--json", default="", help="also write the figures to this file")
     model_args(b)
     b.set_defaults(fn=cmd_bench)
