@@ -75,3 +75,59 @@ def test_a_confirmed_conditional_plan_writes_the_plc_only_where_its_condition_ho
         assert agent.stop() == 0
     finally:
         plc.kill()
+
+
+def test_fan_out_rule_in_words_two_operators_and_a_failed_dry_run(local_broker, cloud_broker, make_agent, pki):
+    """Two PLCs: a fan-out lists both writes and writes both once confirmed; a rule proposed in words, confirmed, is
+    added and fires (its action writes the second PLC); two operators' follow-ups never cross; a plan whose dry-run
+    fails (an unknown device in its second step) writes nothing, not even its first step."""
+    plcs = [Plc(free_port()).start(), Plc(free_port()).start()]
+    try:
+        servers = [{"device": f"plc-{i + 1}", "endpoint": p.endpoint, **FAST, "nodes": NODES}
+                   for i, p in enumerate(plcs)]
+        agent = make_agent(local_broker, cloud_broker,
+                           commands={"allow": ["read-only", "write", "confirm", "rules.add"]},
+                           southbound__opcua={"enabled": True, "servers": servers}).start()
+        agent.wait_ready()
+        wait_for(lambda: agent.metric("edge_agent_uplink_connected") == 1, 10, what="uplink")
+        cli = CommandClient(cloud_broker, pki, "5")
+        sp = lambda i: asyncio.run(_read(plcs[i].endpoint, SETPOINT))  # noqa: E731
+
+        def ask(text: str, conv: str) -> dict:
+            return cli.call("ask", {"text": text, "conversation": conv}, timeout=20)["result"]
+        try:
+            wait_for(lambda: cli.call("status")["result"]["model"]["loaded"], 20, what="model")
+            for d in ("plc-1", "plc-2"):
+                wait_for(lambda: cli.call("query", {"device": d, "point": "setpoint", "agg": "last",
+                                                    "window_s": 60}).get("result", {}).get("value") == 50, 20,
+                         what=f"{d}'s setpoint in the store")
+            # a plan whose second step names a device the gateway does not have: nothing runs, the reply says why
+            r = ask("set plc-1 setpoint to 44 and set plc-9 setpoint to 44", "a")
+            assert r["outcome"] == "clarify" and "plc-9" in r["answer"], r
+            assert (sp(0), sp(1)) == (50, 50)
+            # a fan-out over both PLCs: one confirmation that lists both writes; both written once confirmed
+            r = ask("set the setpoint of all plcs to 45", "a")
+            assert r["outcome"] == "confirm", r
+            assert "plc-1.setpoint 50 → 45" in r["answer"] and "plc-2.setpoint 50 → 45" in r["answer"], r
+            assert (sp(0), sp(1)) == (50, 50)
+            assert ask("yes", "a")["outcome"] == "done"
+            assert (sp(0), sp(1)) == (45, 45)
+            # two operators' follow-ups never cross
+            assert "plc-1" in ask("what is the setpoint of plc-1 right now", "op-a")["answer"]
+            assert "plc-2" in ask("what is the setpoint of plc-2 right now", "op-b")["answer"]
+            a, b = ask("and the temperature?", "op-a"), ask("and the temperature?", "op-b")
+            assert "plc-1 temperature" in a["answer"] and "plc-2 temperature" in b["answer"], (a, b)
+            # a standing condition becomes a rule proposal; confirmed, the rule is added and its action fires
+            r = ask("whenever plc-1 temperature is above -50, set plc-2 setpoint to 41", "a")
+            assert r["outcome"] == "confirm" and r["resolved"]["tool"] == "add_rule", r
+            assert not cli.call("rules.list")["result"]
+            assert ask("yes", "a")["outcome"] == "done"
+            assert [x["device"] for x in cli.call("rules.list")["result"]] == ["plc-1"]
+            wait_for(lambda: sp(1) == 41, 20, what="the rule's action on plc-2")
+            assert sp(0) == 45
+        finally:
+            cli.close()
+        assert agent.stop() == 0
+    finally:
+        for p in plcs:
+            p.kill()
