@@ -368,3 +368,47 @@ def test_one_write_for_words_that_name_two_devices_is_asked_back():
     world = World(PUMPS, {"switch off pump-3 & pump-4": W("pump-4", "enabled", False)})
     r = run(call(router(world), "ask", {"text": "switch off pump-3 & pump-4"}))["result"]
     assert r["resolved"] == {"tool": "clarify", "args": {"reason": "which_device"}} and world.writes == []
+
+
+# ---- several reads in one request (devices or points), one aggregate and window for all ----
+
+GRAIN = {"hopper-3": {"moisture": 11.0, "level": 40.0}, "hopper-4": {"moisture": 12.5, "level": 55.0},
+         "hopper-5": {"moisture": 10.0, "level": 60.0}, "hopper-6": {"moisture": 9.0, "level": 20.0},
+         "hopper-7": {"moisture": 9.5, "level": 25.0}, "cooler-2": {"temperature": 4.0, "humidity": 61.0}}
+
+
+@pytest.mark.parametrize("text,model,want", [
+    # several devices: the model answers the first device alone, code copies the read to each
+    ("hopper-3 and hopper-4 moisture at the moment?", {"hopper-3 moisture at the moment?": Q("hopper-3", "moisture")},
+     [Q("hopper-3", "moisture"), Q("hopper-4", "moisture")]),
+    # the window and the aggregate the words state apply to every read (the model's own choice is overruled)
+    ("mean moisture for hopper-3, hopper-4 during the past 20 minutes",
+     {"mean moisture for hopper-3 during the past 20 minutes": Q("hopper-3", "moisture", "avg", 3600)},
+     [Q("hopper-3", "moisture", "avg", 1200), Q("hopper-4", "moisture", "avg", 1200)]),
+    ("lowest level of hopper-3 and hopper-4 over the last three hours",
+     {"lowest level of hopper-3 over the last three hours": Q("hopper-3", "level", "min", 3600)},
+     [Q("hopper-3", "level", "min", 10800), Q("hopper-4", "level", "min", 10800)]),
+    # several points of one device
+    ("cooler-2 humidity and temperature currently", {"cooler-2 humidity and temperature currently":
+                                                     Q("cooler-2", "humidity")},
+     [Q("cooler-2", "humidity"), Q("cooler-2", "temperature")]),
+    # each device its own point
+    ("cooler-2 humidity + hopper-3 level, right now", {}, None),
+    # "compare", misspelt, without a window: avg over the hour
+    ("comapre the level of hopper-3 and hopper-4", {"comapre the level of hopper-3": Q("hopper-3", "level")},
+     [Q("hopper-3", "level", "avg", 3600), Q("hopper-4", "level", "avg", 3600)]),
+])
+def test_several_reads_named_at_once_are_a_plan_of_reads(text, model, want):
+    world = World(GRAIN, model)
+    if want is None:
+        model[text.replace(" + hopper-3 level", "")] = Q("cooler-2", "humidity")
+        world = World(GRAIN, model)
+        want = [Q("cooler-2", "humidity"), Q("hopper-3", "level")]
+    r = run(call(router(world), "ask", {"text": text}))["result"]
+    assert r["resolved"] == {"plan": want} and world.writes == [], (text, r)
+
+
+def test_five_reads_or_more_are_too_complex():
+    world = World(GRAIN, {"moisture of hopper-3 now": Q("hopper-3", "moisture")})
+    r = run(call(router(world), "ask", {"text": "moisture of hopper-3 hopper-4 hopper-5 hopper-6 hopper-7 now"}))
+    assert r["result"]["resolved"] == {"tool": "clarify", "args": {"reason": "too_complex"}}

@@ -64,7 +64,8 @@ _CMP = [("greater than or equal to", ">="), ("less than or equal to", "<="), ("a
         ("equals", "=="), ("equal to", "=="), ("reads", "=="), ("is exactly", "=="), ("is at", "=="),
         (">=", ">="), ("<=", "<="), ("!=", "!="), ("==", "=="), (">", ">"), ("<", "<"), ("=", "==")]
 # a comparison's own words, or the unit after its number, name the point where the operator names none
-_IMPLIED = [(r"\b(?:warmer|hotter|colder|cooler|overheats?|freez\w*|degrees?|°c|°f|deg|celsius)\b", "temperature"),
+_IMPLIED = [(r"\b(?:humid|humider|more humid|damp|damper|drier|dryer than)\b", "humidity"),
+            (r"\b(?:warmer|hotter|colder|cooler|overheats?|freez\w*|degrees?|°c|°f|deg|celsius)\b", "temperature"),
             (r"\b(?:amps?|amperes?)\b", "current"), (r"\b(?:psi|bar|kpa)\b", "pressure"), (r"\brpm\b", "rpm"),
             (r"\b(?:kw|kilowatts?|watts?)\b", "power"), (r"\bvolts?\b", "voltage"), (r"\b(?:faster|slower)\b", "speed"),
             (r"\b(?:fuller|emptier)\b", "level"), (r"\bppm\b", "co2")]
@@ -106,6 +107,22 @@ _SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s
                     r"\s+as well as\s+|\s+and\s+|,\s+)\s*")
 _DEVICE = re.compile(r"^[a-z][a-z0-9_.:/-]*[0-9][a-z0-9_.:/-]*$|^[0-9]+[a-z_-][a-z0-9_.:/-]*$", re.I)
 _STRIP = ",.;:!?()[]{}\"'`"
+# "compare", and how fingers and ears slip on it ("compair", "cmopare", "comapre")
+_COMPARE = re.compile(r"\b(?:compare|compar|compair|compaire|comapre|cmopare|ocmpare|copmare|comprae|compre|comparing|"
+                      r"compared|comparison)\b|\bvs\.?(?!\w)|\bversus\b")
+_NOW = re.compile(r"\b(?:now|right now|rn|currently|current|curent|at the moment|atm|at present|presently|latest|"
+                  r"live)\b")
+# words that make a request more than reads: a condition, alerts, the device list, the backlog
+_NOT_PARALLEL = re.compile(r"\b(?:don't|dont|do not|never|not|without|avoid|nor|if|when|whenever|unless|until|once|while|than|exceeds?|at least|at most|above|below|"
+                           r"under|alerts?|alarms?|warnings?|devices|list|status|backlog|queue|what if|would|should|"
+                           r"suppose|imagine)\b|\bover\s+-?[0-9]")
+# the aggregate the words say: superlatives and "how hot ... get" are max/min, "how many", "count" are count
+_SAID = [(r"\b(?:hottest|highest|peak|maximum|max|warmest|top|how (?:hot|high|warm|much) (?:did|has|have|had|was|were|"
+          r"got|get|it)\b.*\b(?:get|got|been|reach|reached|go|went)\b)", "max"),
+         (r"\b(?:coldest|lowest|minimum|min\b|coolest|how (?:cold|low|cool) (?:did|has|have|had|was|were|"
+          r"got|get|it)\b.*\b(?:get|got|been|reach|reached|go|went)\b)", "min"),
+         (r"\b(?:average|avg|mean|typical)\b", "avg"),
+         (r"\b(?:count|how many|number of (?:readings|samples|values|points|reports))\b", "count")]
 
 
 @dataclass
@@ -239,6 +256,10 @@ class Composer:
             # "mixer_5 speed equals 0? then start mixer_5": a question that governs an order is a condition now
             text = f"if {q.group(1).strip()}, {q.group(2).strip()}"
             return await self._condition_now(text, _norm(text))
+        if not self._writes(low) and not _NOT_PARALLEL.search(low):
+            r = await self._reads(text, low)  # several reads (devices or points), one aggregate and window for all
+            if r is not None:
+                return r
         if re.search(r"\?\s*[^\s?]", text):
             # a question in the middle, an order after it: never cut into an unconditional write
             r = await self._single(text)
@@ -456,6 +477,102 @@ class Composer:
         args = {"device": {"each": 1}, "point": call["args"]["point"], "value": call["args"]["value"]}
         steps = [{"tool": "list_devices", "args": {"filter": word}}, {"tool": "write_point", "args": args}]
         return Resolved({"plan": steps}, [c, sentence.replace(stand_in, "{each}")], self.meta)
+
+    # ---- several reads ----
+    async def _reads(self, text: str, low: str) -> Resolved | None:
+        """A read-only request that names several devices ("pump-1 and pump-2 temps right now") or several points of
+        one device ("boiler-7 pressure and temperature now"), or says "compare": one `query_stats` per (device, point)
+        in the order named, all with the one aggregate and window the words state (code reads those words; the model
+        answers the read of the first device alone, for what the words leave open). None: not such a request."""
+        ds = devices_in(text, self.known)
+        pts = self.points.named(text)
+        if len(pts) > 1 and "current" in pts and re.search(r"\b(?:current|curent|currnet|curren)\b(?!\s*(?:and|&|\+|,|or|"
+                                                           r"draw|of|on|for|in)\b)", low):
+            pts.remove("current")  # "current speed of fan-2": now, not the point current
+        if self.known:
+            have = {p for d in ds for p in self.known.get(d, [])}
+            if len(pts) > 1:
+                pts = [p for p in pts if p in have] or pts  # a point word none of these devices has is not one here
+            own = sorted((m.start(), p) for p in have
+                         for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}(?![a-z])", low)] if m)
+            if own and any(p not in have for p in pts):
+                pts = [p for _, p in own]  # the registry's own name for the point, said as it is registered
+        comparing = _COMPARE.search(low) is not None
+        if not ds or (len(ds) < 2 and len(pts) < 2):
+            return clarify("which_device") if comparing and not ds else None
+        pairs = self._pairs(text, ds, pts)
+        if pairs is None:
+            return None
+        if len(pairs) > MAX_STEPS:
+            return clarify("too_complex")  # 5 reads or more: beyond a plan
+        first = ds[0]
+        reduced = text
+        for d in ds[1:]:
+            reduced = re.sub(rf"\s*(?:,|\+|&|\band\b|\bor\b|\bvs\.?|\bversus\b|-)?\s*(?<![\w-]){re.escape(d)}(?:'s)?"
+                             rf"(?![\w-])", " ", reduced, flags=re.I)
+        if not pts:
+            pts = [p for rx, p in _IMPLIED if re.search(rx, low)][:1]  # "which is more humid": humidity
+            pairs = [(d, pts[0]) for d, _ in pairs] if pts else pairs
+        if comparing and not pts:
+            return clarify("which_value")  # "compare A and B" without a point
+        windows, stated = _windows(text)
+        window = windows[0] if stated and windows else None
+        agg = _said_agg(low)
+        if comparing:
+            agg, window = agg or "avg", window or 3600
+        elif agg is None and window is None and _NOW.search(low):
+            agg, window = "last", 60
+        if pts and agg is not None and window is not None:  # the words say it all: no model
+            return Resolved({"plan": [{"tool": "query_stats", "args": {"device": d, "point": p, "agg": agg,
+                                                                       "window_s": window}} for d, p in pairs]},
+                            [text] * len(pairs), self.meta)
+        call = await self.call(re.sub(r"\s+", " ", reduced).strip())
+        if call["tool"] != "query_stats":
+            return None
+        a = call["args"]
+        if agg is None and window is not None:
+            agg = a["agg"] if a["agg"] != "last" else "avg"
+        elif agg is not None and window is None:
+            window = a["window_s"] if a["agg"] == agg or a["window_s"] != 60 else 3600
+            window = 60 if agg == "last" else window
+        agg, window = agg or a["agg"], window or a["window_s"]
+        if not pts:
+            pts = [self._fit_point(first, a["point"], low)]
+            pairs = [(d, pts[0]) for d, _ in pairs]
+        steps = [{"tool": "query_stats", "args": {"device": d, "point": p, "agg": agg, "window_s": window}}
+                 for d, p in pairs]
+        if len(steps) == 1:
+            return None
+        return Resolved({"plan": steps}, [text] * len(steps), self.meta)
+
+    def _fit_point(self, device: str, point: str, low: str) -> str:
+        """The model's point, unless the registry says the device has no such point and the words or the registry
+        leave only one ("whats the current level in tank_4": level, not current)."""
+        have = (self.known or {}).get(device)
+        if not have or point in have:
+            return point
+        said = [p for p in have if re.search(rf"(?<![a-z]){re.escape(p.lower())}(?![a-z])", low)]
+        if len(said) == 1:
+            return said[0]
+        return list(have)[0] if len(have) == 1 else point
+
+    @staticmethod
+    def _pairs(text: str, ds: list[str], pts: list[str]) -> list[tuple[str, str | None]] | None:
+        """Which point goes with which device: every device the same point(s) ("the pressure of A and B", "A and B
+        pressure and temperature"), or each its own ("A humidity + B temperature"). None where it is not clear."""
+        if len(pts) <= 1:
+            return [(d, pts[0] if pts else None) for d in ds]
+        if len(ds) == 1:
+            return [(ds[0], p) for p in pts]
+        low = text.lower()
+        starts = [low.find(d.lower()) for d in ds]
+        if any(x < 0 for x in starts) or starts != sorted(starts):
+            return None
+        from edge_agent.glm.points import SHIPPED as table
+        own = [table.named(low[s:(starts[i + 1] if i + 1 < len(starts) else len(low))]) for i, s in enumerate(starts)]
+        if not table.named(low[:starts[0]]) and all(len(o) == 1 for o in own):
+            return [(d, o[0]) for d, o in zip(ds, own)]
+        return None
 
     # ---- compare ----
     async def _compare(self, text: str, low: str) -> Resolved:
@@ -777,6 +894,12 @@ class Composer:
             return clarify("too_complex")
         doc = steps[0] if len(steps) == 1 else {"plan": steps}
         return Resolved(doc, [None] * len(steps), followup=True)
+
+
+def _said_agg(low: str) -> str | None:
+    """The one aggregate a request's words say, or None (none, or several)."""
+    said = {a for rx, a in _SAID if re.search(rx, re.sub(r"(?<![a-z])[0-9]+ ?min\b", " ", low))}
+    return said.pop() if len(said) == 1 else None
 
 
 def _num(v: float) -> str:
