@@ -412,3 +412,40 @@ def test_five_reads_or_more_are_too_complex():
     world = World(GRAIN, {"moisture of hopper-3 now": Q("hopper-3", "moisture")})
     r = run(call(router(world), "ask", {"text": "moisture of hopper-3 hopper-4 hopper-5 hopper-6 hopper-7 now"}))
     assert r["result"]["resolved"] == {"tool": "clarify", "args": {"reason": "too_complex"}}
+
+
+# ---- conditions "is at least" / "is at most"; writes the words state plainly; ids without a digit ----
+
+def test_is_at_least_and_is_at_most_are_one_comparison_not_two():
+    world = World({"kettle-9": {"pressure": 7.0, "enabled": True}},
+                  {"turn kettle-9 off": W("kettle-9", "enabled", False)})
+    for text, op, value in (("if kettle-9 pressure is at least seven turn it off", ">=", 7),
+                            ("if kettle-9 pressure is at most 8 turn it off", "<=", 8)):
+        r = run(call(router(world), "ask", {"text": text}))["result"]
+        assert r["resolved"]["plan"][1]["when"] == {"step": 1, "op": op, "value": value}, (text, r)
+    assert world.writes == []
+
+
+@pytest.mark.parametrize("text,model,want", [
+    # the model chose a point the words do not name: the words win
+    ("set kettle-9 stage to 4", W("kettle-9", "temperature", 4), W("kettle-9", "stage", 4)),
+    # the model gave up on a plain "mode to X"
+    ("set kettle-9 mode to standby", {"tool": "clarify", "args": {"reason": "nothing"}},
+     W("kettle-9", "mode", "standby")),
+    # an id without a digit, said as it is registered
+    ("switch off kettle-b", {"tool": "clarify", "args": {"reason": "nothing"}}, W("kettle-b", "enabled", False)),
+])
+def test_a_write_the_words_state_plainly_is_read_by_code_where_the_model_misses_it(text, model, want):
+    world = World({"kettle-9": {"stage": 1, "temperature": 60.0, "mode": "auto"}, "kettle-b": {"enabled": True}},
+                  {text: model})
+    r = run(call(router(world), "ask", {"text": text}))["result"]
+    assert r["resolved"] == want and r["outcome"] == "confirm" and world.writes == [], (text, r)
+
+
+@pytest.mark.parametrize("text", ["don't set kettle-9 stage to 4", "set kettle-9 stage", "what if I set kettle-9 stage to 4",
+                                  "set kettle-9 stage to 4 or 5"])
+def test_code_never_reads_a_write_the_words_do_not_state(text):
+    world = World({"kettle-9": {"stage": 1, "temperature": 60.0}},
+                  {text: {"tool": "clarify", "args": {"reason": "nothing"}}})
+    r = run(call(router(world), "ask", {"text": text}))["result"]
+    assert r["outcome"] == "clarify" and world.writes == [], (text, r)

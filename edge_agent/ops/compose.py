@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from edge_agent.glm.points import SHIPPED, PointTable
 from edge_agent.glm.schema import MAX_WINDOW_S, _windows, numbers
+from edge_agent.glm.words import NUMBER_WORDS
 from edge_agent.ops.memory import Frame
 from edge_agent.ops.plans import MAX_STEPS
 
@@ -107,6 +108,14 @@ _SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s
                     r"\s+as well as\s+|\s+and\s+|,\s+)\s*")
 _DEVICE = re.compile(r"^[a-z][a-z0-9_.:/-]*[0-9][a-z0-9_.:/-]*$|^[0-9]+[a-z_-][a-z0-9_.:/-]*$", re.I)
 _STRIP = ",.;:!?()[]{}\"'`"
+# a number said in words ("seven", "eighty five", "two hundred and forty"): where a condition's value ends
+_NW = "|".join(sorted(NUMBER_WORDS, key=len, reverse=True))
+_NUMBER_WORDS = rf"(?:{_NW})(?:(?:[- ]|\s+and\s+)(?:{_NW}))*"
+# on/off orders: group 1 is "on", else "off"
+_ONOFF = re.compile(r"^(?:please |pls |now |then |also |and |ok |okay )*(?:(start|open|enable|activate|resume|"
+                    r"turn on|switch on|power on|power up|fire up|(?:turn|switch|power) \S+ on|run)|(?:stop|close|disable|"
+                    r"deactivate|pause|halt|kill|turn off|switch off|power off|power down|shut(?: down| off)?|"
+                    r"(?:turn|switch|power|shut) \S+ (?:off|down)))\b(?!.*\b(?:on|off)\b.*\b(?:on|off)\b)")
 # "compare", and how fingers and ears slip on it ("compair", "cmopare", "comapre")
 _COMPARE = re.compile(r"\b(?:compare|compar|compair|compaire|comapre|cmopare|ocmpare|copmare|comprae|compre|comparing|"
                       r"compared|comparison)\b|\bvs\.?(?!\w)|\bversus\b")
@@ -285,6 +294,10 @@ class Composer:
             others = [d for d in devices_in(text, self.known) if d != a["device"] and d not in points]
             if others:
                 return clarify("which_device")  # one write for words that name several devices: which one is meant?
+        if call["tool"] in ("clarify", "write_point"):
+            mine = self._code_write(text)
+            if mine is not None and mine != call and (call["tool"] == "clarify" or self._misfit(call["args"], text)):
+                call = mine  # the words say device, point and value plainly, and the model's answer does not fit them
         if call["tool"] not in ("status", "write_point") and _BACKLOG.search(text.lower()) \
                 and not devices_in(text, self.known):
             return Resolved({"tool": "status", "args": {}}, [text], self.meta)  # the queue to the cloud is status
@@ -294,6 +307,56 @@ class Composer:
                 # the operator's own word for the aggregate ("hottest" is max) wins over the model's choice
                 call = {"tool": "query_stats", "args": {**call["args"], "agg": said.pop()}}
         return Resolved(call, [text], self.meta)
+
+    def _misfit(self, args: dict, text: str) -> bool:
+        """A write whose point the words do not name, or the registry does not have on its device."""
+        have = (self.known or {}).get(args["device"])
+        if have is not None and args["point"] not in have:
+            return True
+        said = self._said_points(_norm(text), have)
+        return bool(said) and args["point"] not in said and not (args["point"] == "enabled" and _ONOFF.search(
+            _unslip_verbs(_norm(text))))
+
+    def _said_points(self, low: str, have) -> list[str]:
+        """The points the words name: the point table's words, kept to the device's registered points where the
+        registry is known, else the registered names said as they are."""
+        pts = self.points.named(low)
+        if not have:
+            return pts
+        return [p for p in pts if p in have] or [p for p in have
+                                                 if re.search(rf"(?<![a-z]){re.escape(p.lower())}(?![a-z])", low)]
+
+    def _code_write(self, text: str) -> dict | None:
+        """One write the words state plainly, read by code, or None: one device by its id; "start/stop/open/close/
+        enable/disable/turn on/off X" -> enabled; "put X in eco mode", "X mode to eco" -> mode; "set X's P to N",
+        "X P to N", "X to P N" -> P (a point the words name, on the device where the registry is known) with the one
+        number stated. Anything else (a negation, two numbers, two points, no value) -> None."""
+        low = _unslip_verbs(_norm(text))
+        ds = devices_in(text, self.known)
+        if len(ds) != 1 or _NEG.search(low) or _has(low, _HYPOTHETICAL) is not None:
+            return None
+        device = ds[0]
+        have = (self.known or {}).get(device)
+        rest = re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?:'s)?(?![\w-])", " ", low)
+        vals = numbers(rest)
+        pts = self._said_points(rest, have)
+        m = re.search(r"\b(?:in(?:to)?|to)\s+([a-z]+)\s+mode\b|\bmode\s+(?:to\s+|=\s*)?([a-z]+)\b", rest)
+        if m is not None and not vals:
+            word = m.group(1) or m.group(2)
+            if have is not None and "mode" not in have or word in ("to", "the", "a"):
+                return None
+            return {"tool": "write_point", "args": {"device": device, "point": "mode", "value": word}}
+        on = _ONOFF.search(rest)
+        if on is not None and not vals and (not pts or pts == ["enabled"]):
+            if have is not None and "enabled" not in have:
+                return None
+            value = on.group(1) is not None
+            return {"tool": "write_point", "args": {"device": device, "point": "enabled", "value": value}}
+        if not re.search(r"\b(?:set|change|make|put|adjust|bump|raise|lower|move|switch|to)\b", rest):
+            return None
+        if len(vals) != 1 or len(pts) != 1 or pts[0] == "enabled" or _windows(rest)[1]:
+            return None
+        return {"tool": "write_point", "args": {"device": device, "point": pts[0], "value": vals[0]}}
 
     # ---- compound: several clauses, each a call ----
     def _clauses(self, text: str) -> list[str]:
@@ -600,7 +663,7 @@ class Composer:
         hits = []
         for phrase, op in _CMP:
             for m in re.finditer(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])", low):
-                if not any(s <= m.start() < e for s, e, _ in hits):
+                if not any(s < m.end() and m.start() < e for s, e, _ in hits):  # "is at least": one comparison
                     hits.append((m.start(), m.end(), op))
         if not hits:
             hits = [(m.start(), m.end(), "==") for m in re.finditer(r"\b(?:is|at|reads|hits|reaches)\b", low)][:1]
@@ -643,8 +706,7 @@ class Composer:
         if len(parts) == 2:
             return parts[0], parts[1]
         # no comma: the condition ends after its number ("if pump-3 is above 80 stop it")
-        m2 = re.search(r"(?<![\w-])(-?[0-9][0-9.,]*|(?:twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety)"
-                       r"(?:[- ][a-z]+)?|hundred|ten|eleven|twelve|fifteen)\s*(?:%|°c|°f|c|f|degrees|percent|bar|psi|"
+        m2 = re.search(r"(?<![\w-])(-?[0-9][0-9.,]*|" + _NUMBER_WORDS + r")\s*(?:%|°c|°f|c|f|degrees|percent|bar|psi|"
                        r"rpm|kw|a|v)?(?:\s+(?:now|right now|currently|at the moment))?\s+(?!(?:sec|min|hour|hr|day|"
                        r"week|for|in|over|during|and|or)\w*\b)", after, re.I)
         if m2 is None:

@@ -133,7 +133,9 @@ def check_write(text: str, args: dict, points: PointTable = SHIPPED) -> Refusal 
         return Refusal("nothing", f"the order is for another time ({when!r}); the gateway writes only now — send "
                                   "it when it is due")
     device = str(args.get("device", ""))
-    if device.lower() in _PRONOUNS or not re.search(r"[0-9]", device):
+    id_shaped = bool(re.fullmatch(r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)+", device.lower())) and re.search(
+        rf"(?<![\w-]){re.escape(device.lower())}(?![\w-])", text.lower()) is not None  # "chiller-b", said as it is
+    if device.lower() in _PRONOUNS or not (re.search(r"[0-9]", device) or id_shaped):
         named = [w for w in candidates(text) if re.search(r"[0-9]", w)]
         return Refusal("which_device", f"which device? {device!r} is not a device id"
                        + (f" (the question names {named[0]!r})" if named else ""))
