@@ -213,3 +213,50 @@ def test_a_correction_before_confirming_replaces_the_proposal():
         yes = (await call(r, "ask", {"text": "yes"}))["result"]
         assert yes["resolved"] == {"confirm": True} and world.writes == [("pump-4", "enabled", False)]
     asyncio.run(main())
+
+
+def test_slipped_and_chatty_answers_to_a_pending_confirmation():
+    """"yse" is yes; "nah cancel" is no; a message of yes words with a no word in it is neither."""
+    for words, want in (("yse", True), ("ok yse", True), ("nah cancel", False), ("nope, cancel it", False),
+                        ("yes no", None), ("yes stop pump-4", None)):
+        world = World(WORLD, CALLS)
+
+        async def main():
+            r = router(world)
+            await call(r, "ask", {"text": "stop pump-3"})
+            got = (await call(r, "ask", {"text": words}))["result"]
+            if want is None:
+                assert "confirm" not in got["resolved"], (words, got)
+            else:
+                assert got["resolved"] == {"confirm": want}, (words, got)
+                assert world.writes == ([("pump-3", "enabled", False)] if want else [])
+        asyncio.run(main())
+
+
+def test_a_bare_device_a_window_and_a_slipped_undo_are_follow_ups():
+    world = World({**WORLD, "pump-6": {"temperature": 50.0, "enabled": True}}, CALLS)
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "max temperature of pump-3 today"})
+        for text, want in (("pump-4?", Q("pump-4", "temperature", "max", 86400)),
+                           ("pump 6", Q("pump-6", "temperature", "max", 86400)),     # the id said apart
+                           ("last 20 min", Q("pump-6", "temperature", "max", 1200))):  # a window, not the minimum
+            got = (await call(r, "ask", {"text": text}))["result"]
+            assert got["resolved"] == want, (text, got)
+        await call(r, "ask", {"text": "stop pump-3"})
+        await call(r, "ask", {"text": "yes"})
+        got = (await call(r, "ask", {"text": "put it bakc please"}))["result"]
+        assert got["resolved"] == W("pump-3", "enabled", True) and got["outcome"] == "confirm"
+    asyncio.run(main())
+
+
+def test_sorry_and_a_number_corrects_the_proposed_value():
+    world = World({"oven-2": {"setpoint": 180.0}}, {"set oven-2 setpoint to 200": W("oven-2", "setpoint", 200)})
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "set oven-2 setpoint to 200"})
+        got = (await call(r, "ask", {"text": "sorry 190"}))["result"]
+        assert got["resolved"] == W("oven-2", "setpoint", 190) and world.writes == []
+    asyncio.run(main())

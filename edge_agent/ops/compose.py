@@ -79,7 +79,7 @@ _BACKLOG = re.compile(r"\b(?:backlog|backlogged|queue[ds]?|outbox|waiting to (?:
                       r"(?:been )?sent|unsent|pending (?:upload|send)|buffered|still to send|left to send|to the cloud|"
                       r"behind on (?:sending|uploads?))\b")
 _CORRECTION = re.compile(r"^(?:no|nope|sorry|oops|wait|actually|correction)?[, ]*(?:i meant|i mean|make (?:that|it)|"
-                         r"not that one|rather|instead)?[, ]*(?=\S)(?:(?<=no, )|(?<=no )|(?<=sorry, )|(?<=meant )|"
+                         r"not that one|rather|instead)?[, ]*(?=\S)(?:(?<=no, )|(?<=no )|(?<=sorry, )|(?<=sorry )|(?<=oops )|(?<=oops, )|(?<=meant )|"
                          r"(?<=mean )|(?<=that )|(?<=rather )|(?<=actually, )|(?<=actually )|(?<=wait, )|"
                          r"(?<=instead ))")
 _OPENER = re.compile(r"^(?:and|what about|how about|same for|same with|same thing for|and for|and what about|also|"
@@ -164,10 +164,24 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", t)
 
 
+def join_ids(text: str, known: dict | None) -> str:
+    """ "pump 8", "tank 4": a kind and a number said apart, written as the registry's one such id ("pump-8")."""
+    names = {d.lower(): d for d in (known or {})}
+    if not names:
+        return text
+
+    def joined(m: re.Match) -> str:
+        kind, n = m.group(1).lower(), m.group(2)
+        hits = [names[k] for k in (f"{kind}-{n}", f"{kind}_{n}", f"{kind}{n}") if k in names]
+        return hits[0] if len(hits) == 1 else m.group(0)
+    return re.sub(r"(?<![\w-])([a-z][a-z_]*[a-z]) #?([0-9]+)(?![\w.-])", joined, text, flags=re.I)
+
+
 def devices_in(text: str, known: dict | None) -> list[str]:
     """The device ids a text names, in order: registry names (any case), else words with a digit."""
     out: list[str] = []
     names = {d.lower(): d for d in (known or {})}
+    text = join_ids(text, known)
     for word in text.split():
         w = word.strip(_STRIP)
         if w.lower().endswith("'s"):
@@ -202,12 +216,14 @@ class Composer:
     # ---- the entry point ----
     async def resolve(self, text: str, frame: Frame | None = None) -> Resolved:
         frame = frame or Frame()
+        text = join_ids(text, self.known)
         low = _norm(text)
-        if low in YES or low in NO:
+        answer = _yes_no(low)
+        if answer is not None:
             if frame.pending is None:
                 return clarify("nothing", "nothing is waiting for your confirmation")
-            return Resolved({"confirm": low in YES}, followup=True)
-        if _UNDO.match(low):
+            return Resolved({"confirm": answer}, followup=True)
+        if _UNDO.match(low) or _UNDO.match(_unslip_words(low, _UNDO_WORDS)):
             return self._undo(frame)
         fix = _CORRECTION.match(low)
         if fix is not None and frame.last is not None and low[fix.end():].strip():
@@ -218,6 +234,11 @@ class Composer:
             if r is not None:
                 return r
         named = devices_in(text, self.known)
+        if frame.last is not None and named and self._bare(text, named):
+            # "pump-8?", "and pump 8": only a device, the rest of the last request inherited
+            f = await self._followup(text, low, frame, named, opener=True)
+            if f is not None:
+                return f
         if frame.last is not None and not named and _PRONOUN.search(low) is None:
             f = await self._followup(text, low, frame, named)
             if f is not None:
@@ -880,15 +901,16 @@ class Composer:
 
     # ---- follow-ups on the frame ----
     async def _followup(self, text: str, low: str, frame: Frame, named: list[str],
-                        force: bool = False) -> Resolved | None:
+                        force: bool = False, opener: bool = False) -> Resolved | None:
         """The frame's last call or plan with only what the follow-up names changed, or None (not a follow-up)."""
         last = frame.last
         assert last is not None
         rest = _OPENER.sub("", low).strip()
         pts = self.points.named(rest)
         windows, stated = _windows(rest)
-        agg = next((a for w, a in _AGG if re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", rest)), None)
-        opener = _OPENER.match(low) is not None or force
+        said_rest = re.sub(r"(?<![a-z])[0-9]+ ?min\b", " ", rest)  # "last 10 min": a window, not the minimum
+        agg = next((a for w, a in _AGG if re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", said_rest)), None)
+        opener = opener or _OPENER.match(low) is not None or force
         if not (named or pts or stated or agg or (force and numbers(rest))):
             return None
         words = len(rest.split())
@@ -956,6 +978,43 @@ class Composer:
             return clarify("too_complex")
         doc = steps[0] if len(steps) == 1 else {"plan": steps}
         return Resolved(doc, [None] * len(steps), followup=True)
+
+
+_YES_WORDS = frozenset(w for p in YES for w in p.split()) | {"yes", "pls", "plz", "then", "now", "thanks", "thx"}
+_NO_WORDS = frozenset(w for p in NO for w in p.split()) | {"pls", "plz", "then", "thanks", "thx", "it", "that", "mind"}
+_UNDO_WORDS = ("back", "undo", "revert", "restore", "please")
+
+
+def _yes_no(low: str) -> bool | None:
+    """True: every word says yes ("yes", "ok go ahead", "yse"); False: every word says no ("nah cancel"); else None."""
+    words = [w.strip(",.!") for w in low.split()]
+    if not words or len(words) > 5:
+        return None
+    if low in YES or low in NO:
+        return low in YES
+    if all(w in _NO_WORDS for w in words) and any(w in {"no", "nope", "nah", "cancel", "abort", "don't", "dont",
+                                                        "never", "negative", "scrap", "forget"} for w in words):
+        return False
+    if all(w in _YES_WORDS or _swapped(w, "yes") or _swapped(w, "confirm") for w in words) \
+            and not any(w in _NO_WORDS and w not in _YES_WORDS for w in words):
+        return True
+    return None
+
+
+def _swapped(a: str, b: str) -> bool:
+    """a is b with two neighbouring letters swapped ("yse" for "yes"): the one slip short words are read through."""
+    if len(a) != len(b) or a == b:
+        return False
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+
+
+def _unslip_words(low: str, vocab) -> str:
+    """Words of `vocab` with one slipped letter ("bakc") read as the word."""
+    from edge_agent.glm.words import one_edit
+
+    return " ".join(next((v for v in vocab if len(w) >= 4 and w not in vocab and one_edit(w, v)), w)
+                    for w in low.split())
 
 
 def _said_agg(low: str) -> str | None:
