@@ -365,8 +365,13 @@ def test_a_question_that_governs_an_order_is_a_condition_never_an_unconditional_
 
 def test_one_write_for_words_that_name_two_devices_is_asked_back():
     """The model wrote one device of "switch off pump-3 and pump-4" when the cutter did not see the order."""
-    world = World(PUMPS, {"switch off pump-3 & pump-4": W("pump-4", "enabled", False)})
+    world = World(PUMPS, {"switch off pump-3 & pump-4": W("pump-4", "enabled", False),
+                          "switch off pump-3 with pump-4": W("pump-4", "enabled", False)})
     r = run(call(router(world), "ask", {"text": "switch off pump-3 & pump-4"}))["result"]
+    # "&" now cuts the clauses: both writes, each read from its own words, or the request asked back; never one
+    assert r["resolved"] in ({"plan": [W("pump-3", "enabled", False), W("pump-4", "enabled", False)]},
+                             {"tool": "clarify", "args": {"reason": "which_device"}}) and world.writes == []
+    r = run(call(router(world), "ask", {"text": "switch off pump-3 with pump-4"}))["result"]
     assert r["resolved"] == {"tool": "clarify", "args": {"reason": "which_device"}} and world.writes == []
 
 
@@ -449,3 +454,56 @@ def test_code_never_reads_a_write_the_words_do_not_state(text):
                   {text: {"tool": "clarify", "args": {"reason": "nothing"}}})
     r = run(call(router(world), "ask", {"text": text}))["result"]
     assert r["outcome"] == "clarify" and world.writes == [], (text, r)
+
+
+# ---- arrows, questions that state a condition, a plain read then an order, hypotheticals, schedules ----
+
+KILN = {"kiln-8": {"temperature": 1000.0, "speed": 30.0, "enabled": True}, "fan-9": {"enabled": False}}
+
+
+def test_an_arrow_after_a_condition_is_if_then():
+    world = World(KILN, {"start fan-9": W("fan-9", "enabled", True)})
+    r = run(call(router(world), "ask", {"text": "kiln-8 temperature at most 1200 => start fan-9"}))["result"]
+    assert r["resolved"] == {"plan": [Q("kiln-8", "temperature"), {**W("fan-9", "enabled", True),
+                                                                  "when": {"step": 1, "op": "<=", "value": 1200}}]}
+    assert world.writes == []
+
+
+def test_a_question_that_states_a_condition_governs_the_order_after_it_and_a_bare_value_writes_its_point():
+    world = World(KILN, {})
+    r = run(call(router(world), "ask", {"text": "kiln-8 speed isn't 45 at the moment? set it to 45"}))["result"]
+    assert r["resolved"] == {"plan": [Q("kiln-8", "speed"), {**W("kiln-8", "speed", 45),
+                                                            "when": {"step": 1, "op": "!=", "value": 45}}]}
+    assert r["outcome"] == "confirm" and world.writes == []
+
+
+def test_a_plain_read_asked_then_an_order_of_its_own_is_a_read_and_the_write():
+    world = World(KILN, {"what is kiln-8 speed now": Q("kiln-8", "speed"),
+                         "stop fan-9": W("fan-9", "enabled", False)})
+    r = run(call(router(world), "ask", {"text": "what is kiln-8 speed now? also stop fan-9"}))["result"]
+    assert r["resolved"] == {"plan": [Q("kiln-8", "speed"), W("fan-9", "enabled", False)]} and world.writes == []
+    for sep in (" & ", " + ", " n "):
+        r = run(call(router(World(KILN, {"what is kiln-8 speed now": Q("kiln-8", "speed"),
+                                         "stop fan-9": W("fan-9", "enabled", False)})),
+                     "ask", {"text": f"what is kiln-8 speed now{sep}stop fan-9"}))["result"]
+        assert r["resolved"] == {"plan": [Q("kiln-8", "speed"), W("fan-9", "enabled", False)]}, (sep, r)
+
+
+@pytest.mark.parametrize("text", ["suppose I stopped fan-9, what would kiln-8 temperature do?",
+                                  "hypothetically, would you start fan-9 if kiln-8 got to 1100?"])
+def test_a_hypothetical_that_is_no_read_is_nothing_to_do(text):
+    world = World(KILN, {text: W("fan-9", "enabled", True)})
+    r = run(call(router(world), "ask", {"text": text}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": "nothing"}} and world.writes == []
+
+
+def test_a_schedule_said_in_number_words_is_too_complex():
+    world = World(KILN, {})
+    r = run(call(router(world), "ask", {"text": "toggle fan-9 every five minutes"}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": "too_complex"}}
+
+
+def test_a_read_of_a_point_the_device_lacks_takes_the_point_the_words_or_registry_leave():
+    world = World({"bin-4": {"level": 3.0}}, {"curent level of bin-4": Q("bin-4", "current")})
+    r = run(call(router(world), "ask", {"text": "curent level of bin-4"}))["result"]
+    assert r["resolved"] == Q("bin-4", "level")

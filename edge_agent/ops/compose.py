@@ -43,7 +43,7 @@ _ALERT_WORDS = ("alert me", "notify me", "warn me", "let me know", "ping me", "m
                 "notify us", "warn us", "give me a heads up", "heads up")
 _STANDING = ("whenever", "every time", "each time", *_ALERT_WORDS, "from now on", "any time", "anytime",
              "as soon as", "once")
-_SCHEDULE = re.compile(r"\bevery (?:\d+ |few |other )?(?:sec|second|min|minute|hour|hr|day|night|morning|evening|"
+_SCHEDULE = re.compile(r"\bevery (?:\d+ |(?:a |one |two |three |four |five |six |ten |twelve |fifteen |twenty |thirty |forty |fifty |sixty |couple (?:of )?)|few |other )?(?:sec|second|min|minute|hour|hr|day|night|morning|evening|"
                        r"week|shift)s?\b|\beach (?:minute|hour|day|morning|night)\b|\bfor the next\b|\bkeep\b.*\b(?:at|"
                        r"below|above|under|over|between)\b|\bat \d{1,2}(?::\d\d)? ?(?:am|pm)\b|\b\d{1,2} ?(?:am|pm)\b|"
                        r"\bevery\b.*\bthen\b|\bloop\b|\brepeat(?:edly)?\b|\buntil\b")
@@ -105,7 +105,7 @@ _NOT_KINDS = frozenset("off on of up down in out the a an my our it them these t
                        "together now day time way".split())
 _NEG = re.compile(r"\b(?:don't|dont|do not|never|not|no|without|avoid|nor)\b")
 _SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s+|\s+but\s+|\s+and also\s+|"
-                    r"\s+as well as\s+|\s+and\s+|,\s+)\s*")
+                    r"\s+as well as\s+|\s+and\s+|,\s+|\s*&\s*|\s+\+\s+|\s+n\s+|\s+plus\s+)\s*")
 _DEVICE = re.compile(r"^[a-z][a-z0-9_.:/-]*[0-9][a-z0-9_.:/-]*$|^[0-9]+[a-z_-][a-z0-9_.:/-]*$", re.I)
 _STRIP = ",.;:!?()[]{}\"'`"
 # a number said in words ("seven", "eighty five", "two hundred and forty"): where a condition's value ends
@@ -279,9 +279,19 @@ class Composer:
     # ---- a request of its own ----
     async def _fresh(self, text: str, low: str) -> Resolved:
         if _has(low, _HYPOTHETICAL) is not None:
-            return await self._single(text)
+            r = await self._single(text)
+            # "what would happen if I stopped pump-1", "suppose I raised ...": nothing to do (a read stays a read)
+            return clarify("nothing") if r.kind == "clarify" or r.doc.get("tool") == "write_point" else r
+        arrow = re.match(r"^(.+?)\s*(?:->|=>|→|-->)\s*(.+)$", text, re.S)
+        if arrow is not None and self._states_condition(arrow.group(1)):
+            # "kiln-2 temp at least 900 -> start fan-4": the arrow is "if ..., then"
+            text = f"if {arrow.group(1).strip()}, {arrow.group(2).strip()}"
+            return await self._condition_now(text, _norm(text))
         q = re.match(r"^(.+?)\?\s*(?:then|if so|if yes|if it is|if it does|and if so|in that case)\b[,\s]*(.+)$", text,
                      re.I | re.S)
+        if q is None:
+            q = re.match(r"^(.+?)\?\s*(.+)$", text, re.S)
+            q = q if q is not None and self._states_condition(q.group(1)) and self._writes(_norm(q.group(2))) else None
         if q is not None and "?" not in q.group(1):
             # "mixer_5 speed equals 0? then start mixer_5": a question that governs an order is a condition now
             text = f"if {q.group(1).strip()}, {q.group(2).strip()}"
@@ -290,7 +300,13 @@ class Composer:
             r = await self._reads(text, low)  # several reads (devices or points), one aggregate and window for all
             if r is not None:
                 return r
-        if re.search(r"\?\s*[^\s?]", text):
+        mid = re.match(r"^([^?]+)\?\s*(?:and |also |,\s*)*([^?]+?)[?.!]?$", text, re.S)
+        if mid is not None and not self._writes(_norm(mid.group(1))) and not self._states_condition(mid.group(1)) \
+                and not _DEPENDS.search(_norm(mid.group(2))) and not _DEPENDS.search(_norm(mid.group(1))):
+            # "what's boiler-7 pressure now? also set its setpoint to 68": a plain read, then an order of its own
+            text = f"{mid.group(1).strip()}, and {mid.group(2).strip()}"
+            low = _norm(text)
+        elif re.search(r"\?\s*[^\s?]", text):
             # a question in the middle, an order after it: never cut into an unconditional write
             r = await self._single(text)
             return clarify("nothing") if r.kind == "call" and r.doc["tool"] == "write_point" else r
@@ -307,6 +323,27 @@ class Composer:
             return await self._compare(text, low)
         return await self._compound(text, low)
 
+    def _value_only(self, clause: str, device: str, point: str) -> dict | None:
+        """"if pump-1 speed is not 1500, make it 1500": an order on the condition's device that states one number and
+        no point of its own writes the condition's point."""
+        low = _norm(clause)
+        ds = devices_in(clause, self.known)
+        vals = numbers(re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?![\w-])", " ", low))
+        if ds not in ([], [device]) or len(vals) != 1 or _NEG.search(low) or _windows(low)[1]:
+            return None
+        if self._said_points(re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?![\w-])", " ", low),
+                             (self.known or {}).get(device)) or not re.search(r"^(?:please |pls |then |and )*(?:set|"
+                                                                              r"make|put|change|bring|get|adjust)\b",
+                                                                              low):
+            return None
+        return {"tool": "write_point", "args": {"device": device, "point": point, "value": vals[0]}}
+
+    def _states_condition(self, words: str) -> bool:
+        """The words compare a value with a number ("pump-1 speed is not 1500", "kiln-2 temp at least 900")."""
+        c = self._condition(words)
+        return not isinstance(c, Resolved) and any(re.search(rf"(?<![a-z]){re.escape(p)}(?![a-z])", _norm(words))
+                                                   for p, _ in _CMP if p not in ("is at", "reads", "="))
+
     async def _single(self, text: str) -> Resolved:
         call = await self.call(text)
         if call["tool"] == "write_point":
@@ -322,6 +359,10 @@ class Composer:
         if call["tool"] not in ("status", "write_point") and _BACKLOG.search(text.lower()) \
                 and not devices_in(text, self.known):
             return Resolved({"tool": "status", "args": {}}, [text], self.meta)  # the queue to the cloud is status
+        if call["tool"] == "query_stats" and isinstance(call["args"].get("device"), str):
+            fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
+            if fit != call["args"]["point"]:  # a point the device does not have, where the words or registry say which
+                call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
         if call["tool"] == "query_stats":
             said = {a for w, a in _SAID_AGG if re.search(rf"(?<![a-z]){w}(?![a-z])", text.lower())}
             if len(said) == 1 and call["args"]["agg"] not in said:
@@ -334,6 +375,8 @@ class Composer:
         have = (self.known or {}).get(args["device"])
         if have is not None and args["point"] not in have:
             return True
+        if isinstance(args["value"], bool) and numbers(_norm(text)) and not _ONOFF.search(_unslip_verbs(_norm(text))):
+            return True  # on/off for words that state a number and no on/off order
         said = self._said_points(_norm(text), have)
         return bool(said) and args["point"] not in said and not (args["point"] == "enabled" and _ONOFF.search(
             _unslip_verbs(_norm(text))))
@@ -806,7 +849,10 @@ class Composer:
                 a = self._substitute(a, prev[0]) if _PRONOUN.search(a_low) else f"{a} {prev[0]}"
             elif self._bare(a, ds) and len(steps) > 1:
                 a = self._swap(texts[-1] or "", prev, ds[0])
-            r = await self._clause_single(a, _norm(a))
+            own = self._value_only(a, device, point)
+            # the guard reads the order with the point its condition named ("make pump-1 speed 1500")
+            said = re.sub(rf"(?<![\w-]){re.escape(device)}(?![\w-])", f"{device} {point}", a, count=1, flags=re.I)
+            r = Resolved(own, [said], self.meta) if own is not None else await self._clause_single(a, _norm(a))
             if r.kind == "clarify":
                 return r
             for s, t in (zip(r.doc["plan"], r.texts) if r.kind == "plan" else [(r.doc, r.texts[0])]):
