@@ -507,3 +507,16 @@ def test_a_read_of_a_point_the_device_lacks_takes_the_point_the_words_or_registr
     world = World({"bin-4": {"level": 3.0}}, {"curent level of bin-4": Q("bin-4", "current")})
     r = run(call(router(world), "ask", {"text": "curent level of bin-4"}))["result"]
     assert r["resolved"] == Q("bin-4", "level")
+
+
+def test_one_order_for_a_run_of_devices_is_one_write_each_from_its_own_sentence():
+    world = World({"rtu-5": {"mode": "auto"}, "rtu-6": {"mode": "auto"}, "rtu-7": {"mode": "auto"}},
+                  {f"switch rtu-{n} to night mode": W(f"rtu-{n}", "mode", "night") for n in (5, 6, 7)})
+    r = run(call(router(world), "ask", {"text": "switch rtu-5, rtu-6 & rtu-7 to night mode"}))["result"]
+    assert r["resolved"] == {"plan": [W(f"rtu-{n}", "mode", "night") for n in (5, 6, 7)]} and world.writes == []
+
+
+def test_leave_it_alone_voids_the_step_it_governs_and_never_borrows_the_previous_verb():
+    world = World(PUMPS, {"start pump-3": W("pump-3", "enabled", True), "start pump-4": W("pump-4", "enabled", True)})
+    r = run(call(router(world), "ask", {"text": "start pump-3 and stop pump-4... actually no, leave pump-4 alone"}))
+    assert r["result"]["resolved"] == W("pump-3", "enabled", True) and world.writes == []

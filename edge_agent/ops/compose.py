@@ -103,7 +103,8 @@ _NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name
                          r"\b(?:have|has|with)\s+[\"']?([a-z0-9_-]+)[\"']?\s+in (?:the|their|its) (?:name|id)s?")
 _NOT_KINDS = frozenset("off on of up down in out the a an my our it them these those at to for with by you right "
                        "together now day time way".split())
-_NEG = re.compile(r"\b(?:don't|dont|do not|never|not|no|without|avoid|nor)\b")
+_NEG = re.compile(r"\b(?:don't|dont|do not|never|not|no|without|avoid|nor|skip|except|excluding|hold off|leave (?:\S+ )"
+                  r"{0,3}alone|leave (?:it|them|that|this)\b|(?:keep|leave) (?:\S+ ){0,3}as (?:it|they) (?:is|are))\b")
 _SPLIT = re.compile(r"\s*(?:;|,?\s+and then\s+|,?\s+then\s+|,\s*and\s+|,\s+but\s+|\s+but\s+|\s+and also\s+|"
                     r"\s+as well as\s+|\s+and\s+|,\s+|\s*&\s*|\s+\+\s+|\s+n\s+|\s+plus\s+)\s*")
 _DEVICE = re.compile(r"^[a-z][a-z0-9_.:/-]*[0-9][a-z0-9_.:/-]*$|^[0-9]+[a-z_-][a-z0-9_.:/-]*$", re.I)
@@ -435,7 +436,42 @@ class Composer:
                 out.append(p.strip())
         return out
 
+    def _device_run(self, text: str) -> list[str] | None:
+        """"put ahu-2 and ahu-3 in eco mode": the one order said once for a run of devices, as one sentence per
+        device (the run replaced by each). None: not one run of two or more devices and nothing else named."""
+        ds = devices_in(text, self.known)
+        if len(ds) < 2:
+            return None
+        spans = []
+        for d in ds:
+            m = re.search(rf"(?<![\w-]){re.escape(d)}(?:'s)?(?![\w-])", text, re.I)
+            if m is None:
+                return None
+            spans.append((m.start(), m.end()))
+        if [a for a, _ in spans] != sorted(a for a, _ in spans):
+            return None
+        for (_, e), (b, _) in zip(spans, spans[1:]):
+            if not re.fullmatch(r"\s*(?:,|&|\+|/|and|,\s*and|as well as)?\s*", text[e:b], re.I):
+                return None
+        start, end = spans[0][0], spans[-1][1]
+        return [f"{text[:start]}{d}{text[end:]}" for d in ds]
+
     async def _compound(self, text: str, low: str) -> Resolved:
+        run_ = self._device_run(text) if self._writes(low) and not _DEPENDS.search(low) and not _NEG.search(low) \
+            else None
+        if run_ is not None:
+            # one order for several devices: one write each, each from its own sentence
+            if len(run_) > MAX_STEPS:
+                return clarify("too_complex")
+            steps, texts = [], []
+            for sentence in run_:
+                r = await self._clause_single(sentence, _norm(sentence))
+                if r.kind != "call" or r.doc["tool"] != "write_point":
+                    break
+                steps.append(r.doc)
+                texts.append(sentence)
+            else:
+                return Resolved({"plan": steps}, texts, self.meta)
         clauses = self._topics(self._clauses(text))
         if len(clauses) < 2 or not self._is_compound(clauses):
             if len(clauses) >= 2 and self._writes(_norm(clauses[0])) and not _DEPENDS.search(low) \
