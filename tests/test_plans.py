@@ -520,3 +520,39 @@ def test_leave_it_alone_voids_the_step_it_governs_and_never_borrows_the_previous
     world = World(PUMPS, {"start pump-3": W("pump-3", "enabled", True), "start pump-4": W("pump-4", "enabled", True)})
     r = run(call(router(world), "ask", {"text": "start pump-3 and stop pump-4... actually no, leave pump-4 alone"}))
     assert r["result"]["resolved"] == W("pump-3", "enabled", True) and world.writes == []
+
+
+# ---- standing conditions phrased freely; orders on a device not named by its id; a condition without its value ----
+
+SILO = {"bin-7": {"level": 30.0}, "press-3": {"temperature": 80.0, "setpoint": 70.0, "stage": 1},
+        "auger-2": {"enabled": True}, "auger-3": {"enabled": True}}
+
+
+@pytest.mark.parametrize("text,model,want", [
+    ("page me whenever bin-7 level drops below 5", {}, {"kind": "below", "device": "bin-7", "point": "level",
+                                                        "threshold": 5}),
+    ("from now on, if press-3 temperature exceeds 95, set its stage to 2",
+     {"set press-3's stage to 2": W("press-3", "temperature", 2)},          # the model's wrong point: the words win
+     {"kind": "above", "device": "press-3", "point": "temperature", "threshold": 95, "action_device": "press-3",
+      "action_point": "stage", "action_value": "2"}),
+    ("warn me if bin-7 has not reported in 20 minutes", {}, {"kind": "nodata", "device": "bin-7", "point": "level",
+                                                             "seconds": 1200}),
+])
+def test_standing_conditions_phrased_freely_are_rule_proposals(text, model, want):
+    world = World(SILO, model)
+    r = run(call(router(world), "ask", {"text": text}))["result"]
+    assert r["resolved"] == {"tool": "add_rule", "args": want} and world.rules == [], (text, r)
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("if bin-7 level is below 10 now, start the auger", "which_device"),   # which auger?
+    ("check bin-7 level now and stop the auger", "which_device"),
+    ("start auger-2 and set the setpoint to 65", "which_device"),          # whose setpoint?
+    ("if press-3 temperature gets too hot stop auger-3", "which_value"),   # too hot is no value
+])
+def test_an_order_on_a_device_not_named_by_its_id_or_a_condition_without_its_value_is_asked_back(text, reason):
+    world = World(SILO, {"start auger-2": W("auger-2", "enabled", True), "stop bin-7": W("bin-7", "level", False),
+                         "check bin-7 level now": Q("bin-7", "level"),
+                         "start bin-7": W("bin-7", "level", True)})
+    r = run(call(router(world), "ask", {"text": text}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": reason}} and world.writes == [], (text, r)

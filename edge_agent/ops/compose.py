@@ -47,7 +47,7 @@ _SCHEDULE = re.compile(r"\bevery (?:\d+ |(?:a |one |two |three |four |five |six 
                        r"week|shift)s?\b|\beach (?:minute|hour|day|morning|night)\b|\bfor the next\b|\bkeep\b.*\b(?:at|"
                        r"below|above|under|over|between)\b|\bat \d{1,2}(?::\d\d)? ?(?:am|pm)\b|\b\d{1,2} ?(?:am|pm)\b|"
                        r"\bevery\b.*\bthen\b|\bloop\b|\brepeat(?:edly)?\b|\buntil\b")
-_HYPOTHETICAL = ("what if", "what would happen", "suppose", "imagine", "hypothetically", "how do i", "how can i",
+_HYPOTHETICAL = ("what if", "what would happen", "what would", "what will happen", "if i had", "suppose", "imagine", "hypothetically", "how do i", "how can i",
                  "how to", "would it", "could it", "should i", "what happens if", "i wonder", "wonder if", "wondering",
                  "whether", "should we", "we should", "do you think", "would you", "is it safe", "is it ok")
 # comparisons: the longest phrases first
@@ -199,7 +199,7 @@ def devices_in(text: str, known: dict | None) -> list[str]:
 
 
 def _has(words: str, phrases) -> str | None:
-    low = f" {words} "
+    low = f" {re.sub(r'[,;:]', ' ', words)} "  # "from now on, if": the comma is no word
     return next((p for p in phrases if f" {p} " in low), None)
 
 
@@ -323,6 +323,21 @@ class Composer:
         if re.search(r"\bcompare\b|\bvs\.?\b|\bversus\b", low):
             return await self._compare(text, low)
         return await self._compound(text, low)
+
+    def _kind(self, low: str, device: str) -> str | None:
+        """The kind of device an order names without its id ("the pump", "that valve") where it is not the kind of
+        `device` (the one the sentence is about); None where it names no kind, or `device`'s own."""
+        for m in re.finditer(r"\b(?:the|that|this|a|an)\s+([a-z][a-z_]+?)s?\b", low):
+            word = m.group(1)
+            if word in _NOT_KINDS or word in ("one", "same", "device", "unit", "value", "point", "setting", "rule",
+                                              "alarm", "alert", "level", "mode", "speed", "temp", "moment"):
+                continue
+            if self.points.named(word) or self.points.named(m.group(0)):
+                continue
+            if device.lower().startswith(word) or _singular(word) and device.lower().startswith(_singular(word)):
+                return None
+            return word
+        return None
 
     def _value_only(self, clause: str, device: str, point: str) -> dict | None:
         """"if pump-1 speed is not 1500, make it 1500": an order on the condition's device that states one number and
@@ -494,6 +509,12 @@ class Composer:
             if _NEG.search(c_low):
                 continue  # a negation voids the step it governs
             ds = devices_in(c, self.known)
+            if not ds and prev_devices and self._writes(c_low) and not _FANOUT.search(c_low) \
+                    and not _NAMED_LIKE.search(c_low) and (self._kind(c_low, prev_devices[0]) or
+                                                           not _PRONOUN.search(c_low)):
+                # "check tank_4 level and close the valve", "open valve-3 and set the setpoint to 70": an order on
+                # a device the words do not name by its id
+                return clarify("which_device")
             if not ds and prev_text is not None and not self._has_verb(c_low) and not self.points.named(c):
                 if self._unnamed(c):
                     return clarify("which_device")  # "stop pump-1 and the mixer": a device not named by its id
@@ -536,8 +557,8 @@ class Composer:
         out = list(clauses)
         for i, c in enumerate(clauses):
             low = _norm(c)
-            if named[i] or not self.points.named(c) or _PRONOUN.search(low) or _NEG.search(low):
-                continue
+            if named[i] or not self.points.named(c) or _PRONOUN.search(low) or _NEG.search(low) or self._writes(low):
+                continue  # an order never borrows a device: which one is asked back
             later = next((n for n in named[i + 1:] if n), None)
             earlier = next((n for n in reversed(named[:i]) if n), None)
             src = later if later is not None and len(later) == 1 else earlier
@@ -858,6 +879,8 @@ class Composer:
         if split is None:
             return await self._single(text)
         cond, action = split
+        if not action and self._writes(_norm(cond)) and not numbers(cond) and not _windows(cond)[1]:
+            return clarify("which_value")  # "if chiller-b temp is too high shut comp-12": no value to compare with
         if not action:
             return await self._single(text)  # "is pump-3 above 80?" read as a question: the engine's
         c = self._condition(cond)
@@ -881,6 +904,8 @@ class Composer:
             if _NEG.search(a_low):
                 continue
             ds = devices_in(a, self.known)
+            if not ds and self._kind(a_low, prev[0]):
+                return clarify("which_device")  # "if tank_5 level is under 20, stop the pump": which pump?
             if not ds:
                 a = self._substitute(a, prev[0]) if _PRONOUN.search(a_low) else f"{a} {prev[0]}"
             elif self._bare(a, ds) and len(steps) > 1:
@@ -906,8 +931,8 @@ class Composer:
 
     async def _standing(self, text: str, low: str) -> Resolved:
         """A standing condition -> a rule proposal (add_rule): one device's point against one threshold, or silence."""
-        word = next(p for p in (*_STANDING, "when") if f" {p} " in f" {low} ")
-        if word in _ALERT_WORDS:
+        word = _has(low, _ALERT_WORDS) or _has(low, (*_STANDING, "when")) or "when"
+        if word in _ALERT_WORDS:  # "ping me whenever ...": an alert, whatever the condition word
             m = re.search(r"\b(?:when(?:ever)?|if|once|as soon as|in case|each time|every time|any ?time)\b", text,
                           re.I)
             if m is None:
@@ -928,7 +953,9 @@ class Composer:
                         flags=re.I).strip(" ,")
         c_low = _norm(cond)
         silent = re.search(r"\b(?:silent|quiet|stops? (?:reporting|sending)|goes? offline|no data|nothing|dead|"
-                           r"doesn't report|does not report|stops talking)\b", c_low)
+                           r"doesn't report|does not report|stops talking|(?:hasn't|hasnt|has not|haven't|havent|not|"
+                           r"never) (?:reported|sent|been heard|updated|reported anything|sent anything)|no (?:new )?"
+                           r"(?:readings?|reports?|values?|updates?|messages?)|stopped (?:reporting|sending))\b", c_low)
         if silent:
             ds = devices_in(cond, self.known)
             if len(ds) != 1:
@@ -971,7 +998,7 @@ class Composer:
                 return clarify("too_complex")
             if not devices_in(action, self.known):
                 action = self._substitute(action, device) if _PRONOUN.search(a_low) else f"{action} {device}"
-            call = await self.call(action)
+            call = (await self._single(action)).doc
             if call["tool"] == "clarify":
                 return clarify(call["args"]["reason"])
             if call["tool"] != "write_point":
