@@ -556,3 +556,10 @@ def test_an_order_on_a_device_not_named_by_its_id_or_a_condition_without_its_val
                          "start bin-7": W("bin-7", "level", True)})
     r = run(call(router(world), "ask", {"text": text}))["result"]
     assert r["resolved"] == {"tool": "clarify", "args": {"reason": reason}} and world.writes == [], (text, r)
+
+
+def test_a_name_the_registry_does_not_have_as_a_device_is_not_a_second_read():
+    """"max flow_2 @ skid-9 last hour": flow_2 is a point (it has a digit), not a second device to read."""
+    world = World({"skid-9": {"flow_2": 3.0}}, {"max flow_2 @ skid-9 last hour": Q("skid-9", "flow_2", "max", 3600)})
+    r = run(call(router(world), "ask", {"text": "max flow_2 @ skid-9 last hour"}))["result"]
+    assert r["resolved"] == Q("skid-9", "flow_2", "max", 3600)

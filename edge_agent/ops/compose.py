@@ -302,7 +302,8 @@ class Composer:
             if r is not None:
                 return r
         mid = re.match(r"^([^?]+)\?\s*(?:and |also |,\s*)*([^?]+?)[?.!]?$", text, re.S)
-        if mid is not None and not self._writes(_norm(mid.group(1))) and not self._states_condition(mid.group(1)) \
+        if mid is not None and not self._writes(_norm(mid.group(1))) and self._writes(_norm(mid.group(2))) \
+                and not self._states_condition(mid.group(1)) \
                 and not _DEPENDS.search(_norm(mid.group(2))) and not _DEPENDS.search(_norm(mid.group(1))):
             # "what's boiler-7 pressure now? also set its setpoint to 68": a plain read, then an order of its own
             text = f"{mid.group(1).strip()}, and {mid.group(2).strip()}"
@@ -455,7 +456,7 @@ class Composer:
         """"put ahu-2 and ahu-3 in eco mode": the one order said once for a run of devices, as one sentence per
         device (the run replaced by each). None: not one run of two or more devices and nothing else named."""
         ds = devices_in(text, self.known)
-        if len(ds) < 2:
+        if len(ds) < 2 or self.known and any(d not in self.known for d in ds):
             return None
         spans = []
         for d in ds:
@@ -669,6 +670,8 @@ class Composer:
         in the order named, all with the one aggregate and window the words state (code reads those words; the model
         answers the read of the first device alone, for what the words leave open). None: not such a request."""
         ds = devices_in(text, self.known)
+        if self.known and any(d not in self.known for d in ds):
+            return None  # a name the registry does not have (a point like "flow_2", a typo): the model's
         pts = self.points.named(text)
         if len(pts) > 1 and "current" in pts and re.search(r"\b(?:current|curent|currnet|curren)\b(?!\s*(?:and|&|\+|,|or|"
                                                            r"draw|of|on|for|in)\b)", low):
