@@ -260,3 +260,35 @@ def test_sorry_and_a_number_corrects_the_proposed_value():
         got = (await call(r, "ask", {"text": "sorry 190"}))["result"]
         assert got["resolved"] == W("oven-2", "setpoint", 190) and world.writes == []
     asyncio.run(main())
+
+
+def test_a_new_value_for_it_after_a_declined_write_writes_the_same_point():
+    world = World({"oven-2": {"setpoint": 180.0, "temperature": 175.0}},
+                  {"set oven-2 setpoint to 200": W("oven-2", "setpoint", 200)})
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "set oven-2 setpoint to 200"})
+        assert (await call(r, "ask", {"text": "no"}))["result"]["resolved"] == {"confirm": False}
+        got = (await call(r, "ask", {"text": "make it 190 then"}))["result"]
+        assert got["resolved"] == W("oven-2", "setpoint", 190) and got["outcome"] == "confirm" and world.writes == []
+    asyncio.run(main())
+
+
+def test_swapped_letters_in_an_on_off_order_and_a_registered_point_said_as_it_is():
+    world = World({"pump-3": {"temperature": 85.2, "enabled": True, "position": 3.0}},
+                  {"temperature of pump-3 now": Q("pump-3", "temperature"), "stpo pump-3": W("pump-3", "enabled", False),
+                   "pump-3 position now": Q("pump-3", "enabled"),
+                   "lowest temperature pump-3 tody": Q("pump-3", "temperature", "min", 3600)})
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "temperature of pump-3 now"})
+        got = (await call(r, "ask", {"text": "stpo that pump"}))["result"]
+        assert got["resolved"] == W("pump-3", "enabled", False) and got["outcome"] == "confirm"
+        got = (await call(r, "ask", {"text": "pump-3 position now"}))["result"]
+        assert got["resolved"] == Q("pump-3", "position")
+        got = (await call(r, "ask", {"text": "lowest temperature pump-3 tody"}))["result"]
+        assert got["resolved"] == Q("pump-3", "temperature", "min", 86400)
+    asyncio.run(main())
+    assert world.writes == []

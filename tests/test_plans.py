@@ -563,3 +563,9 @@ def test_a_name_the_registry_does_not_have_as_a_device_is_not_a_second_read():
     world = World({"skid-9": {"flow_2": 3.0}}, {"max flow_2 @ skid-9 last hour": Q("skid-9", "flow_2", "max", 3600)})
     r = run(call(router(world), "ask", {"text": "max flow_2 @ skid-9 last hour"}))["result"]
     assert r["resolved"] == Q("skid-9", "flow_2", "max", 3600)
+
+
+def test_a_negation_voids_the_bare_devices_that_follow_it():
+    world = World(PUMPS, {"pump-4": Q("pump-4", "temperature"), "stop pump-4": W("pump-4", "enabled", False)})
+    r = run(call(router(world), "ask", {"text": "never stop pump-3 and pump-4"}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": "nothing"}} and world.writes == []

@@ -259,6 +259,16 @@ class Composer:
             else:
                 text = self._substitute(text, devices[0])
                 low = _norm(text)
+                last = frame.last.get("plan") or [frame.last]
+                wrote = {s["args"]["point"] for s in last if s.get("tool") == "write_point"
+                         and s["args"].get("device") == devices[0]}
+                own = self._value_only(text, devices[0], next(iter(wrote))) if len(wrote) == 1 else None
+                if own is not None:
+                    # "set it to 6.5 then" after a write of chiller-3's setpoint: the same point, the new value
+                    point = own["args"]["point"]
+                    said = re.sub(rf"(?<![\w-]){re.escape(devices[0])}(?![\w-])", f"{devices[0]} {point}", text,
+                                  count=1, flags=re.I)
+                    return Resolved(own, [said], {}, followup=True)
                 r = await self._fresh(text, low)
                 r.followup = True
                 return r
@@ -371,12 +381,26 @@ class Composer:
                 return clarify("which_device")  # one write for words that name several devices: which one is meant?
         if call["tool"] in ("clarify", "write_point"):
             mine = self._code_write(text)
-            if mine is not None and mine != call and (call["tool"] == "clarify" or self._misfit(call["args"], text)):
+            if mine is not None and (mine == call or call["tool"] == "clarify" or self._misfit(call["args"], text)):
                 call = mine  # the words say device, point and value plainly, and the model's answer does not fit them
+                fixed = _unslip_verbs(_norm(text))
+                if fixed != _norm(text):
+                    return Resolved(call, [fixed], self.meta)  # the guard reads the order as code read it ("stop")
         if call["tool"] not in ("status", "write_point") and _BACKLOG.search(text.lower()) \
                 and not devices_in(text, self.known):
             return Resolved({"tool": "status", "args": {}}, [text], self.meta)  # the queue to the cloud is status
         if call["tool"] == "query_stats" and isinstance(call["args"].get("device"), str):
+            low = _norm(text)
+            have = (self.known or {}).get(call["args"]["device"]) or []
+            literal = [p for p in have if re.search(rf"(?<![a-z_]){re.escape(p.lower())}(?![a-z_])", low)]
+            if len(literal) == 1 and literal[0] != call["args"]["point"] and not re.search(
+                    rf"(?<![a-z_]){re.escape(call['args']['point'].lower())}(?![a-z_])", low) \
+                    and len(self.points.named(low)) <= 1:
+                # "valve-3 position right now": the registry's own point, said as it is, over the model's guess
+                call = {"tool": "query_stats", "args": {**call["args"], "point": literal[0]}}
+            wins, stated = _windows(_unslip_words(low, ("today",)))
+            if stated and len(wins) == 1 and call["args"]["agg"] != "last" and call["args"]["window_s"] != wins[0]:
+                call = {"tool": "query_stats", "args": {**call["args"], "window_s": wins[0]}}  # "todya": today
             fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
             if fit != call["args"]["point"]:  # a point the device does not have, where the words or registry say which
                 call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
@@ -505,11 +529,14 @@ class Composer:
         prev_text: str | None = None
         prev_devices: list[str] = []
         clauses = self._borrow(clauses)
+        voided = False
         for c in clauses:
             c_low = _norm(c)
-            if _NEG.search(c_low):
-                continue  # a negation voids the step it governs
             ds = devices_in(c, self.known)
+            if _NEG.search(c_low) or voided and ds and self._bare(c, ds):
+                voided = True  # a negation voids the step it governs, and the bare devices it runs on to
+                continue
+            voided = False
             if not ds and prev_devices and self._writes(c_low) and not _FANOUT.search(c_low) \
                     and not _NAMED_LIKE.search(c_low) and (self._kind(c_low, prev_devices[0]) or
                                                            not _PRONOUN.search(c_low)):
@@ -1107,7 +1134,10 @@ def _yes_no(low: str) -> bool | None:
     if all(w in _NO_WORDS for w in words) and any(w in {"no", "nope", "nah", "cancel", "abort", "don't", "dont",
                                                         "never", "negative", "scrap", "forget"} for w in words):
         return False
+    strong = {"yes", "y", "yeah", "yep", "yup", "ok", "okay", "sure", "confirm", "confirmed", "proceed", "affirmative",
+              "go", "do"}
     if all(w in _YES_WORDS or _swapped(w, "yes") or _swapped(w, "confirm") for w in words) \
+            and any(w in strong or _swapped(w, "yes") or _swapped(w, "confirm") for w in words) \
             and not any(w in _NO_WORDS and w not in _YES_WORDS for w in words):
         return True
     return None
@@ -1168,13 +1198,16 @@ _VERBS = ("switch", "start", "close", "change", "enable", "disable", "activate",
           "adjust", "increase", "decrease", "resume", "pause", "report", "status", "alarms", "alerts", "whats")
 
 
+_SHORT_VERBS = ("stop", "open", "shut", "turn", "halt", "start")  # read through two swapped letters only ("stpo")
+
+
 def _unslip_verbs(low: str) -> str:
     """Order and question words with one slipped letter ("swtich", "strat", "chekc") read as the word, for the
     cutter's own decisions only (the model and the guard see the words as typed)."""
     from edge_agent.glm.words import one_edit
 
-    return " ".join(next((v for v in _VERBS if len(w) >= 5 and w not in _VERBS and one_edit(w, v)), w)
-                    for w in low.split())
+    return " ".join(next((v for v in _VERBS if len(w) >= 5 and w not in _VERBS and one_edit(w, v)), None)
+                    or next((v for v in _SHORT_VERBS if _swapped(w, v)), w) for w in low.split())
 
 
 def _shift(step: dict, base: int) -> dict:
