@@ -569,3 +569,20 @@ def test_a_negation_voids_the_bare_devices_that_follow_it():
     world = World(PUMPS, {"pump-4": Q("pump-4", "temperature"), "stop pump-4": W("pump-4", "enabled", False)})
     r = run(call(router(world), "ask", {"text": "never stop pump-3 and pump-4"}))["result"]
     assert r["resolved"] == {"tool": "clarify", "args": {"reason": "nothing"}} and world.writes == []
+
+
+def test_a_fan_out_over_a_slipped_kind_word_or_a_slipped_every():
+    devices = {f"damper-{n}": {"enabled": True} for n in range(1, 4)}
+    world = World(devices, {"shut zz-0": W("zz-0", "enabled", False), "turn zz-0 on": W("zz-0", "enabled", True)})
+    r = run(call(router(world), "ask", {"text": "shut all dapmers"}))["result"]
+    assert r["resolved"]["plan"][0] == {"tool": "list_devices", "args": {"filter": "damper"}}
+    r = run(call(router(world), "ask", {"text": "turn evry damper on"}))["result"]
+    assert r["resolved"]["plan"][0] == {"tool": "list_devices", "args": {"filter": "damper"}} and world.writes == []
+
+
+def test_an_elided_order_takes_its_own_values_never_the_previous_clauses():
+    world = World({"kiln-a": {"stage": 1}, "kiln-c": {"stage": 1}}, {})
+    r = run(call(router(world), "ask", {"text": "kiln-a to stage 4, kiln-c stage 5 please"}))["result"]
+    assert r["resolved"] == {"plan": [W("kiln-a", "stage", 4), W("kiln-c", "stage", 5)]} and world.writes == []
+    r = run(call(router(world), "ask", {"text": "kiln-a to stage 4, kiln-c 5"}))["result"]
+    assert r["resolved"]["tool"] == "clarify" and world.writes == []   # kiln-c's 5 of what? asked, never stage 4

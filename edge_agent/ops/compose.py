@@ -95,7 +95,8 @@ _SAID_AGG = [("hottest", "max"), ("highest", "max"), ("peak", "max"), ("maximum"
              ("coolest", "min"), ("average", "avg"), ("avg", "avg"), ("mean", "avg")]
 _PRONOUN = re.compile(r"\b(?:that|this|the same|the) (?:one|device|pump|fan|valve|tank|motor|machine|unit|sensor|"
                       r"boiler|heater|compressor|mixer|chiller|press|plc|line)\b|\b(?:its|it|it's|them|their|they)\b")
-_FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|each(?: of the)?|both)\s+([a-z][a-z_]*)\b(?!-)")
+_FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|evry|evrey|eveyr|evey|eveery|each(?: of the)?|both)\s+"
+                     r"([a-z][a-z_]*)\b(?!-)")
 # "the devices whose name contains pump", "pumps with 'line2' in the name": a filter on the ids
 _NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name|id)s? (?:contains?|includes?|has|"
                          r"have)|with (?:names?|ids?) (?:containing|including)|(?:named|called) like|matching|"
@@ -431,7 +432,7 @@ class Composer:
         return [p for p in pts if p in have] or [p for p in have
                                                  if re.search(rf"(?<![a-z]){re.escape(p.lower())}(?![a-z])", low)]
 
-    def _code_write(self, text: str) -> dict | None:
+    def _code_write(self, text: str, elliptic: bool = False) -> dict | None:
         """One write the words state plainly, read by code, or None: one device by its id; "start/stop/open/close/
         enable/disable/turn on/off X" -> enabled; "put X in eco mode", "X mode to eco" -> mode; "set X's P to N",
         "X P to N", "X to P N" -> P (a point the words name, on the device where the registry is known) with the one
@@ -457,7 +458,7 @@ class Composer:
                 return None
             value = on.group(1) is not None
             return {"tool": "write_point", "args": {"device": device, "point": "enabled", "value": value}}
-        if not re.search(r"\b(?:set|change|make|put|adjust|bump|raise|lower|move|switch|to)\b", rest):
+        if not elliptic and not re.search(r"\b(?:set|change|make|put|adjust|bump|raise|lower|move|switch|to)\b", rest):
             return None
         if len(vals) != 1 or len(pts) != 1 or pts[0] == "enabled" or _windows(rest)[1]:
             return None
@@ -547,15 +548,23 @@ class Composer:
                 if self._unnamed(c):
                     return clarify("which_device")  # "stop pump-1 and the mixer": a device not named by its id
                 continue
-            if ds and prev_text is not None and (self._bare(c, ds) or not (self._has_verb(c_low) or
-                                                                          self.points.named(c))):
+            own_words = re.sub("|".join(rf"(?<![\w-]){re.escape(d.lower())}(?![\w-])" for d in ds) or "^$", " ", c_low)
+            elliptic = None
+            if ds and steps and steps[-1]["tool"] == "write_point" and not self._has_verb(c_low) \
+                    and numbers(own_words):
+                # "chiller-b to stage 2, chiller-a stage 3": the order's words are elided, the values are its own
+                elliptic = self._code_write(c, elliptic=True)
+                if elliptic is None:
+                    return clarify("which_value")
+            if elliptic is None and ds and prev_text is not None and (self._bare(c, ds) or not (
+                    self._has_verb(c_low) or self.points.named(c) or numbers(own_words))):
                 # "stop pump-1 and pump-2": the bare device takes the previous clause's words
                 c = self._swap(prev_text, prev_devices, ds[0]) if prev_devices else c
             elif not ds and prev_devices and _PRONOUN.search(c_low):
                 c = self._substitute(c, prev_devices[0])
             elif not ds and prev_devices and self.points.named(c) and not self._has_verb(c_low):
                 c = f"{c} of {prev_devices[0]}"
-            r = await self._clause(c, _norm(c))
+            r = Resolved(elliptic, [c], self.meta) if elliptic is not None else await self._clause(c, _norm(c))
             if r.kind == "clarify":
                 return r
             if r.kind == "plan":
@@ -610,7 +619,7 @@ class Composer:
         for i, c in enumerate(clauses):
             c_low = _norm(c)
             if i == 0 and len(clauses) > 1 and devices_in(c, self.known) and not self._has_verb(c_low) \
-                    and not self.points.named(c) and not _FANOUT.search(c_low):
+                    and not self.points.named(c) and not _FANOUT.search(c_low) and not numbers(c):
                 carry = f"{carry}{c}, "
                 continue
             out.append(carry + c)
@@ -679,6 +688,12 @@ class Composer:
         word = _singular(next(g for g in m.groups() if g))
         if word in _NOT_KINDS:
             return await self._single(c)
+        if self.known and not any(word in d.lower() for d in self.known):
+            # "close all vlaves": the one kind of the registry's ids the word is a slip of
+            from edge_agent.glm.words import one_edit
+            kinds = {k.group() for d in self.known if (k := re.match(r"[a-z]+", d.lower()))}
+            near = [k for k in kinds if one_edit(word, k)]
+            word = near[0] if len(near) == 1 else word
         stand_in = "zz-0"
         if word in ("device", "devic", "machine", "unit", "thing", "one"):
             word = None  # "stop all devices": every device (the cap decides)
