@@ -586,3 +586,36 @@ def test_an_elided_order_takes_its_own_values_never_the_previous_clauses():
     assert r["resolved"] == {"plan": [W("kiln-a", "stage", 4), W("kiln-c", "stage", 5)]} and world.writes == []
     r = run(call(router(world), "ask", {"text": "kiln-a to stage 4, kiln-c 5"}))["result"]
     assert r["resolved"]["tool"] == "clarify" and world.writes == []   # kiln-c's 5 of what? asked, never stage 4
+
+
+def test_a_yes_no_question_before_an_order_never_makes_it_unconditional():
+    """"is press-3 hot? stop auger-2": the question may govern the order; it is never cut into a read and a write.
+    "what's bin-7 level now? then stop auger-2": a read asked for, then an order of its own: both."""
+    world = World(SILO, {"stop auger-2": W("auger-2", "enabled", False), "what's bin-7 level now": Q("bin-7", "level"),
+                         "is press-3 hot? then stop auger-2": W("auger-2", "enabled", False),
+                         "is press-3 hot? stop auger-2": W("auger-2", "enabled", False)})
+    for text in ("is press-3 hot? then stop auger-2", "is press-3 hot? stop auger-2"):
+        r = run(call(router(world), "ask", {"text": text}))["result"]
+        assert not any(s.get("tool") == "write_point" and "when" not in s
+                       for s in r["resolved"].get("plan", [r["resolved"]])), (text, r)
+    r = run(call(router(world), "ask", {"text": "what's bin-7 level now? then stop auger-2"}))["result"]
+    assert r["resolved"] == {"plan": [Q("bin-7", "level"), W("auger-2", "enabled", False)]}
+    assert world.writes == []
+
+
+def test_not_equal_to_is_one_comparison_and_two_conditions_stay_too_complex():
+    world = World(SILO, {"set press-3 setpoint to 72": W("press-3", "setpoint", 72)})
+    r = run(call(router(world), "ask", {"text": "if press-3 stage is not equal to 2 then set press-3 setpoint to 72"}))
+    assert r["result"]["resolved"]["plan"][1]["when"] == {"step": 1, "op": "!=", "value": 2}
+    r = run(call(router(world), "ask", {"text": "if press-3 stage is over 2 and its temperature is above 90 stop "
+                                                "auger-2"}))
+    assert r["result"]["resolved"] == {"tool": "clarify", "args": {"reason": "too_complex"}}
+
+
+def test_which_is_hotter_compares_and_how_cold_is_the_minimum():
+    world = World(SILO | {"press-4": {"temperature": 70.0}}, {"how cold did press-3 get today":
+                                                             Q("press-3", "temperature", "last", 86400)})
+    r = run(call(router(world), "ask", {"text": "which is hotter, press-3 or press-4?"}))["result"]
+    assert r["resolved"] == {"plan": [Q("press-3", "temperature", "avg", 3600), Q("press-4", "temperature", "avg", 3600)]}
+    r = run(call(router(world), "ask", {"text": "how cold did press-3 get today"}))["result"]
+    assert r["resolved"] == Q("press-3", "temperature", "min", 86400)

@@ -113,13 +113,18 @@ _STRIP = ",.;:!?()[]{}\"'`"
 # a number said in words ("seven", "eighty five", "two hundred and forty"): where a condition's value ends
 _NW = "|".join(sorted(NUMBER_WORDS, key=len, reverse=True))
 _NUMBER_WORDS = rf"(?:{_NW})(?:(?:[- ]|\s+and\s+)(?:{_NW}))*"
+# a read asked for with a wh-word or an imperative ("what's X", "check X"), not a yes/no question ("is X hot?")
+_READ_ASKED = re.compile(r"^(?:ok |okay |so |hey |please |pls )*(?:what|what's|whats|wats|how|which|show|read|check|"
+                         r"give|tell me|get|look at|report|list)\b")
 # on/off orders: group 1 is "on", else "off"
 _ONOFF = re.compile(r"^(?:please |pls |now |then |also |and |ok |okay )*(?:(start|open|enable|activate|resume|"
                     r"turn on|switch on|power on|power up|fire up|(?:turn|switch|power) \S+ on|run)|(?:stop|close|disable|"
                     r"deactivate|pause|halt|kill|turn off|switch off|power off|power down|shut(?: down| off)?|"
                     r"(?:turn|switch|power|shut) \S+ (?:off|down)))\b(?!.*\b(?:on|off)\b.*\b(?:on|off)\b)")
 # "compare", and how fingers and ears slip on it ("compair", "cmopare", "comapre")
-_COMPARE = re.compile(r"\b(?:compare|compar|compair|compaire|comapre|cmopare|ocmpare|copmare|comprae|compre|comparing|"
+_COMPARE = re.compile(r"\bwhich(?: one)? (?:is|was|runs|ran|has|had|got)\b.*\b(?:hotter|colder|warmer|cooler|higher|"
+                      r"lower|faster|slower|fuller|emptier|bigger|smaller|greater|drier|wetter|more|less)\b|"
+                      r"\b(?:compare|compar|compair|compaire|comapre|cmopare|ocmpare|copmare|comprae|compre|comparing|"
                       r"compared|comparison)\b|\bvs\.?(?!\w)|\bversus\b")
 _NOW = re.compile(r"\b(?:now|right now|rn|currently|current|curent|at the moment|atm|at present|presently|latest|"
                   r"live)\b")
@@ -304,6 +309,8 @@ class Composer:
         if q is None:
             q = re.match(r"^(.+?)\?\s*(.+)$", text, re.S)
             q = q if q is not None and self._states_condition(q.group(1)) and self._writes(_norm(q.group(2))) else None
+        if q is not None and _READ_ASKED.match(_norm(q.group(1))) and not self._states_condition(q.group(1)):
+            q = None  # "what's tank-2 level now? then stop pump-9": a read asked, then an order of its own
         if q is not None and "?" not in q.group(1):
             # "mixer_5 speed equals 0? then start mixer_5": a question that governs an order is a condition now
             text = f"if {q.group(1).strip()}, {q.group(2).strip()}"
@@ -312,8 +319,9 @@ class Composer:
             r = await self._reads(text, low)  # several reads (devices or points), one aggregate and window for all
             if r is not None:
                 return r
-        mid = re.match(r"^([^?]+)\?\s*(?:and |also |,\s*)*([^?]+?)[?.!]?$", text, re.S)
-        if mid is not None and not self._writes(_norm(mid.group(1))) and self._writes(_norm(mid.group(2))) \
+        mid = re.match(r"^([^?]+)\?\s*(?:and |also |then |,\s*)*([^?]+?)[?.!]?$", text, re.S)
+        if mid is not None and _READ_ASKED.match(_norm(mid.group(1))) \
+                and not self._writes(_norm(mid.group(1))) and self._writes(_norm(mid.group(2))) \
                 and not self._states_condition(mid.group(1)) \
                 and not _DEPENDS.search(_norm(mid.group(2))) and not _DEPENDS.search(_norm(mid.group(1))):
             # "what's boiler-7 pressure now? also set its setpoint to 68": a plain read, then an order of its own
@@ -407,6 +415,7 @@ class Composer:
                 call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
         if call["tool"] == "query_stats":
             said = {a for w, a in _SAID_AGG if re.search(rf"(?<![a-z]){w}(?![a-z])", text.lower())}
+            said = said or ({x} if (x := _said_agg(_norm(text))) in ("max", "min") else set())  # "how cold did"
             if len(said) == 1 and call["args"]["agg"] not in said:
                 # the operator's own word for the aggregate ("hottest" is max) wins over the model's choice
                 call = {"tool": "query_stats", "args": {**call["args"], "agg": said.pop()}}
@@ -827,10 +836,11 @@ class Composer:
         if _RATE.search(low):
             return clarify("too_complex")
         hits = []
-        for phrase, op in _CMP:
+        for phrase, op in sorted(_CMP, key=lambda c: -len(c[0])):  # "not equal to" before "is not", "equal to"
             for m in re.finditer(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])", low):
                 if not any(s < m.end() and m.start() < e for s, e, _ in hits):  # "is at least": one comparison
                     hits.append((m.start(), m.end(), op))
+        hits.sort()
         if not hits:
             hits = [(m.start(), m.end(), "==") for m in re.finditer(r"\b(?:is|at|reads|hits|reaches)\b", low)][:1]
         if len(hits) > 1 and len({h[2] for h in hits}) > 1 or re.search(r"\b(?:and|or)\b.*\b(?:above|below|over|"
