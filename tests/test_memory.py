@@ -248,6 +248,8 @@ def test_a_bare_device_a_window_and_a_slipped_undo_are_follow_ups():
         await call(r, "ask", {"text": "yes"})
         got = (await call(r, "ask", {"text": "put it bakc please"}))["result"]
         assert got["resolved"] == W("pump-3", "enabled", True) and got["outcome"] == "confirm"
+        got = (await call(r, "ask", {"text": "set it bak"}))["result"]
+        assert got["resolved"] == W("pump-3", "enabled", True)
     asyncio.run(main())
 
 

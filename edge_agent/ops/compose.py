@@ -407,7 +407,7 @@ class Composer:
                     and len(self.points.named(low)) <= 1:
                 # "valve-3 position right now": the registry's own point, said as it is, over the model's guess
                 call = {"tool": "query_stats", "args": {**call["args"], "point": literal[0]}}
-            wins, stated = _windows(_unslip_words(low, ("today",)))
+            wins, stated = _windows(_unslip_words(low, ("today",), 4))
             if stated and len(wins) == 1 and call["args"]["agg"] != "last" and call["args"]["window_s"] != wins[0]:
                 call = {"tool": "query_stats", "args": {**call["args"], "window_s": wins[0]}}  # "todya": today
             fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
@@ -1176,11 +1176,11 @@ def _swapped(a: str, b: str) -> bool:
     return len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
 
 
-def _unslip_words(low: str, vocab) -> str:
-    """Words of `vocab` with one slipped letter ("bakc") read as the word."""
+def _unslip_words(low: str, vocab, shortest: int = 3) -> str:
+    """Words of `vocab` with one slipped letter ("bakc", "bak") read as the word."""
     from edge_agent.glm.words import one_edit
 
-    return " ".join(next((v for v in vocab if len(w) >= 4 and w not in vocab and one_edit(w, v)), w)
+    return " ".join(next((v for v in vocab if len(w) >= shortest and w not in vocab and one_edit(w, v)), w)
                     for w in low.split())
 
 
