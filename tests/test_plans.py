@@ -619,3 +619,22 @@ def test_which_is_hotter_compares_and_how_cold_is_the_minimum():
     assert r["resolved"] == {"plan": [Q("press-3", "temperature", "avg", 3600), Q("press-4", "temperature", "avg", 3600)]}
     r = run(call(router(world), "ask", {"text": "how cold did press-3 get today"}))["result"]
     assert r["resolved"] == Q("press-3", "temperature", "min", 86400)
+
+
+@pytest.mark.parametrize("text,model", [
+    ("raise press-3 setpoint by 5", W("press-3", "setpoint", 5)),             # a change by an amount
+    ("make press-3 setpoint 10 degrees hotter", W("press-3", "setpoint", 10)),
+    ("bump press-3 setpoint up 3", W("press-3", "setpoint", 3)),
+    ("set press-3 setpoint to 70 or 72", W("press-3", "setpoint", 72)),       # two values
+    ("set press-3, press-4 setpoints to 61 and 62", W("press-3", "setpoint", 62)),
+])
+def test_a_write_whose_words_state_no_single_value_is_asked_back(text, model):
+    world = World(SILO | {"press-4": {"setpoint": 60.0}}, {text: model, text.replace(", press-4", ""): model})
+    r = run(call(router(world), "ask", {"text": text}))["result"]
+    assert r["resolved"]["tool"] == "clarify" and world.writes == [], (text, r)
+
+
+def test_a_condition_with_two_thresholds_is_too_complex():
+    world = World(SILO, {"stop auger-2": W("auger-2", "enabled", False)})
+    r = run(call(router(world), "ask", {"text": "if press-3 temperature is between 60 and 80 stop auger-2"}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": "too_complex"}}

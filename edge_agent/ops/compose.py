@@ -395,6 +395,9 @@ class Composer:
                 fixed = _unslip_verbs(_norm(text))
                 if fixed != _norm(text):
                     return Resolved(call, [fixed], self.meta)  # the guard reads the order as code read it ("stop")
+        if call["tool"] == "write_point" and _ambiguous_value(text, call["args"]):
+            return clarify("which_value", "say the value to write, once and as it should read "
+                                          "(a change by an amount, or two values, is not written)")
         if call["tool"] not in ("status", "write_point") and _BACKLOG.search(text.lower()) \
                 and not devices_in(text, self.known):
             return Resolved({"tool": "status", "args": {}}, [text], self.meta)  # the queue to the cloud is status
@@ -504,6 +507,8 @@ class Composer:
             if not re.fullmatch(r"\s*(?:,|&|\+|/|and|,\s*and|as well as)?\s*", text[e:b], re.I):
                 return None
         start, end = spans[0][0], spans[-1][1]
+        if len(numbers(_norm(text[:start] + " " + text[end:]))) > 1:
+            return None  # "set A, B setpoints to 61 and 62": a value each, not one for all
         return [f"{text[:start]}{d}{text[end:]}" for d in ds]
 
     async def _compound(self, text: str, low: str) -> Resolved:
@@ -833,8 +838,8 @@ class Composer:
     def _condition(self, cond: str) -> tuple[str, str, str, float] | Resolved:
         """(device, point, op, value) of a condition's words, or the clarify it needs."""
         low = _unslip(_norm(cond))
-        if _RATE.search(low):
-            return clarify("too_complex")
+        if _RATE.search(low) or re.search(r"\b(?:between|from \S+ to|outside|within|in the range)\b", low):
+            return clarify("too_complex")  # a rate, or two thresholds
         hits = []
         for phrase, op in sorted(_CMP, key=lambda c: -len(c[0])):  # "not equal to" before "is not", "equal to"
             for m in re.finditer(r"(?<![a-z])" + re.escape(phrase) + r"(?![a-z])", low):
@@ -1182,6 +1187,25 @@ def _unslip_words(low: str, vocab, shortest: int = 3) -> str:
 
     return " ".join(next((v for v in vocab if len(w) >= shortest and w not in vocab and one_edit(w, v)), w)
                     for w in low.split())
+
+
+_RELATIVE = re.compile(r"\bby\s+(?:-?[0-9]|[a-z]+\b(?<!the)(?<!a))|[0-9]\s*(?:[a-z%°]+\s+)?(?:higher|lower|hotter|colder|"
+                       r"warmer|cooler|more|less|up|down|above|below|over|under)\b|\b(?:up|down)\s+(?:by\s+)?-?[0-9]|"
+                       r"\b(?:increase|decrease|raise|lower|bump|reduce|drop|add|subtract)\b(?!.*\b(?:to|at|=)\s+-?[0-9])"
+                       r".*[0-9]")
+
+
+def _ambiguous_value(text: str, args: dict) -> bool:
+    """A numeric write whose words state a change by an amount ("raise X by 5", "5 degrees hotter") or more than one
+    value ("to 70 or 72"): the value to write is not what the words say plainly."""
+    value = args.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low = _norm(text)
+    for d in {args.get("device", "")} | set(re.findall(r"(?<![\w-])[a-z][\w.:/-]*[0-9][\w.:/-]*", low)):
+        if d:
+            low = re.sub(rf"(?<![\w-]){re.escape(str(d).lower())}(?![\w-])", " ", low)
+    return bool(_RELATIVE.search(low)) or len(numbers(low)) > 1 and not _windows(low)[1]  # a time: the guard's
 
 
 def _said_agg(low: str) -> str | None:
