@@ -638,3 +638,24 @@ def test_a_condition_with_two_thresholds_is_too_complex():
     world = World(SILO, {"stop auger-2": W("auger-2", "enabled", False)})
     r = run(call(router(world), "ask", {"text": "if press-3 temperature is between 60 and 80 stop auger-2"}))["result"]
     assert r["resolved"] == {"tool": "clarify", "args": {"reason": "too_complex"}}
+
+
+def test_reads_of_several_points_of_several_devices_and_a_window_each():
+    world = World(GRAIN, {"hopper-3 moisture last 10 min": Q("hopper-3", "moisture", "avg", 600),
+                          "hopper-4 levels last hour": Q("hopper-4", "level", "avg", 3600),
+                          "hopper-3 moisture now": Q("hopper-3", "moisture")})
+    r = run(call(router(world), "ask", {"text": "hopper-3 and hopper-4 moistures and levels now"}))["result"]
+    assert r["resolved"] == {"plan": [Q("hopper-3", "moisture"), Q("hopper-3", "level"), Q("hopper-4", "moisture"),
+                                      Q("hopper-4", "level")]}
+    r = run(call(router(world), "ask", {"text": "hopper-3 moisture last 10 min, hopper-4 levels last hour"}))["result"]
+    assert r["resolved"] == {"plan": [Q("hopper-3", "moisture", "avg", 600), Q("hopper-4", "level", "avg", 3600)]}
+
+
+def test_a_standing_condition_held_for_a_time_is_too_complex_and_an_order_after_it_is_its_action():
+    world = World(SILO, {"stop auger-2": W("auger-2", "enabled", False)})
+    r = run(call(router(world), "ask", {"text": "warn me if bin-7 level is below 5 for 10 minutes"}))["result"]
+    assert r["resolved"] == {"tool": "clarify", "args": {"reason": "too_complex"}}
+    r = run(call(router(world), "ask", {"text": "notify me whenever bin-7 level is below 5 and stop auger-2"}))["result"]
+    assert r["resolved"]["args"] == {"kind": "below", "device": "bin-7", "point": "level", "threshold": 5,
+                                     "action_device": "auger-2", "action_point": "enabled", "action_value": "false"}
+    assert world.rules == []

@@ -442,7 +442,7 @@ class Composer:
         if not have:
             return pts
         return [p for p in pts if p in have] or [p for p in have
-                                                 if re.search(rf"(?<![a-z]){re.escape(p.lower())}(?![a-z])", low)]
+                                                 if re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", low)]
 
     def _code_write(self, text: str, elliptic: bool = False) -> dict | None:
         """One write the words state plainly, read by code, or None: one device by its id; "start/stop/open/close/
@@ -571,7 +571,8 @@ class Composer:
                 if elliptic is None:
                     return clarify("which_value")
             if elliptic is None and ds and prev_text is not None and (self._bare(c, ds) or not (
-                    self._has_verb(c_low) or self.points.named(c) or numbers(own_words))):
+                    self._has_verb(c_low) or self.points.named(c) or numbers(own_words)
+                    or self._said_points(own_words, (self.known or {}).get(ds[0])))):
                 # "stop pump-1 and pump-2": the bare device takes the previous clause's words
                 c = self._swap(prev_text, prev_devices, ds[0]) if prev_devices else c
             elif not ds and prev_devices and _PRONOUN.search(c_low):
@@ -737,9 +738,14 @@ class Composer:
             if len(pts) > 1:
                 pts = [p for p in pts if p in have] or pts  # a point word none of these devices has is not one here
             own = sorted((m.start(), p) for p in have
-                         for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}(?![a-z])", low)] if m)
+                         for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", low)] if m)
             if own and any(p not in have for p in pts):
                 pts = [p for _, p in own]  # the registry's own name for the point, said as it is registered
+            plural = sorted((m.start(), p) for p in have
+                            for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", low)] if m)
+            extra = [p for _, p in plural if p not in pts]
+            if pts and extra:
+                pts = pts + extra  # "temps and levels": every registered point said, plurals too
         comparing = _COMPARE.search(low) is not None
         if not ds or (len(ds) < 2 and len(pts) < 2):
             return clarify("which_device") if comparing and not ds else None
@@ -759,6 +765,8 @@ class Composer:
         if comparing and not pts:
             return clarify("which_value")  # "compare A and B" without a point
         windows, stated = _windows(text)
+        if stated and len(windows) > 1:
+            return None  # a window each: not one read copied
         window = windows[0] if stated and windows else None
         agg = _said_agg(low)
         if comparing:
@@ -815,6 +823,9 @@ class Composer:
         own = [table.named(low[s:(starts[i + 1] if i + 1 < len(starts) else len(low))]) for i, s in enumerate(starts)]
         if not table.named(low[:starts[0]]) and all(len(o) == 1 for o in own):
             return [(d, o[0]) for d, o in zip(ds, own)]
+        before = table.named(low[:starts[0]])
+        if not any(own[:-1]) and not (before and own[-1]):  # "A and B temps and levels": every point, every device
+            return [(d, p) for d in ds for p in pts]
         return None
 
     # ---- compare ----
@@ -998,6 +1009,10 @@ class Composer:
             if m is None:
                 return clarify("which_value")
             cond, action = text[m.end():].strip(" ,?.!"), ""
+            tail = re.search(r"\s*,?\s*\b(?:and|then|and then)\s+(.+)$", cond, re.I)
+            if tail is not None and self._writes(_norm(tail.group(1))):
+                # "notify me whenever pump-9 flow is below 1 and stop pump-9": the order is the rule's action
+                cond, action = cond[:tail.start()].strip(" ,"), tail.group(1).strip(" ,")
             lead = text[:m.start()]
             if re.search(r"\band\b", lead, re.I) and self._writes(_norm(lead)):
                 action = re.sub(r"\s*(?:and\s+)?(?:alert|notify|warn|let|ping|message|email|page|send|raise)\b.*$",
@@ -1031,6 +1046,8 @@ class Composer:
                 return clarify("which_value")
             args: dict[str, Any] = {"kind": "nodata", "device": device, "point": pts[0], "seconds": wins[0]}
         else:
+            if _windows(cond)[1]:
+                return clarify("too_complex")  # "over 80 for 10 minutes": a duration, not one threshold
             c = self._condition(cond)
             if isinstance(c, Resolved):
                 return c
