@@ -659,3 +659,29 @@ def test_a_standing_condition_held_for_a_time_is_too_complex_and_an_order_after_
     assert r["resolved"]["args"] == {"kind": "below", "device": "bin-7", "point": "level", "threshold": 5,
                                      "action_device": "auger-2", "action_point": "enabled", "action_value": "false"}
     assert world.rules == []
+
+
+def test_a_name_filter_lists_or_fans_out_and_its_word_is_no_device():
+    """'whose name contains X' is a filter on the ids (issue 23 §6): a listing, or a fan-out of the order over what it
+    finds; X ('cell7', with a digit) is a part of ids, never taken for a device of its own."""
+    world = World({"cell7_robot": {"enabled": True}, "cell7_feeder": {"enabled": True}, "cell8_robot": {"enabled": True}},
+                  {"halt zz-0": W("zz-0", "enabled", False)})
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "show me the devices whose name contains cell7"}))["result"]
+        assert a["resolved"] == {"tool": "list_devices", "args": {"filter": "cell7"}}, a
+        b = (await call(r, "ask", {"text": "halt everything whose name contains cell7"}))["result"]
+        assert b["resolved"]["plan"] == [{"tool": "list_devices", "args": {"filter": "cell7"}},
+                                         {"tool": "write_point", "args": {"device": {"each": 1}, "point": "enabled",
+                                                                          "value": False}}], b
+        assert sorted(w["device"] for w in b["confirm"]["writes"]) == ["cell7_feeder", "cell7_robot"]
+        assert world.writes == []
+    run(main())
+
+
+def test_alarms_on_a_named_device_keep_the_device():
+    world = World({"press_a": {"pressure": 3.0}, "press_b": {"pressure": 2.0}},
+                  {"any alarms on press_a?": {"tool": "list_alerts", "args": {"device": None}}})
+    r = run(call(router(world), "ask", {"text": "any alarms on press_a?"}))["result"]
+    assert r["resolved"] == {"tool": "list_alerts", "args": {"device": "press_a"}}, r

@@ -295,6 +295,12 @@ class Composer:
 
     # ---- a request of its own ----
     async def _fresh(self, text: str, low: str) -> Resolved:
+        named = _NAMED_LIKE.search(low)
+        if named is not None and not self._others(text, named) and _has(low, _HYPOTHETICAL) is None \
+                and not _SCHEDULE.search(low) and _has(low, _STANDING) is None and not re.search(r"\bif\b", low):
+            # "list everything whose name contains line3", "stop the devices whose name has line2": a filter on the
+            # ids (a listing, or a fan-out of the order over what it finds), whatever else the words hold
+            return await self._clause_single(text, low)
         if _has(low, _HYPOTHETICAL) is not None:
             r = await self._single(text)
             # "what would happen if I stopped pump-1", "suppose I raised ...": nothing to do (a read stays a read)
@@ -416,6 +422,10 @@ class Composer:
             fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
             if fit != call["args"]["point"]:  # a point the device does not have, where the words or registry say which
                 call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
+        if call["tool"] == "list_alerts" and call["args"].get("device") is None and self.known:
+            ds = [d for d in devices_in(text, self.known) if d in self.known]
+            if len(ds) == 1:  # "any alarms on boiler_b?": the one registered device the words name, not every one
+                call = {"tool": "list_alerts", "args": {"device": ds[0]}}
         if call["tool"] == "query_stats":
             said = {a for w, a in _SAID_AGG if re.search(rf"(?<![a-z]){w}(?![a-z])", text.lower())}
             said = said or ({x} if (x := _said_agg(_norm(text))) in ("max", "min") else set())  # "how cold did"
@@ -679,9 +689,15 @@ class Composer:
             return await self._compare(c, c_low)
         return await self._clause_single(c, c_low)
 
+    def _others(self, text: str, named: re.Match) -> list[str]:
+        """The devices the words name besides the name filter's own word ("whose name contains line3": line3 is a
+        part of ids, not a device)."""
+        part = named.group(1) or named.group(2)
+        return [d for d in devices_in(text, self.known) if d.lower() != part]
+
     async def _clause_single(self, c: str, c_low: str) -> Resolved:
         named = _NAMED_LIKE.search(c_low)
-        if named is not None and not devices_in(c, self.known):
+        if named is not None and not self._others(c, named):
             if self._writes(c_low[:named.start()]):
                 return await self._fanout(c, named)
             return Resolved({"tool": "list_devices", "args": {"filter": named.group(1) or named.group(2)}}, [c],
