@@ -685,3 +685,13 @@ def test_alarms_on_a_named_device_keep_the_device():
                   {"any alarms on press_a?": {"tool": "list_alerts", "args": {"device": None}}})
     r = run(call(router(world), "ask", {"text": "any alarms on press_a?"}))["result"]
     assert r["resolved"] == {"tool": "list_alerts", "args": {"device": "press_a"}}, r
+
+
+def test_a_condition_that_names_no_point_is_asked_back_even_where_the_device_has_one():
+    """The conventions: a condition must name its point. 'if sump-9 is over 2.5 now start drain-pump-1' names none:
+    clarify which_value, nothing proposed (it once took the device's only point and proposed the write)."""
+    world = World({"sump-9": {"level": 3.1}, "drain-pump-1": {"enabled": False}},
+                  {"start drain-pump-1": W("drain-pump-1", "enabled", True)})
+    r = run(call(router(world), "ask", {"text": "if sump-9 is over 2.5 now start drain-pump-1"}))["result"]
+    assert r["outcome"] == "clarify" and r["reason"] == "which_value", r
+    assert "confirm" not in r and world.writes == []

@@ -893,8 +893,6 @@ class Composer:
         if not pts:
             pts = [p for rx, p in _IMPLIED if re.search(rx, low)][:1]
             pts = pts if not self.known or not device or pts and pts[0] in self.known.get(device, pts) else []
-        if not pts and device and self.known and len(self.known.get(device, [])) == 1:
-            pts = list(self.known[device])
         if not pts:
             extra = [p for p in (self.known or {}).get(device, []) if re.search(rf"\b{re.escape(p.lower())}\b", low)]
             pts = extra
