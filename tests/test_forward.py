@@ -224,6 +224,15 @@ def test_state_follows_the_registry(tmp_path):
             await asyncio.sleep(0.1)
         assert set(s.forward.states) == {("stays", "p")}
         assert (await s.query("SELECT device FROM forward_state")) == [("stays",)]
+        # a ruled device among many unruled series: forgotten, its state goes with it (the same transaction)
+        s2 = await _open(tmp_path / "b", rules({"device": "ruled", "deadband": 1}))
+        await s2.write([R(1.0, 0, device="ruled"), *(R(1.0, 0, device=f"free-{i}") for i in range(5))])
+        assert set(s2.forward.states) == {("ruled", "p")}
+        await s2.forget_device("ruled")
+        assert s2.forward.states == {} and (await s2.query("SELECT count(*) FROM forward_state")) == [(0,)]
+        await s2.write([R(1.0, 1, device="ruled")])  # it returns: forwarded afresh, not within the old band
+        assert [r["device"] for r in (await _outbox(s2))[1]].count("ruled") == 2
+        await s2.close()
         await s.close()
     asyncio.run(main())
 

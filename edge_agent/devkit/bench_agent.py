@@ -21,7 +21,7 @@ from pathlib import Path
 from edge_agent import ops
 from edge_agent.config import AskConfig, CommandsConfig, StoreConfig
 from edge_agent.metrics import Metrics
-from edge_agent.ops.memory import MAX_FRAME_BYTES, Memory, size
+from edge_agent.ops.memory import MAX_FRAME_BYTES, Memory
 from edge_agent.records import Reading
 from edge_agent.store import Store
 
@@ -52,7 +52,17 @@ class _Memory:
                 "value": self.world[device][point]}
 
 
-def _router(engine, devices, query, memory: Memory | None = None, write=None) -> ops.Router:
+class _Store:
+    """The reads from a real store."""
+
+    def __init__(self, store: Store) -> None:
+        self.devices, self.query = store.devices, store.query_stats
+
+
+def router(engine, world, memory: Memory | None = None, clock=None) -> ops.Router:
+    """`ask` as the daemon runs it (ask.writes = confirm) over a world that answers `devices` and `query` (and, where
+    it has them, `write` and `rules_add`; else they are refused), with the shipped engine; `clock` drives the
+    confirmations' and the memory's expiry (a simulated dialogue's)."""
     m = Metrics()
 
     async def ask(text: str, known: dict) -> dict:
@@ -60,15 +70,20 @@ def _router(engine, devices, query, memory: Memory | None = None, write=None) ->
         return {"call": plan.call, "model": "shipped", "provider": "cpu", "timings": {}}
 
     async def refuse(*_a):
-        raise PermissionError("the benchmark writes nothing")
+        raise PermissionError("this world writes nothing")
 
     async def no_alerts(device, n):
         return {"firing": [], "cleared": []}
     cfg = AskConfig(writes="confirm")
-    gw = ops.Gateway(status=dict, devices=devices, query_stats=query, write_point=write or refuse, config=dict,
-                     log_lines=list, rules_list=list, rules_add=refuse, rules_remove=refuse, alerts=no_alerts, ask=ask,
-                     pending=ops.PendingWrites(cfg, m.ask_outcomes.labels("dropped")),
-                     memory=memory if memory is not None else Memory(cfg.memory_ttl_s, cfg.max_requesters))
+    pending = ops.PendingWrites(cfg, m.ask_outcomes.labels("dropped"))
+    if memory is None:
+        memory = Memory(cfg.memory_ttl_s, cfg.max_requesters, lambda e: m.agent_events.labels(e).inc())
+    if clock is not None:
+        pending.clock = memory.clock = clock
+    gw = ops.Gateway(status=dict, devices=world.devices, query_stats=world.query,
+                     write_point=getattr(world, "write", refuse), config=dict, log_lines=list, rules_list=list,
+                     rules_add=getattr(world, "rules_add", refuse), rules_remove=refuse, alerts=no_alerts, ask=ask,
+                     pending=pending, memory=memory)
     return ops.Router(CommandsConfig(allow=["read-only", "write", "confirm", "rules.add"]), ops.TABLE, gw, m,
                       gateway_id="bench")
 
@@ -86,8 +101,7 @@ async def _run(engine, plans: list[dict], dialogues: list[dict], reps: int) -> d
     static: list[float] = []
     for _ in range(reps):
         for item in plans:
-            w = _Memory(item["world"])
-            static.append(await _ask(_router(engine, w.devices, w.query), item["text"], "bench"))
+            static.append(await _ask(router(engine, _Memory(item["world"])), item["text"], "bench"))
     merged: dict[str, dict] = {}
     for item in plans:
         for d, ps in item["world"].items():
@@ -103,7 +117,7 @@ async def _run(engine, plans: list[dict], dialogues: list[dict], reps: int) -> d
                     for d, ps in merged.items() for p, v in ps.items() if v is not None for k in range(60, 0, -1)]
             for i in range(0, len(rows), 2000):
                 await store.write(rows[i:i + 2000])
-            store_router = _router(engine, store.devices, store.query_stats)
+            store_router = router(engine, _Store(store))
             e2e: list[float] = []
             for _ in range(reps):
                 for item in plans:
@@ -114,11 +128,11 @@ async def _run(engine, plans: list[dict], dialogues: list[dict], reps: int) -> d
     frames: list[int] = []
     for dlg in dialogues:
         w = _Memory(dlg["world"])
-        router = _router(engine, w.devices, w.query, memory, w.write)
+        r = router(engine, w, memory)
         for t in dlg["turns"]:
             who = f"{dlg['id']}:{t.get('who', 'op')}"
-            await _ask(router, t["text"], who)
-            frames.extend(size(f) for f in memory._frames.values())
+            await _ask(r, t["text"], who)
+            frames.extend(memory.sizes())
     return {"requests": len(plans), "reps": reps, "static_ms_p50": _pct(static, 0.5),
             "static_ms_p95": _pct(static, 0.95), "store_ms_p50": _pct(e2e, 0.5), "store_ms_p95": _pct(e2e, 0.95),
             "series_in_store": sum(len(ps) for ps in merged.values()), "readings_in_store": len(rows),

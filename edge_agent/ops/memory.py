@@ -89,6 +89,10 @@ class Memory:
             self._count("memory_evicted")
         return True
 
+    def sizes(self) -> list[int]:
+        """The size of each requester's frame (canonical JSON bytes, as MAX_FRAME_BYTES is checked)."""
+        return [size(f) for f in self._frames.values()]
+
     def forget(self, key: tuple) -> None:
         self._frames.pop(key, None)
 

@@ -42,6 +42,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edge_agent.records import Reading
+from edge_agent.store.forward import Aggregate
+
 _JSON_NAMES: dict[str, str] = {}
 _SERIES_JSON: dict[tuple, tuple[str, str, str]] = {}  # (device, point, unit, source) -> the JSON around a value
 
@@ -194,6 +197,13 @@ def _records(payload: bytes) -> list[dict]:
     return json.loads(b"[" + payload + b"]")
 
 
+def _record(r: dict) -> Reading | Aggregate:
+    """A record decoded from a JSON row, as encode_rows reads it (null, a non-finite float's JSON, as NaN again)."""
+    v = math.nan if r["value"] is None else r["value"]
+    base = (r["device"], r["point"], v, r["unit"], r["ts"], r["quality"], r["source"])
+    return Aggregate(*base, r["count"], r["end"], r["agg"]) if "count" in r else Reading(*base)
+
+
 def batch_json(gateway: str, first: int, last: int, count: int, payloads: list[bytes]) -> bytes:
     """The JSON telemetry message of outbox rows (their payloads in order)."""
     parts = []
@@ -246,7 +256,8 @@ def batch_columns(gateway: str, first: int, last: int, count: int, payloads: lis
         if not p:
             continue
         if not p.startswith(b'{"k"'):  # written under the json encoding
-            p = encode_rows([r["seq"] for r in _records(p)], [_Rec(r) for r in _records(p)])
+            recs = _records(p)
+            p = encode_rows([r["seq"] for r in recs], [_record(r) for r in recs])
         doc = json.loads(p)
         remap = np.array([series.setdefault(k, len(series)) for k in doc["k"]], dtype=np.int64)
         sidx.append(remap[np.asarray(doc["i"], dtype=np.int64)] if doc["i"] else np.zeros(0, np.int64))
@@ -313,22 +324,6 @@ def batch_columns(gateway: str, first: int, last: int, count: int, payloads: lis
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     body = b"".join([struct.pack("<I", len(head)), head, *(b for _, _, b in cols)])
     return MAGIC + CODECS[compression] + compress(body, compression, level)
-
-
-class _Rec:
-    """A record decoded from a JSON row, as encode_rows reads it."""
-    __slots__ = ("device", "point", "value", "unit", "ts_ns", "quality", "source", "count", "end_ns", "mode", "_n")
-
-    def __init__(self, r: dict) -> None:
-        self.device, self.point, self.value, self.unit = r["device"], r["point"], r["value"], r["unit"]
-        self.ts_ns, self.quality, self.source = r["ts"], r["quality"], r["source"]
-        self.value = r["value"] if r["value"] is not None else math.nan
-        self._n = 7
-        if "count" in r:
-            self.count, self.end_ns, self.mode, self._n = r["count"], r["end"], r["agg"], 10
-
-    def __len__(self) -> int:
-        return self._n
 
 
 def compress(body: bytes, compression: str, level: int = 3) -> bytes:

@@ -125,6 +125,7 @@ class Forwarder:
         self._heap: list[tuple[int, tuple[str, str]]] = []   # (when an open interval is due, its series)
         self._reconcile = True  # open intervals are checked against the rules at the next commit
         self.tx: Tx | None = None
+        self.checked = 0.0  # (monotonic) when the states were last checked against the registry
 
     @property
     def idle(self) -> bool:
@@ -192,6 +193,11 @@ class Forwarder:
             conn.executemany("DELETE FROM forward_state WHERE device = ? AND point = ?", gone)
             for k in gone:
                 del self.states[k]
+
+    def forget_device(self, device: str) -> None:
+        """(after its rows were deleted: devices.forget) The device's series states go."""
+        for k in [k for k in self.states if k[0] == device]:
+            del self.states[k]
 
     # -- rules ------------------------------------------------------------------------------------------
     def rule(self, device: str, point: str) -> Rule | None:

@@ -406,6 +406,7 @@ class ForgetDevice(Job):
         for job in jobs:
             known = conn.execute("DELETE FROM devices WHERE device = ?", (job.device,)).rowcount
             n = conn.execute("DELETE FROM points WHERE device = ?", (job.device,)).rowcount
+            conn.execute("DELETE FROM forward_state WHERE device = ?", (job.device,))  # it starts afresh if it returns
             tx.results.append((job.fut, n if known else None))
             tx.state.setdefault("forgotten", []).append(job.device)
 
@@ -413,6 +414,7 @@ class ForgetDevice(Job):
     def committed(cls, store, tx, jobs):
         for device in tx.state.get("forgotten", ()):
             store.registry.forget(device)
+            store.forward.forget_device(device)
 
 
 @dataclass
@@ -446,7 +448,9 @@ class ForwardState(Job):
         fwd = store.forward
         if fwd.has_due(time.time_ns()):  # a silent series' interval: a commit sends it
             store.put(ForwardState())
-        if len(fwd.states) > len(store.registry.series):  # series left the registry: their states go
+        now = time.monotonic()
+        if fwd.states and (len(fwd.states) > len(store.registry.series) or now - fwd.checked >= 60):
+            fwd.checked = now  # series that left the registry (expired, forgotten): their states go
             conn.execute("BEGIN IMMEDIATE")
             fwd.forget(conn, store.registry.series)
             conn.execute("COMMIT")

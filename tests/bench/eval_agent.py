@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from edge_agent import ops  # noqa: E402
-from edge_agent.config import AskConfig, CommandsConfig, ModelConfig  # noqa: E402
+from edge_agent.config import ModelConfig  # noqa: E402
 from edge_agent.glm.engine import Engine  # noqa: E402
-from edge_agent.metrics import Metrics  # noqa: E402
-from edge_agent.ops.memory import Memory  # noqa: E402
+from edge_agent.devkit.bench_agent import router  # noqa: E402
 
 
 LATENCY: list[float] = []  # seconds per ask, every request of a run
@@ -77,27 +76,7 @@ class Clock:
 
 
 def _router(world: World, engine: Engine, clock: Clock | None = None) -> ops.Router:
-    m = Metrics()
-
-    async def ask(text: str, known: dict) -> dict:
-        plan = await engine.ask(text, known=known)
-        return {"call": plan.call, "model": "shipped", "provider": "cpu", "timings": {}}
-
-    async def nope(*_a):
-        raise PermissionError("not in this evaluation")
-
-    async def no_alerts(device, n):
-        return {"firing": [], "cleared": []}
-    cfg = AskConfig(writes="confirm")
-    pending = ops.PendingWrites(cfg, m.ask_outcomes.labels("dropped"))
-    memory = Memory(cfg.memory_ttl_s, cfg.max_requesters, lambda e: m.agent_events.labels(e).inc())
-    if clock is not None:
-        pending.clock = memory.clock = clock
-    gw = ops.Gateway(status=dict, devices=world.devices, query_stats=world.query, write_point=world.write,
-                     config=dict, log_lines=list, rules_list=list, rules_add=world.rules_add, rules_remove=nope,
-                     alerts=no_alerts, ask=ask, pending=pending, memory=memory)
-    return ops.Router(CommandsConfig(allow=["read-only", "write", "confirm", "rules.add"]), ops.TABLE, gw, m,
-                      gateway_id="eval")
+    return router(engine, world, clock=clock)
 
 
 async def turn(router: ops.Router, text: str, who: str = "eval") -> tuple[dict, dict]:
