@@ -294,3 +294,20 @@ def test_swapped_letters_in_an_on_off_order_and_a_registered_point_said_as_it_is
         assert got["resolved"] == Q("pump-3", "temperature", "min", 86400)
     asyncio.run(main())
     assert world.writes == []
+
+
+def test_a_value_for_it_after_a_read_of_a_setting_sets_that_setting_and_never_a_measurement():
+    world = World({"still-6": {"setpoint": 78.0, "temperature": 77.5, "enabled": True}},
+                  {"still-6 setpoint now": Q("still-6", "setpoint"), "still-6 temperature now": Q("still-6", "temperature"),
+                   "set still-6 to 74": {"tool": "clarify", "args": {"reason": "which_value"}}})
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "still-6 setpoint now"})
+        a = (await call(r, "ask", {"text": "set it to 74"}))["result"]
+        assert a["resolved"] == W("still-6", "setpoint", 74) and a["outcome"] == "confirm", a
+        await call(r, "ask", {"text": "still-6 temperature now"})
+        b = (await call(r, "ask", {"text": "set it to 74"}))["result"]  # a temperature is measured, not set
+        assert b["outcome"] == "clarify" and "confirm" not in b, b
+        assert world.writes == []
+    asyncio.run(main())

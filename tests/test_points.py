@@ -131,3 +131,14 @@ def test_a_yes_no_question_about_a_value_reads_its_last_value():
     for text in ("is the average temperature of pump-3 above 20 today", "was the max pressure above 5?",
                  "what is the temperature of x-1", "is x-1 temp above 20 in the last hour"):
         assert not is_yes_no_now(text), text
+
+
+def test_the_registrys_own_names_extend_the_composers_table_but_never_the_request_words():
+    t = SHIPPED.with_registered({"turbidity", "uv_intensity", "moisture", "count", "status", "temperature"})
+    assert t.named("clarifier_1 turbidity and ph now") == ["turbidity"]
+    assert t.named("uv intensity of uv-2") == ["uv_intensity"] and t.named("turbdity") == ["turbidity"]
+    assert t.named("moisture of bin-4") == ["moisture"]  # said as registered: the registry's point
+    assert SHIPPED.named("moisture of bin-4") == ["humidity"]  # the shipped table itself is unchanged
+    assert t.named("count of readings on pump-1") == [] and t.named("status please") == []
+    assert SHIPPED.with_registered({"temperature", "count"}) is SHIPPED  # nothing new: the same table
+    assert SHIPPED.with_registered({"turbidity"}) is SHIPPED.with_registered({"turbidity"})  # kept, bounded

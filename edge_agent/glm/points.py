@@ -44,6 +44,10 @@ _VERBS = frozenset({("power", "up"), ("power", "down"), ("power", "on"), ("power
 _DETERMINERS = frozenset({"the", "its", "their", "of", "what", "what's", "whats", "and", "at", "on", "for", "current"})
 # after a number these are its unit, not the point ("to 245 rpm", "5 kw", "-46 degrees")
 _UNITS = frozenset({"rpm", "kw", "psi", "amps", "amp", "volts", "volt", "watts", "degrees", "revs", "kilowatts"})
+# registered point names that are words of requests, not points ("count of readings", "the status")
+_RESERVED = frozenset({"count", "min", "max", "avg", "mean", "last", "status", "state", "alarm", "alarms", "alert",
+                       "alerts", "now", "today", "hour", "day", "all", "value", "it", "on", "off", "set", "is", "of",
+                       "the", "and", "or", "to", "in", "at"})
 _NUMBER = re.compile(r"-?[0-9][0-9.,]*")
 _WORD = re.compile(r"[a-z0-9_\-\u2082]+")
 
@@ -56,6 +60,8 @@ class PointTable:
     """The point names the grammar offers and the phrases that name each (the shipped table plus a gateway's)."""
 
     def __init__(self, extra: Mapping[str, list[str]] | None = None) -> None:
+        self._extra = {k: list(v) for k, v in (extra or {}).items()}
+        self._with: dict[frozenset, PointTable] = {}
         words: dict[str, list[str]] = {k: list(v) for k, v in POINT_WORDS.items()}
         for name, said in (extra or {}).items():
             words.setdefault(name, [name])
@@ -112,6 +118,33 @@ class PointTable:
                 self._seen.clear()
             self._seen[word] = next((p for k, p in self._single.items() if one_edit(word, k)), None)
         return self._seen[word]
+
+    def with_registered(self, names) -> PointTable:
+        """This table plus the registry's own point names ("turbidity", "uv_intensity", said "uv intensity" too), for
+        the composer's reading of words (the model's grammar is not widened by it). A registered name that is a word of
+        the request language ("count", "status", "max"...) is not added. At most 16 such tables are kept."""
+        new = frozenset(n for n in names if isinstance(n, str) and 2 <= len(n) <= 64 and n not in self.names
+                        and n.lower() not in _RESERVED and _WORD.fullmatch(n.lower()))
+        if not new:
+            return self
+        if new not in self._with:
+            if len(self._with) >= 16:
+                self._with.clear()
+            extra = {k: list(v) for k, v in self._extra.items()}
+            for n in sorted(new):
+                extra[n] = [n.lower().replace("_", " ")] if "_" in n else []
+            table = PointTable(extra)
+            for n in new:  # a registered name said as it is names that point ("moisture", not humidity's word)
+                for key in {_split(n), _split(n.replace("_", " "))}:
+                    table._phrases[key] = n
+                if len(n) >= 6 and len(_split(n)) == 1:
+                    table._single[_split(n)[0]] = n
+            self._with[new] = table
+        return self._with[new]
+
+    def words_of(self, point: str) -> frozenset[str]:
+        """Every word of every phrase that names `point` ("how", "hot", "temp", ... for temperature)."""
+        return frozenset(w for key, p in self._phrases.items() if p == point for w in key)
 
     def hint(self, text: str) -> str | None:
         """The one point a question names, or None (none, or more than one)."""

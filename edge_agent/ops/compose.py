@@ -47,6 +47,20 @@ _SCHEDULE = re.compile(r"\bevery (?:\d+ |(?:a |one |two |three |four |five |six 
                        r"week|shift)s?\b|\beach (?:minute|hour|day|morning|night)\b|\bfor the next\b|\bkeep\b.*\b(?:at|"
                        r"below|above|under|over|between)\b|\bat \d{1,2}(?::\d\d)? ?(?:am|pm)\b|\b\d{1,2} ?(?:am|pm)\b|"
                        r"\bevery\b.*\bthen\b|\bloop\b|\brepeat(?:edly)?\b|\buntil\b")
+# an order for later ("stop filler_3 at midnight", "start pump-2 in 10 minutes", "tonight"): a schedule, beyond a plan
+_LATER = re.compile(r"\bat (?:midnight|noon|midday|dawn|dusk|sunrise|sunset|night|shift change|the end of (?:the )?"
+                    r"(?:shift|day|hour))\b|\b(?:tonight|tomorrow|tmrw|tmr|later today|later on|overnight|this (?:evening|"
+                    r"afternoon|night)|next (?:shift|week|hour|morning)|end of (?:the )?(?:shift|day))\b|\bat \d{1,2}(?::\d\d| ?o'?"
+                    r"clock|h\d\d)\b|\bin (?:\d+|a|an|one|two|three|four|five|ten|fifteen|twenty|thirty|forty|"
+                    r"forty[- ]five|sixty|half an?|a couple of|a few) ?(?:secs?|seconds?|mins?|minutes?|hours?|hrs?|h|m)\b")
+# a condition held for a time ("stays below 30 for 10 minutes"): a rule's duration, not one reading now
+_HELD = re.compile(r"\b(?:stays?|stayed|remains?|remained|persists?|persisted|sustained|keeps? (?:being|reading|going))"
+                   r"\b|\bfor (?:at least |more than |over |longer than |the next )?(?:\d+|a|an|one|two|three|four|five|"
+                   r"ten|fifteen|twenty|thirty|sixty|half an?|a couple of|a few) ?(?:secs?|seconds?|mins?|minutes?|"
+                   r"hours?|hrs?|h|m|days?)\b")
+# points that are settings, not measurements: a value said for "it" after a read of one of these sets it
+_SETTING = re.compile(r"^(?:setpoint|speed|rpm|mode)$|setpoint|(?:^|_)sp(?:$|_)|target|limit|position|stage|duty|"
+                      r"output|command|cmd", re.I)
 _HYPOTHETICAL = ("what if", "what would happen", "what would", "what will happen", "if i had", "suppose", "imagine", "hypothetically", "how do i", "how can i",
                  "how to", "would it", "could it", "should i", "what happens if", "i wonder", "wonder if", "wondering",
                  "whether", "should we", "we should", "do you think", "would you", "is it safe", "is it ok")
@@ -96,7 +110,7 @@ _SAID_AGG = [("hottest", "max"), ("highest", "max"), ("peak", "max"), ("maximum"
 _PRONOUN = re.compile(r"\b(?:that|this|the same|the) (?:one|device|pump|fan|valve|tank|motor|machine|unit|sensor|"
                       r"boiler|heater|compressor|mixer|chiller|press|plc|line)\b|\b(?:its|it|it's|them|their|they)\b")
 _FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|evry|evrey|eveyr|evey|eveery|each(?: of the)?|both)\s+"
-                     r"([a-z][a-z_]*)\b(?!-)")
+                     r"([a-z][a-z_]*(?:-[a-z][a-z_]*)*)\b(?!-)")  # "all uv-reactors": a kind may hold a hyphen
 # "the devices whose name contains pump", "pumps with 'line2' in the name": a filter on the ids
 _NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name|id)s? (?:contains?|includes?|has|"
                          r"have)|with (?:names?|ids?) (?:containing|including)|(?:named|called) like|matching|"
@@ -128,6 +142,14 @@ _COMPARE = re.compile(r"\bwhich(?: one)? (?:is|was|runs|ran|has|had|got)\b.*\b(?
                       r"compared|comparison)\b|\bvs\.?(?!\w)|\bversus\b")
 _NOW = re.compile(r"\b(?:now|right now|rn|currently|current|curent|at the moment|atm|at present|presently|latest|"
                   r"live)\b")
+# the words of a plain read besides its device, point, aggregate and window: a question's fillers
+_READ_WORDS = frozenset(
+    "what what's whats wats wat wht whts is are was were the of on at for in from over during within show me give get "
+    "read check tell please pls plz value reading readings current currently curent now rn right atm moment present "
+    "presently latest live last past previous a an and so hey ok okay quick just again thx thanks ty whats' "
+    "max maximum min minimum avg average mean highest lowest peak top hottest coldest warmest coolest typical "
+    "count how many number of sec secs second seconds s min mins minute minutes m hour hours hr hrs h day days d "
+    "week weeks today half quarter".split())
 # words that make a request more than reads: a condition, alerts, the device list, the backlog
 _NOT_PARALLEL = re.compile(r"\b(?:don't|dont|do not|never|not|without|avoid|nor|if|when|whenever|unless|until|once|while|than|exceeds?|at least|at most|above|below|"
                            r"under|alerts?|alarms?|warnings?|devices|list|status|backlog|queue|what if|would|should|"
@@ -184,6 +206,27 @@ def join_ids(text: str, known: dict | None) -> str:
     return re.sub(r"(?<![\w-])([a-z][a-z_]*[a-z]) #?([0-9]+)(?![\w.-])", joined, text, flags=re.I)
 
 
+def fix_ids(text: str, known: dict | None) -> str:
+    """"chiler-2" where the registry has chiller-2: an id with one slipped letter, written as the registry's one id
+    it can be. Only letters slip: the digits must be the same ("pump-12" is never pump-1), the word must not be an id
+    itself, and exactly one registered id may be that near; the confirmation names the id as registered."""
+    if not known:
+        return text
+    from edge_agent.glm.words import one_edit
+
+    names = {d.lower(): d for d in known}
+
+    def fixed(m: re.Match) -> str:
+        w = m.group(0)
+        low = w.lower()
+        if low in names or len(low) < 5 or not re.search(r"[0-9]", low):
+            return w
+        digits = re.sub(r"[^0-9]", "", low)
+        near = [d for k, d in names.items() if re.sub(r"[^0-9]", "", k) == digits and one_edit(low, k)]
+        return near[0] if len(near) == 1 else w
+    return re.sub(r"(?<![\w-])[a-z][\w.:/-]*[0-9][\w.:/-]*(?<![.:/-])", fixed, text, flags=re.I)
+
+
 def devices_in(text: str, known: dict | None) -> list[str]:
     """The device ids a text names, in order: registry names (any case), else words with a digit."""
     out: list[str] = []
@@ -211,7 +254,9 @@ def _has(words: str, phrases) -> str | None:
 
 class Composer:
     def __init__(self, ask: AskFn, known: dict | None, points: PointTable | None = None) -> None:
-        self.ask, self.known, self.points = ask, known, points or SHIPPED
+        self.ask, self.known = ask, known
+        # the registry's own point names are words the composer reads ("clarifier_1 turbidity and ph now")
+        self.points = (points or SHIPPED).with_registered({p for ps in (known or {}).values() for p in ps})
         self.meta: dict = {}
 
     async def call(self, text: str) -> dict:
@@ -223,7 +268,7 @@ class Composer:
     # ---- the entry point ----
     async def resolve(self, text: str, frame: Frame | None = None) -> Resolved:
         frame = frame or Frame()
-        text = join_ids(text, self.known)
+        text = _unslip_alert(fix_ids(join_ids(text, self.known), self.known))
         low = _norm(text)
         answer = _yes_no(low)
         if answer is not None:
@@ -268,6 +313,9 @@ class Composer:
                 last = frame.last.get("plan") or [frame.last]
                 wrote = {s["args"]["point"] for s in last if s.get("tool") == "write_point"
                          and s["args"].get("device") == devices[0]}
+                if not wrote:  # "chiller-2 setpoint now" ... "set it to 6": the one setting just read
+                    wrote = {s["args"]["point"] for s in last if s.get("tool") == "query_stats"
+                             and s["args"].get("device") == devices[0] and _SETTING.search(s["args"]["point"])}
                 own = self._value_only(text, devices[0], next(iter(wrote))) if len(wrote) == 1 else None
                 if own is not None:
                     # "set it to 6.5 then" after a write of chiller-3's setpoint: the same point, the new value
@@ -305,6 +353,11 @@ class Composer:
             r = await self._single(text)
             # "what would happen if I stopped pump-1", "suppose I raised ...": nothing to do (a read stays a read)
             return clarify("nothing") if r.kind == "clarify" or r.doc.get("tool") == "write_point" else r
+        should = re.match(r"^(?:and |so |ok |okay )?should\s+(.+?)(?:,\s*|\s+then\s+)(.+)$", text, re.I | re.S)
+        if should is not None and self._states_condition(should.group(1)):
+            # "should tank-9 moisture exceed 45, start fan-2": the old conditional "should" is "if"
+            text = f"if {should.group(1).strip()}, {should.group(2).strip()}"
+            low = _norm(text)
         arrow = re.match(r"^(.+?)\s*(?:->|=>|→|-->)\s*(.+)$", text, re.S)
         if arrow is not None and self._states_condition(arrow.group(1)):
             # "kiln-2 temp at least 900 -> start fan-4": the arrow is "if ..., then"
@@ -337,11 +390,14 @@ class Composer:
             # a question in the middle, an order after it: never cut into an unconditional write
             r = await self._single(text)
             return clarify("nothing") if r.kind == "call" and r.doc["tool"] == "write_point" else r
-        if _SCHEDULE.search(low):
+        if _SCHEDULE.search(low) or self._writes(low) and _LATER.search(low) \
+                and not re.search(r"\b(?:remind|remember)\b", low):  # a reminder is the model's (nothing to do)
             return clarify("too_complex")
         if _has(low, _STANDING) is not None:
             return await self._standing(text, low)
         if re.search(r"\bif\b|\bprovided\b|\bin case\b", low):
+            if _HELD.search(low):
+                return clarify("too_complex")  # "if X stays below 30 for 10 minutes ...": a duration, not now
             return await self._condition_now(text, low)
         if re.search(r"\bwhen\b", low) and re.search(r"\bwhen (?:was|were|did|is|does)\b", low) is None \
                 and any(f" {p} " in f" {low} " for p, _ in _CMP[:-6]):
@@ -394,13 +450,25 @@ class Composer:
             others = [d for d in devices_in(text, self.known) if d != a["device"] and d not in points]
             if others:
                 return clarify("which_device")  # one write for words that name several devices: which one is meant?
+        if call["tool"] in ("query_stats", "list_devices") and self._writes(_norm(text)) and "?" not in text \
+                and not re.match(r"(?:is|are|was|were|does|did|do|has|have|what|whats|what's|how|which|why|when|who)\b",
+                                 _norm(text)):
+            mine = self._code_write(text)
+            call = mine if mine is not None else call  # an order stated plainly that the model read as a question
         if call["tool"] in ("clarify", "write_point"):
             mine = self._code_write(text)
-            if mine is not None and (mine == call or call["tool"] == "clarify" or self._misfit(call["args"], text)):
+            slipped = _unslip_verbs(_norm(text)) != _norm(text)  # "stpo": the model read a word code reads as "stop"
+            if mine is not None and (mine == call or call["tool"] == "clarify" or slipped
+                                     or self._misfit(call["args"], text)):
                 call = mine  # the words say device, point and value plainly, and the model's answer does not fit them
                 fixed = _unslip_verbs(_norm(text))
                 if fixed != _norm(text):
                     return Resolved(call, [fixed], self.meta)  # the guard reads the order as code read it ("stop")
+        if call["tool"] == "clarify" or call["tool"] == "query_stats" \
+                and call["args"].get("device") not in devices_in(text, self.known) \
+                or call["tool"] == "write_point" and not self._writes(_norm(text)):
+            mine = self._code_read(text)
+            call = mine if mine is not None else call  # "kiln_3 power now", "whats the presure on ro-skid-1 rn"
         if call["tool"] == "write_point" and _ambiguous_value(text, call["args"]):
             return clarify("which_value", "say the value to write, once and as it should read "
                                           "(a change by an amount, or two values, is not written)")
@@ -419,6 +487,11 @@ class Composer:
             wins, stated = _windows(_unslip_words(low, ("today",), 4))
             if stated and len(wins) == 1 and call["args"]["agg"] != "last" and call["args"]["window_s"] != wins[0]:
                 call = {"tool": "query_stats", "args": {**call["args"], "window_s": wins[0]}}  # "todya": today
+            elif not stated and call["args"]["window_s"] not in (60, 3600, 86400, 604800) and not numbers(low) \
+                    and not _timeish(low):
+                # a window no word states ("highest turbidity clarifier_1" read over 900 s): the conventions' own
+                call = {"tool": "query_stats", "args": {**call["args"],
+                                                        "window_s": 60 if call["args"]["agg"] == "last" else 3600}}
             fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
             if fit != call["args"]["point"]:  # a point the device does not have, where the words or registry say which
                 call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
@@ -433,6 +506,39 @@ class Composer:
                 # the operator's own word for the aggregate ("hottest" is max) wins over the model's choice
                 call = {"tool": "query_stats", "args": {**call["args"], "agg": said.pop()}}
         return Resolved(call, [text], self.meta)
+
+    def _code_read(self, text: str) -> dict | None:
+        """One read the words state plainly and wholly, read by code, or None: one device by its id, one point of it
+        (the point table's words, the registry's names, one slipped letter forgiven), and an aggregate and window the
+        words decide ("now" -> last, 60; "peak ... today" -> max, 86400; an aggregate without a window -> 3600). Every
+        other word must be a filler of a question ("what's", "the", "on", "pls"): a word this does not know (why,
+        don't, if, a verb) leaves the request to the model."""
+        low = _norm(text)
+        ds = devices_in(text, self.known)
+        if len(ds) != 1 or self.known is not None and ds[0] not in self.known or self._writes(low):
+            return None
+        device = ds[0]
+        have = (self.known or {}).get(device)
+        rest = re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?:'s)?(?![\w-])", " ", low)
+        pts = self._said_points(rest, have)
+        if len(pts) != 1 or have is not None and pts[0] not in have:
+            return None
+        own = self.points.words_of(pts[0])
+        for tok in re.findall(r"[a-z0-9_.'\u2082-]+", rest):
+            if tok in _READ_WORDS or tok in own or numbers(tok) or self.points.named(tok) == pts \
+                    or tok.rstrip("s") in _READ_WORDS:
+                continue
+            return None
+        agg, (wins, stated), now = _said_agg(low), _windows(low), _NOW.search(low) is not None
+        if agg is None and now and not stated:
+            agg, window = "last", 60
+        elif agg is not None and not (now and agg != "last"):
+            window = wins[0] if stated and len(wins) == 1 else (60 if agg == "last" else 3600)
+            if stated and len(wins) != 1:
+                return None
+        else:
+            return None  # no aggregate said (nor "now"): the model's conventions decide
+        return {"tool": "query_stats", "args": {"device": device, "point": pts[0], "agg": agg, "window_s": window}}
 
     def _misfit(self, args: dict, text: str) -> bool:
         """A write whose point the words do not name, or the registry does not have on its device."""
@@ -534,7 +640,7 @@ class Composer:
                 if r.kind != "call" or r.doc["tool"] != "write_point":
                     break
                 steps.append(r.doc)
-                texts.append(sentence)
+                texts.append(r.texts[0] if r.texts and r.texts[0] else sentence)  # "stpo": the words as code read them
             else:
                 return Resolved({"plan": steps}, texts, self.meta)
         clauses = self._topics(self._clauses(text))
@@ -631,7 +737,8 @@ class Composer:
     def _unnamed(self, clause: str) -> bool:
         """A clause that names a thing but no device id, no verb and no point ("the mixer")."""
         low = _norm(clause)
-        if devices_in(clause, self.known) or self._has_verb(low) or self.points.named(clause) or _NEG.search(low):
+        if devices_in(clause, self.known) or self._has_verb(low) or self.points.named(clause) or _NEG.search(low) \
+                or _BACKLOG.search(low):
             return False
         rest = re.sub(r"\b(?:please|pls|thanks|thank you|now|too|also|as well|asap|ok|okay|right away|quickly|the|a|"
                       r"an|then|again|immediately|at once|first|both)\b|[^a-z]", "", low)
@@ -656,15 +763,15 @@ class Composer:
         asks = 0
         for c in clauses:
             c_low = _norm(c)
-            if devices_in(c, self.known) or self._has_verb(c_low) or _FANOUT.search(c_low):
-                asks += 1
+            if devices_in(c, self.known) or self._has_verb(c_low) or _FANOUT.search(c_low) or _BACKLOG.search(c_low):
+                asks += 1  # "backlog and active alarms": the queue to the cloud is a question of its own
         return asks >= 2
 
     @staticmethod
     def _has_verb(low: str) -> bool:
         low = _unslip_verbs(low)
         return bool(re.search(r"\b(?:set|stop|start|turn|switch|shut|close|open|put|make|change|enable|disable|"
-                              r"list|show|check|read|get|give|tell|what|what's|whats|how|which|is|are|any|restart|"
+                              r"list|show|check|read|get|give|tell|what|what's|whats|how|how's|hows|which|is|are|any|restart|"
                               r"power|raise|lower|increase|decrease|adjust|halt|kill|activate|deactivate|run|pause|"
                               r"resume|fill|bump|report|status|alarms?|alerts?)\b", low))
 
@@ -823,8 +930,7 @@ class Composer:
             return said[0]
         return list(have)[0] if len(have) == 1 else point
 
-    @staticmethod
-    def _pairs(text: str, ds: list[str], pts: list[str]) -> list[tuple[str, str | None]] | None:
+    def _pairs(self, text: str, ds: list[str], pts: list[str]) -> list[tuple[str, str | None]] | None:
         """Which point goes with which device: every device the same point(s) ("the pressure of A and B", "A and B
         pressure and temperature"), or each its own ("A humidity + B temperature"). None where it is not clear."""
         if len(pts) <= 1:
@@ -835,7 +941,7 @@ class Composer:
         starts = [low.find(d.lower()) for d in ds]
         if any(x < 0 for x in starts) or starts != sorted(starts):
             return None
-        from edge_agent.glm.points import SHIPPED as table
+        table = self.points
         own = [table.named(low[s:(starts[i + 1] if i + 1 < len(starts) else len(low))]) for i, s in enumerate(starts)]
         if not table.named(low[:starts[0]]) and all(len(o) == 1 for o in own):
             return [(d, o[0]) for d, o in zip(ds, own)]
@@ -1113,6 +1219,8 @@ class Composer:
         opener = opener or _OPENER.match(low) is not None or force
         if not (named or pts or stated or agg or (force and numbers(rest))):
             return None
+        if _BACKLOG.search(rest) or re.search(r"\b(?:alarms?|alerts?|alarms|list|devices|status|health)\b", rest):
+            return None  # "backlog and active alarms": a question of its own, not a read with its point changed
         words = len(rest.split())
         if not opener and words > 6:
             return None
@@ -1202,6 +1310,30 @@ def _yes_no(low: str) -> bool | None:
             and not any(w in _NO_WORDS and w not in _YES_WORDS for w in words):
         return True
     return None
+
+
+def _unslip_alert(text: str) -> str:
+    """"notfy me", "alret me", "wran me": an alert verb before "me"/"us" with one slipped letter, read as the verb."""
+    from edge_agent.glm.words import one_edit
+
+    def fix(m: re.Match) -> str:
+        w = m.group(1).lower()
+        hit = next((v for v in ("notify", "alert", "message", "email") if w != v and len(w) >= 4 and one_edit(w, v)),
+                   None) or next((v for v in ("warn", "ping") if _swapped(w, v)), None)
+        return f"{hit} {m.group(2)}" if hit else m.group(0)
+    return re.sub(r"\b([a-z]+) (me|us)\b", fix, text, flags=re.I)
+
+
+_TIME_WORDS = ("hour", "hours", "minute", "minutes", "mins", "second", "seconds", "secs", "days", "week", "weeks",
+               "half", "quarter", "shift", "today", "yesterday", "morning", "night", "evening", "fortnight", "month")
+
+
+def _timeish(low: str) -> bool:
+    """A word that is, or may be a slip of, a time word ("half horu"): a window may be meant that the parser missed."""
+    from edge_agent.glm.words import one_edit
+
+    return any(w in _TIME_WORDS or w in ("hr", "hrs", "min", "sec", "day", "h", "m", "d") or len(w) >= 4
+               and any(one_edit(w, t) for t in _TIME_WORDS) for w in re.findall(r"[a-z]+", low))
 
 
 def _swapped(a: str, b: str) -> bool:
