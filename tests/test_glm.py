@@ -99,6 +99,10 @@ def test_numbers_and_windows_are_read_from_the_question():
     assert n("one two, twenty thirty") == [1, 2, 20, 30]
     assert n("sixty two point five") == [62.5] and n("minus twelve") == [-12] and n("minus 5 degrees") == [-5]
     assert n("list all pumps") == []
+    # English words one letter from a number word are words: "sixty right now" is 60, never 68 (a wrong write)
+    assert n("set fan-2 speed to sixty right now") == [60] and n("set it to 3 right now") == [3]
+    assert n("is there any alarm") == [] and n("the fifth pump last night") == [] and n("set the light to 5") == [5]
+    assert n("fifty two point five right now") == [52.5]
     assert w("avg temp of kiln-4 over the past 19 days") == [19 * 86400]
     assert w("the last forty-nine m") == [2940] and w("in the last 23m") == [1380]
     assert w("last 5 huors") == [18000] and w("over the last 90 seconds") == [90]

@@ -819,3 +819,23 @@ def test_the_backlog_and_the_alarms_are_two_questions_even_after_a_read():
         c = (await call(r, "ask", {"text": "any active alarms, and hows the backlog"}))["result"]
         assert c["resolved"] == {"plan": [alarms, {"tool": "status", "args": {}}]}, c
     run(main())
+
+
+def test_right_now_after_a_number_in_words_never_changes_the_number():
+    """'sixty right now' once read as 68 ('right' one letter from 'eight'): the shipped model proposed 68, and the
+    guard, reading the same numbers, let it through to a confirmation."""
+    world = World(SETTLERS | {"vlv-21": {"enabled": True}},
+                  {"set kiln-44 temperature to sixty right now": W("kiln-44", "temperature", 68),
+                   "shut vlv-21": W("vlv-21", "enabled", False)})
+    r = run(call(router(world), "ask", {"text": "set kiln-44 temperature to sixty right now"}))["result"]
+    assert "confirm" not in r or r["confirm"]["write"]["value"] == 60, r
+    r = run(call(router(world), "ask", {"text": "if kiln-44 pressure is greater than one point one right now shut "
+                                                "vlv-21"}))["result"]
+    assert r["resolved"]["plan"][1]["when"] == {"step": 1, "op": ">", "value": 1.1}, r
+    assert world.writes == []
+
+
+def test_a_negated_order_voids_its_step_but_its_device_is_still_what_its_means():
+    world = World(SETTLERS, {"check kiln-44's temp": Q("kiln-44", "temperature")})
+    r = run(call(router(world), "ask", {"text": "dont stop kiln-44 but check its temp"}))["result"]
+    assert r["resolved"] == Q("kiln-44", "temperature") and world.writes == [], r

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from edge_agent.glm.points import SHIPPED, PointTable
-from edge_agent.glm.words import LONG_UNITS, NUMBER_WORDS, PARTS, TABLES, TOKEN, UNIT_SECONDS, UNIT_WORDS, one_edit
+from edge_agent.glm.words import (LONG_UNITS, NUMBER_WORDS, PARTS, REAL_WORDS, TABLES, TOKEN, UNIT_SECONDS,
+                                  UNIT_WORDS, one_edit)
 
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
@@ -136,7 +137,7 @@ def lookup(word: str, table: dict[str, int], fuzzy_from: int = 5) -> int | None:
     words collide ("hour" is one letter from "four", "says" from "days")."""
     if word in table:
         return table[word]
-    return _fuzzy(word, id(table)) if len(word) >= fuzzy_from else None
+    return _fuzzy(word, id(table)) if len(word) >= fuzzy_from and word not in REAL_WORDS else None
 
 
 @functools.lru_cache(maxsize=4096)  # operators repeat their words; bounded all the same

@@ -19,6 +19,12 @@ UNIT_WORDS = {w: UNIT_SECONDS[u] for u, ws in {
 LONG_UNITS = {k: v for k, v in UNIT_WORDS.items() if len(k) >= 4 and k not in ("secs", "mins")}  # said alone
 PARTS = {"half": 1800, "quarter": 900}  # of an hour
 TABLES = {id(t): t for t in (NUMBER_WORDS, UNIT_WORDS, LONG_UNITS, PARTS)}
+# English words one letter from a number or unit word: words of their own, never read as a slip of one ("right now"
+# is not "eight now", "is there" not "is three", "sixty right" not 68, "the fifth pump" not 50)
+REAL_WORDS = frozenset(
+    "right night light fight might sight tight bight wight weight height weighty eighth there threw throe forth fourth "
+    "fifth sixth seventh ninth tenth third flour thirsty hundreds thousands fours fives nines sevens eights "
+    "minus mines mints dates ways says".split())
 
 
 def one_edit(a: str, b: str) -> bool:

@@ -126,7 +126,7 @@ _DEVICE = re.compile(r"^[a-z][a-z0-9_.:/-]*[0-9][a-z0-9_.:/-]*$|^[0-9]+[a-z_-][a
 _STRIP = ",.;:!?()[]{}\"'`"
 # a number said in words ("seven", "eighty five", "two hundred and forty"): where a condition's value ends
 _NW = "|".join(sorted(NUMBER_WORDS, key=len, reverse=True))
-_NUMBER_WORDS = rf"(?:{_NW})(?:(?:[- ]|\s+and\s+)(?:{_NW}))*"
+_NUMBER_WORDS = rf"(?:{_NW})(?:(?:[- ]|\s+and\s+)(?:{_NW}))*(?:\s+point(?:\s+(?:{_NW}))+)?"  # "three point one"
 # a read asked for with a wh-word or an imperative ("what's X", "check X"), not a yes/no question ("is X hot?")
 _READ_ASKED = re.compile(r"^(?:ok |okay |so |hey |please |pls )*(?:what|what's|whats|wats|how|which|show|read|check|"
                          r"give|tell me|get|look at|report|list)\b")
@@ -661,11 +661,13 @@ class Composer:
         prev_devices: list[str] = []
         clauses = self._borrow(clauses)
         voided = False
+        pronoun_to: list[str] = []
         for c in clauses:
             c_low = _norm(c)
             ds = devices_in(c, self.known)
             if _NEG.search(c_low) or voided and ds and self._bare(c, ds):
                 voided = True  # a negation voids the step it governs, and the bare devices it runs on to
+                pronoun_to = ds or pronoun_to  # "don't stop boiler-7 but check its temp": "its" is boiler-7
                 continue
             voided = False
             if not ds and prev_devices and self._writes(c_low) and not _FANOUT.search(c_low) \
@@ -691,8 +693,8 @@ class Composer:
                     or self._said_points(own_words, (self.known or {}).get(ds[0])))):
                 # "stop pump-1 and pump-2": the bare device takes the previous clause's words
                 c = self._swap(prev_text, prev_devices, ds[0]) if prev_devices else c
-            elif not ds and prev_devices and _PRONOUN.search(c_low):
-                c = self._substitute(c, prev_devices[0])
+            elif not ds and (prev_devices or pronoun_to) and _PRONOUN.search(c_low):
+                c = self._substitute(c, (prev_devices or pronoun_to)[0])
             elif not ds and prev_devices and self.points.named(c) and not self._has_verb(c_low):
                 c = f"{c} of {prev_devices[0]}"
             r = Resolved(elliptic, [c], self.meta) if elliptic is not None else await self._clause(c, _norm(c))
