@@ -7,7 +7,9 @@ clock), and its resolved output, the reads it made and the world's state after i
     python3 tests/bench/eval_agent.py --p my_p.jsonl --f my_f.jsonl   # other files in the same formats
 
 P: a proposal is confirmed (as the operator would) and the state after it compared; exact = the resolved output,
-the expected reads and the state all as expected. F: each turn in order, `who` the requester, `after_s` moving the
+the expected reads and the state all as expected. A call or plan that names a device or point the world lacks is
+refused by the registry check (nothing runs, the reply is clarify naming the step): it matches a set that expects that
+clarify, or one that expects the plan as resolved (what `ask --dry-run`, which has no registry, prints). F: each turn in order, `who` the requester, `after_s` moving the
 clock; a proposal changes nothing, the confirming "yes" carries the writes. Writes run without a confirmation
 naming them are counted (they must be 0).
 """
@@ -97,6 +99,21 @@ async def resolve(router: ops.Router, text: str) -> dict:
     return (await turn(router, text))[0]
 
 
+def _refused_as_expected(reply: dict, expect: dict, world: dict) -> bool:
+    """The agent resolved exactly the expected call or plan, which names a device or point the world does not have,
+    and the registry check refused it (nothing ran): `ask --dry-run` prints that resolved plan, `ask` answers clarify
+    naming the step. A set may expect either; both describe the same behaviour."""
+    r = reply.get("result") or {}
+    if r.get("outcome") != "clarify" or r.get("call") != expect:
+        return False
+    for s in expect.get("plan", [expect]):
+        a = s.get("args", {})
+        d, p = a.get("device"), a.get("point")
+        if isinstance(d, str) and (d not in world or isinstance(p, str) and p not in world[d]):
+            return True
+    return False
+
+
 def _writes(out: dict) -> bool:
     steps = out.get("plan", [out]) if isinstance(out, dict) else []
     return any(s.get("tool") == "write_point" for s in steps) or bool(out.get("args", {}).get("action_device"))
@@ -131,8 +148,10 @@ async def score_p(engine: Engine, items: list[dict]) -> dict:
         if r.get("outcome") == "confirm":
             await router.handle("confirm", json.dumps({"token": r["confirm"]["token"]}).encode(), "eval")
         want_state = _apply(it["world"], it.get("writes"))
-        plan_ok, state_ok = got == it["expect"], world.values == want_state
-        read_ok = _expected_reads(it["expect"]) <= set(world.reads)
+        refused = got != it["expect"] and _refused_as_expected(reply, it["expect"], it["world"])
+        plan_ok = got == it["expect"] or refused
+        state_ok = world.values == want_state
+        read_ok = refused or _expected_reads(it["expect"]) <= set(world.reads)  # refused: the dry-run stopped
         same_plan += plan_ok
         same_state += state_ok
         reads_ok += read_ok
@@ -175,9 +194,11 @@ async def score_f(engine: Engine, dialogues: list[dict]) -> dict:
         for t in d["turns"]:
             clock.t += float(t.get("after_s", 0))
             before = len(world.writes)
-            got, _reply = await turn(router, t["text"], who=t.get("who", "eval"))
+            got, reply = await turn(router, t["text"], who=t.get("who", "eval"))
             state = _apply(state, t.get("writes"))
-            ok = got == t["expect"] and world.values == state and _expected_reads(t["expect"]) <= set(world.reads)
+            refused = got != t["expect"] and _refused_as_expected(reply, t["expect"], d["world"])
+            ok = (got == t["expect"] or refused) and world.values == state \
+                and (refused or _expected_reads(t["expect"]) <= set(world.reads))
             turns += 1
             turns_ok += ok
             all_ok &= ok
