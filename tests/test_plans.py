@@ -839,3 +839,12 @@ def test_a_negated_order_voids_its_step_but_its_device_is_still_what_its_means()
     world = World(SETTLERS, {"check kiln-44's temp": Q("kiln-44", "temperature")})
     r = run(call(router(world), "ask", {"text": "dont stop kiln-44 but check its temp"}))["result"]
     assert r["resolved"] == Q("kiln-44", "temperature") and world.writes == [], r
+
+
+def test_its_after_a_read_is_the_value_just_read_even_unapostrophed():
+    world = World(SETTLERS, {"turn kiln-44 off": W("kiln-44", "enabled", False),
+                             "read kiln-44 temp": Q("kiln-44", "temperature")})
+    r = run(call(router(world), "ask", {"text": "read kiln-44 temp and if its above 850 turn kiln-44 off"}))["result"]
+    assert r["resolved"] == {"plan": [Q("kiln-44", "temperature"), {**W("kiln-44", "enabled", False), "when": {
+        "step": 1, "op": ">", "value": 850}}]}, r
+    assert [w["device"] for w in r["confirm"]["writes"]] == ["kiln-44"] and world.writes == []

@@ -1044,7 +1044,7 @@ class Composer:
             if len(ds) == 1 and not devices_in(cond_words, self.known):
                 if len(reads) == 1 and not self.points.named(cond_words):
                     # "read pump-1 pressure and if it is above 3 ...": "it" is the value just read
-                    rest_text = re.sub(r"\b(?:it|its value|the value|that)\b",
+                    rest_text = re.sub(r"\b(?:its value|the value|it's|its|it is|it|that)\b",
                                        f"{ds[0]} {reads[0]['args']['point']}", rest_text, count=1, flags=re.I)
                 rest_text = self._substitute(rest_text, ds[0])
             rest = await self._condition_now(rest_text, _norm(rest_text))
