@@ -107,6 +107,7 @@ def test_numbers_and_windows_are_read_from_the_question():
     assert w("the last forty-nine m") == [2940] and w("in the last 23m") == [1380]
     assert w("last 5 huors") == [18000] and w("over the last 90 seconds") == [90]
     assert w("in the last hour") == [3600] and w("this week") == [604800] and w("today") == [86400]
+    assert w("over the last day") == [86400] and w("in the past min") == [60] and not schema._windows("what day is it")[1]
     assert w("over the past quarter hour") == [900] and w("last half an hour") == [1800]
     assert w("what does pump-3 say for the hour meter") == [3600]
     # no window stated: the conventions, and any number the question has times any unit, for the model to pick

@@ -848,3 +848,47 @@ def test_its_after_a_read_is_the_value_just_read_even_unapostrophed():
     assert r["resolved"] == {"plan": [Q("kiln-44", "temperature"), {**W("kiln-44", "enabled", False), "when": {
         "step": 1, "op": ">", "value": 850}}]}, r
     assert [w["device"] for w in r["confirm"]["writes"]] == ["kiln-44"] and world.writes == []
+
+
+def test_what_the_first_blind_run_on_p4_and_f3_showed_on_names_of_our_own():
+    """The fourth sealed pair's misses, made general: a condition's number followed by "rn"; an order without a value
+    the model read as a question; "current" before "rn" is the point; a what-if beside a read voids only itself;
+    "the last day" is a window; "now" said fixes last over 60 s."""
+    world = World({"bin-12": {"level": 92.0, "flow": 3.0}, "still-3": {"enabled": True, "setpoint": 72, "flow": 10.0},
+                   "mill_8": {"temperature": 60.0, "current": 30.0}, "belt14": {"current": 12.0, "enabled": True}},
+                  {"stop still-3": W("still-3", "enabled", False),
+                   "set still-3 setpoint pls": Q("still-3", "setpoint", "avg", 3600),
+                   "whats still-3's flow rn": Q("still-3", "flow", "avg", 3600)})
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "if bin-12 level is at least 90 rn stop still-3"}))["result"]
+        assert a["resolved"] == {"plan": [Q("bin-12", "level"), {**W("still-3", "enabled", False),
+                                                                 "when": {"step": 1, "op": ">=", "value": 90}}]}, a
+        b = (await call(r, "ask", {"text": "set still-3 setpoint pls"}))["result"]
+        assert b["outcome"] == "clarify" and b["reason"] == "which_value", b
+        c = (await call(r, "ask", {"text": "mill_8 temp and belt14 current rn"}))["result"]
+        assert c["resolved"] == {"plan": [Q("mill_8", "temperature"), Q("belt14", "current")]}, c
+        d = (await call(r, "ask", {"text": "max flow bin-12 last hour and what would happen if i turned still-3 "
+                                           "off"}))["result"]
+        assert d["resolved"] == Q("bin-12", "flow", "max", 3600), d
+        e = (await call(r, "ask", {"text": "compare belt14 and mill_8 current over the last day"}))["result"]
+        assert e["resolved"] == {"plan": [Q("belt14", "current", "avg", 86400), Q("mill_8", "current", "avg", 86400)]}
+        await call(r, "ask", {"text": "still-3 flow now"})
+        f = (await call(r, "ask", {"text": "whats its flow rn"}))["result"]
+        assert f["resolved"] == Q("still-3", "flow"), f
+        assert world.writes == []
+    run(main())
+
+
+def test_a_possessive_with_nothing_remembered_asks_which_device():
+    world = World({"still-3": {"flow": 10.0}}, {})
+    r = run(call(router(world), "ask", {"text": "whats its flow rn"}))["result"]
+    assert r["outcome"] == "clarify" and r["reason"] == "which_device", r
+
+
+def test_a_point_the_device_lacks_is_asked_as_said_and_refused_never_swapped_for_one_it_has():
+    world = World({"mill_8": {"current": 30.0}, "belt14": {"current": 12.0}}, {})
+    r = run(call(router(world), "ask", {"text": "mill_8 temp and belt14 current rn"}))["result"]
+    assert r["outcome"] == "clarify" and "mill_8" in r["answer"], r
+    assert r["call"] == {"plan": [Q("mill_8", "temperature"), Q("belt14", "current")]}, r

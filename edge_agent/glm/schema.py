@@ -272,6 +272,8 @@ def _windows(text: str) -> tuple[list[int], bool]:
         if isinstance(prev, float) or lookup(prev, NUMBER_WORDS) is not None:
             continue  # "19 days" was read above
         unit = lookup(w, LONG_UNITS)
+        if unit is None and w in ("day", "min", "sec", "hr", "wk") and prev in ("last", "past", "previous", "prior"):
+            unit = UNIT_WORDS[w]  # "over the last day", "in the past min": a short unit said alone after "last"
         part = lookup(prev, PARTS, fuzzy_from=3) if unit == 3600 else None
         if w == "today":
             stated.append(86400)

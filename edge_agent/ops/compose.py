@@ -150,6 +150,8 @@ _READ_WORDS = frozenset(
     "max maximum min minimum avg average mean highest lowest peak top hottest coldest warmest coolest typical "
     "count how many number of sec secs second seconds s min mins minute minutes m hour hours hr hrs h day days d "
     "week weeks today half quarter".split())
+# "now" said as a time (not "current", which may be the point): a read's last value over the last minute
+_NOW_SAID = re.compile(r"\b(?:now|right now|rn|currently|at the moment|atm|at present|presently|as we speak)\b")
 # words that make a request more than reads: a condition, alerts, the device list, the backlog
 _NOT_PARALLEL = re.compile(r"\b(?:don't|dont|do not|never|not|without|avoid|nor|if|when|whenever|unless|until|once|while|than|exceeds?|at least|at most|above|below|"
                            r"under|alerts?|alarms?|warnings?|devices|list|status|backlog|queue|what if|would|should|"
@@ -302,7 +304,10 @@ class Composer:
         if not named and _PRONOUN.search(low):
             devices = frame.devices()
             if frame.last is None:
-                pass  # no memory: the request as it stands (the model's own answer, then the guard and the registry)
+                if re.search(r"\bits\b", low) or self._writes(low) and self._needs_device(low):
+                    # "whats its humidity rn" with nothing remembered (never said, or expired): which device?
+                    return clarify("which_device", "which device? nothing said before is remembered")
+                # else the request as it stands (the model's own answer, then the guard and the registry)
             elif len(devices) != 1:
                 if self._needs_device(low):
                     return clarify("which_device", "which device? the last request named "
@@ -350,6 +355,16 @@ class Composer:
             # ids (a listing, or a fan-out of the order over what it finds), whatever else the words hold
             return await self._clause_single(text, low)
         if _has(low, _HYPOTHETICAL) is not None:
+            parts = self._clauses(text)
+            kept = [c for c in parts if _has(_norm(c), _HYPOTHETICAL) is None]
+            if 0 < len(kept) < len(parts) and all(self.points.named(c) and not self._writes(_norm(c))
+                                                  and not re.search(r"\bif\b", _norm(c)) for c in kept):
+                # "avg gravity of fv-2 last hour and what would happen if I turned gc-1 off": the what-if voids its
+                # own step; the reads asked beside it stay (only reads: anything else is the what-if's, nothing)
+                rest = ", ".join(kept)
+                r = await self._fresh(rest, _norm(rest))
+                if all(st.get("tool") == "query_stats" for st in r.doc.get("plan", [r.doc])):
+                    return r
             r = await self._single(text)
             # "what would happen if I stopped pump-1", "suppose I raised ...": nothing to do (a read stays a read)
             return clarify("nothing") if r.kind == "clarify" or r.doc.get("tool") == "write_point" else r
@@ -455,6 +470,9 @@ class Composer:
                                  _norm(text)):
             mine = self._code_write(text)
             call = mine if mine is not None else call  # an order stated plainly that the model read as a question
+            if mine is None and re.match(r"(?:please |pls |ok |okay |now |then )*(?:set|change|adjust|make|raise|"
+                                         r"lower|increase|decrease|bump)\b", _norm(text)) and not numbers(_norm(text)):
+                return clarify("which_value", "say the value to write")  # "set pasteur-1 setpoint pls": no value
         if call["tool"] in ("clarify", "write_point"):
             mine = self._code_write(text)
             slipped = _unslip_verbs(_norm(text)) != _norm(text)  # "stpo": the model read a word code reads as "stop"
@@ -492,6 +510,9 @@ class Composer:
                 # a window no word states ("highest turbidity clarifier_1" read over 900 s): the conventions' own
                 call = {"tool": "query_stats", "args": {**call["args"],
                                                         "window_s": 60 if call["args"]["agg"] == "last" else 3600}}
+            if _NOW_SAID.search(low) and _said_agg(low) is None and not stated \
+                    and (call["args"]["agg"], call["args"]["window_s"]) != ("last", 60):
+                call = {"tool": "query_stats", "args": {**call["args"], "agg": "last", "window_s": 60}}  # "its flow rn"
             fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
             if fit != call["args"]["point"]:  # a point the device does not have, where the words or registry say which
                 call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
@@ -856,15 +877,18 @@ class Composer:
             return None  # a name the registry does not have (a point like "flow_2", a typo): the model's
         pts = self.points.named(text)
         if len(pts) > 1 and "current" in pts and re.search(r"\b(?:current|curent|currnet|curren)\b(?!\s*(?:and|&|\+|,|or|"
-                                                           r"draw|of|on|for|in)\b)", low):
+                                                           r"draw|of|on|for|in|rn|now|right|atm|pls|please|plz|too|"
+                                                           r"also|then)\b)(?!\s*$)", low):
             pts.remove("current")  # "current speed of fan-2": now, not the point current
         if self.known:
             have = {p for d in ds for p in self.known.get(d, [])}
             if len(pts) > 1:
-                pts = [p for p in pts if p in have] or pts  # a point word none of these devices has is not one here
+                # "current" that none of these devices has is "now", not the point; any other point word is asked
+                # as said (a read of a point the device lacks is refused by the registry check, never swapped)
+                pts = [p for p in pts if p in have or p != "current"] or pts
             own = sorted((m.start(), p) for p in have
                          for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", low)] if m)
-            if own and any(p not in have for p in pts):
+            if own and any(p not in have for p in pts) and len(own) >= len(pts):
                 pts = [p for _, p in own]  # the registry's own name for the point, said as it is registered
             plural = sorted((m.start(), p) for p in have
                             for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", low)] if m)
@@ -1021,7 +1045,7 @@ class Composer:
             return parts[0], parts[1]
         # no comma: the condition ends after its number ("if pump-3 is above 80 stop it")
         m2 = re.search(r"(?<![\w-])(-?[0-9][0-9.,]*|" + _NUMBER_WORDS + r")\s*(?:%|°c|°f|c|f|degrees|percent|bar|psi|"
-                       r"rpm|kw|a|v)?(?:\s+(?:now|right now|currently|at the moment))?\s+(?!(?:sec|min|hour|hr|day|"
+                       r"rpm|kw|a|v)?(?:\s+(?:now|right now|rn|atm|currently|at the moment|at present|presently))?\s+(?!(?:sec|min|hour|hr|day|"
                        r"week|for|in|over|during|and|or)\w*\b)", after, re.I)
         if m2 is None:
             return after, ""
@@ -1109,6 +1133,8 @@ class Composer:
             r = Resolved(own, [said], self.meta) if own is not None else await self._clause_single(a, _norm(a))
             if r.kind == "clarify":
                 return r
+            if self._writes(a_low) and not any(s["tool"] == "write_point" for s in r.doc.get("plan", [r.doc])):
+                return clarify("which_value")  # an order read as something else: never a conditional read instead
             for s, t in (zip(r.doc["plan"], r.texts) if r.kind == "plan" else [(r.doc, r.texts[0])]):
                 s = _shift(s, len(steps) - 0) if r.kind == "plan" else dict(s)
                 if s["tool"] == "write_point" or r.kind == "call":
