@@ -199,7 +199,7 @@ def test_no_hand_written_text_that_must_not_write_becomes_a_write(engine):
 @pytest.mark.parametrize("reason", ["nothing", "which_device", "which_value", "use_a_rule"])
 def test_the_models_clarify_is_an_answer_and_runs_nothing(reason):
     fake = FakeGateway({"tool": "clarify", "args": {"reason": reason}})
-    r = asyncio.run(_call(_router(fake, "direct"), "ask", {"text": "turn it off"}))
+    r = asyncio.run(_call(_router(fake, "direct"), "ask", {"text": "do the usual thing"}))
     assert r["ok"] and r["result"]["outcome"] == "clarify" and r["result"]["reason"] == reason, r
     assert r["result"]["answer"] == ops.ask.CLARIFY_ANSWERS[reason] and fake.writes == []
 
