@@ -311,3 +311,23 @@ def test_a_value_for_it_after_a_read_of_a_setting_sets_that_setting_and_never_a_
         assert b["outcome"] == "clarify" and "confirm" not in b, b
         assert world.writes == []
     asyncio.run(main())
+
+
+def test_that_and_a_kind_is_the_one_device_of_that_kind_just_named_and_actually_put_it_back_undoes():
+    world = World({"charger-3": {"current": 45.0, "enabled": True}, "freezer-12": {"enabled": True}},
+                  {"max current charger-3 today": Q("charger-3", "current", "max", 86400),
+                   "stop charger-3": W("charger-3", "enabled", False)})
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "max current charger-3 today"})
+        a = (await call(r, "ask", {"text": "stop that charger"}))["result"]
+        assert a["resolved"] == W("charger-3", "enabled", False), a
+        b = (await call(r, "ask", {"text": "stop that freezer"}))["result"]  # not the kind just named
+        assert b["outcome"] == "clarify" and "confirm" not in b, b
+        await call(r, "ask", {"text": "stop that charger"})
+        assert (await call(r, "ask", {"text": "yes"}))["result"]["outcome"] == "done"
+        c = (await call(r, "ask", {"text": "actually put it back"}))["result"]
+        assert c["resolved"] == W("charger-3", "enabled", True) and c["outcome"] == "confirm", c
+        assert world.writes == [("charger-3", "enabled", False)]
+    asyncio.run(main())

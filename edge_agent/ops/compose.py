@@ -32,7 +32,7 @@ YES = {"yes", "y", "yeah", "yep", "yup", "ok", "okay", "sure", "confirm", "confi
 NO = {"no", "n", "nope", "nah", "cancel", "never mind", "nevermind", "forget it", "abort", "don't", "dont",
       "do not", "no thanks", "no thank you", "cancel that", "cancel it", "stop that", "negative", "no don't",
       "no cancel", "scrap that", "not now", "don't do it", "no dont"}
-_UNDO = re.compile(r"^(?:please |ok |okay |now |and |then )*(?:undo(?: that| it| this| the last(?: write| change)?)?"
+_UNDO = re.compile(r"^(?:please |pls |ok |okay |now |and |then |actually |no |sorry |hmm |wait |just |oh |oops |ah )*(?:undo(?: that| it| this| the last(?: write| change)?)?"
                    r"|(?:set|put|change|switch|turn|bring) (?:it|that|them|those|this|everything|things)"
                    r" back(?: (?:to )?(?:what|how|where) (?:it|they) (?:was|were))?(?: again)?"
                    r"|revert(?: that| it| this| the last(?: write| change)?)?|roll (?:it |that )?back"
@@ -61,6 +61,11 @@ _HELD = re.compile(r"\b(?:stays?|stayed|remains?|remained|persists?|persisted|su
 # points that are settings, not measurements: a value said for "it" after a read of one of these sets it
 _SETTING = re.compile(r"^(?:setpoint|speed|rpm|mode)$|setpoint|(?:^|_)sp(?:$|_)|target|limit|position|stage|duty|"
                       r"output|command|cmd", re.I)
+# politeness, no condition: "..., if that's possible", "if you could, ..."
+_POLITE = re.compile(r"[,\s]*\b(?:if (?:that'?s|that is|it'?s|it is) (?:possible|ok|okay|alright|fine|not too much "
+                     r"trouble)|if possible|if you can|if you could|if you don'?t mind|if you please|if you would)\b"
+                     r"[\s,.!?]*(?=$|[,.]|\s*(?:please|pls|thanks?|thx)?\s*[.!?]*$)|^\s*(?:if possible|if you can|"
+                     r"if you could|if you don'?t mind)\b[,\s]+", re.I)
 _HYPOTHETICAL = ("what if", "what would happen", "what would", "what will happen", "if i had", "suppose", "imagine", "hypothetically", "how do i", "how can i",
                  "how to", "would it", "could it", "should i", "what happens if", "i wonder", "wonder if", "wondering",
                  "whether", "should we", "we should", "do you think", "would you", "is it safe", "is it ok")
@@ -270,7 +275,8 @@ class Composer:
     # ---- the entry point ----
     async def resolve(self, text: str, frame: Frame | None = None) -> Resolved:
         frame = frame or Frame()
-        text = _unslip_alert(fix_ids(join_ids(text, self.known), self.known))
+        polite = _POLITE.sub(" ", _unslip_alert(fix_ids(join_ids(text, self.known), self.known)))
+        text = re.sub(r"\s+", " ", polite).strip(" ,") or text
         low = _norm(text)
         answer = _yes_no(low)
         if answer is not None:
@@ -288,6 +294,18 @@ class Composer:
             if r is not None:
                 return r
         named = devices_in(text, self.known)
+        if frame.last is not None and not named and len(frame.devices()) == 1:
+            one = frame.devices()[0]
+            kind = next((k for k in re.finditer(r"\b(?:that|this|the same) ([a-z][a-z_]+)\b", low)
+                         if _singular(k.group(1)) not in _NOT_KINDS and len(k.group(1)) >= 3
+                         and _singular(k.group(1)) in one.lower()), None)
+            if kind is not None:
+                # "stop that charger" after a read of charger-3: the one device of its kind just named
+                text = text[:kind.start()] + one + text[kind.end():]
+                low, named = _norm(text), [one]
+                r = await self._fresh(text, low)
+                r.followup = True
+                return r
         if frame.last is not None and named and self._bare(text, named):
             # "pump-8?", "and pump 8": only a device, the rest of the last request inherited
             f = await self._followup(text, low, frame, named, opener=True)
@@ -333,6 +351,13 @@ class Composer:
                 return r
         return await self._fresh(text, low)
 
+    def _masked(self, text: str, low: str) -> str:
+        """The words with each device id said replaced by "dev": the ids' own parts are no keywords ("wfi-loop-1" is no
+        loop, "keep-3" no "keep")."""
+        for d in sorted(devices_in(text, self.known), key=len, reverse=True):
+            low = re.sub(rf"(?<![\w-]){re.escape(d.lower())}(?:'s)?(?![\w-])", " dev ", low)
+        return low
+
     def _needs_device(self, low: str) -> bool:
         """A pronoun that stands for a device ("stop it", "its temperature"), not "is it cold in here"."""
         return bool(re.search(r"\b(?:it|its|them|their|that one|this one|the same one|that pump|this pump|that "
@@ -350,7 +375,8 @@ class Composer:
     async def _fresh(self, text: str, low: str) -> Resolved:
         named = _NAMED_LIKE.search(low)
         if named is not None and not self._others(text, named) and _has(low, _HYPOTHETICAL) is None \
-                and not _SCHEDULE.search(low) and _has(low, _STANDING) is None and not re.search(r"\bif\b", low):
+                and not _SCHEDULE.search(self._masked(text, low)) and _has(low, _STANDING) is None \
+                and not re.search(r"\bif\b", low):
             # "list everything whose name contains line3", "stop the devices whose name has line2": a filter on the
             # ids (a listing, or a fan-out of the order over what it finds), whatever else the words hold
             return await self._clause_single(text, low)
@@ -405,13 +431,14 @@ class Composer:
             # a question in the middle, an order after it: never cut into an unconditional write
             r = await self._single(text)
             return clarify("nothing") if r.kind == "call" and r.doc["tool"] == "write_point" else r
-        if _SCHEDULE.search(low) or self._writes(low) and _LATER.search(low) \
+        words = self._masked(text, low)
+        if _SCHEDULE.search(words) or self._writes(low) and _LATER.search(words) \
                 and not re.search(r"\b(?:remind|remember)\b", low):  # a reminder is the model's (nothing to do)
             return clarify("too_complex")
         if _has(low, _STANDING) is not None:
             return await self._standing(text, low)
         if re.search(r"\bif\b|\bprovided\b|\bin case\b", low):
-            if _HELD.search(low):
+            if _HELD.search(self._masked(text, low)):
                 return clarify("too_complex")  # "if X stays below 30 for 10 minutes ...": a duration, not now
             return await self._condition_now(text, low)
         if re.search(r"\bwhen\b", low) and re.search(r"\bwhen (?:was|were|did|is|does)\b", low) is None \
@@ -458,6 +485,9 @@ class Composer:
                                                    for p, _ in _CMP if p not in ("is at", "reads", "="))
 
     async def _single(self, text: str) -> Resolved:
+        fixed = _unslip_verbs(text, orders_only=True)
+        if fixed != " ".join(text.split()):
+            return await self._single(fixed)  # "stpo pump-1": the model and the guard read the verb as code reads it
         call = await self.call(text)
         if call["tool"] == "write_point":
             a = call["args"]
@@ -470,18 +500,14 @@ class Composer:
                                  _norm(text)):
             mine = self._code_write(text)
             call = mine if mine is not None else call  # an order stated plainly that the model read as a question
-            if mine is None and re.match(r"(?:please |pls |ok |okay |now |then )*(?:set|change|adjust|make|raise|"
-                                         r"lower|increase|decrease|bump)\b", _norm(text)) and not numbers(_norm(text)):
+            if mine is None and self._valueless_order(text):
                 return clarify("which_value", "say the value to write")  # "set pasteur-1 setpoint pls": no value
         if call["tool"] in ("clarify", "write_point"):
             mine = self._code_write(text)
-            slipped = _unslip_verbs(_norm(text)) != _norm(text)  # "stpo": the model read a word code reads as "stop"
-            if mine is not None and (mine == call or call["tool"] == "clarify" or slipped
-                                     or self._misfit(call["args"], text)):
+            if mine is not None and (mine == call or call["tool"] == "clarify" or self._misfit(call["args"], text)):
                 call = mine  # the words say device, point and value plainly, and the model's answer does not fit them
-                fixed = _unslip_verbs(_norm(text))
-                if fixed != _norm(text):
-                    return Resolved(call, [fixed], self.meta)  # the guard reads the order as code read it ("stop")
+            elif mine is None and call["tool"] == "clarify" and self._valueless_order(text):
+                return clarify("which_value", "say the value to write")  # "change the pm2-dryer setpoint pls"
         if call["tool"] == "clarify" or call["tool"] == "query_stats" \
                 and call["args"].get("device") not in devices_in(text, self.known) \
                 or call["tool"] == "write_point" and not self._writes(_norm(text)):
@@ -561,10 +587,25 @@ class Composer:
             return None  # no aggregate said (nor "now"): the model's conventions decide
         return {"tool": "query_stats", "args": {"device": device, "point": pts[0], "agg": agg, "window_s": window}}
 
+    def _valueless_order(self, text: str) -> bool:
+        """An order to set a point of one registered device that states no value ("change the X setpoint pls")."""
+        low = _norm(text)
+        ds = devices_in(text, self.known)
+        if len(ds) != 1 or numbers(low) or _NEG.search(low) or _has(low, _HYPOTHETICAL) is not None:
+            return False
+        rest = self._masked(text, low)
+        return bool(re.match(r"(?:please |pls |ok |okay |now |then |can you |could you )*(?:set|change|adjust|make|"
+                             r"raise|lower|increase|decrease|bump|update|modify|tweak)\b", low)) \
+            and bool(self._said_points(rest, (self.known or {}).get(ds[0])))
+
     def _misfit(self, args: dict, text: str) -> bool:
-        """A write whose point the words do not name, or the registry does not have on its device."""
+        """A write whose point the words do not name, or the registry does not have on its device, or whose text value
+        is a word of the request language ("mode to mode")."""
         have = (self.known or {}).get(args["device"])
         if have is not None and args["point"] not in have:
+            return True
+        if isinstance(args["value"], str) and (args["value"].lower() in ("mode", "setting", "value", "to", "the")
+                                               or self.points.named(args["value"])):
             return True
         if isinstance(args["value"], bool) and numbers(_norm(text)) and not _ONOFF.search(_unslip_verbs(_norm(text))):
             return True  # on/off for words that state a number and no on/off order
@@ -586,16 +627,18 @@ class Composer:
         enable/disable/turn on/off X" -> enabled; "put X in eco mode", "X mode to eco" -> mode; "set X's P to N",
         "X P to N", "X to P N" -> P (a point the words name, on the device where the registry is known) with the one
         number stated. Anything else (a negation, two numbers, two points, no value) -> None."""
-        low = _unslip_verbs(_norm(text))
+        typed = _norm(text)
+        low = _unslip_verbs(typed)
         ds = devices_in(text, self.known)
         if len(ds) != 1 or _NEG.search(low) or _has(low, _HYPOTHETICAL) is not None:
             return None
         device = ds[0]
         have = (self.known or {}).get(device)
         rest = re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?:'s)?(?![\w-])", " ", low)
+        as_typed = re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?:'s)?(?![\w-])", " ", typed)
         vals = numbers(rest)
         pts = self._said_points(rest, have)
-        m = re.search(r"\b(?:in(?:to)?|to)\s+([a-z]+)\s+mode\b|\bmode\s+(?:to\s+|=\s*)?([a-z]+)\b", rest)
+        m = re.search(r"\b(?:in(?:to)?|to)\s+([a-z]+)\s+mode\b|\bmode\s+(?:to\s+|=\s*)?([a-z]+)\b", as_typed)
         if m is not None and not vals:
             word = m.group(1) or m.group(2)
             if have is not None and "mode" not in have or word in ("to", "the", "a"):
@@ -849,6 +892,17 @@ class Composer:
         word = _singular(next(g for g in m.groups() if g))
         if word in _NOT_KINDS:
             return await self._single(c)
+        start, end = m.start(), m.end()
+        nxt = re.match(r"\s+([a-z][a-z_]*(?:-[a-z][a-z_]*)*)\b(?!-)", c[end:], re.I)
+        second = _singular(nxt.group(1).lower()) if nxt is not None else ""
+        if self.known and second and second not in _NOT_KINDS and any(second in d.lower() for d in self.known):
+            ids = [d.lower() for d in self.known]
+            joined = next((f"{word}{j}{second}" for j in ("_", "-", "") if any(f"{word}{j}{second}" in d for d in ids)),
+                          None)
+            if joined is not None:  # "all spray bars" over spray_bar1..: one kind said in two words
+                word, end = joined, end + nxt.end()
+            elif not any(word in d for d in ids):  # "all irrigation zones" over irrig_zone1..: the word the ids hold
+                word, end = second, end + nxt.end()
         if self.known and not any(word in d.lower() for d in self.known):
             # "close all vlaves": the one kind of the registry's ids the word is a slip of
             from edge_agent.glm.words import one_edit
@@ -858,7 +912,7 @@ class Composer:
         stand_in = "zz-0"
         if word in ("device", "devic", "machine", "unit", "thing", "one"):
             word = None  # "stop all devices": every device (the cap decides)
-        sentence = c[:m.start()] + stand_in + c[m.end():]
+        sentence = c[:start] + stand_in + c[end:]
         call = await self.call(sentence)
         if call["tool"] != "write_point" or call["args"].get("device") != stand_in:
             return clarify(call["args"]["reason"]) if call["tool"] == "clarify" else clarify("which_device")
@@ -886,12 +940,13 @@ class Composer:
                 # "current" that none of these devices has is "now", not the point; any other point word is asked
                 # as said (a read of a point the device lacks is refused by the registry check, never swapped)
                 pts = [p for p in pts if p in have or p != "current"] or pts
+            said = self._masked(text, low)  # "co2-doser-2" says no co2
             own = sorted((m.start(), p) for p in have
-                         for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", low)] if m)
+                         for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", said)] if m)
             if own and any(p not in have for p in pts) and len(own) >= len(pts):
                 pts = [p for _, p in own]  # the registry's own name for the point, said as it is registered
             plural = sorted((m.start(), p) for p in have
-                            for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", low)] if m)
+                            for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", said)] if m)
             extra = [p for _, p in plural if p not in pts]
             if pts and extra:
                 pts = pts + extra  # "temps and levels": every registered point said, plurals too
@@ -1438,16 +1493,32 @@ _VERBS = ("switch", "start", "close", "change", "enable", "disable", "activate",
           "adjust", "increase", "decrease", "resume", "pause", "report", "status", "alarms", "alerts", "whats")
 
 
+_ORDER_VERBS = ("switch", "start", "close", "change", "enable", "disable", "activate", "deactivate", "restart",
+                "adjust", "increase", "decrease", "resume", "pause")  # what the model and the guard are given as read
 _SHORT_VERBS = ("stop", "open", "shut", "turn", "halt", "start")  # read through two swapped letters only ("stpo")
 
 
-def _unslip_verbs(low: str) -> str:
-    """Order and question words with one slipped letter ("swtich", "strat", "chekc") read as the word, for the
-    cutter's own decisions only (the model and the guard see the words as typed)."""
+def _unslip_verbs(text: str, orders_only: bool = False) -> str:
+    """Order and question words with one slipped letter ("swtich", "strat", "chekc", "stpo") read as the word, where a
+    verb stands: first, or after a joiner ("and", "then", "pls", a comma). "charge" in "mode to charge" is a value,
+    never "change". Other words, case and punctuation are kept."""
     from edge_agent.glm.words import one_edit
 
-    return " ".join(next((v for v in _VERBS if len(w) >= 5 and w not in _VERBS and one_edit(w, v)), None)
-                    or next((v for v in _SHORT_VERBS if _swapped(w, v)), w) for w in low.split())
+    out: list[str] = []
+    for word in text.split():
+        if not out or out[-1].lower().rstrip(",;") in _VERB_BEFORE or out[-1].endswith((",", ";")):
+            w = word.lower().strip(_STRIP)
+            if w and w not in _VERBS and "'" not in w:
+                v = next((v for v in (_ORDER_VERBS if orders_only else _VERBS) if len(w) >= 5 and one_edit(w, v)),
+                         None) \
+                    or next((v for v in _SHORT_VERBS if _swapped(w, v)), None)
+                if v is not None:
+                    word = word.lower().replace(w, v, 1)
+        out.append(word)
+    return " ".join(out)
+
+
+_VERB_BEFORE = frozenset("and then also but please pls plz ok okay now so just can could you".split())
 
 
 def _shift(step: dict, base: int) -> dict:
