@@ -17,6 +17,7 @@ from edge_agent.glm.points import POINT_WORDS, SHIPPED, PointTable
     ("how full is silo-4", ["level"]),
     ("amps on drive-5", ["current"]),
     ("co2 level in hall-2", ["co2"]),                       # "level" qualifies its neighbour
+    ("current level and temperature of tank-2", ["level", "temperature"]),  # "current" qualifies "level"
     ("vibration level of motor-7", ["vibration"]),
     ("what is the current temperature of x-1", ["temperature"]),  # "current" as an adjective
     ("current draw of m-3", ["current"]),

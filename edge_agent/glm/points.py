@@ -104,7 +104,7 @@ class PointTable:
             before = found[j - 1] if j else None
             after = found[j + 1] if j + 1 < len(found) else None
             if word in _GENERIC_AFTER and end - start == 1 and before is not None and before[3] == start \
-                    and before[0] != point:
+                    and before[0] != point and before[1] not in _ADJECTIVE_BEFORE:  # "current level" is the level
                 continue
             if word in _ADJECTIVE_BEFORE and end - start == 1 and after is not None and after[2] == end \
                     and after[0] != point:
