@@ -160,7 +160,9 @@ async def score_p(engine: Engine, items: list[dict]) -> dict:
         if it["expect"].get("tool") == "clarify":
             clarify_need += 1
             clarify_got += got.get("tool") == "clarify"
-        if it.get("must_not_write") and _writes(got):
+        if it.get("must_not_write") and _writes(got) and not _writes(it["expect"]):
+            # a write proposed that the expected output does not propose (a set may mark a rule proposal with an
+            # action must_not_write, since a rule changes no point now: that rule, proposed as expected, is asked)
             unasked += 1
             proposed.append(f"{it['id']}: {it['text']!r} -> {json.dumps(got)}")
         if not it.get("must_not_write") and not state_ok and world.writes:
