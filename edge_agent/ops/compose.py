@@ -47,17 +47,17 @@ _SCHEDULE = re.compile(r"\bevery (?:\d+ |(?:a |one |two |three |four |five |six 
                        r"week|shift)s?\b|\beach (?:minute|hour|day|morning|night)\b|\bfor the next\b|\bkeep\b.*\b(?:at|"
                        r"below|above|under|over|between)\b|\bat \d{1,2}(?::\d\d)? ?(?:am|pm)\b|\b\d{1,2} ?(?:am|pm)\b|"
                        r"\bevery\b.*\bthen\b|\bloop\b|\brepeat(?:edly)?\b|\buntil\b")
+# a length of time said ("10 minutes", "half an hour", "a few mins"): a delay or a duration, never a value
+_SPAN = (r"(?:\d+|a|an|one|two|three|four|five|ten|fifteen|twenty|thirty|forty|forty[- ]five|sixty|half an?|"
+         r"a couple of|a few) ?(?:secs?|seconds?|mins?|minutes?|hours?|hrs?|h|m|days?)\b")
 # an order for later ("stop filler_3 at midnight", "start pump-2 in 10 minutes", "tonight"): a schedule, beyond a plan
 _LATER = re.compile(r"\bat (?:midnight|noon|midday|dawn|dusk|sunrise|sunset|night|shift change|the end of (?:the )?"
                     r"(?:shift|day|hour))\b|\b(?:tonight|tomorrow|tmrw|tmr|later today|later on|overnight|this (?:evening|"
                     r"afternoon|night)|next (?:shift|week|hour|morning)|end of (?:the )?(?:shift|day))\b|\bat \d{1,2}(?::\d\d| ?o'?"
-                    r"clock|h\d\d)\b|\bin (?:\d+|a|an|one|two|three|four|five|ten|fifteen|twenty|thirty|forty|"
-                    r"forty[- ]five|sixty|half an?|a couple of|a few) ?(?:secs?|seconds?|mins?|minutes?|hours?|hrs?|h|m)\b")
+                    r"clock|h\d\d)\b|\bin " + _SPAN)
 # a condition held for a time ("stays below 30 for 10 minutes"): a rule's duration, not one reading now
 _HELD = re.compile(r"\b(?:stays?|stayed|remains?|remained|persists?|persisted|sustained|keeps? (?:being|reading|going))"
-                   r"\b|\bfor (?:at least |more than |over |longer than |the next )?(?:\d+|a|an|one|two|three|four|five|"
-                   r"ten|fifteen|twenty|thirty|sixty|half an?|a couple of|a few) ?(?:secs?|seconds?|mins?|minutes?|"
-                   r"hours?|hrs?|h|m|days?)\b")
+                   r"\b|\bfor (?:at least |more than |over |longer than |the next )?" + _SPAN)
 # points that are settings, not measurements: a value said for "it" after a read of one of these sets it
 _SETTING = re.compile(r"^(?:setpoint|speed|rpm|mode)$|setpoint|(?:^|_)sp(?:$|_)|target|limit|position|stage|duty|"
                       r"output|command|cmd", re.I)
