@@ -772,6 +772,9 @@ def test_slips_in_ids_alert_verbs_and_order_verbs_are_read_through_and_digits_ne
         assert c["resolved"] == W("dryer-31", "enabled", False) and c["confirm"]["write"]["device"] == "dryer-31", c
         d = (await call(r, "ask", {"text": "stop pump-13"}))["result"]  # pump-1 and pump-12 are one slip away: digits
         assert d["outcome"] == "clarify" and "confirm" not in d, d
+        for near in ("stop dryer-31b", "stop dryer-3l", "stop dryer31"):  # a short run, a digit, a separator: no slip
+            e = (await call(r, "ask", {"text": near}))["result"]
+            assert "confirm" not in e or e["confirm"]["write"]["device"] not in ("dryer-31", "dryer-32"), (near, e)
         assert world.writes == []
     run(main())
 

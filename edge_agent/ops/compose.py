@@ -228,10 +228,21 @@ def fix_ids(text: str, known: dict | None) -> str:
         low = w.lower()
         if low in names or len(low) < 5 or not re.search(r"[0-9]", low):
             return w
-        digits = re.sub(r"[^0-9]", "", low)
-        near = [d for k, d in names.items() if re.sub(r"[^0-9]", "", k) == digits and one_edit(low, k)]
+        near = [d for k, d in names.items() if _one_word_slipped(low, k)]
         return near[0] if len(near) == 1 else w
     return re.sub(r"(?<![\w-])[a-z][\w.:/-]*[0-9][\w.:/-]*(?<![.:/-])", fixed, text, flags=re.I)
+
+
+def _one_word_slipped(typed: str, registered: str) -> bool:
+    """The ids are the same runs of letters, digits and separators but one run of letters of 4 or more, which has
+    one slipped letter ("chiler-2" / "chiller-2", "pmup-12" / "pump-12"); never a digit, a separator or a short run
+    ("pump-1a" is not pump-1b, "fan-a1" not fan-b1: letters that tell devices apart)."""
+    from edge_agent.glm.words import one_edit
+
+    a, b = (re.findall(r"[a-z]+|[0-9]+|[^a-z0-9]+", x) for x in (typed, registered))
+    diff = [(x, y) for x, y in zip(a, b) if x != y]
+    return len(a) == len(b) and len(diff) == 1 and diff[0][1].isalpha() and len(diff[0][1]) >= 4 \
+        and diff[0][0].isalpha() and one_edit(diff[0][0], diff[0][1])
 
 
 def devices_in(text: str, known: dict | None) -> list[str]:
