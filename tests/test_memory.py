@@ -331,3 +331,15 @@ def test_that_and_a_kind_is_the_one_device_of_that_kind_just_named_and_actually_
         assert c["resolved"] == W("charger-3", "enabled", True) and c["outcome"] == "confirm", c
         assert world.writes == [("charger-3", "enabled", False)]
     asyncio.run(main())
+
+
+def test_the_current_draw_after_a_windowed_read_is_the_point_current_not_now():
+    world = World({"arc-2": {"oxygen": 30.0, "current": 900.0}}, {"max oxygen arc-2 last hour": Q("arc-2", "oxygen", "max",
+                                                                                                   3600)})
+
+    async def main():
+        r = router(world)
+        await call(r, "ask", {"text": "max oxygen arc-2 last hour"})
+        a = (await call(r, "ask", {"text": "and the current draw"}))["result"]
+        assert a["resolved"] == Q("arc-2", "current", "max", 3600), a
+    asyncio.run(main())

@@ -929,3 +929,43 @@ def test_what_the_first_blind_run_on_p5_and_f4_showed_on_names_of_our_own():
         assert g["outcome"] == "clarify" and g["reason"] == "too_complex", g
         assert world.writes == []
     run(main())
+
+
+def test_what_the_first_blind_run_on_p6_and_f5_showed_on_names_of_our_own():
+    """The sixth sealed pair's misses, made general: a registered point with a digit ("nh3") is no device id; a
+    greeting, a polite frame and thanks around a request; "cmpare"; "devices that have a name that contains X"; "check
+    whether ... and, if it is, ..."; a read asked, then "if its above N, ..."; an order whose point word names no point;
+    a read of a point the device lacks asked as said."""
+    world = World({"pit-4": {"nh3": 12.0, "temperature": 30.0, "enabled": True},
+                   "pit-5": {"nh3": 9.0, "temperature": 28.0, "enabled": True},
+                   "fan-31": {"enabled": True, "speed": 40}, "tank-9": {"level": 50.0}},
+                  {"stop fan-31": W("fan-31", "enabled", False), "shut off fan-31": W("fan-31", "enabled", False),
+                   "stop it": W("fan-31", "enabled", False), "set fan-31 blade to 2": W("fan-31", "speed", 2),
+                   "set the speed of fan-31 to 38": W("fan-31", "speed", 38),
+                   "whats pit-4 temperature rn": Q("pit-4", "temperature"),
+                   "max nh3 on tank-9 today": Q("tank-9", "level", "max", 86400)})
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "compare the nh3 of pit-4 and pit-5 over the last 15 minutes"}))["result"]
+        assert a["resolved"] == {"plan": [Q("pit-4", "nh3", "avg", 900), Q("pit-5", "nh3", "avg", 900)]}, a
+        b = (await call(r, "ask", {"text": "cmpare the temperature of pit-4 and pit-5"}))["result"]
+        assert b["resolved"] == {"plan": [Q("pit-4", "temperature", "avg", 3600),
+                                          Q("pit-5", "temperature", "avg", 3600)]}, b
+        c = (await call(r, "ask", {"text": "which devices have a name that contains pit"}))["result"]
+        assert c["resolved"] == {"tool": "list_devices", "args": {"filter": "pit"}}, c
+        d = (await call(r, "ask", {"text": "Good morning, would you kindly set the speed of fan-31 to 38, thank "
+                                           "you"}))["result"]
+        assert d["resolved"] == W("fan-31", "speed", 38), d
+        e = (await call(r, "ask", {"text": "Hello, could you check whether pit-4 temperature is currently above 25 "
+                                           "and, if it is, shut off fan-31 please"}))["result"]
+        assert e["resolved"] == {"plan": [Q("pit-4", "temperature"), {**W("fan-31", "enabled", False), "when": {
+            "step": 1, "op": ">", "value": 25}}]}, e
+        f = (await call(r, "ask", {"text": "whats pit-4 temperature rn? if its above 25, stop fan-31"}))["result"]
+        assert f["resolved"] == e["resolved"], f
+        g = (await call(r, "ask", {"text": "set fan-31 blade to 2"}))["result"]  # the model guessed speed
+        assert g["outcome"] == "clarify" and g["reason"] == "which_value" and "confirm" not in g, g
+        h = (await call(r, "ask", {"text": "max nh3 on tank-9 today"}))["result"]  # the model guessed level
+        assert h["call"] == Q("tank-9", "nh3", "max", 86400) and h["outcome"] == "clarify", h
+        assert world.writes == []
+    run(main())

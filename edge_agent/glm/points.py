@@ -52,6 +52,11 @@ _NUMBER = re.compile(r"-?[0-9][0-9.,]*")
 _WORD = re.compile(r"[a-z0-9_\-\u2082]+")
 
 
+def _adjective(word: str) -> bool:
+    """"current" or one slip of it ("curent level" is the level, now)."""
+    return word in _ADJECTIVE_BEFORE or len(word) >= 6 and any(one_edit(word, a) for a in _ADJECTIVE_BEFORE)
+
+
 def _split(phrase: str) -> tuple[str, ...]:
     return tuple(_WORD.findall(phrase.lower()))
 
@@ -104,9 +109,9 @@ class PointTable:
             before = found[j - 1] if j else None
             after = found[j + 1] if j + 1 < len(found) else None
             if word in _GENERIC_AFTER and end - start == 1 and before is not None and before[3] == start \
-                    and before[0] != point and before[1] not in _ADJECTIVE_BEFORE:  # "current level" is the level
+                    and before[0] != point and not _adjective(before[1]):  # "current level" is the level
                 continue
-            if word in _ADJECTIVE_BEFORE and end - start == 1 and after is not None and after[2] == end \
+            if _adjective(word) and end - start == 1 and after is not None and after[2] == end \
                     and after[0] != point:
                 continue
             keep.append(point)

@@ -66,6 +66,14 @@ _POLITE = re.compile(r"[,\s]*\b(?:if (?:that'?s|that is|it'?s|it is) (?:possible
                      r"trouble)|if possible|if you can|if you could|if you don'?t mind|if you please|if you would)\b"
                      r"[\s,.!?]*(?=$|[,.]|\s*(?:please|pls|thanks?|thx)?\s*[.!?]*$)|^\s*(?:if possible|if you can|"
                      r"if you could|if you don'?t mind)\b[,\s]+", re.I)
+# a greeting, a request's polite frame and thanks around it: "Good morning, please ...", "Would you kindly set ...",
+# "..., thank you"
+_GREETING = re.compile(r"^\s*(?:(?:hello|hi|hey|hiya|good (?:morning|afternoon|evening|day)|morning|evening|greetings)"
+                       r"(?: there| team| all)?\b[,!.\s]*)?(?:(?:would|could|can|will) you(?: please| kindly| pls)?"
+                       r"\s+(?=(?:please |kindly )?(?:set|stop|start|switch|turn|close|open|put|change|tell|show|check|"
+                       r"give|read|list|get|compare|enable|disable|shut|raise|lower|let)\b)|please\s+kindly\s+|kindly\s+)?",
+                       re.I)
+_THANKS = re.compile(r"[,\s]+(?:thank you|thanks|thx|ty|cheers|much appreciated)(?: (?:very|so) much)?[.!]*\s*$", re.I)
 _HYPOTHETICAL = ("what if", "what would happen", "what would", "what will happen", "if i had", "suppose", "imagine", "hypothetically", "how do i", "how can i",
                  "how to", "would it", "could it", "should i", "what happens if", "i wonder", "wonder if", "wondering",
                  "whether", "should we", "we should", "do you think", "would you", "is it safe", "is it ok")
@@ -118,7 +126,8 @@ _FANOUT = re.compile(r"\b(?:all(?: (?:of )?the)?|every|evry|evrey|eveyr|evey|eve
                      r"([a-z][a-z_]*(?:-[a-z][a-z_]*)*)\b(?!-)")  # "all uv-reactors": a kind may hold a hyphen
 # "the devices whose name contains pump", "pumps with 'line2' in the name": a filter on the ids
 _NAMED_LIKE = re.compile(r"\b(?:all |every |the )?(?:[a-z_]+)\s+(?:whose (?:name|id)s? (?:contains?|includes?|has|"
-                         r"have)|with (?:names?|ids?) (?:containing|including)|(?:named|called) like|matching|"
+                         r"have)|(?:with|have|has|having) (?:a |an |the )?(?:names?|ids?) (?:that |which )?(?:contains?|"
+                         r"includes?|has|have|containing|including)|(?:named|called) like|matching|"
                          r"containing)\s+[\"']?([a-z0-9_-]+)[\"']?(?:\s+in (?:the|their|its) (?:name|id)s?)?|"
                          r"\b(?:have|has|with)\s+[\"']?([a-z0-9_-]+)[\"']?\s+in (?:the|their|its) (?:name|id)s?")
 _NOT_KINDS = frozenset("off on of up down in out the a an my our it them these those at to for with by you right "
@@ -143,7 +152,8 @@ _ONOFF = re.compile(r"^(?:please |pls |now |then |also |and |ok |okay )*(?:(star
 # "compare", and how fingers and ears slip on it ("compair", "cmopare", "comapre")
 _COMPARE = re.compile(r"\bwhich(?: one)? (?:is|was|runs|ran|has|had|got)\b.*\b(?:hotter|colder|warmer|cooler|higher|"
                       r"lower|faster|slower|fuller|emptier|bigger|smaller|greater|drier|wetter|more|less)\b|"
-                      r"\b(?:compare|compar|compair|compaire|comapre|cmopare|ocmpare|copmare|comprae|compre|comparing|"
+                      r"\b(?:compare|compar|compair|compaire|comapre|cmopare|ocmpare|copmare|comprae|compre|cmpare|"
+                      r"conpare|compere|comapare|compate|comoare|comparing|"
                       r"compared|comparison)\b|\bvs\.?(?!\w)|\bversus\b")
 _NOW = re.compile(r"\b(?:now|right now|rn|currently|current|curent|at the moment|atm|at present|presently|latest|"
                   r"live)\b")
@@ -249,6 +259,7 @@ def devices_in(text: str, known: dict | None) -> list[str]:
     """The device ids a text names, in order: registry names (any case), else words with a digit."""
     out: list[str] = []
     names = {d.lower(): d for d in (known or {})}
+    points = {p.lower() for ps in (known or {}).values() for p in ps}  # "h2s", "o2": registered points, no ids
     text = join_ids(text, known)
     for word in text.split():
         w = word.strip(_STRIP)
@@ -257,7 +268,7 @@ def devices_in(text: str, known: dict | None) -> list[str]:
         if not w:
             continue
         hit = names.get(w.lower())
-        if hit is None and _DEVICE.match(w) and not SHIPPED.named(w) and not re.fullmatch(r"[0-9.:,/-]+(?:am|pm|s|m|h|d|st|nd|rd|th|%)?", w,
+        if hit is None and _DEVICE.match(w) and not SHIPPED.named(w) and w.lower() not in points and not re.fullmatch(r"[0-9.:,/-]+(?:am|pm|s|m|h|d|st|nd|rd|th|%)?", w,
                                                                  re.I):
             hit = w
         if hit is not None and hit not in out:
@@ -287,6 +298,7 @@ class Composer:
     async def resolve(self, text: str, frame: Frame | None = None) -> Resolved:
         frame = frame or Frame()
         polite = _POLITE.sub(" ", _unslip_alert(fix_ids(join_ids(text, self.known), self.known)))
+        polite = _THANKS.sub("", _GREETING.sub("", polite))
         text = re.sub(r"\s+", " ", polite).strip(" ,") or text
         low = _norm(text)
         answer = _yes_no(low)
@@ -391,6 +403,12 @@ class Composer:
             # "list everything whose name contains line3", "stop the devices whose name has line2": a filter on the
             # ids (a listing, or a fan-out of the order over what it finds), whatever else the words hold
             return await self._clause_single(text, low)
+        whether = re.match(r"^(?:please |pls )?(?:check|see|find out|look|tell me) (?:whether|if) (.+?),? and,? if (?:it is|"
+                           r"it's|its|so|it does|yes|that's the case|true)\b[, ]+(?:then )?(.+)$", text, re.I | re.S)
+        if whether is not None and self._states_condition(whether.group(1)):
+            # "check whether flare1 temperature is currently above 700 and, if it is, shut off esp_pump4": if ..., then
+            text = f"if {whether.group(1).strip()}, {whether.group(2).strip()}"
+            return await self._condition_now(text, _norm(text))
         if _has(low, _HYPOTHETICAL) is not None:
             parts = self._clauses(text)
             kept = [c for c in parts if _has(_norm(c), _HYPOTHETICAL) is None]
@@ -410,6 +428,11 @@ class Composer:
             # "should tank-9 moisture exceed 45, start fan-2": the old conditional "should" is "if"
             text = f"if {should.group(1).strip()}, {should.group(2).strip()}"
             low = _norm(text)
+        asked = re.match(r"^(.+?)\?\s*(if\b.+)$", text, re.I | re.S)
+        if asked is not None and _READ_ASKED.match(_norm(asked.group(1))) and not self._states_condition(asked.group(1)):
+            # "whats esp_pump3 temperature rn? if its above 95, stop it": the read, then a condition on it
+            text = f"{asked.group(1).strip()}, and {asked.group(2).strip()}"
+            return await self._condition_now(text, _norm(text))
         arrow = re.match(r"^(.+?)\s*(?:->|=>|→|-->)\s*(.+)$", text, re.S)
         if arrow is not None and self._states_condition(arrow.group(1)):
             # "kiln-2 temp at least 900 -> start fan-4": the arrow is "if ..., then"
@@ -455,7 +478,7 @@ class Composer:
         if re.search(r"\bwhen\b", low) and re.search(r"\bwhen (?:was|were|did|is|does)\b", low) is None \
                 and any(f" {p} " in f" {low} " for p, _ in _CMP[:-6]):
             return await self._standing(text, low)  # "close valve-3 when tank-4 is above 95": standing
-        if re.search(r"\bcompare\b|\bvs\.?\b|\bversus\b", low):
+        if re.search(r"\bcompare\b|\bvs\.?\b|\bversus\b", low) or _COMPARE.search(low) and not low.startswith("which"):
             return await self._compare(text, low)
         return await self._compound(text, low)
 
@@ -519,6 +542,8 @@ class Composer:
                 call = mine  # the words say device, point and value plainly, and the model's answer does not fit them
             elif mine is None and call["tool"] == "clarify" and self._valueless_order(text):
                 return clarify("which_value", "say the value to write")  # "change the pm2-dryer setpoint pls"
+            elif mine is None and self._pointless_order(text):
+                return clarify("which_value", "which point? the words name none this device has")  # "set X glide to 2"
         if call["tool"] == "clarify" or call["tool"] == "query_stats" \
                 and call["args"].get("device") not in devices_in(text, self.known) \
                 or call["tool"] == "write_point" and not self._writes(_norm(text)):
@@ -550,8 +575,13 @@ class Composer:
             if _NOW_SAID.search(low) and _said_agg(low) is None and not stated \
                     and (call["args"]["agg"], call["args"]["window_s"]) != ("last", 60):
                 call = {"tool": "query_stats", "args": {**call["args"], "agg": "last", "window_s": 60}}  # "its flow rn"
+            named = self.points.named(self._masked(text, low))
+            if len(named) == 1 and named[0] != call["args"]["point"]:
+                # "max h2s on sep-2 today": the point the words name, even one the device lacks (the registry check
+                # then refuses it), never another the model chose
+                call = {"tool": "query_stats", "args": {**call["args"], "point": named[0]}}
             fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
-            if fit != call["args"]["point"]:  # a point the device does not have, where the words or registry say which
+            if fit != call["args"]["point"] and named != [call["args"]["point"]]:  # a point the device does not have, where the words or registry say which
                 call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
         if call["tool"] == "list_alerts" and call["args"].get("device") is None and self.known:
             ds = [d for d in devices_in(text, self.known) if d in self.known]
@@ -608,6 +638,19 @@ class Composer:
         return bool(re.match(r"(?:please |pls |ok |okay |now |then |can you |could you )*(?:set|change|adjust|make|"
                              r"raise|lower|increase|decrease|bump|update|modify|tweak)\b", low)) \
             and bool(self._said_points(rest, (self.known or {}).get(ds[0])))
+
+    def _pointless_order(self, text: str) -> bool:
+        """An order to set one registered device to one number whose words name no point of it ("set sorter_3 glide
+        to 2"): the conventions ask which point, never guess one."""
+        low = _norm(text)
+        ds = devices_in(text, self.known)
+        if len(ds) != 1 or ds[0] not in (self.known or {}) or len(numbers(low)) != 1 or _NEG.search(low) \
+                or _has(low, _HYPOTHETICAL) is not None or _ONOFF.search(low):
+            return False
+        rest = self._masked(text, low)
+        return bool(re.match(r"(?:please |pls |ok |okay |now |then )*(?:set|change|adjust|make|put|bring|raise|lower|"
+                             r"increase|decrease|bump|update|modify|tweak)\b.*\b(?:to|at|=)\s*-?[0-9a-z]", rest)) \
+            and not self._said_points(rest, (self.known or {}).get(ds[0])) and not self.points.named(rest)
 
     def _misfit(self, args: dict, text: str) -> bool:
         """A write whose point the words do not name, or the registry does not have on its device, or whose text value
@@ -1309,7 +1352,8 @@ class Composer:
         pts = self.points.named(rest)
         windows, stated = _windows(rest)
         said_rest = re.sub(r"(?<![a-z])[0-9]+ ?min\b", " ", rest)  # "last 10 min": a window, not the minimum
-        agg = next((a for w, a in _AGG if re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", said_rest)), None)
+        agg = next((a for w, a in _AGG if re.search(rf"(?<![a-z]){re.escape(w)}(?![a-z])", said_rest)
+                    and not (w == "current" and "current" in pts)), None)  # "and the current draw": the point
         opener = opener or _OPENER.match(low) is not None or force
         if not (named or pts or stated or agg or (force and numbers(rest))):
             return None
