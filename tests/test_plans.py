@@ -969,3 +969,47 @@ def test_what_the_first_blind_run_on_p6_and_f5_showed_on_names_of_our_own():
         assert h["call"] == Q("tank-9", "nh3", "max", 86400) and h["outcome"] == "clarify", h
         assert world.writes == []
     run(main())
+
+
+def test_what_the_first_blind_run_on_p7_and_f6_showed_on_names_of_our_own():
+    """The seventh sealed pair's misses, made general: an aggregate each ("min X today and max Y today"); "uh" before
+    a condition; a five-letter point word with two letters swapped ("levle"); an unregistered id among parallel
+    reads (the plan names it, the registry check refuses it); a plain read of a point the device lacks; an order said
+    before a what-if stays; an aggregate over 60 s that no word asked; "list every <kind>"."""
+    world = World({"silo-41": {"pressure": 3.0, "draft": 2.0, "level": 15.0, "enabled": True},
+                   "silo-42": {"temperature": 30.0, "nox": 4.0}, "mill-8": {"power": 90.0},
+                   "feed-3": {"enabled": False}, "feed-4": {"enabled": False}},
+                  {"stop it": W("silo-41", "enabled", False), "turn off silo-41": W("silo-41", "enabled", False),
+                   "start feed-3": W("feed-3", "enabled", True),
+                   "min pressure on silo-41 today": Q("silo-41", "pressure", "max", 86400),
+                   "max draft on silo-41 today": Q("silo-41", "draft", "max", 86400),
+                   "minimum power mill-8": Q("mill-8", "power", "min", 60),
+                   "list every feed": {"tool": "list_devices", "args": {"filter": None}}})
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "min pressure on silo-41 today and max draft on silo-41 today"}))["result"]
+        assert a["resolved"] == {"plan": [Q("silo-41", "pressure", "min", 86400), Q("silo-41", "draft", "max", 86400)]}
+        b = (await call(r, "ask", {"text": "uh if silo-41 pressure is more than 2 rn stop it"}))["result"]
+        assert b["resolved"]["plan"][1] == {**W("silo-41", "enabled", False), "when": {"step": 1, "op": ">", "value": 2}}
+        c = (await call(r, "ask", {"text": "if silo-41 levle is under 20 right now, turn off silo-41"}))["result"]
+        assert c["resolved"]["plan"][0] == Q("silo-41", "level"), c
+        d = (await call(r, "ask", {"text": "silo-42 and silo-49 temp now"}))["result"]
+        assert d["outcome"] == "clarify" and d["call"] == {"plan": [Q("silo-42", "temperature"),
+                                                                    Q("silo-49", "temperature")]}, d
+        e = (await call(r, "ask", {"text": "whats the nox on mill-8 now"}))["result"]
+        assert e["outcome"] == "clarify" and e["call"] == Q("mill-8", "nox"), e
+        f = (await call(r, "ask", {"text": "start feed-3, and what would happen if i also started feed-4?"}))["result"]
+        assert f["resolved"] == W("feed-3", "enabled", True) and f["confirm"]["write"]["device"] == "feed-3", f
+        g = (await call(r, "ask", {"text": "minimum power mill-8"}))["result"]
+        assert g["resolved"] == Q("mill-8", "power", "min", 3600), g
+        h = (await call(r, "ask", {"text": "list every feed"}))["result"]
+        assert h["resolved"] == {"tool": "list_devices", "args": {"filter": "feed"}}, h
+        assert world.writes == []
+    run(main())
+
+
+def test_a_what_if_before_an_order_keeps_nothing():
+    world = World({"feed-3": {"enabled": False}, "feed-4": {"enabled": False}}, {})
+    r = run(call(router(world), "ask", {"text": "what if i started feed-3 and feed-4"}))["result"]
+    assert r["outcome"] == "clarify" and "confirm" not in r, r

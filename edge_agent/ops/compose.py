@@ -68,7 +68,8 @@ _POLITE = re.compile(r"[,\s]*\b(?:if (?:that'?s|that is|it'?s|it is) (?:possible
                      r"if you could|if you don'?t mind)\b[,\s]+", re.I)
 # a greeting, a request's polite frame and thanks around it: "Good morning, please ...", "Would you kindly set ...",
 # "..., thank you"
-_GREETING = re.compile(r"^\s*(?:(?:hello|hi|hey|hiya|good (?:morning|afternoon|evening|day)|morning|evening|greetings)"
+_GREETING = re.compile(r"^\s*(?:(?:uh+|um+|er+|erm|hmm+|ah|well|so|right|alright|ok so|okay so)\b[,.\s]+)*"
+                       r"(?:(?:hello|hi|hey|hiya|good (?:morning|afternoon|evening|day)|morning|evening|greetings)"
                        r"(?: there| team| all)?\b[,!.\s]*)?(?:(?:would|could|can|will) you(?: please| kindly| pls)?"
                        r"\s+(?=(?:please |kindly )?(?:set|stop|start|switch|turn|close|open|put|change|tell|show|check|"
                        r"give|read|list|get|compare|enable|disable|shut|raise|lower|let)\b)|please\s+kindly\s+|kindly\s+)?",
@@ -412,6 +413,14 @@ class Composer:
         if _has(low, _HYPOTHETICAL) is not None:
             parts = self._clauses(text)
             kept = [c for c in parts if _has(_norm(c), _HYPOTHETICAL) is None]
+            first = next(i for i, c in enumerate(parts) if _has(_norm(c), _HYPOTHETICAL) is not None)
+            before = parts[:first]
+            if before and all(self._writes(_norm(c)) and devices_in(c, self.known) and not re.search(r"\bif\b", c, re.I)
+                              for c in before):
+                # "start vap-4, and what would happen if I also started bog-comp2?": the order said before the what-if
+                # stays (the what-if, and all after it, is its own)
+                rest = ", ".join(before)
+                return await self._fresh(rest, _norm(rest))
             if 0 < len(kept) < len(parts) and all(self.points.named(c) and not self._writes(_norm(c))
                                                   and not re.search(r"\bif\b", _norm(c)) for c in kept):
                 # "avg gravity of fv-2 last hour and what would happen if I turned gc-1 off": the what-if voids its
@@ -567,8 +576,9 @@ class Composer:
             wins, stated = _windows(_unslip_words(low, ("today",), 4))
             if stated and len(wins) == 1 and call["args"]["agg"] != "last" and call["args"]["window_s"] != wins[0]:
                 call = {"tool": "query_stats", "args": {**call["args"], "window_s": wins[0]}}  # "todya": today
-            elif not stated and call["args"]["window_s"] not in (60, 3600, 86400, 604800) and not numbers(low) \
-                    and not _timeish(low):
+            elif not stated and (call["args"]["window_s"] not in (60, 3600, 86400, 604800)
+                                 or call["args"]["window_s"] == 60 and call["args"]["agg"] != "last"
+                                 and not _NOW_SAID.search(low)) and not numbers(low) and not _timeish(low):
                 # a window no word states ("highest turbidity clarifier_1" read over 900 s): the conventions' own
                 call = {"tool": "query_stats", "args": {**call["args"],
                                                         "window_s": 60 if call["args"]["agg"] == "last" else 3600}}
@@ -583,6 +593,13 @@ class Composer:
             fit = self._fit_point(call["args"]["device"], call["args"]["point"], _norm(text))
             if fit != call["args"]["point"] and named != [call["args"]["point"]]:  # a point the device does not have, where the words or registry say which
                 call = {"tool": "query_stats", "args": {**call["args"], "point": fit}}
+        if call["tool"] == "list_devices" and call["args"].get("filter") is None and self.known:
+            m = _FANOUT.search(_norm(text))
+            kind = _singular(m.group(1)) if m is not None else ""
+            if kind and kind not in _NOT_KINDS and len(kind) >= 3 and kind not in ("device", "devic", "machine", "unit",
+                                                                                   "thing") \
+                    and any(kind in d.lower() for d in self.known):
+                call = {"tool": "list_devices", "args": {"filter": kind}}  # "list every pen": pen-07, pen-08 ...
         if call["tool"] == "list_alerts" and call["args"].get("device") is None and self.known:
             ds = [d for d in devices_in(text, self.known) if d in self.known]
             if len(ds) == 1:  # "any alarms on boiler_b?": the one registered device the words name, not every one
@@ -608,8 +625,8 @@ class Composer:
         device = ds[0]
         have = (self.known or {}).get(device)
         rest = re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?:'s)?(?![\w-])", " ", low)
-        pts = self._said_points(rest, have)
-        if len(pts) != 1 or have is not None and pts[0] not in have:
+        pts = self._said_points(rest, have) or self.points.named(rest)  # "nox on raw-mill1", which has none: as said
+        if len(pts) != 1:
             return None
         own = self.points.words_of(pts[0])
         for tok in re.findall(r"[a-z0-9_.'\u2082-]+", rest):
@@ -981,8 +998,6 @@ class Composer:
         in the order named, all with the one aggregate and window the words state (code reads those words; the model
         answers the read of the first device alone, for what the words leave open). None: not such a request."""
         ds = devices_in(text, self.known)
-        if self.known and any(d not in self.known for d in ds):
-            return None  # a name the registry does not have (a point like "flow_2", a typo): the model's
         pts = self.points.named(text)
         if len(pts) > 1 and "current" in pts and re.search(r"\b(?:current|curent|currnet|curren)\b(?!\s*(?:and|&|\+|,|or|"
                                                            r"draw|of|on|for|in|rn|now|right|atm|pls|please|plz|too|"
@@ -1023,8 +1038,8 @@ class Composer:
         if comparing and not pts:
             return clarify("which_value")  # "compare A and B" without a point
         windows, stated = _windows(text)
-        if stated and len(windows) > 1:
-            return None  # a window each: not one read copied
+        if stated and len(windows) > 1 or len(_said_aggs(low)) > 1:
+            return None  # a window or an aggregate each ("min X today and max Y today"): not one read copied
         window = windows[0] if stated and windows else None
         agg = _said_agg(low)
         if comparing:
@@ -1509,9 +1524,15 @@ def _ambiguous_value(text: str, args: dict) -> bool:
     return bool(_RELATIVE.search(low)) or len(numbers(low)) > 1 and not _windows(low)[1]  # a time: the guard's
 
 
+def _said_aggs(low: str) -> set[str]:
+    """The aggregates a request's words say ("15 min" is a window, not the minimum)."""
+    low = re.sub(rf"(?<![a-z])(?:[0-9]+|{_NUMBER_WORDS}) ?mins?\b", " ", low)
+    return {a for rx, a in _SAID if re.search(rx, low)}
+
+
 def _said_agg(low: str) -> str | None:
     """The one aggregate a request's words say, or None (none, or several)."""
-    said = {a for rx, a in _SAID if re.search(rx, re.sub(r"(?<![a-z])[0-9]+ ?min\b", " ", low))}
+    said = _said_aggs(low)
     return said.pop() if len(said) == 1 else None
 
 
