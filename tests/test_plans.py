@@ -1013,3 +1013,39 @@ def test_a_what_if_before_an_order_keeps_nothing():
     world = World({"feed-3": {"enabled": False}, "feed-4": {"enabled": False}}, {})
     r = run(call(router(world), "ask", {"text": "what if i started feed-3 and feed-4"}))["result"]
     assert r["outcome"] == "clarify" and "confirm" not in r, r
+
+
+def test_what_the_first_blind_run_on_p8_and_f7_showed_on_names_of_our_own():
+    """The eighth sealed pair's misses, made general: a registered name said inside another named point ("wind
+    speed" is wind_speed, not also speed); "after that" orders in sequence; a closing remark is nothing to do (a
+    pending "ok thanks" still confirms); "coldest" is a temperature; a device, one of its settings and a number is
+    an order with its verb left out (a measurement never is)."""
+    world = World({"chair-4": {"wind_speed": 9.0, "speed": 3.0, "temperature": -5.0, "enabled": True},
+                   "chair-6": {"wind_speed": 8.0, "speed": 3.0},
+                   "vat-1": {"setpoint": 72.0, "temperature": 71.0, "level": 40.0},
+                   "vat-2": {"setpoint": 72.0}},
+                  {"stop chair-4": W("chair-4", "enabled", False),
+                   "coldest chair-4 got in the last 2 hours": Q("chair-4", "speed", "min", 7200),
+                   "vat-2 setpoint seventy three": Q("vat-2", "setpoint", "avg", 1800),
+                   "vat-1 level 80": {"tool": "clarify", "args": {"reason": "nothing"}}})
+
+    async def main():
+        r = router(world)
+        a = (await call(r, "ask", {"text": "chair-4 and chair-6 wind speed right now"}))["result"]
+        assert a["resolved"] == {"plan": [Q("chair-4", "wind_speed"), Q("chair-6", "wind_speed")]}, a
+        b = (await call(r, "ask", {"text": "whats the speed of chair-4 rn, after that stop chair-4"}))["result"]
+        assert b["resolved"] == {"plan": [Q("chair-4", "speed"), W("chair-4", "enabled", False)]}, b
+        c = (await call(r, "ask", {"text": "ok thanks"}))["result"]  # the pending stop: confirmed
+        assert c["outcome"] == "done" and world.writes == [("chair-4", "enabled", False)], c
+        d = (await call(r, "ask", {"text": "thanks, thats all for now"}))["result"]
+        assert d["outcome"] == "clarify" and d["reason"] == "nothing", d
+        e = (await call(r, "ask", {"text": "coldest chair-4 got in the last 2 hours"}))["result"]
+        assert e["resolved"] == Q("chair-4", "temperature", "min", 7200), e
+        f = (await call(r, "ask", {"text": "vat-1 sp 73 and vat-2 sp 73 pls"}))["result"]
+        assert f["resolved"] == {"plan": [W("vat-1", "setpoint", 73), W("vat-2", "setpoint", 73)]}, f
+        g = (await call(r, "ask", {"text": "vat-2 setpoint seventy three"}))["result"]
+        assert g["resolved"] == W("vat-2", "setpoint", 73) and g["outcome"] == "confirm", g
+        h = (await call(r, "ask", {"text": "vat-1 level 80"}))["result"]
+        assert "confirm" not in h, h
+        assert world.writes == [("chair-4", "enabled", False)]
+    run(main())

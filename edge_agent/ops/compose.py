@@ -75,6 +75,10 @@ _GREETING = re.compile(r"^\s*(?:(?:uh+|um+|er+|erm|hmm+|ah|well|so|right|alright
                        r"give|read|list|get|compare|enable|disable|shut|raise|lower|let)\b)|please\s+kindly\s+|kindly\s+)?",
                        re.I)
 _THANKS = re.compile(r"[,\s]+(?:thank you|thanks|thx|ty|cheers|much appreciated)(?: (?:very|so) much)?[.!]*\s*$", re.I)
+# a closing remark: nothing to do ("thanks, that's all for now", "ok bye")
+_CLOSING = re.compile(r"^(?:(?:thanks?|thank you|thx|ty|cheers|ok|okay|great|cool|nice|perfect|good)\b[,!. ]*)*"
+                      r"(?:that'?s all|thats all|that is all|that will be all|that'?ll be all|nothing else|all good|"
+                      r"bye|goodbye|see you|see ya|cheers|thanks?|thank you)\b[ a-z]*$")
 _HYPOTHETICAL = ("what if", "what would happen", "what would", "what will happen", "if i had", "suppose", "imagine", "hypothetically", "how do i", "how can i",
                  "how to", "would it", "could it", "should i", "what happens if", "i wonder", "wonder if", "wondering",
                  "whether", "should we", "we should", "do you think", "would you", "is it safe", "is it ok")
@@ -300,6 +304,8 @@ class Composer:
         frame = frame or Frame()
         polite = _POLITE.sub(" ", _unslip_alert(fix_ids(join_ids(text, self.known), self.known)))
         polite = _THANKS.sub("", _GREETING.sub("", polite))
+        polite = re.sub(r",?\s*(?:and\s+)?(?:after that|afterwards|after this|once that'?s done|once done)\b,?", ", then",
+                        polite, flags=re.I)  # "read X rn, after that stop X": in order
         text = re.sub(r"\s+", " ", polite).strip(" ,") or text
         low = _norm(text)
         answer = _yes_no(low)
@@ -307,6 +313,8 @@ class Composer:
             if frame.pending is None:
                 return clarify("nothing", "nothing is waiting for your confirmation")
             return Resolved({"confirm": answer}, followup=True)
+        if _CLOSING.match(low):
+            return clarify("nothing", "nothing to do")  # "thanks, thats all for now"
         if _UNDO.match(low) or _UNDO.match(_unslip_words(low, _UNDO_WORDS)):
             return self._undo(frame)
         fix = _CORRECTION.match(low)
@@ -458,7 +466,8 @@ class Composer:
             # "mixer_5 speed equals 0? then start mixer_5": a question that governs an order is a condition now
             text = f"if {q.group(1).strip()}, {q.group(2).strip()}"
             return await self._condition_now(text, _norm(text))
-        if not self._writes(low) and not _NOT_PARALLEL.search(low):
+        if not self._writes(low) and not _NOT_PARALLEL.search(low) and not (numbers(low) and not _windows(low)[1]):
+            # (a number that is no window is a value: "A sp 73 and B sp 73" are orders, not reads)
             r = await self._reads(text, low)  # several reads (devices or points), one aggregate and window for all
             if r is not None:
                 return r
@@ -538,6 +547,8 @@ class Composer:
             others = [d for d in devices_in(text, self.known) if d != a["device"] and d not in points]
             if others:
                 return clarify("which_device")  # one write for words that name several devices: which one is meant?
+        if call["tool"] in ("query_stats", "clarify") and (mine := self._elliptic_setting(text)) is not None:
+            return Resolved(mine, [text], self.meta)  # "pasteuriser_p2 setpoint seventy three": set it
         if call["tool"] in ("query_stats", "list_devices") and self._writes(_norm(text)) and "?" not in text \
                 and not re.match(r"(?:is|are|was|were|does|did|do|has|have|what|whats|what's|how|which|why|when|who)\b",
                                  _norm(text)):
@@ -586,6 +597,10 @@ class Composer:
                     and (call["args"]["agg"], call["args"]["window_s"]) != ("last", 60):
                 call = {"tool": "query_stats", "args": {**call["args"], "agg": "last", "window_s": 60}}  # "its flow rn"
             named = self.points.named(self._masked(text, low))
+            have_t = (self.known or {}).get(call["args"]["device"])
+            if not named and re.search(r"\b(?:hottest|coldest|warmest|coolest)\b", low) \
+                    and (have_t is None or "temperature" in have_t):
+                named = ["temperature"]  # "coldest reefer-bank3 got in the last 2 hours": a temperature
             if len(named) == 1 and named[0] != call["args"]["point"]:
                 # "max h2s on sep-2 today": the point the words name, even one the device lacks (the registry check
                 # then refuses it), never another the model chose
@@ -605,7 +620,8 @@ class Composer:
             if len(ds) == 1:  # "any alarms on boiler_b?": the one registered device the words name, not every one
                 call = {"tool": "list_alerts", "args": {"device": ds[0]}}
         if call["tool"] == "query_stats":
-            said = {a for w, a in _SAID_AGG if re.search(rf"(?<![a-z]){w}(?![a-z])", text.lower())}
+            words = re.sub(rf"(?<![a-z])(?:[0-9]+|{_NUMBER_WORDS}) ?mins?\b", " ", text.lower())  # "10 min": a window
+            said = {a for w, a in _SAID_AGG if re.search(rf"(?<![a-z]){w}(?![a-z])", words)}
             said = said or ({x} if (x := _said_agg(_norm(text))) in ("max", "min") else set())  # "how cold did"
             if len(said) == 1 and call["args"]["agg"] not in said:
                 # the operator's own word for the aggregate ("hottest" is max) wins over the model's choice
@@ -655,6 +671,24 @@ class Composer:
         return bool(re.match(r"(?:please |pls |ok |okay |now |then |can you |could you )*(?:set|change|adjust|make|"
                              r"raise|lower|increase|decrease|bump|update|modify|tweak)\b", low)) \
             and bool(self._said_points(rest, (self.known or {}).get(ds[0])))
+
+    def _elliptic_setting(self, text: str) -> dict | None:
+        """"pasteuriser_p1 sp 73", "lift-c4 speed to 4 pls": a device, one of its settings and one number, nothing else
+        — an order with its verb left out (never a measurement: "tank-3 level 80" is left to the model)."""
+        low = _norm(text)
+        ds = devices_in(text, self.known)
+        if len(ds) != 1 or len(numbers(low)) != 1 or _windows(low)[1] or "?" in text:
+            return None
+        rest = self._masked(text, low)
+        pts = self._said_points(rest, (self.known or {}).get(ds[0]))
+        if len(pts) != 1 or not _SETTING.search(pts[0]) or pts[0] in ("enabled", "mode"):
+            return None
+        own = self.points.words_of(pts[0])
+        for tok in re.findall(r"[a-z0-9_.'-]+", rest):
+            if tok not in ("dev", "to", "=", "pls", "please", "plz", "now", "rn", "at", "the", "its", "of", "on") \
+                    and tok not in own and not numbers(tok) and tok not in ("and", "point", "minus"):
+                return None
+        return {"tool": "write_point", "args": {"device": ds[0], "point": pts[0], "value": numbers(low)[0]}}
 
     def _pointless_order(self, text: str) -> bool:
         """An order to set one registered device to one number whose words name no point of it ("set sorter_3 glide
@@ -1016,7 +1050,8 @@ class Composer:
                 pts = [p for _, p in own]  # the registry's own name for the point, said as it is registered
             plural = sorted((m.start(), p) for p in have
                             for m in [re.search(rf"(?<![a-z]){re.escape(p.lower())}s?(?![a-z])", said)] if m)
-            extra = [p for _, p in plural if p not in pts]
+            extra = [p for _, p in plural if p not in pts
+                     and not any(p != q and p in self.points.words_of(q) for q in pts)]
             if pts and extra:
                 pts = pts + extra  # "temps and levels": every registered point said, plurals too
         comparing = _COMPARE.search(low) is not None
