@@ -1049,3 +1049,34 @@ def test_what_the_first_blind_run_on_p8_and_f7_showed_on_names_of_our_own():
         assert "confirm" not in h, h
         assert world.writes == [("chair-4", "enabled", False)]
     run(main())
+
+
+def test_what_the_first_blind_run_on_p9_and_f8_showed_on_names_of_our_own():
+    """The ninth sealed pair's misses, made general: a second condition is too complex, never dropped (it proposed
+    "stop B when A > 90" for "if A > 90 and if then B > 7, stop B" — a write under a weaker condition than asked);
+    plurals of point words; a device said first as the topic ("ahu-9: if co2 is over 800 ..."); a rate ("drops
+    fast"); a plain read of a device the registry lacks names it."""
+    world = World({"dh-14": {"supply_temp": 95.0}, "dh-pump3": {"pressure": 5.0, "enabled": True},
+                   "tank-u1": {"level": 50.0}, "tank-u2": {"level": 40.0},
+                   "ahu-9": {"co2": 900.0, "speed": 1200}, "heat-2": {"temperature": 15.0, "enabled": True}},
+                  {"stop dh-pump3": W("dh-pump3", "enabled", False), "dh-pump3 pressure is above 7":
+                   W("dh-pump3", "enabled", False), "set speed 1400 ahu-9": W("ahu-9", "speed", 1400),
+                   "switch it off": W("heat-2", "enabled", False), "switch heat-2 off": W("heat-2", "enabled", False)})
+
+    async def main():
+        r = router(world)
+        for text in ("if dh-14 supply_temp is above 90 now and if then dh-pump3 pressure is above 7, stop dh-pump3",
+                     "if dh-14 supply_temp is above 90, then dh-pump3 pressure is above 7, stop dh-pump3"):
+            a = (await call(r, "ask", {"text": text}))["result"]
+            assert a["outcome"] == "clarify" and a["reason"] == "too_complex" and "confirm" not in a, (text, a)
+        b = (await call(r, "ask", {"text": "compare tank-u1 and tank-u2 levels"}))["result"]
+        assert b["resolved"] == {"plan": [Q("tank-u1", "level", "avg", 3600), Q("tank-u2", "level", "avg", 3600)]}, b
+        c = (await call(r, "ask", {"text": "ahu-9: if co2 is over 800 currently set speed 1400"}))["result"]
+        assert c["resolved"] == {"plan": [Q("ahu-9", "co2"), {**W("ahu-9", "speed", 1400), "when": {
+            "step": 1, "op": ">", "value": 800}}]}, c
+        d = (await call(r, "ask", {"text": "whenever tank-u1 level drops fast, alert me"}))["result"]
+        assert d["outcome"] == "clarify" and d["reason"] == "too_complex", d
+        e = (await call(r, "ask", {"text": "tank-u9 level now"}))["result"]
+        assert e["outcome"] == "clarify" and e["call"] == Q("tank-u9", "level"), e
+        assert world.writes == []
+    run(main())

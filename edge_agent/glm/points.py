@@ -97,6 +97,9 @@ class PointTable:
                 continue
             for n in range(min(self._longest, len(toks) - i), 0, -1):
                 hit = self._phrases.get(tuple(toks[i:i + n]))
+                if hit is None and n == 1 and len(toks[i]) >= 4 and toks[i].endswith("s") \
+                        and len(toks[i][:-1]) >= 4:  # a plural: "levels", "flows", "speeds"
+                    hit = self._phrases.get((toks[i][:-1],))
                 if hit is None and n == 1 and len(toks[i]) >= 6:  # a slipped finger: "setpoitn", "temprature"
                     hit = self._fuzzy(toks[i])
                 elif hit is None and n == 1 and len(toks[i]) == 5:  # five letters: two neighbours swapped only

@@ -106,6 +106,8 @@ _IMPLIED = [(r"\b(?:humid|humider|more humid|damp|damper|drier|dryer than)\b", "
 _DEPENDS = re.compile(r"\b(?:unless|until|while|whilst|once|after|before|provided|assuming|in case|as soon as|when|"
                       r"whenever|if|otherwise|else|then only|only if)\b")
 _RATE = re.compile(r"\b(?:rate|per (?:second|minute|hour)|faster than .* per|rises by|drops by|jumps|changes by|"
+                   r"(?:drops?|falls?|rises?|climbs?|goes (?:up|down)|changes?) (?:fast|quickly|rapidly|suddenly|sharply)|"
+                   r"spikes?|plunges?|surges?|"
                    r"increases by|decreases by)\b")
 _BACKLOG = re.compile(r"\b(?:backlog|backlogged|queue[ds]?|outbox|waiting to (?:be )?(?:sent|go|upload)|not (?:yet )?"
                       r"(?:been )?sent|unsent|pending (?:upload|send)|buffered|still to send|left to send|to the cloud|"
@@ -440,6 +442,12 @@ class Composer:
             r = await self._single(text)
             # "what would happen if I stopped pump-1", "suppose I raised ...": nothing to do (a read stays a read)
             return clarify("nothing") if r.kind == "clarify" or r.doc.get("tool") == "write_point" else r
+        topic = re.match(r"^([^\s:]+?)\s*(?::|\s-|\s–|\s—)\s+(if\s+)?(.+)$", text, re.I | re.S)
+        if topic is not None and self.known and topic.group(1) in self.known \
+                and not devices_in(topic.group(3), self.known):
+            # "ahu-s4: if co2 is over 800 currently set speed 1400": the device said first is the topic of it all
+            text = f"if {topic.group(1)} {topic.group(3)}" if topic.group(2) else f"{topic.group(1)} {topic.group(3)}"
+            low = _norm(text)
         should = re.match(r"^(?:and |so |ok |okay )?should\s+(.+?)(?:,\s*|\s+then\s+)(.+)$", text, re.I | re.S)
         if should is not None and self._states_condition(should.group(1)):
             # "should tank-9 moisture exceed 45, start fan-2": the old conditional "should" is "if"
@@ -492,6 +500,8 @@ class Composer:
         if re.search(r"\bif\b|\bprovided\b|\bin case\b", low):
             if _HELD.search(self._masked(text, low)):
                 return clarify("too_complex")  # "if X stays below 30 for 10 minutes ...": a duration, not now
+            if len(re.findall(r"\bif\b", self._masked(text, low))) > 1:
+                return clarify("too_complex")  # "if A is above 90 and if then B is above 7, stop B": two conditions
             return await self._condition_now(text, low)
         if re.search(r"\bwhen\b", low) and re.search(r"\bwhen (?:was|were|did|is|does)\b", low) is None \
                 and any(f" {p} " in f" {low} " for p, _ in _CMP[:-6]):
@@ -636,8 +646,8 @@ class Composer:
         don't, if, a verb) leaves the request to the model."""
         low = _norm(text)
         ds = devices_in(text, self.known)
-        if len(ds) != 1 or self.known is not None and ds[0] not in self.known or self._writes(low):
-            return None
+        if len(ds) != 1 or self._writes(low):
+            return None  # (a device the registry lacks is read as said: the registry check refuses it, by name)
         device = ds[0]
         have = (self.known or {}).get(device)
         rest = re.sub(rf"(?<![\w-]){re.escape(device.lower())}(?:'s)?(?![\w-])", " ", low)
@@ -1279,6 +1289,8 @@ class Composer:
                 return clarify("too_complex")  # a condition on a condition
             if _NEG.search(a_low):
                 continue
+            if self._states_condition(a):
+                return clarify("too_complex")  # "..., then B pressure is above 7, stop B": a second condition
             ds = devices_in(a, self.known)
             if not ds and self._kind(a_low, prev[0]):
                 return clarify("which_device")  # "if tank_5 level is under 20, stop the pump": which pump?
