@@ -559,14 +559,21 @@ def test_the_pinned_answers_are_not_near_ties(engine):
         assert _margin(engine, text) > 2.0, text
 
 
-def test_int8_answers_agree_with_the_fp32_reference_on_this_cpu(engine):
+def test_int8_answers_agree_with_the_fp32_reference_on_this_cpu():
     """CPU independence: the model folder's reference.jsonl holds the fp32 model's constrained call for every
     evaluation question (hand-written and generated held-out), made at build time. On this CPU, whatever its
     instruction set, the INT8 model must agree on >= 99.5 % (7-bit weights: no kernel saturates on AVX2, VNNI or
-    ARM; see models/recipe/package.py)."""
+    ARM; see models/recipe/package.py). One token a pass (lookahead 0): lookahead's draft length adapts to measured
+    pass costs, so near-ties would make the count depend on the machine's load and on the tests run before
+    (tests/bench/lookahead_agreement.py measures that apart)."""
     ref = [json.loads(line) for line in (shipped_model_dir() / "reference.jsonl").read_text().splitlines()]
     assert len(ref) >= 1300
-    differ = [(r["text"], c) for r in ref if (c := engine.plan(r["text"], second_look=False).call) != r["call"]]
+    engine = Engine(ModelConfig(providers=["cpu"], lookahead=0), TOOLSET, metrics=Metrics())
+    engine.load()
+    try:
+        differ = [(r["text"], c) for r in ref if (c := engine.plan(r["text"], second_look=False).call) != r["call"]]
+    finally:
+        engine.close()
     assert len(differ) <= 0.005 * len(ref), differ[:5]
 
 

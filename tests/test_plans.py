@@ -973,7 +973,7 @@ def test_what_the_first_blind_run_on_p6_and_f5_showed_on_names_of_our_own():
 
 def test_what_the_first_blind_run_on_p7_and_f6_showed_on_names_of_our_own():
     """The seventh sealed pair's misses, made general: an aggregate each ("min X today and max Y today"); "uh" before
-    a condition; a five-letter point word with two letters swapped ("levle"); an unregistered id among parallel
+    a condition; an unregistered id among parallel
     reads (the plan names it, the registry check refuses it); a plain read of a point the device lacks; an order said
     before a what-if stays; an aggregate over 60 s that no word asked; "list every <kind>"."""
     world = World({"silo-41": {"pressure": 3.0, "draft": 2.0, "level": 15.0, "enabled": True},
@@ -992,8 +992,6 @@ def test_what_the_first_blind_run_on_p7_and_f6_showed_on_names_of_our_own():
         assert a["resolved"] == {"plan": [Q("silo-41", "pressure", "min", 86400), Q("silo-41", "draft", "max", 86400)]}
         b = (await call(r, "ask", {"text": "uh if silo-41 pressure is more than 2 rn stop it"}))["result"]
         assert b["resolved"]["plan"][1] == {**W("silo-41", "enabled", False), "when": {"step": 1, "op": ">", "value": 2}}
-        c = (await call(r, "ask", {"text": "if silo-41 levle is under 20 right now, turn off silo-41"}))["result"]
-        assert c["resolved"]["plan"][0] == Q("silo-41", "level"), c
         d = (await call(r, "ask", {"text": "silo-42 and silo-49 temp now"}))["result"]
         assert d["outcome"] == "clarify" and d["call"] == {"plan": [Q("silo-42", "temperature"),
                                                                     Q("silo-49", "temperature")]}, d

@@ -102,8 +102,6 @@ class PointTable:
                     hit = self._phrases.get((toks[i][:-1],))
                 if hit is None and n == 1 and len(toks[i]) >= 6:  # a slipped finger: "setpoitn", "temprature"
                     hit = self._fuzzy(toks[i])
-                elif hit is None and n == 1 and len(toks[i]) == 5:  # five letters: two neighbours swapped only
-                    hit = self._swapped(toks[i])
                 if hit is not None:
                     found.append((hit, toks[i + n - 1], i, i + n))
                     i += n
@@ -152,16 +150,6 @@ class PointTable:
                     table._single[_split(n)[0]] = n
             self._with[new] = table
         return self._with[new]
-
-    def _swapped(self, word: str) -> str | None:
-        """"levle", "pwoer", "seped": a five-letter point word with two neighbouring letters swapped (a changed or
-        missing letter in so short a word is too often another word)."""
-        for key, p in self._phrases.items():
-            if len(key) == 1 and len(key[0]) == 5 and key[0] != word and sorted(key[0]) == sorted(word):
-                diff = [i for i in range(5) if key[0][i] != word[i]]
-                if len(diff) == 2 and diff[1] == diff[0] + 1:
-                    return p
-        return None
 
     def words_of(self, point: str) -> frozenset[str]:
         """Every word of every phrase that names `point` ("how", "hot", "temp", ... for temperature)."""
