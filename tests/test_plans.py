@@ -1078,3 +1078,20 @@ def test_what_the_first_blind_run_on_p9_and_f8_showed_on_names_of_our_own():
         assert e["outcome"] == "clarify" and e["call"] == Q("tank-u9", "level"), e
         assert world.writes == []
     run(main())
+
+
+def test_registry_point_names_cannot_rename_the_request_words_and_a_large_registry_stays_bounded():
+    """Any device on the local broker registers points. One named "stop" must not make "stop pump-1" name it; past
+    MAX_REGISTERED names only those a request says join the composer's table (a 100,000-point registry must not
+    cost every request a table of 100,000 words)."""
+    from edge_agent.glm.points import MAX_REGISTERED
+
+    hostile = {"pump-1": {"enabled": True, "temperature": 60.0}, "evil-1": {"stop": 1.0, "now": 2.0, "temperature": 1.0}}
+    world = World(hostile, {"stop pump-1": {"tool": "clarify", "args": {"reason": "nothing"}}})
+    r = run(call(router(world), "ask", {"text": "stop pump-1"}))["result"]
+    assert r["resolved"] == W("pump-1", "enabled", False) and r["outcome"] == "confirm", r
+    big = {f"cell-{i}": {f"zone{i}_temp": 20.0, "enabled": True} for i in range(MAX_REGISTERED + 10)}
+    world = World(big, {})
+    r = run(call(router(world), "ask", {"text": "cell-7 zone7_temp and cell-8 zone8_temp now"}))["result"]
+    assert r["resolved"] == {"plan": [Q("cell-7", "zone7_temp"), Q("cell-8", "zone8_temp")]}, r
+    assert world.writes == []

@@ -45,10 +45,14 @@ _VERBS = frozenset({("power", "up"), ("power", "down"), ("power", "on"), ("power
 _DETERMINERS = frozenset({"the", "its", "their", "of", "what", "what's", "whats", "and", "at", "on", "for", "current"})
 # after a number these are its unit, not the point ("to 245 rpm", "5 kw", "-46 degrees")
 _UNITS = frozenset({"rpm", "kw", "psi", "amps", "amp", "volts", "volt", "watts", "degrees", "revs", "kilowatts"})
-# registered point names that are words of requests, not points ("count of readings", "the status")
-_RESERVED = frozenset({"count", "min", "max", "avg", "mean", "last", "status", "state", "alarm", "alarms", "alert",
-                       "alerts", "now", "today", "hour", "day", "all", "value", "it", "on", "off", "set", "is", "of",
-                       "the", "and", "or", "to", "in", "at"})
+# registered point names that are words of requests, not points ("count of readings", "the status", "stop"): a
+# device that registers a point called "stop" must not make "stop pump-1" name it
+_RESERVED = frozenset("count min max avg mean last status state alarm alarms alert alerts now today hour day all value "
+                      "it on off set is of the and or to in at if when then yes no stop start open close shut turn "
+                      "switch enable disable run halt restart pause resume put make change adjust raise lower read "
+                      "check show list compare what whats how which please pls every each both undo back".split())
+# at most this many registry names join the composer's table: past it, only those the request says as they are
+MAX_REGISTERED = 512
 _NUMBER = re.compile(r"-?[0-9][0-9.,]*")
 _WORD = re.compile(r"[a-z0-9_\-\u2082]+")
 
@@ -134,6 +138,8 @@ class PointTable:
         the request language ("count", "status", "max"...) is not added. At most 16 such tables are kept."""
         new = frozenset(n for n in names if isinstance(n, str) and 2 <= len(n) <= 64 and n not in self.names
                         and n.lower() not in _RESERVED and _WORD.fullmatch(n.lower()))
+        if len(new) > MAX_REGISTERED:
+            return self  # a registry this large: Composer narrows it to the names a request says (said())
         if not new:
             return self
         if new not in self._with:
@@ -150,6 +156,13 @@ class PointTable:
                     table._single[_split(n)[0]] = n
             self._with[new] = table
         return self._with[new]
+
+    @staticmethod
+    def said(names, text: str) -> list[str]:
+        """The registered names a text says as they are ("uv_intensity", "uv intensity"): for a registry too large
+        to join the table whole."""
+        toks = set(_WORD.findall(text.lower()))
+        return [n for n in names if isinstance(n, str) and (n.lower() in toks or set(_split(n.replace("_", " "))) <= toks)]
 
     def words_of(self, point: str) -> frozenset[str]:
         """Every word of every phrase that names `point` ("how", "hot", "temp", ... for temperature)."""

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from edge_agent.glm.points import SHIPPED, PointTable
+from edge_agent.glm.points import MAX_REGISTERED, SHIPPED, PointTable
 from edge_agent.glm.schema import MAX_WINDOW_S, _windows, numbers
 from edge_agent.glm.words import NUMBER_WORDS
 from edge_agent.ops.memory import Frame
@@ -217,9 +217,32 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", t)
 
 
+class _Index:
+    """The registry (device -> its points) as the word rules look it up: ids by lower case, ids by their digits
+    (for slips), the registered point names. Built once per registry snapshot, not per lookup: a registry holds up
+    to store.max_devices ids and store.max_points points, and one request looks it up dozens of times."""
+
+    def __init__(self, known: dict) -> None:
+        self.names = {d.lower(): d for d in known}
+        self.by_digits: dict[str, list[str]] = {}
+        for k in self.names:
+            self.by_digits.setdefault(re.sub(r"[^0-9]", "", k), []).append(k)
+        self.points = frozenset(p for ps in known.values() for p in ps)
+        self.points_lower = frozenset(p.lower() for p in self.points)
+
+
+_LAST_INDEX: list = [object(), None]  # (the registry dict, its _Index): one request's lookups share it
+
+
+def _index(known: dict | None) -> _Index:
+    if _LAST_INDEX[0] is not known or _LAST_INDEX[1] is None:
+        _LAST_INDEX[:] = [known, _Index(known or {})]
+    return _LAST_INDEX[1]
+
+
 def join_ids(text: str, known: dict | None) -> str:
     """ "pump 8", "tank 4": a kind and a number said apart, written as the registry's one such id ("pump-8")."""
-    names = {d.lower(): d for d in (known or {})}
+    names = _index(known).names
     if not names:
         return text
 
@@ -238,14 +261,14 @@ def fix_ids(text: str, known: dict | None) -> str:
         return text
     from edge_agent.glm.words import one_edit
 
-    names = {d.lower(): d for d in known}
+    idx = _index(known)
 
     def fixed(m: re.Match) -> str:
         w = m.group(0)
         low = w.lower()
-        if low in names or len(low) < 5 or not re.search(r"[0-9]", low):
+        if low in idx.names or len(low) < 5 or not re.search(r"[0-9]", low):
             return w
-        near = [d for k, d in names.items() if _one_word_slipped(low, k)]
+        near = [idx.names[k] for k in idx.by_digits.get(re.sub(r"[^0-9]", "", low), ()) if _one_word_slipped(low, k)]
         return near[0] if len(near) == 1 else w
     return re.sub(r"(?<![\w-])[a-z][\w.:/-]*[0-9][\w.:/-]*(?<![.:/-])", fixed, text, flags=re.I)
 
@@ -265,8 +288,8 @@ def _one_word_slipped(typed: str, registered: str) -> bool:
 def devices_in(text: str, known: dict | None) -> list[str]:
     """The device ids a text names, in order: registry names (any case), else words with a digit."""
     out: list[str] = []
-    names = {d.lower(): d for d in (known or {})}
-    points = {p.lower() for ps in (known or {}).values() for p in ps}  # "h2s", "o2": registered points, no ids
+    idx = _index(known)
+    names, points = idx.names, idx.points_lower  # "h2s", "o2": registered points, no ids
     text = join_ids(text, known)
     for word in text.split():
         w = word.strip(_STRIP)
@@ -292,7 +315,8 @@ class Composer:
     def __init__(self, ask: AskFn, known: dict | None, points: PointTable | None = None) -> None:
         self.ask, self.known = ask, known
         # the registry's own point names are words the composer reads ("clarifier_1 turbidity and ph now")
-        self.points = (points or SHIPPED).with_registered({p for ps in (known or {}).values() for p in ps})
+        self._base = points or SHIPPED
+        self.points = self._base.with_registered(_index(known).points)
         self.meta: dict = {}
 
     async def call(self, text: str) -> dict:
@@ -304,6 +328,12 @@ class Composer:
     # ---- the entry point ----
     async def resolve(self, text: str, frame: Frame | None = None) -> Resolved:
         frame = frame or Frame()
+        registered = _index(self.known).points
+        if len(registered) > MAX_REGISTERED:  # a large registry: the names this request says (and frame's points)
+            last = (frame.last or {}).get("plan") or ([frame.last] if frame.last else [])
+            said = PointTable.said(registered, text) + [s["args"]["point"] for s in last
+                                                        if isinstance(s.get("args", {}).get("point"), str)]
+            self.points = self._base.with_registered(said)
         polite = _POLITE.sub(" ", _unslip_alert(fix_ids(join_ids(text, self.known), self.known)))
         polite = _THANKS.sub("", _GREETING.sub("", polite))
         polite = re.sub(r",?\s*(?:and\s+)?(?:after that|afterwards|after this|once that'?s done|once done)\b,?", ", then",
